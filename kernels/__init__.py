@@ -1,0 +1,6 @@
+"""Fused factored-matmul ops: act((x @ a) @ b + bias), with Pallas kernels and XLA fallbacks.
+
+This package imports only jax: the compiler (`lowrank`) builds on it, never the reverse.
+"""
+
+from ._factored_matmul import factored_matmul as factored_matmul

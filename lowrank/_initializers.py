@@ -1,0 +1,136 @@
+"""Initializers: map one dense layer's weight to low-rank factors u @ v.
+
+An initializer sees a `LayerProblem` (the dense weight as an (out, in) matrix, its
+bias, the target rank, the activation that follows it if known, and the inputs the
+layer saw on calibration data, if any) and returns `Factors`. Initializers register
+by name, so `factorize(init="nkp")` and `factorize(init=NKP(...))` both work.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+@dataclass(frozen=True)
+class LayerProblem:
+    """Everything an initializer may use about one layer.
+
+    `weight` is the dense weight as a matrix: (out, in) for Linear, and
+    (out, in/groups * prod(kernel)) for Conv, so that a conv is the matmul of this
+    matrix with image patches. `inputs` holds calibration inputs in the same matrix
+    space (Linear: the layer's input vectors; Conv: flattened patches), or None.
+    """
+
+    path: str
+    weight: Float[Array, "m n"]
+    bias: Float[Array, " m"] | None
+    rank: int
+    activation: Callable[[Array], Array] | None = None
+    inputs: Float[Array, "N n"] | None = None
+
+
+class Factors(NamedTuple):
+    """W ~= u @ v, plus the bias to use and (optionally) a function-space error."""
+
+    u: Float[Array, "m r"]
+    v: Float[Array, "r n"]
+    bias: Float[Array, " m"] | None
+    function_error: float | None = None
+
+
+class Initializer(Protocol):
+    """What `factorize` calls. `calibration` says whether it uses calibration inputs."""
+
+    calibration: Literal["never", "optional", "required"]
+
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors: ...
+
+
+_REGISTRY: dict[str, Initializer] = {}
+
+
+def register_initializer(name: str, initializer: Initializer) -> None:
+    """Make `initializer` available as `factorize(init=name)`."""
+    if not callable(initializer) or not hasattr(initializer, "calibration"):
+        raise TypeError(
+            f"initializer {name!r} must be callable as init(problem, *, key) and "
+            "have a `calibration` attribute ('never', 'optional' or 'required')"
+        )
+    _REGISTRY[name] = initializer
+
+
+def available_initializers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_initializer(init: "str | Initializer") -> Initializer:
+    """Look up an initializer by name, or pass an initializer object through."""
+    if isinstance(init, str):
+        try:
+            return _REGISTRY[init]
+        except KeyError:
+            raise ValueError(
+                f"unknown init {init!r}; available: {', '.join(available_initializers())}. "
+                "Register new ones with lowrank.register_initializer(name, fn)."
+            ) from None
+    if callable(init) and hasattr(init, "calibration"):
+        return init
+    raise TypeError(
+        f"init must be a registered name or an initializer object, got {type(init).__name__}"
+    )
+
+
+def truncated_svd_factors(
+    weight: Float[Array, "m n"], rank: int
+) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
+    """Best rank-r approximation in Frobenius norm, sqrt(S) split to both sides."""
+    U, S, Vt = jnp.linalg.svd(weight, full_matrices=False)
+    root = jnp.sqrt(S[:rank])
+    return U[:, :rank] * root, root[:, None] * Vt[:rank]
+
+
+class Spectral:
+    """Truncated SVD of the dense weight (Khodak et al. 2021)."""
+
+    calibration = "never"
+
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
+        del key
+        u, v = truncated_svd_factors(problem.weight, problem.rank)
+        return Factors(u, v, problem.bias)
+
+    def __repr__(self):
+        return "spectral"
+
+
+class Random:
+    """Independent Gaussian factors with Var[(u @ v)_ij] equal to the dense weight's.
+
+    For training from scratch: the product has the per-entry variance of whatever
+    initializer produced the dense weight (measured from the weight itself), split
+    evenly between the two factors.
+    """
+
+    calibration = "never"
+
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
+        m, n = problem.weight.shape
+        r = problem.rank
+        variance = jnp.mean(jnp.square(problem.weight))
+        scale = (variance / r) ** 0.25
+        ukey, vkey = jax.random.split(key)
+        dtype = problem.weight.dtype
+        u = scale * jax.random.normal(ukey, (m, r), dtype)
+        v = scale * jax.random.normal(vkey, (r, n), dtype)
+        return Factors(u, v, problem.bias)
+
+    def __repr__(self):
+        return "random"
+
+
+register_initializer("spectral", Spectral())
+register_initializer("random", Random())
