@@ -1,0 +1,19 @@
+"""lowrank: compile dense Equinox models into factorized low-rank models.
+
+    model = lowrank.factorize(model, rank=lowrank.Budget(params=0.3), init="spectral")
+"""
+
+from ._factorize import densify as densify, factorize as factorize, plan as plan
+from ._initializers import (
+    Factors as Factors,
+    Initializer as Initializer,
+    LayerProblem as LayerProblem,
+    Random as Random,
+    Spectral as Spectral,
+    available_initializers as available_initializers,
+    register_initializer as register_initializer,
+)
+from ._layers import LowRankConv as LowRankConv, LowRankLinear as LowRankLinear
+from ._plan import Budget as Budget, LayerPlan as LayerPlan, Plan as Plan
+from ._serialize import load as load, save as save
+from ._summary import Summary as Summary, summary as summary

@@ -1,0 +1,240 @@
+"""The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
+from ._layers import LowRankConv, LowRankLinear
+from ._plan import Plan, make_plan
+from ._select import (
+    check_is_model,
+    is_layer,
+    key_path_to_str,
+    known_activations,
+    walk_layers,
+    weight_matrix,
+)
+from ._trace import Example, inputs_as_rows, output_positions, record_inputs
+
+MAX_CALIBRATION_ROWS = 16384
+
+
+def plan(model, *, rank, target=None, exclude=None, where=None, example: Example | None = None) -> Plan:
+    """Decide a rank for every selected layer without touching the model.
+
+    `rank`: an int; a float in (0, 1] (fraction of full rank); "energy:0.9"
+    (smallest rank keeping 90% of squared singular values); a dict {pattern: rank};
+    or `Budget(params=...)` / `Budget(flops=...)`. `example` (an unbatched input, or
+    a callable fn(model)) lets conv FLOPs count every output position.
+    """
+    return make_plan(
+        model, rank=rank, target=target, exclude=exclude, where=where,
+        positions=_positions(model, example), fn_name="plan",
+    )  # fmt: skip
+
+
+def factorize(
+    model,
+    *,
+    rank=None,
+    plan: Plan | None = None,
+    init: str | Initializer = "spectral",
+    target=None,
+    exclude=None,
+    where=None,
+    calibration: Example | None = None,
+    example: Example | None = None,
+    key: jax.Array | None = None,
+    return_plan: bool = False,
+):
+    """Replace selected dense layers of `model` by factorized low-rank twins.
+
+    Give `rank=` (see `lowrank.plan`) or a ready `plan=`. `init` names a registered
+    initializer ("spectral", "random", "nkp", "whitened", ...) or is an initializer
+    object. Data-aware initializers read `calibration=`: a batch of model inputs
+    (the model is vmapped over it) or a callable fn(model) that runs it on real data.
+    The input model is never modified. With `return_plan=True` returns
+    (model, plan), the plan carrying each layer's measured weight/function error.
+    """
+    check_is_model(model, "factorize")
+    initializer = resolve_initializer(init)
+    init_name = init if isinstance(init, str) else repr(init)
+    if plan is None:
+        if rank is None:
+            raise ValueError("factorize needs rank= (e.g. rank=16 or Budget(params=0.3)) or plan=")
+        plan = make_plan(
+            model, rank=rank, target=target, exclude=exclude, where=where, init=init_name,
+            positions=_positions(model, example), fn_name="factorize",
+        )  # fmt: skip
+    else:
+        if rank is not None or target is not None or exclude is not None or where is not None:
+            raise ValueError("pass either plan= or rank=/target=/exclude=/where=, not both")
+        plan = _check_plan_fits(plan, model)
+        plan = dataclasses.replace(
+            plan, layers=[dataclasses.replace(l, init=init_name) for l in plan.layers]
+        )
+    _check_calibration(initializer, init_name, calibration)
+    todo = {l.path: l for l in plan.factorized}
+    layers = dict(walk_layers(model))
+    activations = known_activations(model)
+    inputs = record_inputs(model, list(todo), calibration) if calibration is not None and todo else {}
+    key = jax.random.key(0) if key is None else key
+    replacements, done = {}, []
+    for i, (path, lp) in enumerate(todo.items()):
+        layer = layers[path]
+        problem = LayerProblem(
+            path=path,
+            weight=weight_matrix(layer),
+            bias=layer.bias,
+            rank=lp.rank,
+            activation=activations.get(path),
+            inputs=None if path not in inputs else jnp.asarray(
+                inputs_as_rows(layer, inputs[path], max_rows=MAX_CALIBRATION_ROWS)
+            ),
+        )  # fmt: skip
+        factors = initializer(problem, key=jax.random.fold_in(key, i))
+        _check_factors(factors, problem, init_name)
+        replacements[path] = _lowrank_twin(layer, factors)
+        done.append(_measured(lp, problem, factors))
+    measured = {l.path: l for l in done}
+    out = _replace_layers(model, replacements)
+    if not return_plan:
+        return out
+    return out, dataclasses.replace(plan, layers=[measured.get(l.path, l) for l in plan.layers])
+
+
+def densify(model):
+    """Merge every factorized layer back into a plain `eqx.nn.Linear` / `eqx.nn.Conv`."""
+    check_is_model(model, "densify")
+    replacements = {
+        path: _dense_twin(layer)
+        for path, layer in walk_layers(model)
+        if isinstance(layer, (LowRankLinear, LowRankConv))
+    }
+    return _replace_layers(model, replacements)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _positions(model, example) -> dict[str, int] | None:
+    if example is None:
+        return None
+    convs = [p for p, l in walk_layers(model) if isinstance(l, (eqx.nn.Conv, LowRankConv))]
+    return output_positions(model, convs, example) if convs else {}
+
+
+def _check_plan_fits(plan: Plan, model) -> Plan:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}")
+    layers = dict(walk_layers(model))
+    for lp in plan.layers:
+        layer = layers.get(lp.path)
+        if layer is None:
+            raise ValueError(
+                f"plan layer {lp.path} is not in this model; was the plan made for another model?"
+            )
+        if tuple(layer.weight.shape) != tuple(lp.shape):
+            raise ValueError(
+                f"plan layer {lp.path} has shape {tuple(lp.shape)} but the model's weight is "
+                f"{tuple(layer.weight.shape)}; re-plan with lowrank.plan(model, ...)"
+            )
+        if lp.rank is not None:
+            m, n = lp.matrix_shape
+            if isinstance(lp.rank, bool) or not isinstance(lp.rank, int) or not 0 < lp.rank <= min(m, n):
+                raise ValueError(
+                    f"plan rank {lp.rank!r} for {lp.path} must be an int in [1, min({m}, {n})]"
+                )
+    return plan
+
+
+def _check_calibration(initializer, name: str, calibration) -> None:
+    mode = initializer.calibration
+    if mode == "required" and calibration is None:
+        raise ValueError(
+            f"init {name!r} needs calibration data: pass calibration= (a batch of model "
+            "inputs, or a callable fn(model) that runs the model on real data)"
+        )
+    if mode == "never" and calibration is not None:
+        raise ValueError(
+            f"init {name!r} does not use calibration data; drop calibration= or choose a "
+            "data-aware init such as 'whitened' or 'nkp'"
+        )
+
+
+def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
+    m, n = problem.weight.shape
+    r = problem.rank
+    if factors.u.shape != (m, r) or factors.v.shape != (r, n):
+        raise ValueError(
+            f"init {name!r} returned u {factors.u.shape}, v {factors.v.shape} for "
+            f"{problem.path}; expected ({m}, {r}) and ({r}, {n})"
+        )
+    arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in arrays):
+        if not bool(jnp.all(jnp.isfinite(problem.weight))):
+            raise ValueError(
+                f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
+                "the dense model before factorizing"
+            )
+        raise ValueError(
+            f"init {name!r} produced non-finite factors for {problem.path}; check the "
+            "calibration data for NaN/inf or try init='spectral'"
+        )
+
+
+def _measured(lp, problem: LayerProblem, factors: Factors):
+    w = np.asarray(problem.weight, np.float64)
+    approx = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
+    err = np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30)
+    return dataclasses.replace(lp, weight_error=float(err), function_error=factors.function_error)
+
+
+def _lowrank_twin(layer, factors: Factors):
+    dtype = layer.weight.dtype
+    u, bias = factors.u.astype(dtype), factors.bias
+    bias = None if bias is None else bias.astype(dtype)
+    if isinstance(layer, eqx.nn.Linear):
+        return LowRankLinear(u, factors.v.astype(dtype), bias)
+    v = factors.v.astype(dtype).reshape((factors.v.shape[0],) + layer.weight.shape[1:])
+    return LowRankConv(
+        u, v, bias, stride=layer.stride, padding=layer.padding,
+        dilation=layer.dilation, padding_mode=layer.padding_mode,
+    )  # fmt: skip
+
+
+_CONV_TYPES = {1: eqx.nn.Conv1d, 2: eqx.nn.Conv2d, 3: eqx.nn.Conv3d}
+
+
+def _dense_twin(layer):
+    key = jax.random.key(0)  # the fresh layer's own init is overwritten at once
+    dtype = layer.u.dtype
+    use_bias = layer.bias is not None
+    if isinstance(layer, LowRankLinear):
+        dense = eqx.nn.Linear(layer.in_features, layer.out_features, use_bias, dtype=dtype, key=key)
+    else:
+        dense = _CONV_TYPES[layer.num_spatial_dims](
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, use_bias=use_bias,
+            padding_mode=layer.padding_mode, dtype=dtype, key=key,
+        )  # fmt: skip
+    dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
+    if use_bias:
+        dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias)
+    return dense
+
+
+def _replace_layers(model, replacements: dict):
+    """A new model with the layers at the given paths swapped; the input is untouched."""
+    if not replacements:
+        return model
+
+    def swap(key_path, leaf):
+        return replacements.get(key_path_to_str(key_path), leaf)
+
+    return jax.tree_util.tree_map_with_path(swap, model, is_leaf=is_layer)
+

@@ -1,0 +1,174 @@
+"""Factorized twins of `eqx.nn.Linear` and `eqx.nn.Conv`: W ~= u @ v.
+
+Each takes exactly the inputs of the layer it replaces (unbatched, like Equinox),
+so it drops into any model; users `jax.vmap` over the batch as usual.
+"""
+
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import kernels
+
+
+class LowRankLinear(eqx.Module):
+    """y = u @ (v @ x) + bias, the rank-r replacement of an `eqx.nn.Linear`.
+
+    Runs through `kernels.factored_matmul`, which fuses both matmuls and the bias.
+    """
+
+    u: Float[Array, "out rank"]
+    v: Float[Array, "rank in"]
+    bias: Float[Array, " out"] | None
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+    rank: int = eqx.field(static=True)
+    impl: str = eqx.field(static=True, default="auto")
+
+    def __init__(self, u, v, bias=None, *, impl: str = "auto"):
+        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(
+                f"LowRankLinear needs u (out, r) and v (r, in); got {u.shape} and {v.shape}"
+            )
+        if bias is not None and bias.shape != (u.shape[0],):
+            raise ValueError(f"bias must have shape ({u.shape[0]},), got {bias.shape}")
+        self.u, self.v, self.bias = u, v, bias
+        self.out_features, self.rank = u.shape
+        self.in_features = v.shape[1]
+        self.impl = impl
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> Float[Array, "out in"]:
+        """The dense weight u @ v this layer represents."""
+        return self.u @ self.v
+
+    def __call__(
+        self, x: Float[Array, " in"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " out"]:
+        del key
+        if x.shape != (self.in_features,):
+            raise ValueError(
+                f"LowRankLinear expects an unbatched input of shape ({self.in_features},), "
+                f"got {x.shape}; use jax.vmap over the batch"
+            )
+        return kernels.factored_matmul(x, self.v.T, self.u.T, self.bias, impl=self.impl)
+
+
+class LowRankConv(eqx.Module):
+    """A k×k conv to `rank` channels followed by a 1×1 conv back to `out` channels.
+
+    `v` is the first conv's kernel (rank, in, *kernel) and carries the original
+    stride, padding, dilation and padding mode; `u` (out, rank) is the 1×1 conv.
+    `lowering` picks how the 1×1 stage runs: "einsum" (a channel matmul) or
+    "conv" (a second `lax.conv`); bench/model_speed.py measures both.
+    """
+
+    u: Float[Array, "out rank"]
+    v: Float[Array, "rank in *kernel"]
+    bias: Float[Array, " out"] | None
+    num_spatial_dims: int = eqx.field(static=True)
+    in_channels: int = eqx.field(static=True)
+    out_channels: int = eqx.field(static=True)
+    rank: int = eqx.field(static=True)
+    kernel_size: tuple[int, ...] = eqx.field(static=True)
+    stride: tuple[int, ...] = eqx.field(static=True)
+    padding: str | tuple[tuple[int, int], ...] = eqx.field(static=True)
+    dilation: tuple[int, ...] = eqx.field(static=True)
+    padding_mode: str = eqx.field(static=True)
+    lowering: str = eqx.field(static=True, default="einsum")
+
+    def __init__(
+        self,
+        u,
+        v,
+        bias=None,
+        *,
+        stride,
+        padding,
+        dilation,
+        padding_mode: str = "ZEROS",
+        lowering: str = "einsum",
+    ):
+        if u.ndim != 2 or v.ndim < 3 or u.shape[1] != v.shape[0]:
+            raise ValueError(
+                f"LowRankConv needs u (out, r) and v (r, in, *kernel); got {u.shape} and {v.shape}"
+            )
+        if lowering not in ("einsum", "conv"):
+            raise ValueError(f"lowering must be 'einsum' or 'conv', got {lowering!r}")
+        self.u, self.v, self.bias = u, v, bias
+        self.out_channels, self.rank = u.shape
+        self.in_channels = v.shape[1]
+        self.kernel_size = tuple(v.shape[2:])
+        self.num_spatial_dims = v.ndim - 2
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        self.padding_mode = padding_mode
+        self.lowering = lowering
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    @property
+    def weight(self) -> Float[Array, "out in *kernel"]:
+        """The dense kernel u @ v this layer represents."""
+        return jnp.tensordot(self.u, self.v, axes=1)
+
+    def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
+        del key
+        h = _conv_forward(self, x)
+        if self.lowering == "einsum":
+            y = jnp.einsum("or,r...->o...", self.u, h)
+        else:
+            kernel = self.u.reshape(self.u.shape + (1,) * self.num_spatial_dims)
+            y = lax.conv_general_dilated(
+                h[None], kernel, (1,) * self.num_spatial_dims, "VALID"
+            )[0]
+        if self.bias is not None:
+            y = y + self.bias.reshape((-1,) + (1,) * self.num_spatial_dims)
+        return y
+
+
+_NUMPY_PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}
+
+
+def pad_for_conv(layer, x):
+    """Apply a non-zero padding mode explicitly; returns (x, padding for lax.conv).
+
+    `layer` is an `eqx.nn.Conv` or `LowRankConv` (same attribute names); `x` has the
+    spatial dims last, with any leading channel/batch dims.
+    """
+    padding = layer.padding
+    if layer.padding_mode == "ZEROS":
+        return x, padding
+    spatial = layer.num_spatial_dims
+    if isinstance(padding, str):
+        dilated = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation))
+        padding = lax.padtype_to_pads(x.shape[-spatial:], dilated, layer.stride, padding)
+    lead = [(0, 0)] * (x.ndim - spatial)
+    return jnp.pad(x, lead + list(padding), _NUMPY_PAD_MODES[layer.padding_mode]), "VALID"
+
+
+def _conv_forward(layer: LowRankConv, x):
+    """The k×k stage, with the layer's stride, padding, dilation and padding mode."""
+    expected = layer.num_spatial_dims + 1
+    if x.ndim != expected or x.shape[0] != layer.in_channels:
+        raise ValueError(
+            f"LowRankConv expects an unbatched input of shape ({layer.in_channels}, *spatial) "
+            f"with {layer.num_spatial_dims} spatial dims, got {x.shape}; use jax.vmap over the batch"
+        )
+    x, padding = pad_for_conv(layer, x)
+    return lax.conv_general_dilated(
+        x[None], layer.v, window_strides=layer.stride, padding=padding, rhs_dilation=layer.dilation
+    )[0]
+
+
+def conv_matrix_shape(kernel_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out, in, *kernel) -> (out, in * prod(kernel)), the matrix a conv multiplies patches by."""
+    return kernel_shape[0], math.prod(kernel_shape[1:])

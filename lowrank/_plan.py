@@ -1,0 +1,454 @@
+"""Rank planning: decide a rank per selected layer, as inspectable, editable data.
+
+A `Plan` lists every selected layer with its rank (or why it stays dense) and the
+parameter and FLOP counts before and after. It prints as a table, round-trips
+through JSON, and `factorize(model, plan=plan)` applies it (edited or not).
+"""
+
+import dataclasses
+import heapq
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._select import Candidate, matches, select, weight_matrix
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A global budget: keep `params` (or `flops`) as this fraction of the selected layers'.
+
+    Ranks are allocated across layers greedily by spectrum: each next singular
+    direction goes to the layer where it removes the most relative squared error
+    per parameter (or FLOP) spent, until the budget is used.
+    """
+
+    params: float | None = None
+    flops: float | None = None
+
+    def __post_init__(self):
+        given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("Budget takes exactly one of params= or flops=, e.g. Budget(params=0.3)")
+        kind, value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(
+                f"Budget({kind}={value!r}): the fraction must be a number in (0, 1], e.g. 0.3"
+            )
+
+    @property
+    def kind(self) -> str:
+        return "params" if self.params is not None else "flops"
+
+    @property
+    def fraction(self) -> float:
+        return float(self.params if self.params is not None else self.flops)
+
+
+@dataclass
+class LayerPlan:
+    """One selected layer: its rank (None = stays dense), costs, and why it was skipped."""
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    rank: int | None
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    init: str
+    skipped: str | None = None
+    positions: int | None = None
+    weight_error: float | None = None
+    function_error: float | None = None
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+
+def layer_costs(
+    shape: tuple[int, ...], rank: int | None, *, bias: bool, positions: int | None
+) -> tuple[int, int, int, int]:
+    """(params before, params after, FLOPs before, FLOPs after) for rank (None = dense).
+
+    FLOPs count multiply and add (2 per MAC) for one example; a conv's are per
+    output position times `positions` (taken as 1 when the input size is unknown).
+    """
+    m, n = shape[0], math.prod(shape[1:])
+    b = m if bias else 0
+    dense = m * n
+    low = dense if rank is None else rank * (m + n)
+    per = positions or 1
+    return dense + b, low + b, 2 * dense * per + b * per, 2 * low * per + b * per
+
+
+@dataclass
+class Plan:
+    """The per-layer decisions of one factorization, printable and JSON-serialisable."""
+
+    layers: list[LayerPlan]
+    rule: str
+    budget: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, path: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.path == path:
+                return layer
+        raise KeyError(f"no layer {path!r} in this plan; layers: {[l.path for l in self.layers]}")
+
+    @property
+    def factorized(self) -> list[LayerPlan]:
+        return [l for l in self.layers if l.rank is not None]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("params_before", "params_after", "flops_before", "flops_after")
+        return {k: sum(getattr(l, k) for l in self.layers) for k in keys}
+
+    def with_rank(self, path: str, rank: int | None) -> "Plan":
+        """A copy with one layer's rank changed (None keeps it dense); costs recomputed."""
+        old = self[path]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+            raise ValueError(f"rank for {path} must be a positive int or None, got {rank!r}")
+        m, n = old.matrix_shape
+        if rank is not None and rank > min(m, n):
+            raise ValueError(f"rank {rank} > min({m}, {n}) for {path}; choose rank <= {min(m, n)}")
+        has_bias = old.params_before > m * n
+        costs = layer_costs(old.shape, rank, bias=has_bias, positions=old.positions)
+        new = dataclasses.replace(
+            old,
+            rank=rank,
+            params_before=costs[0],
+            params_after=costs[1],
+            flops_before=costs[2],
+            flops_after=costs[3],
+            skipped=None if rank is not None else "kept dense by edit",
+            weight_error=None,
+            function_error=None,
+        )
+        layers = [new if l.path == path else l for l in self.layers]
+        return dataclasses.replace(self, layers=layers, budget=None)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": PLAN_FORMAT, **dataclasses.asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        if data.pop("format", None) != PLAN_FORMAT:
+            raise ValueError(f"not a lowrank plan (format {PLAN_FORMAT} expected)")
+        layers = [LayerPlan(**{**l, "shape": tuple(l["shape"])}) for l in data.pop("layers")]
+        return cls(layers=layers, **data)
+
+    def __str__(self) -> str:
+        header = ["path", "type", "shape", "rank", "params", "FLOPs", "init", "w-err", "f-err", "note"]
+        rows = [header]
+        for l in self.layers:
+            rows.append(
+                [
+                    l.path,
+                    l.kind,
+                    "x".join(map(str, l.shape)),
+                    "dense" if l.rank is None else str(l.rank),
+                    f"{_human(l.params_before)}->{_human(l.params_after)}",
+                    f"{_human(l.flops_before)}->{_human(l.flops_after)}",
+                    l.init if l.rank is not None else "-",
+                    _fmt_err(l.weight_error),
+                    _fmt_err(l.function_error),
+                    l.skipped or "",
+                ]
+            )
+        t = self.totals()
+        rows.append(
+            [
+                "TOTAL",
+                "",
+                "",
+                f"{len(self.factorized)}/{len(self.layers)}",
+                f"{_human(t['params_before'])}->{_human(t['params_after'])}",
+                f"{_human(t['flops_before'])}->{_human(t['flops_after'])}",
+                "",
+                "",
+                "",
+                f"params x{_ratio(t['params_after'], t['params_before'])}, "
+                f"FLOPs x{_ratio(t['flops_after'], t['flops_before'])}",
+            ]
+        )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+        lines.insert(0, f"lowrank plan: rank={self.rule}")
+        if self.budget:
+            b = self.budget
+            lines.append(f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _human(x: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return str(x)
+
+
+def _fmt_err(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.3f}" if b else "-"
+
+
+# ---------------------------------------------------------------- rank rules
+
+
+def _validate_rank_rule(rank, where: str = "rank") -> None:
+    if isinstance(rank, bool):
+        raise TypeError(f"{where} must be an int, float, 'energy:x', dict or Budget, got {rank!r}")
+    if isinstance(rank, int):
+        if rank <= 0:
+            raise ValueError(f"{where}={rank} must be a positive int (e.g. rank=8)")
+    elif isinstance(rank, float):
+        if not 0 < rank <= 1:
+            raise ValueError(
+                f"{where}={rank} is a fraction of full rank and must lie in (0, 1], e.g. 0.25"
+            )
+    elif isinstance(rank, str):
+        _energy_fraction(rank, where)
+    elif isinstance(rank, Mapping):
+        for pattern, value in rank.items():
+            if isinstance(value, (Mapping, Budget)):
+                raise TypeError(f"{where}[{pattern!r}] must be an int, float or 'energy:x'")
+            _validate_rank_rule(value, f"{where}[{pattern!r}]")
+    elif not isinstance(rank, Budget):
+        raise TypeError(
+            f"{where} must be an int, a float in (0, 1], 'energy:x', a dict {{pattern: rank}} "
+            f"or lowrank.Budget(...), got {type(rank).__name__}"
+        )
+
+
+def _energy_fraction(rule: str, where: str) -> float:
+    prefix = "energy:"
+    try:
+        if not rule.startswith(prefix):
+            raise ValueError
+        value = float(rule[len(prefix) :])
+    except ValueError:
+        raise ValueError(f"{where}={rule!r}: string ranks look like 'energy:0.9'") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"{where}={rule!r}: the energy fraction must lie in (0, 1]")
+    return value
+
+
+def _rank_from_rule(rule, spectrum: np.ndarray, lp: LayerPlan, explicit: bool) -> int:
+    m, n = lp.matrix_shape
+    if isinstance(rule, int):
+        if rule > min(m, n) and explicit:
+            raise ValueError(
+                f"rank {rule} > min({m}, {n}) for {lp.path}; choose rank <= {min(m, n)} "
+                "or drop the layer from target"
+            )
+        return rule
+    if isinstance(rule, float):
+        return max(1, round(rule * min(m, n)))
+    energy = np.cumsum(spectrum**2) / max(float(np.sum(spectrum**2)), 1e-30)
+    return int(np.searchsorted(energy, _energy_fraction(rule, "rank") - 1e-12) + 1)
+
+
+def _dict_rule(rank: Mapping, path: str):
+    for pattern, value in rank.items():
+        if matches(pattern, path) or matches([pattern], path):
+            return value
+    return None
+
+
+def _check_dict_patterns(rank: Mapping, paths: list[str]) -> None:
+    for pattern in rank:
+        if not any(matches(pattern, p) or matches([pattern], p) for p in paths):
+            raise ValueError(
+                f"rank pattern {pattern!r} matches no selected layer; selected layers: "
+                f"{paths[:8]}{' ...' if len(paths) > 8 else ''}"
+            )
+
+
+def spectrum(layer) -> np.ndarray:
+    return np.asarray(jnp.linalg.svd(weight_matrix(layer), compute_uv=False), dtype=np.float64)
+
+
+def _kind(layer) -> str:
+    return type(layer).__name__
+
+
+def _rule_str(rank) -> str:
+    if isinstance(rank, Budget):
+        return f"Budget({rank.kind}={rank.fraction})"
+    return repr(rank) if not isinstance(rank, Mapping) else json.dumps(dict(rank))
+
+
+def make_plan(
+    model,
+    *,
+    rank,
+    target=None,
+    exclude=None,
+    where=None,
+    init: str = "spectral",
+    positions: Mapping[str, int] | None = None,
+    fn_name: str = "plan",
+) -> Plan:
+    """Select layers and decide their ranks; see `lowrank.plan`."""
+    if rank is None:
+        raise ValueError(f"lowrank.{fn_name} needs rank= (int, float, 'energy:x', dict or Budget)")
+    _validate_rank_rule(rank)
+    candidates = select(model, target=target, exclude=exclude, where=where, fn_name=fn_name)
+    if not candidates:
+        raise ValueError(
+            "no layer selected: the model has no eqx.nn.Linear/Conv layer passing "
+            "target/exclude/where; check the filters with lowrank.summary(model)"
+        )
+    positions = positions or {}
+    if isinstance(rank, Mapping):
+        _check_dict_patterns(rank, [c.path for c in candidates])
+    if isinstance(rank, Budget) and rank.kind == "flops":
+        unknown = [c.path for c in candidates if isinstance(c.layer, eqx.nn.Conv) and c.path not in positions]
+        if unknown:
+            raise ValueError(
+                f"Budget(flops=...) needs conv output sizes, unknown for {unknown[:3]}; "
+                "pass example= (an input array or a callable fn(model)) so they can be traced"
+            )
+    layers = []
+    spectra = {}
+    for c in candidates:
+        w = c.layer.weight
+        layers.append(
+            LayerPlan(
+                path=c.path,
+                kind=_kind(c.layer),
+                shape=tuple(int(d) for d in w.shape),
+                rank=None,
+                params_before=0,
+                params_after=0,
+                flops_before=0,
+                flops_after=0,
+                init=init,
+                skipped=c.skipped,
+                positions=positions.get(c.path),
+            )
+        )
+        if c.skipped is None:
+            spectra[c.path] = spectrum(c.layer)
+    by_path = {c.path: c for c in candidates}
+    if isinstance(rank, Budget):
+        ranks, budget = _allocate_budget(rank, layers, by_path, spectra)
+    else:
+        ranks, budget = {}, None
+        for lp in layers:
+            if lp.skipped is not None:
+                continue
+            rule = _dict_rule(rank, lp.path) if isinstance(rank, Mapping) else rank
+            if rule is None:
+                lp.skipped = "no rank rule matched"
+                continue
+            explicit = target is not None or isinstance(rank, Mapping)
+            ranks[lp.path] = _rank_from_rule(rule, spectra[lp.path], lp, explicit)
+    for lp in layers:
+        r = ranks.get(lp.path)
+        if r is not None:
+            m, n = lp.matrix_shape
+            if r >= min(m, n) and isinstance(rank, Budget):
+                lp.skipped = "budget affords the exact dense layer (past break-even)"
+                r = None
+            elif r >= min(m, n):
+                lp.skipped = f"rank {r} >= full rank {min(m, n)}: nothing to save"
+                r = None
+            elif r * (m + n) >= m * n:
+                lp.skipped = f"break-even: rank {r} needs {r * (m + n)} >= {m * n} dense params"
+                r = None
+        lp.rank = r
+        has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
+        lp.params_before, lp.params_after, lp.flops_before, lp.flops_after = layer_costs(
+            lp.shape, r, bias=has_bias, positions=lp.positions
+        )
+        if r is not None:
+            s = spectra[lp.path]
+            lp.weight_error = float(np.sqrt(np.sum(s[r:] ** 2) / max(np.sum(s**2), 1e-30)))
+    plan = Plan(layers=layers, rule=_rule_str(rank))
+    if budget is not None:
+        kind = budget["kind"]
+        t = plan.totals()
+        budget["achieved"] = t[f"{kind}_after"] / t[f"{kind}_before"]
+        plan.budget = budget
+    if any(lp.positions is None and lp.kind.startswith("Conv") for lp in layers):
+        plan.notes.append("conv FLOPs are per output position (pass example= for totals)")
+    return plan
+
+
+def _allocate_budget(budget: Budget, layers, by_path, spectra):
+    """Greedy spectral allocation of a params/FLOPs budget; raises if it cannot be met."""
+    kind = budget.kind
+    flop = kind == "flops"
+
+    def unit_cost(lp):  # cost of one rank-1 component of this layer
+        m, n = lp.matrix_shape
+        return (m + n) * (2 * (lp.positions or 1) if flop else 1)
+
+    def dense_cost(lp):
+        m, n = lp.matrix_shape
+        return m * n * (2 * (lp.positions or 1) if flop else 1)
+
+    def bias_cost(lp):
+        has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
+        return (lp.shape[0] if has_bias else 0) * ((lp.positions or 1) if flop else 1)
+
+    total_before = sum(dense_cost(lp) + bias_cost(lp) for lp in layers)
+    allowed = budget.fraction * total_before
+    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped else 0) for lp in layers)
+    active = [lp for lp in layers if lp.skipped is None]
+    spent += sum(unit_cost(lp) for lp in active)
+    if spent > allowed:
+        floor = spent / total_before
+        raise ValueError(
+            f"Budget({kind}={budget.fraction}) cannot be met: rank 1 in every selected layer "
+            f"already needs {floor:.3f} of the {kind}; raise the budget above {floor:.3f} "
+            "or exclude layers that cannot be factorized"
+        )
+    ranks = {lp.path: 1 for lp in active}
+    heap = []
+    for lp in active:
+        s2 = spectra[lp.path] ** 2
+        gains = s2 / max(float(s2.sum()), 1e-30)
+        if len(gains) > 1:
+            heapq.heappush(heap, (-gains[1] / unit_cost(lp), lp.path))
+    lookup = {lp.path: lp for lp in active}
+    while heap:
+        _, path = heapq.heappop(heap)
+        lp = lookup[path]
+        r, cost = ranks[path], unit_cost(lp)
+        m, n = lp.matrix_shape
+        if (r + 1) * (m + n) >= m * n or r + 1 >= min(m, n):
+            # Past break-even: the dense layer is cheaper than rank r+1 and exact.
+            extra = dense_cost(lp) - r * cost
+            if spent + extra <= allowed:
+                ranks[path] = min(m, n)
+                spent += extra
+            continue
+        if spent + cost > allowed:
+            continue
+        ranks[path] = r + 1
+        spent += cost
+        s2 = spectra[path] ** 2
+        if r + 2 <= len(s2):
+            gain = s2[r + 1] / max(float(s2.sum()), 1e-30)
+            heapq.heappush(heap, (-gain / cost, path))
+    return ranks, {"kind": kind, "asked": budget.fraction}

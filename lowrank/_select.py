@@ -1,0 +1,192 @@
+"""Selection: find the layers of a model, name them by dotted path, and filter them.
+
+Paths are built from the pytree key path: attributes, sequence indices and dict
+keys joined by dots (`blocks.3.attn.query_proj`). `target` and `exclude` follow
+peft: a string is a regex that must match the whole path; a list holds exact
+paths or dotted suffixes (`"query_proj"` matches `blocks.0.attn.query_proj`).
+"""
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._layers import LowRankConv, LowRankLinear
+
+Pattern = str | Sequence[str]
+DENSE_TYPES = (eqx.nn.Linear, eqx.nn.Conv)
+LOWRANK_TYPES = (LowRankLinear, LowRankConv)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layer found in the model: where it is, what follows it, why it can't be factorized."""
+
+    path: str
+    layer: eqx.Module
+    activation: Callable | None = None
+    skipped: str | None = None
+
+
+def key_path_to_str(key_path) -> str:
+    parts = []
+    for key in key_path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key).strip(".[]'\""))
+    return ".".join(parts)
+
+
+def check_is_model(model, fn_name: str) -> None:
+    """Raise TypeError unless `model` is (or contains) an Equinox module."""
+    if isinstance(model, eqx.Module):
+        return
+    leaves = jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, eqx.Module))
+    if not any(isinstance(leaf, eqx.Module) for leaf in leaves):
+        raise TypeError(
+            f"lowrank.{fn_name} expects an Equinox model (an eqx.Module, or a pytree of them), "
+            f"got {type(model).__module__}.{type(model).__qualname__}; build the model with "
+            "equinox (eqx.nn.Linear, eqx.nn.Conv2d, ...)"
+        )
+
+
+def is_layer(x) -> bool:
+    return isinstance(x, DENSE_TYPES + LOWRANK_TYPES)
+
+
+def walk_layers(model) -> list[tuple[str, eqx.Module]]:
+    """Every dense or factorized layer in the model, in pytree order, with its path."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_layer)
+    return [(key_path_to_str(kp), leaf) for kp, leaf in flat if is_layer(leaf)]
+
+
+def _is_identity(fn: Callable) -> bool:
+    probe = jnp.linspace(-3.0, 3.0, 7)
+    try:
+        return bool(jnp.allclose(fn(probe), probe))
+    except Exception:  # a learnt or shape-specific activation: treat as unknown, not identity
+        return False
+
+
+def known_activations(model) -> dict[str, Callable | None]:
+    """Activations that follow layers whose parent says so (today: eqx.nn.MLP)."""
+    found: dict[str, Callable | None] = {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        model, is_leaf=lambda x: isinstance(x, eqx.nn.MLP)
+    )
+    for kp, leaf in flat:
+        if not isinstance(leaf, eqx.nn.MLP):
+            continue
+        prefix = key_path_to_str(kp)
+        prefix = prefix + "." if prefix else ""
+        hidden, final = leaf.activation, leaf.final_activation
+        if jax.tree_util.tree_leaves(eqx.filter((hidden, final), eqx.is_array)):
+            continue  # learnt per-unit activations: not a single elementwise function
+        last = len(leaf.layers) - 1
+        for i in range(len(leaf.layers)):
+            act = final if i == last else hidden
+            found[f"{prefix}layers.{i}"] = None if _is_identity(act) else act
+    return found
+
+
+def skip_reason(layer) -> str | None:
+    """Why a dense layer cannot be factorized, or None if it can."""
+    if isinstance(layer, LOWRANK_TYPES):
+        return "already low-rank"
+    if isinstance(layer, eqx.nn.Linear):
+        if layer.in_features == "scalar" or layer.out_features == "scalar":
+            return "scalar Linear (nothing to factorize)"
+        if layer.weight.ndim != 2:
+            return f"stacked weight of shape {layer.weight.shape} (e.g. scan over layers)"
+        return None
+    if layer.groups != 1:
+        kind = "depthwise" if layer.groups == layer.in_channels else "grouped"
+        return f"{kind} conv (groups={layer.groups}) has no useful low-rank form"
+    if layer.weight.ndim != layer.num_spatial_dims + 2:
+        return f"stacked weight of shape {layer.weight.shape} (e.g. scan over layers)"
+    return None
+
+
+def matches(pattern: Pattern, path: str) -> bool:
+    """peft-style match: regex fullmatch for a string, exact-or-suffix for a list."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    return any(path == p or path.endswith("." + p) for p in pattern)
+
+
+def _check_pattern(pattern, name: str) -> None:
+    if pattern is None or isinstance(pattern, str):
+        return
+    if not isinstance(pattern, Sequence) or not all(isinstance(p, str) for p in pattern):
+        raise TypeError(
+            f"{name} must be a regex string or a list of path strings, got {pattern!r}"
+        )
+
+
+def select(
+    model,
+    *,
+    target: Pattern | None = None,
+    exclude: Pattern | None = None,
+    where: Callable[[str, eqx.Module], bool] | None = None,
+    fn_name: str = "factorize",
+) -> list[Candidate]:
+    """The candidate layers: dense Linear/Conv layers passing exclude, target and where.
+
+    A `target` (or list entry of it) that matches no layer raises, listing the
+    nearest available paths, since a silent no-op is the worst outcome of a typo.
+    """
+    check_is_model(model, fn_name)
+    _check_pattern(target, "target")
+    _check_pattern(exclude, "exclude")
+    layers = walk_layers(model)
+    paths = [p for p, _ in layers]
+    _check_target_matches(target, paths)
+    activations = known_activations(model)
+    chosen = []
+    for path, layer in layers:
+        if isinstance(layer, LOWRANK_TYPES):
+            continue
+        if exclude is not None and matches(exclude, path):
+            continue
+        if target is not None and not matches(target, path):
+            continue
+        if where is not None and not where(path, layer):
+            continue
+        chosen.append(Candidate(path, layer, activations.get(path), skip_reason(layer)))
+    return chosen
+
+
+def _check_target_matches(target, paths: list[str]) -> None:
+    if target is None:
+        return
+    wanted = [target] if isinstance(target, str) else list(target)
+    for entry in wanted:
+        probe = entry if isinstance(target, str) else [entry]
+        if any(matches(probe, p) for p in paths):
+            continue
+        near = difflib.get_close_matches(entry, paths, n=5, cutoff=0.3) or paths[:5]
+        raise ValueError(
+            f"target {entry!r} matches no layer; nearest available paths: {near}. "
+            "A string target is a regex matched against the whole path; a list entry "
+            "must be an exact path or a dotted suffix of one."
+        )
+
+
+def weight_matrix(layer) -> Float[Array, "out fan_in"]:
+    """The layer's dense weight as an (out, in * prod(kernel)) matrix."""
+    w = layer.weight
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))

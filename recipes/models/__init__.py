@@ -1,0 +1,19 @@
+"""Vision (and later text) models for the recipes, as unbatched Equinox modules."""
+
+from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
+from ._layers import BATCH_AXIS, StochasticDepth
+from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
+
+__all__ = [
+    "BATCH_AXIS",
+    "BasicBlock",
+    "Bottleneck",
+    "EfficientNet",
+    "MBConv",
+    "ResNet",
+    "StochasticDepth",
+    "efficientnet_b0",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]
