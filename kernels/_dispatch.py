@@ -6,7 +6,6 @@ measured faster than XLA's `(x @ a) @ b` on a device. Anything not in the table 
 XLA, so auto is never a path measured slower than XLA.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -43,11 +42,6 @@ def platform() -> str:
     return jax.default_backend()
 
 
-def interpret() -> bool:
-    """Pallas kernels run in interpret mode where there is no compiler for them."""
-    return platform() not in ("gpu", "tpu")
-
-
 def shape_class(m: int, k: int, n: int, r: int) -> tuple[str, str, str]:
     """Coarse buckets of (M, max(K, N), r) that the measured table is keyed by."""
     m_cls = "m<=16" if m <= 16 else "m<=1024" if m <= 1024 else "m>1024"
@@ -56,7 +50,6 @@ def shape_class(m: int, k: int, n: int, r: int) -> tuple[str, str, str]:
     return m_cls, kn_cls, r_cls
 
 
-@functools.cache
 def _measured_for_device() -> dict[tuple[str, str, str, str], frozenset[str]]:
     kind = jax.devices()[0].device_kind
     for name, table in MEASURED.items():

@@ -1,20 +1,147 @@
-"""Public entry point for the fused factored matmul (XLA path; Pallas lands with its own issue)."""
+"""Public entry point: act((x @ a) @ b + bias) as one fused op, or as XLA's two matmuls.
+
+The fused path is a `jax.custom_vjp` whose forward and backward are row-wise ops
+(`_batching.rowwise`), each dispatching per shape to a Pallas kernel or its XLA twin:
+forward = `_forward.fused_forward` (also saving t = x @ a, M × r), backward =
+`_backward.fused_epilogue_grad` for gz = g * act'(z) and dt = gz @ bᵀ, then XLA for
+dx = dt @ aᵀ, da = xᵀ @ dt, db = tᵀ @ gz, dbias = Σ gz.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
 
-_ACTIVATIONS = {
-    None: lambda y: y,
-    "none": lambda y: y,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-}
+from . import _activations, _backward, _batching, _dispatch, _forward
+
+IMPLS = ("auto", "xla", "pallas")
 
 
-def factored_matmul(x, a, b, bias=None, activation=None, impl="auto"):
-    """act((x @ a) @ b + bias) for x (..., K), a (K, r), b (r, N), bias (N,)."""
-    y = (x @ a) @ b
-    if bias is not None:
-        y = y + bias
-    return _ACTIVATIONS[activation](y)
+def factored_matmul(
+    x: Float[ArrayLike, "*batch K"],
+    a: Float[ArrayLike, "K r"],
+    b: Float[ArrayLike, "r N"],
+    bias: Float[ArrayLike, " N"] | None = None,
+    activation: str | None = None,
+    impl: str = "auto",
+) -> Float[Array, "*batch N"]:
+    """act((x @ a) @ b + bias) for x (..., K), a (K, r), b (r, N), bias (N,).
+
+    `activation` is None/"none", "relu", "gelu" (tanh approximation, as
+    `jax.nn.gelu`'s default) or "silu". `impl="pallas"` forces the fused kernels
+    (interpret mode on CPU), `"xla"` the two XLA matmuls, and `"auto"` picks per
+    backend and shape from measurements (`_dispatch.MEASURED`), XLA where none
+    favours Pallas. Inputs are promoted to one dtype; Pallas takes float32 and
+    bfloat16, with float32 accumulation. A vmapped call runs the kernel on the whole
+    batch; leading batch dims of x are flattened into rows.
+    """
+    x, a, b, bias = _checked(x, a, b, bias, activation, impl)
+    k, n = a.shape[0], b.shape[1]
+    rows = x.reshape(-1, k)
+    if impl == "xla" or (impl == "auto" and not _dispatch.auto_may_use_pallas()):
+        y = _xla_forward(rows, a, b, bias, activation=activation)
+    else:
+        y = _fused(rows, a, b, bias, activation, impl)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _checked(x, a, b, bias, activation, impl):
+    """The inputs as arrays of one floating dtype, or a ValueError naming the culprit."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if activation not in _activations.NAMES:
+        raise ValueError(f"activation must be one of {_activations.NAMES}, got {activation!r}")
+    x, a, b = jnp.asarray(x), jnp.asarray(a), jnp.asarray(b)
+    bias = None if bias is None else jnp.asarray(bias)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape (..., K) with at least one axis, got shape {x.shape}")
+    k = x.shape[-1]
+    if a.ndim != 2 or a.shape[0] != k:
+        raise ValueError(f"a must have shape (K, r) = ({k}, r) to match x of shape {x.shape}, got shape {a.shape}")
+    r = a.shape[1]
+    if b.ndim != 2 or b.shape[0] != r:
+        raise ValueError(f"b must have shape (r, N) = ({r}, N) to match a of shape {a.shape}, got shape {b.shape}")
+    n = b.shape[1]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape (N,) = ({n},) to match b of shape {b.shape}, got shape {bias.shape}")
+    named = {"x": x, "a": a, "b": b} | ({} if bias is None else {"bias": bias})
+    for name, array in named.items():
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype (float32 or bfloat16), got {array.dtype}")
+    dtype = jnp.result_type(*named.values())
+    if impl == "pallas" and dtype not in _dispatch.PALLAS_DTYPES:
+        raise ValueError(f"impl='pallas' takes float32 or bfloat16 inputs, got {dtype}; use impl='xla'")
+    return tuple(None if v is None else v.astype(dtype) for v in (x, a, b, bias))
+
+
+def _xla_forward(x, a, b, bias, *, activation, save_t=False):
+    t = x @ a
+    z = t @ b if bias is None else t @ b + bias
+    y = _activations.jax_nn(activation)(z)
+    return (y, t) if save_t else y
+
+
+def _xla_epilogue_grad(g, t, b, bias, *, activation):
+    z = t @ b if bias is None else t @ b + bias
+    gz = (g.astype(jnp.float32) * _activations.derivative(activation, z.astype(jnp.float32))).astype(g.dtype)
+    return gz, gz @ b.T
+
+
+def _maybe(bias):
+    return () if bias is None else (bias,)
+
+
+def _unmaybe(bias: tuple):
+    return bias[0] if bias else None
+
+
+@functools.cache
+def _forward_op(activation, save_t, impl):
+    def xla(x, a, b, *bias):
+        return _xla_forward(x, a, b, _unmaybe(bias), activation=activation, save_t=save_t)
+
+    def op(x, a, b, *bias):
+        (m, k), (r, n) = x.shape, b.shape
+        if _dispatch.use_pallas("fwd", impl, m, k, n, r, x.dtype):
+            return _forward.fused_forward(x, a, b, _unmaybe(bias), activation=activation, save_t=save_t)
+        return xla(x, a, b, *bias)
+
+    return _batching.rowwise(op, n_rows=1, fallback=xla)
+
+
+@functools.cache
+def _epilogue_grad_op(activation, impl, k):
+    def xla(g, t, b, *bias):
+        return _xla_epilogue_grad(g, t, b, _unmaybe(bias), activation=activation)
+
+    def op(g, t, b, *bias):
+        (m, n), r = g.shape, b.shape[0]
+        if _dispatch.use_pallas("bwd", impl, m, k, n, r, g.dtype):
+            return _backward.fused_epilogue_grad(g, t, b, _unmaybe(bias), activation=activation)
+        return xla(g, t, b, *bias)
+
+    return _batching.rowwise(op, n_rows=2, fallback=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(x, a, b, bias, activation, impl):
+    return _forward_op(activation, False, impl)(x, a, b, *_maybe(bias))
+
+
+def _fused_fwd(x, a, b, bias, activation, impl):
+    y, t = _forward_op(activation, True, impl)(x, a, b, *_maybe(bias))
+    return y, (x, a, b, bias, t)
+
+
+def _fused_bwd(activation, impl, residuals, g):
+    x, a, b, bias, t = residuals
+    if activation in (None, "none"):
+        gz, dt = g, g @ b.T
+    else:
+        gz, dt = _epilogue_grad_op(activation, impl, a.shape[0])(g, t, b, *_maybe(bias))
+    dbias = None if bias is None else jnp.sum(gz, axis=0, dtype=jnp.float32).astype(bias.dtype)
+    return dt @ a.T, x.T @ dt, t.T @ gz, dbias
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

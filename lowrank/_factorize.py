@@ -89,7 +89,7 @@ def factorize(
         problem = LayerProblem(
             path=path,
             weight=weight_matrix(layer),
-            bias=layer.bias,
+            bias=None if layer.bias is None else layer.bias.reshape(-1),
             rank=lp.rank,
             activation=activations.get(path),
             inputs=None if path not in inputs else jnp.asarray(
@@ -224,7 +224,7 @@ def _dense_twin(layer):
         )  # fmt: skip
     dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
     if use_bias:
-        dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias)
+        dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias.reshape(dense.bias.shape))
     return dense
 
 

@@ -19,6 +19,11 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 
+def _is_number(x) -> bool:
+    """Python scalars are checked eagerly; traced values (e.g. a schedule) are not."""
+    return isinstance(x, (int, float))
+
+
 def _masked_mean(values: Float[Array, "..."], mask) -> Float[Array, ""]:
     """Mean over entries where mask is true (all entries when mask is None); 0 if none."""
     if mask is None:
@@ -51,13 +56,14 @@ def kd_token_losses(
 ) -> Float[Array, "..."]:
     """Per-token (1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)).
 
-    The teacher gets no gradient. Teacher entries of probability 0 (logit -inf, e.g.
+    `alpha` may be traced (e.g. `salt_alpha(step, ...)` inside a jitted step); Python
+    numbers are range-checked. The teacher gets no gradient. Teacher entries of probability 0 (logit -inf, e.g.
     a top-k cache) add nothing to the KL.
     """
     _check_shapes(student_logits, teacher_logits, labels)
-    if not 0.0 <= alpha <= 1.0:
+    if _is_number(alpha) and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0:
+    if _is_number(temperature) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     log_q = jax.nn.log_softmax(student_logits, axis=-1)

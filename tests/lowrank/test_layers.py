@@ -1,0 +1,124 @@
+"""LowRankLinear / LowRankConv against float64 numpy references, under JAX transforms."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank
+
+
+def _np_conv(x, w, stride, padding, dilation):
+    """Direct float64 cross-correlation: x (C, *S), w (O, C, *K), explicit (lo, hi) padding."""
+    x = np.pad(x, [(0, 0)] + list(padding))
+    k = w.shape[2:]
+    eff = [d * (kk - 1) + 1 for kk, d in zip(k, dilation)]
+    out_sp = [(x.shape[1 + i] - eff[i]) // stride[i] + 1 for i in range(len(k))]
+    out = np.zeros((w.shape[0], *out_sp))
+    for idx in np.ndindex(*out_sp):
+        sl = tuple(
+            slice(idx[i] * stride[i], idx[i] * stride[i] + eff[i], dilation[i]) for i in range(len(k))
+        )
+        patch = x[(slice(None),) + sl]
+        out[(slice(None),) + idx] = np.tensordot(w, patch, axes=len(k) + 1)
+    return out
+
+
+@given(
+    m=st.integers(1, 12), n=st.integers(1, 12), r=st.integers(1, 6), bias=st.booleans(), seed=st.integers(0, 99)
+)
+def test_lowrank_linear_matches_float64_reference(m, n, r, bias, seed):
+    rng = np.random.default_rng(seed)
+    u, v, x = rng.normal(size=(m, r)), rng.normal(size=(r, n)), rng.normal(size=n)
+    b = rng.normal(size=m) if bias else None
+    layer = lowrank.LowRankLinear(
+        jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32)
+    )
+    want = u @ (v @ x) + (0 if b is None else b)
+    got = np.asarray(layer(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    "spatial,stride,padding,dilation",
+    [(1, (2,), ((1, 2),), (1,)), (2, (1, 2), ((1, 1), (0, 2)), (2, 1)), (3, (1, 1, 2), ((1, 1),) * 3, (1, 1, 1))],
+)
+def test_lowrank_conv_matches_float64_reference(spatial, stride, padding, dilation):
+    rng = np.random.default_rng(spatial)
+    c_in, c_out, r = 3, 5, 2
+    kernel = (3,) * spatial
+    u, v = rng.normal(size=(c_out, r)), rng.normal(size=(r, c_in, *kernel))
+    b = rng.normal(size=c_out)
+    x = rng.normal(size=(c_in,) + (7,) * spatial)
+    want = _np_conv(x, np.tensordot(u, v, axes=1), stride, padding, dilation) + b.reshape(
+        (-1,) + (1,) * spatial
+    )
+    for lowering in ("einsum", "conv"):
+        layer = lowrank.LowRankConv(
+            *(jnp.asarray(a, jnp.float32) for a in (u, v, b)),
+            stride=stride, padding=padding, dilation=dilation, lowering=lowering,
+        )  # fmt: skip
+        got = np.asarray(layer(jnp.asarray(x, jnp.float32)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("mode", ["REFLECT", "REPLICATE", "CIRCULAR"])
+def test_lowrank_conv_padding_modes_match_equinox(mode):
+    key = jax.random.key(1)
+    conv = eqx.nn.Conv2d(2, 4, 3, padding="SAME", padding_mode=mode, key=key)
+    low = lowrank.factorize(conv, rank=4, target=None)
+    x = jax.random.normal(key, (2, 6, 6))
+    np.testing.assert_allclose(low(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def _linear():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    return lowrank.LowRankLinear(
+        jax.random.normal(k1, (6, 2)), jax.random.normal(k2, (2, 5)), jax.random.normal(k3, (6,))
+    )
+
+
+def test_lowrank_linear_under_jit_vmap_filter_vmap_and_scan():
+    layer = _linear()
+    xs = jax.random.normal(jax.random.key(3), (4, 5))
+    want = np.asarray(xs, np.float64) @ np.asarray(layer.weight, np.float64).T + np.asarray(layer.bias)
+    np.testing.assert_allclose(jax.jit(jax.vmap(layer))(xs), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eqx.filter_vmap(layer)(xs), want, rtol=1e-5, atol=1e-5)
+    _, ys = jax.lax.scan(lambda c, x: (c, layer(x)), None, xs)
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_both_factors_and_match_closed_form():
+    layer = _linear()
+    x = jax.random.normal(jax.random.key(4), (5,))
+    g = jax.random.normal(jax.random.key(5), (6,))
+    grads = eqx.filter_grad(lambda l: jnp.dot(g, l(x)))(layer)
+    u, v = np.asarray(layer.u, np.float64), np.asarray(layer.v, np.float64)
+    xf, gf = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    np.testing.assert_allclose(grads.u, np.outer(gf, v @ xf), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads.v, np.outer(u.T @ gf, xf), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads.bias, gf, rtol=1e-6)
+
+
+def test_unbatched_input_is_checked():
+    with pytest.raises(ValueError, match=r"unbatched input of shape \(5,\).*jax.vmap"):
+        _linear()(jnp.zeros((3, 5)))
+    conv = lowrank.LowRankConv(
+        jnp.zeros((4, 2)), jnp.zeros((2, 3, 3, 3)), stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)
+    )
+    with pytest.raises(ValueError, match=r"unbatched input of shape \(3, \*spatial\)"):
+        conv(jnp.zeros((2, 3, 8, 8)))
+
+
+def test_factor_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"u \(out, r\) and v \(r, in\)"):
+        lowrank.LowRankLinear(jnp.zeros((4, 2)), jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        lowrank.LowRankLinear(jnp.zeros((4, 2)), jnp.zeros((2, 5)), jnp.zeros(3))
+    with pytest.raises(ValueError, match="lowering must be 'einsum' or 'conv'"):
+        lowrank.LowRankConv(
+            jnp.zeros((4, 2)), jnp.zeros((2, 3, 3)), stride=(1,), padding=((0, 0),), dilation=(1,), lowering="fft"
+        )
