@@ -7,7 +7,6 @@ conv, and a stochastic-depth residual. Convs are plain `eqx.nn.Conv2d` (depthwis
 and the classifier `classifier`.
 """
 
-import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import build
 from ._layers import StochasticDepth, batch_norm, conv2d
 
 # (expand ratio, kernel, stride, in channels, out channels, blocks) per stage.
@@ -172,16 +172,7 @@ class EfficientNet(eqx.Module):
         last = _B0_STAGES[-1][4]
         self.head = ConvBNAct(last, 4 * last, 1, key=k_head)
         self.dropout = eqx.nn.Dropout(dropout)
-        linear = eqx.nn.Linear(4 * last, num_classes, key=k_fc)
-        bound = 1.0 / math.sqrt(num_classes)
-        self.classifier = eqx.tree_at(
-            lambda m: (m.weight, m.bias),
-            linear,
-            (
-                jax.random.uniform(k_fc, linear.weight.shape, minval=-bound, maxval=bound),
-                jnp.zeros_like(linear.bias),
-            ),
-        )
+        self.classifier = eqx.nn.Linear(4 * last, num_classes, key=k_fc)
 
     def __call__(
         self,
@@ -209,6 +200,11 @@ def efficientnet_b0(
     key: PRNGKeyArray,
 ) -> tuple[EfficientNet, eqx.nn.State]:
     """EfficientNet-B0 and its BatchNorm state (5,288,548 parameters at 1000 classes)."""
-    return eqx.nn.make_with_state(EfficientNet)(
-        num_classes=num_classes, dropout=dropout, stochastic_depth=stochastic_depth, key=key
+    return build(
+        EfficientNet,
+        num_classes=num_classes,
+        dropout=dropout,
+        stochastic_depth=stochastic_depth,
+        linear_fan="out",
+        key=key,
     )

@@ -1,6 +1,4 @@
-"""Building blocks shared by the vision models: initialized convs, BatchNorm, drop-path."""
-
-import math
+"""Building blocks shared by the vision models: padded convs, BatchNorm, drop-path."""
 
 import equinox as eqx
 import jax
@@ -22,9 +20,9 @@ def conv2d(
     use_bias: bool = False,
     key: PRNGKeyArray,
 ) -> eqx.nn.Conv2d:
-    """A plain `eqx.nn.Conv2d` with "same" padding for odd kernels and He-normal
-    (fan-out) weights, as torchvision initializes ResNet and EfficientNet."""
-    conv = eqx.nn.Conv2d(
+    """A plain `eqx.nn.Conv2d` with "same" padding for odd kernels (no bias by default,
+    since a BatchNorm follows)."""
+    return eqx.nn.Conv2d(
         in_channels,
         out_channels,
         kernel_size,
@@ -34,12 +32,6 @@ def conv2d(
         use_bias=use_bias,
         key=key,
     )
-    std = math.sqrt(2.0 / (out_channels * kernel_size * kernel_size))
-    weight = std * jax.random.normal(key, conv.weight.shape, conv.weight.dtype)
-    conv = eqx.tree_at(lambda c: c.weight, conv, weight)
-    if use_bias:
-        conv = eqx.tree_at(lambda c: c.bias, conv, jnp.zeros_like(conv.bias))
-    return conv
 
 
 def batch_norm(channels: int, *, eps: float = 1e-5) -> eqx.nn.BatchNorm:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import build
 from ._layers import batch_norm, conv2d
 
 
@@ -186,8 +187,8 @@ def resnet18(
     key: PRNGKeyArray,
 ) -> tuple[ResNet, eqx.nn.State]:
     """ResNet-18 and its BatchNorm state (11,689,512 parameters at 1000 classes)."""
-    return eqx.nn.make_with_state(ResNet)(
-        "basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width, key=key
+    return build(
+        ResNet, "basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width, key=key
     )
 
 
@@ -199,8 +200,8 @@ def resnet34(
     key: PRNGKeyArray,
 ) -> tuple[ResNet, eqx.nn.State]:
     """ResNet-34 and its BatchNorm state (21,797,672 parameters at 1000 classes)."""
-    return eqx.nn.make_with_state(ResNet)(
-        "basic", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
+    return build(
+        ResNet, "basic", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
     )
 
 
@@ -212,6 +213,6 @@ def resnet50(
     key: PRNGKeyArray,
 ) -> tuple[ResNet, eqx.nn.State]:
     """ResNet-50 and its BatchNorm state (25,557,032 parameters at 1000 classes)."""
-    return eqx.nn.make_with_state(ResNet)(
-        "bottleneck", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
+    return build(
+        ResNet, "bottleneck", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
     )

@@ -43,6 +43,7 @@ def test_auto_follows_the_measured_table(monkeypatch):
     assert not _dispatch.use_pallas("fwd", "pallas", 0, 4096, 4096, 64, "bfloat16")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode is the CPU path")
 def test_interpret_mode_on_cpu():
     assert _dispatch.launch_options(_dispatch.tiles(8, 8, 2)) == {"interpret": True}
     assert _dispatch.masked_ops()

@@ -68,7 +68,7 @@ def test_xla_and_auto_match_float64(impl):
         assert_close(got, want, 1e-5)
 
 
-def test_auto_is_plain_xla_on_cpu():
+def test_auto_is_plain_xla_without_measurements():
     x, a, b, c = factors(8, 16, 2, 8)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: kernels.factored_matmul(x, a, b, c, "gelu").sum()))(x)
     assert not find_eqns(jaxpr, "pallas_call")
@@ -83,6 +83,12 @@ def test_auto_follows_the_measured_table(monkeypatch):
     assert len(find_eqns(jax.make_jaxpr(f)(x[:8]), "pallas_call")) == 1
     # the table names only the forward kernel: the backward stays in XLA
     assert len(find_eqns(jax.make_jaxpr(jax.grad(f))(x[:8]), "pallas_call")) == 1
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((8, 8)), jnp.float32)
+    y, grads = _value_and_vjp("auto", "gelu")(x[:8], a, b, c, g)
+    want_y, want_grads = forward_and_vjp(x[:8], a, b, c, "gelu", g)
+    assert_close(y, want_y, 1e-5)
+    for got, want in zip(grads, want_grads):
+        assert_close(got, want, 1e-5)
 
 
 def test_vmap_of_unbatched_calls_runs_one_kernel_on_the_whole_batch():

@@ -1,0 +1,34 @@
+"""Prepared TFDS datasets read through `tfds.data_source` (array_record; no TensorFlow)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def tfds_source(name: str, split: str, *, data_dir: str | None) -> Sequence[dict[str, Any]]:
+    """A random-access source over a TFDS dataset prepared under `data_dir`.
+
+    Never downloads: training machines may have no network. A dataset that is not
+    prepared raises an error that says how to prepare it.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.DatasetNotFoundError as e:
+        raise ValueError(
+            f"data.name={name!r} is not a TFDS dataset; use 'digits' or a TFDS name "
+            "such as 'cifar10' or 'imagenet2012'."
+        ) from e
+    except Exception as e:
+        manual = (
+            " (imagenet2012 also needs the ILSVRC2012 tar files in "
+            f"{data_dir or '~/tensorflow_datasets'}/downloads/manual)"
+            if name.startswith("imagenet")
+            else ""
+        )
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared as array_record "
+            f"under data_dir={data_dir!r}: {e}\nPrepare it on a machine with network: "
+            f"`tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'} "
+            f"--file_format=array_record`{manual}, then copy the folder here."
+        ) from e
