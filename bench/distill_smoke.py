@@ -1,13 +1,16 @@
 """Smoke check that the language-model pieces fit together, on CPU, in a few minutes.
 
 1. a tiny byte-level teacher trained on Shakespeare (train plays only) with plain optax;
-2. a smaller student trained the same number of steps twice: plain next-byte training,
+2. a smaller dense student trained twice for the same steps: plain next-byte training,
    and SALT (KD from the teacher for the first n_kd steps, then plain training);
-3. validation bits per byte on unseen plays, the latent-list check, and a sample.
+3. a low-rank student: the teacher factorized by `lowrank.factorize` (spectral init,
+   a quarter of full rank), scored as is and after a short KD fine-tune from the teacher;
+4. validation bits per byte on unseen plays, the latent-list check, and a sample.
 
-    .venv/bin/python -m bench.distill_smoke [--steps 300] [--student-steps 200]
+    .venv/bin/python -m bench.distill_smoke [--steps 250] [--student-steps 150]
 
-Not a benchmark of speed; numbers are noisy at this size. Prints a table.
+Not a benchmark of speed; numbers are noisy at this size. Prints a table
+(`--write-results` also writes it into bench/RESULTS.md).
 """
 
 import argparse
@@ -21,6 +24,8 @@ import jax.random as jr
 import numpy as np
 import optax
 
+import lowrank
+from bench._results import markdown_table, write_section
 from recipes.distill import kd_loss, salt_alpha
 from recipes.longcontext import generate, likelihood_accuracy, make_list_tasks
 from recipes.models._transformer import Transformer
@@ -70,13 +75,20 @@ def bits_per_byte(model, windows, chunk=64):
     return float(np.mean(losses)) / math.log(2)
 
 
+def _n_params(model) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="teacher steps")
-    parser.add_argument("--student-steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=250, help="teacher steps")
+    parser.add_argument("--student-steps", type=int, default=150)
+    parser.add_argument("--lowrank-steps", type=int, default=100)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=128)
+    parser.add_argument("--write-results", action="store_true",
+                        help="also write the table into bench/RESULTS.md")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -105,10 +117,25 @@ def main():
         rows.append((name, args.student_steps, bits_per_byte(model, val),
                      time.perf_counter() - t0))
 
-    print(f"\n{'model':24s} {'steps':>6s} {'val bits/byte':>14s} {'seconds':>8s}")
+    t0 = time.perf_counter()
+    low = lowrank.factorize(teacher, rank=0.25, init="spectral")
+    ratio = _n_params(low) / _n_params(teacher)
+    rows.append((f"teacher low-rank x{ratio:.2f}", 0, bits_per_byte(low, val),
+                 time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    low, _ = train(low, steps=args.lowrank_steps, key=key_train, teacher=teacher, alpha=0.5,
+                   n_kd=args.lowrank_steps, **{**common, "lr": 1e-3})
+    rows.append(("  + KD fine-tune", args.lowrank_steps, bits_per_byte(low, val),
+                 time.perf_counter() - t0))
+
+    print(f"\n{'model':26s} {'steps':>6s} {'val bits/byte':>14s} {'seconds':>8s}")
     for name, steps, bpb, secs in rows:
-        print(f"{name:24s} {steps:6d} {bpb:14.3f} {secs:8.1f}")
+        print(f"{name:26s} {steps:6d} {bpb:14.3f} {secs:8.1f}")
     print("(uniform over 256 bytes = 8.000 bits/byte)")
+    if args.write_results:
+        table = markdown_table(["model", "steps", "val bits/byte", "seconds"],
+                               [[n.strip(), st, round(b, 3), round(t, 1)] for n, st, b, t in rows])
+        write_section("distill_smoke", "Distillation smoke (Shakespeare, byte level)", table)
 
     tasks = make_list_tasks(32, seed=0, n_ops=3, n_distractors=2)
     tasks = [t for t in tasks if len(t.prompt) + 8 <= args.length][:16]

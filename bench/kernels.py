@@ -20,6 +20,7 @@ re-times auto with them to confirm it is never slower than XLA.
 """
 
 import argparse
+import os
 import itertools
 import time
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
-from kernels import _dispatch
+from kernels import _dispatch, _forward
 
 from ._results import markdown_table, median_time, write_section
 
@@ -195,8 +196,25 @@ def time_grid(shapes, dtype, *, kernels_too, budget_s, repeats):
     header = ["M", "K=N", "r", "pass", "dense µs", "XLA µs", "fused µs", "XLA/fused",
               "XLA/auto", "roofline µs (% reached: XLA / fused; dense bound)"]
     note = (f"dtype {jnp.dtype(dtype).name}, bias + {ACTIVATION}; peaks {peak_flops / 1e12:.3g} TFLOP/s, "
-            f"{peak_bw / 1e9:.4g} GB/s ({source}); medians of {repeats} runs.")
+            f"{peak_bw / 1e9:.4g} GB/s ({source}); medians of {repeats} runs; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start.")
     return note + "\n\n" + markdown_table(header, rows), records
+
+
+def tile_sweep(dtype, repeats) -> str:
+    """Forward medians of the fused kernel over a few tilings, for the memory-bound targets."""
+    rows = []
+    for m, kn, r in ((4096, 4096, 64), (16384, 4096, 64)):
+        x, a, b, _, bias, _ = _inputs(m, kn, kn, r, dtype)
+        default = _dispatch.tiles(m, kn, r)
+        xla = median_time(jax.jit(_factored("xla")), x, a, b, bias, repeats=repeats)
+        for bm, split in itertools.product((32, 64), (1, 2, 4)):
+            tiles = default._replace(bm=bm, split=split)
+            fn = jax.jit(lambda *args, tiles=tiles: _forward.fused_forward(
+                *args, activation=ACTIVATION, tiles=tiles))
+            t = median_time(fn, x, a, b, bias, repeats=repeats)
+            rows.append([m, kn, r, bm, split, "default" if tiles == default else "", 1e6 * t, xla / t])
+    return markdown_table(["M", "K=N", "r", "bm", "split", "", "fused fwd µs", "XLA/fused"], rows)
 
 
 def suggest_table(records, dtype) -> dict:
@@ -252,6 +270,9 @@ def main():
         print(table, flush=True)
         body += f"\n### Timings{' (quick grid)' if args.quick else ''}\n\n{table}\n"
         if accelerator:
+            sweep = tile_sweep(dtype, repeats)
+            print(sweep, flush=True)
+            body += f"\n### Tile sweep (fused forward; default tiles: `_dispatch.tiles`)\n\n{sweep}\n"
             suggested = suggest_table(records, dtype)
             body += f"\n### Suggested `_dispatch.MEASURED[{kind!r}]`\n\n```python\n{suggested!r}\n```\n"
             print("suggested MEASURED entry:", repr(suggested), flush=True)

@@ -8,6 +8,7 @@ dx = dt @ aᵀ, da = xᵀ @ dt, db = tᵀ @ gz, dbias = Σ gz.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +35,12 @@ def factored_matmul(
     backend and shape from measurements (`_dispatch.MEASURED`), XLA where none
     favours Pallas. Inputs are promoted to one dtype; Pallas takes float32 and
     bfloat16, with float32 accumulation. A vmapped call runs the kernel on the whole
-    batch; leading batch dims of x are flattened into rows.
+    batch; leading batch dims of x are flattened into rows. The fused path has a
+    custom VJP, so forward-mode autodiff (`jax.jvp`) works on the XLA path only.
     """
     x, a, b, bias = _checked(x, a, b, bias, activation, impl)
     k, n = a.shape[0], b.shape[1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
     if impl == "xla" or (impl == "auto" and not _dispatch.auto_may_use_pallas()):
         y = _xla_forward(rows, a, b, bias, activation=activation)
     else:

@@ -66,8 +66,8 @@ class LowRankConv(eqx.Module):
 
     `v` is the first conv's kernel (rank, in, *kernel) and carries the original
     stride, padding, dilation and padding mode; `u` (out, rank) is the 1×1 conv.
-    `lowering` picks how the 1×1 stage runs: "einsum" (a channel matmul) or
-    "conv" (a second `lax.conv`); bench/model_speed.py measures both.
+    `lowering` picks how the 1×1 stage runs: "conv" (a second `lax.conv`, the
+    default: fastest in bench/model_speed.py) or "einsum" (a channel matmul).
     """
 
     u: Float[Array, "out rank"]
@@ -82,7 +82,7 @@ class LowRankConv(eqx.Module):
     padding: str | tuple[tuple[int, int], ...] = eqx.field(static=True)
     dilation: tuple[int, ...] = eqx.field(static=True)
     padding_mode: str = eqx.field(static=True)
-    lowering: str = eqx.field(static=True, default="einsum")
+    lowering: str = eqx.field(static=True, default="conv")
 
     def __init__(
         self,
@@ -94,7 +94,7 @@ class LowRankConv(eqx.Module):
         padding,
         dilation,
         padding_mode: str = "ZEROS",
-        lowering: str = "einsum",
+        lowering: str = "conv",
     ):
         if u.ndim != 2 or v.ndim < 3 or u.shape[1] != v.shape[0]:
             raise ValueError(
@@ -119,6 +119,13 @@ class LowRankConv(eqx.Module):
     def weight(self) -> Float[Array, "out in *kernel"]:
         """The dense kernel u @ v this layer represents."""
         return jnp.tensordot(self.u, self.v, axes=1)
+
+    def with_lowering(self, lowering: str) -> "LowRankConv":
+        """The same layer, running its 1×1 stage through another lowering."""
+        return LowRankConv(
+            self.u, self.v, self.bias, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, padding_mode=self.padding_mode, lowering=lowering,
+        )  # fmt: skip
 
     def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
         del key

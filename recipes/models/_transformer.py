@@ -19,7 +19,7 @@ def _split_or_none(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None
     return [None] * n if key is None else list(jr.split(key, n))
 
 
-class MLP(eqx.Module):
+class TransformerMLP(eqx.Module):
     """Position-wise feed-forward on one token: fc2(gelu(fc1(x)))."""
 
     fc1: eqx.nn.Linear
@@ -34,13 +34,13 @@ class MLP(eqx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x)))
 
 
-class Block(eqx.Module):
+class TransformerBlock(eqx.Module):
     """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)); attention is causal."""
 
     ln1: eqx.nn.LayerNorm
     attn: eqx.nn.MultiheadAttention
     ln2: eqx.nn.LayerNorm
-    mlp: MLP
+    mlp: TransformerMLP
     rope: eqx.nn.RotaryPositionalEmbedding | None
     dropout: eqx.nn.Dropout
 
@@ -67,7 +67,7 @@ class Block(eqx.Module):
             key=k_attn,
         )
         self.ln2 = eqx.nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_hidden, key=k_mlp)
+        self.mlp = TransformerMLP(d_model, d_hidden, key=k_mlp)
         self.rope = eqx.nn.RotaryPositionalEmbedding(d_model // n_heads) if rotary else None
         self.dropout = eqx.nn.Dropout(dropout)
 
@@ -99,14 +99,15 @@ class Transformer(eqx.Module):
     """Decoder-only language model: token (+ learned position) embeddings, pre-norm
     causal blocks, final LayerNorm, and a head tied to the token embedding or not.
 
-    Call it on one sequence `(T,)` with `T <= context`; dropout is active unless the
+    `rotary=True` drops the learned position table and rotates queries and keys instead
+    (RoPE). Call it on one sequence `(T,)` with `T <= context`; dropout is active unless the
     model is put in inference mode (`eqx.nn.inference_mode(model)`) or `dropout=0`.
     Token ids must lie in `[0, vocab_size)` (not checked: ids are traced values).
     """
 
     token_embed: eqx.nn.Embedding
     pos_embed: eqx.nn.Embedding | None
-    blocks: tuple[Block, ...]
+    blocks: tuple[TransformerBlock, ...]
     ln_f: eqx.nn.LayerNorm
     head: eqx.nn.Linear | None
     dropout: eqx.nn.Dropout
@@ -174,7 +175,7 @@ class Transformer(eqx.Module):
             else eqx.nn.Embedding(weight=embed_std * jr.normal(k_pos, (context, d_model)))
         )
         self.blocks = tuple(
-            Block(d_model, n_heads, mlp_ratio * d_model, dropout, rotary, key=k)
+            TransformerBlock(d_model, n_heads, mlp_ratio * d_model, dropout, rotary, key=k)
             for k in k_blocks
         )
         self.ln_f = eqx.nn.LayerNorm(d_model)

@@ -5,6 +5,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import lowrank
 from recipes.models._transformer import Transformer
 
 SMALL = dict(vocab_size=256, context=16, d_model=32, n_layers=2, n_heads=4)
@@ -124,3 +125,17 @@ def test_initial_logits_are_near_uniform():
 def test_bad_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Transformer(**{**SMALL, **kwargs}, key=jr.key(0))
+
+
+def test_lowrank_factorize_finds_every_projection():
+    model = Transformer(**SMALL, tie_embeddings=False, key=jr.key(0))
+    low = lowrank.factorize(model, rank=4)
+    for block in low.blocks:
+        for layer in [block.attn.query_proj, block.attn.key_proj, block.attn.value_proj,
+                      block.attn.output_proj, block.mlp.fc1, block.mlp.fc2]:
+            assert isinstance(layer, lowrank.LowRankLinear)
+    assert isinstance(low.head, lowrank.LowRankLinear)
+    ids = jr.randint(jr.key(2), (12,), 0, 256)
+    a, b = _fwd(low, ids), _fwd(low, ids.at[7:].set(0))
+    assert a.shape == (12, 256)
+    np.testing.assert_allclose(a[:7], b[:7], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,247 @@
+"""Typed recipe configs: nested dataclasses, `key=value` overrides, early validation.
+
+A recipe is a Python file in recipes/configs/ whose `config()` returns a `Config`.
+`python -m recipes.run NAME --set train.steps=100 --set optim.lr=0.05` loads it, applies
+the overrides (parsed by each field's type), and validates everything before any
+compute, with errors that name the offending key. Sections are plain dataclasses, so
+a task may bring its own `model`/`data` sections: keys are looked up on the instance.
+"""
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import pkgutil
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and the fix."""
+
+
+@dataclasses.dataclass
+class ImageModelConfig:
+    """An image classifier from recipes.models (`width` applies to ResNets;
+    `dropout` and `stochastic_depth` to EfficientNet)."""
+
+    name: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = "resnet18"
+    stem: Literal["imagenet", "cifar"] = "cifar"
+    width: int = 64
+    dropout: float = 0.2
+    stochastic_depth: float = 0.2
+
+
+@dataclasses.dataclass
+class ImageDataConfig:
+    """`name="digits"` (offline) or a TFDS dataset prepared under `data_dir`.
+    Batch sizes are global (all devices and hosts together)."""
+
+    name: str = "digits"
+    data_dir: str | None = None
+    image_size: int = 32
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    augment: Literal["none", "crop", "crop_flip", "inception"] = "crop"
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_threads: int = 2
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear warm-up, then cosine or constant)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Trainer knobs. `eval_every`/`checkpoint_every` of 0 mean "after the last step
+    only"; `out_dir` "" means out/<config name>."""
+
+    steps: int = 1000
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 1
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    out_dir: str = ""
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class FactorizeConfig:
+    """Which layers become low-rank, and how (see recipes/_factorize_policy.py)."""
+
+    policy: Literal["none"] = "none"
+
+
+@dataclasses.dataclass
+class Config:
+    """One recipe: a task (how to build model, data and losses) and its sections."""
+
+    name: str
+    task: str = "image_classification"
+    model: Any = dataclasses.field(default_factory=ImageModelConfig)
+    data: Any = dataclasses.field(default_factory=ImageDataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    factorize: FactorizeConfig = dataclasses.field(default_factory=FactorizeConfig)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is not None:
+        return str(tp)
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _parse(text: str, tp, key: str):
+    """Parse command-line `text` as a value of type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if str(choice) == text:
+                return choice
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _parse(text, option, key)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if text.lower() in ("none", "null"):
+            return None
+    elif tp is bool:
+        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return text.lower() in ("true", "1", "yes")
+    elif tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            pass
+    elif tp is str:
+        return text
+    elif origin in (tuple, list):
+        (item, *_) = typing.get_args(tp)
+        return origin(_parse(part.strip(), item, key) for part in text.split(",") if part.strip())
+    raise ConfigError(f"{key}={text!r} cannot be read as {_type_name(tp)}.")
+
+
+def _matches(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _unknown_key(key: str, section, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(section)]
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+    where = f"under {prefix[:-1]!r}" if prefix else "at the top level"
+    return ConfigError(f"unknown config key {key!r}.{hint} Valid keys {where}: {', '.join(names)}.")
+
+
+def override(config: Config, assignment: str) -> Config:
+    """Return `config` with one `dotted.key=value` assignment applied (a new object)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.steps=100).")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+
+    def apply(section, depth: int):
+        prefix = "".join(p + "." for p in parts[:depth])
+        name = parts[depth]
+        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            if not dataclasses.is_dataclass(section):
+                raise ConfigError(f"config key {prefix[:-1]!r} is a value, not a section; set {prefix[:-1]}=... instead of {key!r}.")
+            raise _unknown_key(key, section, prefix)
+        current = getattr(section, name)
+        if depth + 1 < len(parts):
+            return dataclasses.replace(section, **{name: apply(current, depth + 1)})
+        if dataclasses.is_dataclass(current):
+            fields = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
+            raise ConfigError(f"config key {key!r} is a section; set one of its keys: {fields}.")
+        tp = typing.get_type_hints(type(section))[name]
+        return dataclasses.replace(section, **{name: _parse(text, tp, key)})
+
+    return apply(config, 0)
+
+
+def validate(config: Config) -> Config:
+    """Check every field's value against its declared type and basic ranges; return it."""
+
+    def walk(section, prefix: str):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            value, key = getattr(section, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            elif not _matches(value, hints[f.name]):
+                raise ConfigError(
+                    f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(hints[f.name])}."
+                )
+            elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"{key}={value} must not be negative.")
+
+    walk(config, "")
+    for key in ("train.steps", "data.batch_size", "data.eval_batch_size"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name, 1)
+        if value == 0:
+            raise ConfigError(f"{key}=0 must be positive.")
+    return config
+
+
+def load_config(name: str, overrides: list[str] = ()) -> Config:
+    """The `config()` of recipes/configs/<name>.py (or of a .py file path), with the
+    `key=value` overrides applied, validated."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file {name!r} does not exist.")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        import recipes.configs
+
+        available = sorted(m.name for m in pkgutil.iter_modules(recipes.configs.__path__))
+        if name not in available:
+            raise ConfigError(f"unknown config {name!r}; available: {', '.join(available)} (or a path to a .py file).")
+        module = importlib.import_module(f"recipes.configs.{name}")
+    if not callable(getattr(module, "config", None)):
+        raise ConfigError(f"config {name!r} defines no config() function returning a Config.")
+    config = module.config()
+    for assignment in overrides:
+        config = override(config, assignment)
+    return validate(config)

@@ -1,0 +1,1 @@
+"""One Python file per recipe; each defines `config() -> recipes.config.Config`."""

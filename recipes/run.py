@@ -1,0 +1,161 @@
+"""Run a recipe: `python -m recipes.run CONFIG [--set key=value ...]`.
+
+CONFIG names a file in recipes/configs/ (or is a path to a .py file) whose `config()`
+returns a `Config`; `--set` overrides any field by its dotted key. Bad keys and values
+are reported before any compute. Outputs go to `train.out_dir` (default out/<name>):
+config.json, metrics.jsonl, curves.png and checkpoints/ (a rerun resumes).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from . import models
+from ._factorize_policy import apply_policy
+from .config import Config, ConfigError, load_config
+from .train import Batch, EvalFn, LossFn, TrainResult, check_batch_size, default_mesh, make_optimizer, train
+
+
+class Task(NamedTuple):
+    """Everything a recipe trains: model, state, losses and data streams."""
+
+    model: PyTree
+    state: PyTree
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    train_data: Callable[[int], Iterator[Batch]]
+    eval_data: Callable[[], Iterable[Batch]]
+
+
+def classification_loss(
+    model: PyTree, state: PyTree, batch: Batch, key: PRNGKeyArray
+) -> tuple[Array, tuple[PyTree, dict[str, Array]]]:
+    """Mean softmax cross-entropy of `model` on a batch of images and integer labels;
+    BatchNorm statistics are shared across the batch (the vmap axis)."""
+
+    def apply(x, state, key):
+        return model(x, state, key=key)
+
+    keys = jax.random.split(key, len(batch["label"]))
+    logits, state = jax.vmap(apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None))(
+        batch["image"], state, keys
+    )
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, (state, {"accuracy": accuracy})
+
+
+def classification_eval(model: PyTree, state: PyTree, batch: Batch) -> dict[str, Array]:
+    """Per-example cross-entropy and top-1 correctness of an inference-mode model."""
+
+    def apply(x):
+        return model(x, state)[0]
+
+    logits = jax.vmap(apply, axis_name=models.BATCH_AXIS)(batch["image"]).astype(jnp.float32)
+    return {
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
+        "accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+    }
+
+
+def image_classification(config: Config) -> Task:
+    """An image classifier from recipes.models on digits or a prepared TFDS dataset."""
+    from . import data as image_data
+
+    d, m = config.data, config.model
+    dataset = image_data.image_dataset(
+        d.name, image_size=d.image_size, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split
+    )
+    key = jax.random.key(config.train.seed)
+    if m.name.startswith("resnet"):
+        model, state = getattr(models, m.name)(dataset.num_classes, stem=m.stem, width=m.width, key=key)
+    else:
+        model, state = models.efficientnet_b0(
+            dataset.num_classes, dropout=m.dropout, stochastic_depth=m.stochastic_depth, key=key
+        )
+    return Task(
+        model,
+        state,
+        classification_loss,
+        classification_eval,
+        image_data.train_batches(
+            dataset,
+            batch_size=d.batch_size,
+            image_size=d.image_size,
+            augment=d.augment,
+            seed=config.train.seed,
+            num_threads=d.num_threads,
+        ),
+        image_data.eval_batches(
+            dataset, batch_size=d.eval_batch_size, image_size=d.image_size, augment=d.augment, num_threads=d.num_threads
+        ),
+    )
+
+
+TASKS: dict[str, Callable[[Config], Task]] = {"image_classification": image_classification}
+"""Task builders by `Config.task`."""
+
+
+def run(config: Config) -> TrainResult:
+    """Build the recipe's task, apply its factorization policy, and train it."""
+    if config.task not in TASKS:
+        raise ConfigError(f"task={config.task!r} is unknown; available: {', '.join(TASKS)}.")
+    mesh = default_mesh()
+    for key in ("batch_size", "eval_batch_size"):
+        if hasattr(config.data, key):
+            check_batch_size(getattr(config.data, key), mesh, f"data.{key}")
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    train_config = config.train
+    if not train_config.out_dir:
+        train_config = dataclasses.replace(train_config, out_dir=str(Path("out") / config.name))
+    task = TASKS[config.task](config)
+
+    # Factorization: the policy decides which layers of the dense model become low-rank.
+    model = apply_policy(task.model, config)
+
+    if jax.process_index() == 0:
+        out_dir = Path(train_config.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return train(
+        model,
+        task.state,
+        loss_fn=task.loss_fn,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_data=task.train_data,
+        eval_fn=task.eval_fn,
+        eval_data=task.eval_data,
+        config=train_config,
+        mesh=mesh,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recipes.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 optim.lr=0.05",
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = run(load_config(args.config, args.overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    last = {r["split"]: r for r in result.history}
+    print(json.dumps(last))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
