@@ -42,13 +42,6 @@ def _forward(model, x):
     return jax.vmap(model)(x)
 
 
-def _set_lowering(model, lowering):
-    is_conv = lambda l: isinstance(l, lowrank.LowRankConv)  # noqa: E731
-    return jax.tree_util.tree_map(
-        lambda l: l.with_lowering(lowering) if is_conv(l) else l, model, is_leaf=is_conv
-    )
-
-
 def _time(model, x, repeats):
     fn = eqx.filter_jit(_forward)
     return median_time(fn, model, x, repeats=repeats)
@@ -84,7 +77,7 @@ def bench_cnn(repeats):
         low = lowrank.factorize(dense, rank=rank, exclude=["stem"])
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         for lowering in ("einsum", "conv"):
-            t = _time(_set_lowering(low, lowering), x, repeats)
+            t = _time(lowrank.with_kernels(low, lowering=lowering), x, repeats)
             ratio = t / t_dense
             rows.append([f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]", rank,
                          f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}", f"{ratio:.3f}",

@@ -3,4 +3,4 @@
 This package imports only jax: the compiler (`lowrank`) builds on it, never the reverse.
 """
 
-from ._factored_matmul import factored_matmul as factored_matmul
+from ._factored_matmul import IMPLS as IMPLS, factored_matmul as factored_matmul

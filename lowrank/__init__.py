@@ -13,7 +13,11 @@ from ._initializers import (
     available_initializers as available_initializers,
     register_initializer as register_initializer,
 )
-from ._layers import LowRankConv as LowRankConv, LowRankLinear as LowRankLinear
+from ._layers import (
+    LowRankConv as LowRankConv,
+    LowRankLinear as LowRankLinear,
+    with_kernels as with_kernels,
+)
 from ._plan import Budget as Budget, LayerPlan as LayerPlan, Plan as Plan
 from ._serialize import load as load, save as save
 from ._summary import Summary as Summary, summary as summary

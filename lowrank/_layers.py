@@ -7,6 +7,7 @@ so it drops into any model; users `jax.vmap` over the batch as usual.
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -29,6 +30,8 @@ class LowRankLinear(eqx.Module):
     impl: str = eqx.field(static=True, default="auto")
 
     def __init__(self, u, v, bias=None, *, impl: str = "auto"):
+        if impl not in kernels.IMPLS:
+            raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
             raise ValueError(
                 f"LowRankLinear needs u (out, r) and v (r, in); got {u.shape} and {v.shape}"
@@ -39,6 +42,10 @@ class LowRankLinear(eqx.Module):
         self.out_features, self.rank = u.shape
         self.in_features = v.shape[1]
         self.impl = impl
+
+    def with_impl(self, impl: str) -> "LowRankLinear":
+        """The same layer, run by another `kernels.factored_matmul` implementation."""
+        return LowRankLinear(self.u, self.v, self.bias, impl=impl)
 
     @property
     def dense_shape(self) -> tuple[int, int]:
@@ -179,3 +186,17 @@ def _conv_forward(layer: LowRankConv, x):
 def conv_matrix_shape(kernel_shape: tuple[int, ...]) -> tuple[int, int]:
     """(out, in, *kernel) -> (out, in * prod(kernel)), the matrix a conv multiplies patches by."""
     return kernel_shape[0], math.prod(kernel_shape[1:])
+
+
+def with_kernels(model, *, impl: str | None = None, lowering: str | None = None):
+    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`."""
+
+    def swap(layer):
+        if impl is not None and isinstance(layer, LowRankLinear):
+            return layer.with_impl(impl)
+        if lowering is not None and isinstance(layer, LowRankConv):
+            return layer.with_lowering(lowering)
+        return layer
+
+    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))  # noqa: E731
+    return jax.tree_util.tree_map(swap, model, is_leaf=is_lowrank)

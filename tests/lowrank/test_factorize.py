@@ -198,3 +198,14 @@ def test_mlp_activation_is_passed_to_initializers():
     lowrank.factorize(model, rank=3, init=Recorder())
     assert seen["layers.0"] is jax.nn.gelu and seen["layers.1"] is jax.nn.gelu
     assert seen["layers.2"] is None
+
+
+def test_whole_model_agrees_between_pallas_and_xla_kernels():
+    low = lowrank.factorize(with_exact_rank(Block(key=KEY), 4, key=KEY), rank=4)
+    xs = jax.random.normal(jax.random.key(3), (2, 5, 32))
+    xla = jax.vmap(lowrank.with_kernels(low, impl="xla"))(xs)
+    pallas = jax.vmap(lowrank.with_kernels(low, impl="pallas"))(xs)
+    assert lowrank.with_kernels(low, impl="pallas").mlp["fc1"].impl == "pallas"
+    np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        lowrank.with_kernels(low, impl="cuda")
