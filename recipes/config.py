@@ -83,9 +83,13 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class FactorizeConfig:
-    """Which layers become low-rank, and how (see recipes/_factorize_policy.py)."""
+    """Which layers become low-rank, and how (see recipes/_factorize_policy.py).
+    `rank`: an int, a fraction of full rank, "energy:0.9", or "params:0.3" /
+    "flops:0.3" for a global budget."""
 
-    policy: Literal["none"] = "none"
+    policy: Literal["none", "khodak", "pufferfish", "efficientnet"] = "none"
+    rank: int | float | str = 0.25
+    init: str = "spectral"
 
 
 @dataclasses.dataclass
@@ -162,10 +166,9 @@ def _matches(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-def _unknown_key(key: str, section, prefix: str) -> ConfigError:
+def _unknown_key(key: str, name: str, section, prefix: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(section)]
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, names, n=1)
+    close = difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
     where = f"under {prefix[:-1]!r}" if prefix else "at the top level"
     return ConfigError(f"unknown config key {key!r}.{hint} Valid keys {where}: {', '.join(names)}.")
@@ -174,17 +177,22 @@ def _unknown_key(key: str, section, prefix: str) -> ConfigError:
 def override(config: Config, assignment: str) -> Config:
     """Return `config` with one `dotted.key=value` assignment applied (a new object)."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.steps=100).")
+        raise ConfigError(
+            f"override {assignment!r} is not of the form key=value (e.g. train.steps=100)."
+        )
     key, text = assignment.split("=", 1)
     parts = key.strip().split(".")
 
     def apply(section, depth: int):
         prefix = "".join(p + "." for p in parts[:depth])
         name = parts[depth]
-        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
-            if not dataclasses.is_dataclass(section):
-                raise ConfigError(f"config key {prefix[:-1]!r} is a value, not a section; set {prefix[:-1]}=... instead of {key!r}.")
-            raise _unknown_key(key, section, prefix)
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(
+                f"config key {prefix[:-1]!r} is a value, not a section; "
+                f"set {prefix[:-1]}=... instead of {key!r}."
+            )
+        if name not in {f.name for f in dataclasses.fields(section)}:
+            raise _unknown_key(key, name, section, prefix)
         current = getattr(section, name)
         if depth + 1 < len(parts):
             return dataclasses.replace(section, **{name: apply(current, depth + 1)})
@@ -208,7 +216,8 @@ def validate(config: Config) -> Config:
                 walk(value, key + ".")
             elif not _matches(value, hints[f.name]):
                 raise ConfigError(
-                    f"{key}={value!r} has type {type(value).__name__}; expected {_type_name(hints[f.name])}."
+                    f"{key}={value!r} has type {type(value).__name__}; "
+                    f"expected {_type_name(hints[f.name])}."
                 )
             elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{key}={value} must not be negative.")
@@ -237,7 +246,10 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
 
         available = sorted(m.name for m in pkgutil.iter_modules(recipes.configs.__path__))
         if name not in available:
-            raise ConfigError(f"unknown config {name!r}; available: {', '.join(available)} (or a path to a .py file).")
+            raise ConfigError(
+                f"unknown config {name!r}; available: {', '.join(available)} "
+                "(or a path to a .py file)."
+            )
         module = importlib.import_module(f"recipes.configs.{name}")
     if not callable(getattr(module, "config", None)):
         raise ConfigError(f"config {name!r} defines no config() function returning a Config.")

@@ -24,6 +24,11 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float))
 
 
+def _at_least_f32(x: Array) -> Array:
+    """Softmax statistics in float32 even when the model computes in bf16."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _masked_mean(values: Float[Array, "..."], mask) -> Float[Array, ""]:
     """Mean over entries where mask is true (all entries when mask is None); 0 if none."""
     if mask is None:
@@ -57,15 +62,16 @@ def kd_token_losses(
     """Per-token (1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)).
 
     `alpha` may be traced (e.g. `salt_alpha(step, ...)` inside a jitted step); Python
-    numbers are range-checked. The teacher gets no gradient. Teacher entries of probability 0 (logit -inf, e.g.
-    a top-k cache) add nothing to the KL.
+    numbers are range-checked. The teacher gets no gradient. Teacher entries of
+    probability 0 (logit -inf, e.g. from a top-k cache) add nothing to the KL.
     """
     _check_shapes(student_logits, teacher_logits, labels)
     if _is_number(alpha) and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if _is_number(temperature) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    student_logits = _at_least_f32(student_logits)
+    teacher_logits = _at_least_f32(jax.lax.stop_gradient(teacher_logits))
     log_q = jax.nn.log_softmax(student_logits, axis=-1)
     ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
     log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
@@ -109,7 +115,7 @@ def kd_pt_targets(
     vocab = teacher_logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"KD-pt needs a vocabulary of at least 2 tokens, got {vocab}")
-    probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+    probs = jax.nn.softmax(_at_least_f32(jax.lax.stop_gradient(teacher_logits)), axis=-1)
     p_true = jnp.take_along_axis(probs, labels[..., None], axis=-1)
     is_true = jax.nn.one_hot(labels, vocab, dtype=bool)
     return jnp.where(is_true, p_true, (1.0 - p_true) / (vocab - 1))
@@ -159,6 +165,7 @@ def salt_ds_scores(
         )
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k must be in [1, vocab={logits.shape[-1]}], got {k}")
+    logits = _at_least_f32(logits)
     log_q = jax.nn.log_softmax(logits, axis=-1)
     true_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     rank = jnp.sum(logits > true_logit, axis=-1)

@@ -243,7 +243,9 @@ def generate(
     Pass a model in inference mode (`eqx.nn.inference_mode`) if it has dropout."""
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim != 1 or prompt_ids.shape[0] < 1:
-        raise ValueError(f"prompt_ids must be a non-empty 1-D sequence, got shape {prompt_ids.shape}")
+        raise ValueError(
+            f"prompt_ids must be a non-empty 1-D sequence, got shape {prompt_ids.shape}"
+        )
     if n < 0:
         raise ValueError(f"n must be >= 0 tokens, got {n}")
     if temperature < 0:

@@ -20,9 +20,18 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import models
-from ._factorize_policy import apply_policy
+from ._factorize_policy import apply_policy, check_policy
 from .config import Config, ConfigError, load_config
-from .train import Batch, EvalFn, LossFn, TrainResult, check_batch_size, default_mesh, make_optimizer, train
+from .train import (
+    Batch,
+    EvalFn,
+    LossFn,
+    TrainResult,
+    check_batch_size,
+    default_mesh,
+    make_optimizer,
+    train,
+)
 
 
 class Task(NamedTuple):
@@ -46,9 +55,10 @@ def classification_loss(
         return model(x, state, key=key)
 
     keys = jax.random.split(key, len(batch["label"]))
-    logits, state = jax.vmap(apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None))(
-        batch["image"], state, keys
+    batched = jax.vmap(
+        apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None)
     )
+    logits, state = batched(batch["image"], state, keys)
     logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -74,11 +84,16 @@ def image_classification(config: Config) -> Task:
 
     d, m = config.data, config.model
     dataset = image_data.image_dataset(
-        d.name, image_size=d.image_size, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split
+        d.name,
+        image_size=d.image_size,
+        data_dir=d.data_dir,
+        train_split=d.train_split,
+        eval_split=d.eval_split,
     )
     key = jax.random.key(config.train.seed)
     if m.name.startswith("resnet"):
-        model, state = getattr(models, m.name)(dataset.num_classes, stem=m.stem, width=m.width, key=key)
+        make = getattr(models, m.name)
+        model, state = make(dataset.num_classes, stem=m.stem, width=m.width, key=key)
     else:
         model, state = models.efficientnet_b0(
             dataset.num_classes, dropout=m.dropout, stochastic_depth=m.stochastic_depth, key=key
@@ -97,7 +112,11 @@ def image_classification(config: Config) -> Task:
             num_threads=d.num_threads,
         ),
         image_data.eval_batches(
-            dataset, batch_size=d.eval_batch_size, image_size=d.image_size, augment=d.augment, num_threads=d.num_threads
+            dataset,
+            batch_size=d.eval_batch_size,
+            image_size=d.image_size,
+            augment=d.augment,
+            num_threads=d.num_threads,
         ),
     )
 
@@ -114,6 +133,7 @@ def run(config: Config) -> TrainResult:
     for key in ("batch_size", "eval_batch_size"):
         if hasattr(config.data, key):
             check_batch_size(getattr(config.data, key), mesh, f"data.{key}")
+    check_policy(config)
     optimizer, schedule = make_optimizer(config.optim, config.train.steps)
     train_config = config.train
     if not train_config.out_dir:
@@ -126,7 +146,8 @@ def run(config: Config) -> TrainResult:
     if jax.process_index() == 0:
         out_dir = Path(train_config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        text = json.dumps(dataclasses.asdict(config), indent=2)
+        (out_dir / "config.json").write_text(text + "\n")
     return train(
         model,
         task.state,
@@ -142,7 +163,9 @@ def run(config: Config) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m recipes.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.run", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
     parser.add_argument(
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",

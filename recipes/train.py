@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from .config import ConfigError, OptimConfig, TrainConfig
 
 Batch = dict[str, Any]
-LossFn = Callable[[PyTree, PyTree, Batch, PRNGKeyArray], tuple[Array, tuple[PyTree, dict[str, Array]]]]
+LossFn = Callable[
+    [PyTree, PyTree, Batch, PRNGKeyArray], tuple[Array, tuple[PyTree, dict[str, Array]]]
+]
 EvalFn = Callable[[PyTree, PyTree, Batch], dict[str, Array]]
 
 
@@ -83,7 +85,10 @@ def make_optimizer(
         )
     else:
         schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, config.lr, config.warmup_steps), optax.constant_schedule(config.lr)],
+            [
+                optax.linear_schedule(0.0, config.lr, config.warmup_steps),
+                optax.constant_schedule(config.lr),
+            ],
             [config.warmup_steps],
         )
     if config.name == "sgd":
@@ -244,7 +249,8 @@ def _train_step(spec: _Step, model, state, opt_state, batch, key, step):
 @eqx.filter_jit
 def _eval_step(spec: _Step, model, state, batch):
     batch = eqx.filter_shard(batch, spec.batch_sharding)
-    metrics = spec.eval_fn(_cast(model, spec.compute_dtype), state, _cast(batch, spec.compute_dtype))
+    model, cast_batch = _cast((model, batch), spec.compute_dtype)
+    metrics = spec.eval_fn(model, state, cast_batch)
     mask = batch.get("mask", jnp.ones(len(jax.tree.leaves(batch)[0])))
     sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in metrics.items()}
     return sums, jnp.sum(mask)
@@ -338,40 +344,44 @@ def train(
     batches = train_data(ts.step)
     pending: list[dict[str, Array]] = []
     examples, tick = 0, time.perf_counter()
-    bar = tqdm(total=config.steps, initial=ts.step, unit="step", disable=not (config.progress and is_main))
+    show = config.progress and is_main
+    bar = tqdm(total=config.steps, initial=ts.step, unit="step", disable=not show)
     try:
         while ts.step < config.steps:
             for hook in hooks:
                 before = ts
                 ts = hook(ts)
                 if ts.model is not before.model:
-                    ts = ts._replace(model=_put(ts.model, replicated), state=_put(ts.state, replicated))
+                    placed = _put((ts.model, ts.state), replicated)
+                    ts = ts._replace(model=placed[0], state=placed[1])
                 if ts.opt_state is None:
                     ts = fresh_opt_state(ts)
             local = next(batches)
             batch_size = len(jax.tree.leaves(local)[0]) * jax.process_count()
             check_batch_size(batch_size, mesh)
             key = jax.random.fold_in(base_key, ts.step)
+            batch = _put(local, batch_sharding)
             (model, state, opt_state), metrics = _train_step(
-                spec,
-                ts.model, ts.state, ts.opt_state, _put(local, batch_sharding), key, jnp.asarray(ts.step)
+                spec, ts.model, ts.state, ts.opt_state, batch, key, jnp.asarray(ts.step)
             )
             ts = TrainState(ts.step + 1, model, state, opt_state)
             pending.append(metrics)
             examples += batch_size
             bar.update(1)
             if due(config.log_every, ts.step):
-                means = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
+                fetched = jax.device_get(pending)
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 rate = examples / (time.perf_counter() - tick)
                 record({"step": ts.step, "split": "train", **means, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{rate:.0f}")
                 pending, examples, tick = [], 0, time.perf_counter()
             if eval_fn is not None and due(config.eval_every, ts.step):
                 record({"step": ts.step, "split": "eval", **evaluate(ts)})
-                tick = time.perf_counter()
             if checkpoints is not None and due(config.checkpoint_every, ts.step):
-                saved = [hook.checkpoint() if hasattr(hook, "checkpoint") else None for hook in hooks]
+                saved = [getattr(hook, "checkpoint", lambda: None)() for hook in hooks]
                 checkpoints.save(ts, {"step": ts.step, "hooks": saved})
+            if examples == 0:  # just logged: time the next window from here
+                tick = time.perf_counter()
     finally:
         bar.close()
         if checkpoints is not None:

@@ -13,7 +13,9 @@ def config() -> Config:
     return Config(
         name="resnet18_digits",
         model=ImageModelConfig(name="resnet18", stem="cifar"),
-        data=ImageDataConfig(name="digits", image_size=32, batch_size=64, eval_batch_size=128, augment="crop"),
+        data=ImageDataConfig(
+            name="digits", image_size=32, batch_size=64, eval_batch_size=128, augment="crop"
+        ),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_steps=20),
         train=TrainConfig(steps=300, log_every=25, eval_every=100, checkpoint_every=100),
     )

@@ -68,7 +68,10 @@ def resize_center_crop(
     size x size window (the standard ImageNet evaluation transform)."""
     h, w, _ = image.shape
     short = int(round(size / crop_fraction))
-    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    if h <= w:
+        nh, nw = short, max(short, round(w * short / h))
+    else:
+        nh, nw = max(short, round(h * short / w)), short
     image = resize(image, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top : top + size, left : left + size]

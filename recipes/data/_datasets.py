@@ -29,9 +29,8 @@ class ImageDataset:
 
 
 def _estimate_stats(source, limit: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    pixels = np.concatenate(
-        [source[i]["image"].reshape(-1, source[i]["image"].shape[-1]) for i in range(min(limit, len(source)))]
-    ).astype(np.float64) / 255.0
+    images = [np.asarray(source[i]["image"]) for i in range(min(limit, len(source)))]
+    pixels = np.concatenate([im.reshape(-1, im.shape[-1]) for im in images]) / 255.0
     return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
 
 

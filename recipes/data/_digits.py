@@ -14,7 +14,9 @@ class ArraySource:
 
     def __init__(self, images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]):
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels; pass one label per image.")
+            raise ValueError(
+                f"{len(images)} images but {len(labels)} labels; pass one label per image."
+            )
         self.images = images
         self.labels = labels
 

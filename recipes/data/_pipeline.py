@@ -13,7 +13,14 @@ import grain
 import jax
 import numpy as np
 
-from ._augment import normalize, pad_crop, random_flip, random_resized_crop, resize, resize_center_crop
+from ._augment import (
+    normalize,
+    pad_crop,
+    random_flip,
+    random_resized_crop,
+    resize,
+    resize_center_crop,
+)
 from ._datasets import ImageDataset
 
 Augment = Literal["none", "crop", "crop_flip", "inception"]
@@ -97,7 +104,10 @@ def eval_batches(
         b, j = divmod(i, local)
         index = b * batch_size + process * local + j
         image = np.asarray(data.eval[min(index, total - 1)]["image"])
-        image = resize_center_crop(image, image_size) if augment == "inception" else _fit(image, image_size)
+        if augment == "inception":
+            image = resize_center_crop(image, image_size)
+        else:
+            image = _fit(image, image_size)
         return {
             "image": normalize(image, data.mean, data.std),
             "label": np.int32(data.eval[min(index, total - 1)]["label"]),

@@ -20,15 +20,21 @@ def tfds_source(name: str, split: str, *, data_dir: str | None) -> Sequence[dict
             "such as 'cifar10' or 'imagenet2012'."
         ) from e
     except Exception as e:
+        root = data_dir or "~/tensorflow_datasets"
+        if tfds.builder(name, data_dir=data_dir).is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} (split {split!r}) under data_dir={data_dir!r} cannot "
+                f"be opened: {e}\nIf it was built as tfrecord, rebuild it with `tfds build "
+                f"{name} --data_dir={root} --file_format=array_record`."
+            ) from e
         manual = (
-            " (imagenet2012 also needs the ILSVRC2012 tar files in "
-            f"{data_dir or '~/tensorflow_datasets'}/downloads/manual)"
+            f" (imagenet2012 also needs the ILSVRC2012 tar files in {root}/downloads/manual)"
             if name.startswith("imagenet")
             else ""
         )
         raise FileNotFoundError(
-            f"TFDS dataset {name!r} (split {split!r}) is not prepared as array_record "
-            f"under data_dir={data_dir!r}: {e}\nPrepare it on a machine with network: "
-            f"`tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'} "
-            f"--file_format=array_record`{manual}, then copy the folder here."
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared under "
+            f"data_dir={data_dir!r}. Prepare it on a machine with network: `tfds build {name} "
+            f"--data_dir={root} --file_format=array_record`{manual}, then copy the folder "
+            "here and set data.data_dir."
         ) from e

@@ -1,7 +1,8 @@
 """ResNet-18/34/50 (He et al. 2016; torchvision's v1.5 layout: stride in the 3x3 conv).
 
-Every conv is a plain `eqx.nn.Conv2d`, so low-rank selectors find them by type, with
-torchvision-like paths: `conv1`, `layers.2.blocks.0.conv1`, `layers.1.blocks.0.downsample.conv`, `fc`.
+Every conv is a plain `eqx.nn.Conv2d`, so low-rank selectors find them by type, at
+torchvision-like paths: `conv1`, `layers.2.blocks.0.conv1`,
+`layers.1.blocks.0.downsample.conv`, and the classifier `fc`.
 """
 
 from typing import Literal

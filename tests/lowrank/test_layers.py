@@ -122,3 +122,19 @@ def test_factor_shapes_are_checked():
         lowrank.LowRankConv(
             jnp.zeros((4, 2)), jnp.zeros((2, 3, 3)), stride=(1,), padding=((0, 0),), dilation=(1,), lowering="fft"
         )
+
+
+def test_lowrank_conv_under_jit_grad_vmap_and_scan():
+    key = jax.random.key(6)
+    dense = eqx.nn.Conv2d(3, 8, 3, stride=2, padding=1, key=key)
+    low = lowrank.factorize(dense, rank=2)
+    xs = jax.random.normal(key, (4, 3, 9, 9))
+    want = jax.vmap(lowrank.densify(low))(xs)
+    np.testing.assert_allclose(jax.jit(jax.vmap(low))(xs), want, rtol=1e-5, atol=1e-5)
+    _, ys = jax.lax.scan(lambda c, x: (c, low(x)), None, xs)
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-5)
+    grads = eqx.filter_grad(lambda l: jnp.sum(eqx.filter_vmap(l)(xs) ** 2))(low)
+    dense_grad = eqx.filter_grad(lambda l: jnp.sum(jax.vmap(l)(xs) ** 2))(lowrank.densify(low)).weight
+    # chain rule through W = u @ v: dL/du = dL/dW . v^T, with dL/dW from the dense twin
+    want_u = np.tensordot(np.asarray(dense_grad, np.float64), np.asarray(low.v, np.float64), axes=([1, 2, 3], [1, 2, 3]))
+    np.testing.assert_allclose(grads.u, want_u, rtol=1e-4, atol=1e-4)

@@ -163,3 +163,9 @@ def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path):
         tfds_source("imagenet2012", "train", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data.name='no_such_dataset' is not a TFDS dataset"):
         tfds_source("no_such_dataset", "train", data_dir=str(tmp_path))
+
+
+def test_prepared_but_unreadable_tfds_dataset_shows_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with pytest.raises(FileNotFoundError, match=r"'cifar10' \(split 'train'\) under .* cannot be opened: (.|\n)*If it was built as tfrecord"):
+        tfds_source("cifar10", "train", data_dir=str(tmp_path))

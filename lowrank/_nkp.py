@@ -1,0 +1,280 @@
+"""Nonlinear Kernel Projection (NKP): rank-r W' approximating the layer's *function*.
+
+Objective: Σ_i E(σ(w_i·x + b_i) - σ(w'_i·x + b'_i))² over output rows i.
+
+Gaussian inputs x ~ N(0, s²I). Row i's term depends on W' only through the means b_i,
+b'_i, the scales s‖w_i‖, s‖w'_i‖ and the cosine between w_i and w'_i. Fix the row space
+P (rank r) of W': for w'_i ∈ P the cosine is at most ρ_i = ‖P w_i‖/‖w_i‖, reached on the
+direction P w_i, and by Price's theorem (d/dcov E[σ(z)σ(z')] = E[σ'(z)σ'(z')] ≥ 0 for
+monotone σ) the best row is w'_i = c_i·P w_i. So W' = diag(c)·W·P, and:
+
+1. per row, a two-parameter fit of (τ_i = c_i·s‖P w_i‖, b'_i) by damped Newton on the
+   closed-form objective (for ReLU without bias it is τ_i = 2κ(ρ_i)·s‖w_i‖);
+2. over P, Riemannian gradient descent on the Grassmannian, started at the spectral
+   subspace: by the envelope theorem dE/dP = Wᵀ·diag(g)·W with g_i = (de_i/dρ_i)/(ρ_i‖w_i‖²)
+   (a kernel-weighted projection), each step costing two m×n×r matmuls; a step is kept only
+   if it lowers the objective, so NKP is never worse than spectral with per-row rescaling,
+   and never worse than spectral.
+
+Calibration inputs (problem.inputs): the same objective on the real inputs. Start from the
+whitened SVD, then alternate (Zhang et al. 2015's relaxation) target pre-activations
+z* = argmin (y - σ(z))² + λ(z - z')² elementwise, and a reduced-rank regression of z* on x
+(the whitened SVD of the least-squares map, bias free), keeping the best iterate.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._gaussian_expectations import expected_sq_diff, expected_square
+from ._initializers import Factors, LayerProblem, register_initializer
+from ._problem_checks import check_problem, relative_error
+from ._whitened import calibration_error, whitened_truncation, whitening
+
+_TINY_COSINE = 1e-6  # rows this close to orthogonal to P get w'_i = 0 (bias only)
+_RELAXATION = (0.3, 1.0, 3.0, 10.0)  # λ schedule of the calibrated alternation, cycled
+
+
+class NKP(eqx.Module):
+    """Function-space initializer: rank-r W' minimizing E‖σ(Wx+b) - σ(W'x+b')‖².
+
+    `activation`: σ after the layer; default `problem.activation`, else ReLU.
+    `input_scale`: s in x ~ N(0, s²I) when no calibration inputs are given.
+    `iterations`: subspace steps (fewer for large ranks, keeping cost near one SVD).
+    `calibration_iterations`: alternations on calibration inputs.
+    `fit_bias`: also fit b' when the layer has a bias.
+    `function_error` is the relative function-space error: closed form under the
+    Gaussian, empirical on calibration inputs.
+    """
+
+    activation: Callable[[Array], Array] | None = eqx.field(default=None, static=True)
+    input_scale: float = eqx.field(default=1.0, static=True)
+    iterations: int = eqx.field(default=16, static=True)
+    calibration_iterations: int = eqx.field(default=8, static=True)
+    fit_bias: bool = eqx.field(default=True, static=True)
+
+    calibration = "optional"
+
+    def __check_init__(self):
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"NKP input_scale must be a positive number, got {self.input_scale}")
+        if self.iterations < 0 or self.calibration_iterations < 0:
+            raise ValueError(
+                "NKP iterations and calibration_iterations must be >= 0, got "
+                f"{self.iterations} and {self.calibration_iterations}"
+            )
+
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
+        del key
+        check_problem(problem, "nkp")
+        activation = self.activation or problem.activation or jax.nn.relu
+        weight = problem.weight
+        fit_bias = self.fit_bias and problem.bias is not None
+        bias = jnp.zeros(weight.shape[0], weight.dtype) if problem.bias is None else problem.bias
+        if problem.inputs is not None:
+            u, v, new_bias, num, den = _calibrated_nkp(
+                weight,
+                bias,
+                problem.inputs.astype(weight.dtype),
+                rank=problem.rank,
+                activation=activation,
+                fit_bias=fit_bias,
+                iterations=self.calibration_iterations,
+            )
+        else:
+            m, n = weight.shape
+            steps = affordable_iterations(self.iterations, m, n, problem.rank)
+            u, v, new_bias, num, den = _gaussian_nkp(
+                weight,
+                bias,
+                jnp.asarray(self.input_scale, weight.dtype),
+                rank=problem.rank,
+                activation=activation,
+                fit_bias=fit_bias,
+                iterations=steps,
+            )
+        new_bias = new_bias if problem.bias is not None else None
+        return Factors(u, v, new_bias, relative_error(num, den))
+
+    def __repr__(self):
+        return "nkp"
+
+
+def affordable_iterations(iterations: int, m: int, n: int, rank: int) -> int:
+    """Cap subspace steps so their 4·m·n·r flops each stay within ~1.5 SVDs (~m·n·min(m, n)·8)."""
+    return min(iterations, max(1, (3 * min(m, n)) // rank))
+
+
+# ----------------------------------------------------------------------------- Gaussian
+
+
+def row_errors(activation, tau, beta, mean, std, cosine):
+    """e_i = E(σ(b_i + s‖w_i‖ξ1) - σ(b'_i + τ_i(ρ_i ξ1 + √(1-ρ_i²) ξ2)))² per row."""
+    return expected_sq_diff(activation, mean, std, beta, tau, cosine)
+
+
+def fit_rows(activation, tau, beta, mean, std, cosine, *, fit_bias, steps):
+    """Damped Newton on each row's (τ, b'), keeping per row the best of {p, p+δ, p+δ/4}.
+
+    τ is frozen at 0 for rows (almost) orthogonal to the subspace, where it cannot be
+    realized by a direction in P; b' is frozen unless `fit_bias`.
+    """
+    move_tau = (cosine > _TINY_COSINE).astype(tau.dtype)
+    move_beta = jnp.full_like(tau, 1.0 if fit_bias else 0.0)
+    tau = tau * move_tau
+    total = lambda t, b: jnp.sum(row_errors(activation, t, b, mean, std, cosine))  # noqa: E731
+    grad = jax.grad(total, argnums=(0, 1))
+    ones, zeros = jnp.ones_like(tau), jnp.zeros_like(tau)
+
+    def step(carry, _):
+        t, b = carry
+        gt, gb = grad(t, b)
+        htt, hbt = jax.jvp(lambda t_: grad(t_, b), (t,), (ones,))[1]
+        htb, hbb = jax.jvp(lambda b_: grad(t, b_), (b,), (ones,))[1]
+        del htb
+        gt, gb = gt * move_tau, gb * move_beta
+        htt = htt * move_tau + (1 - move_tau)
+        hbb = hbb * move_beta + (1 - move_beta)
+        hbt = hbt * move_tau * move_beta
+        # Levenberg damping: shift the 2x2 Hessian until positive definite.
+        lowest = (htt + hbb) / 2 - jnp.sqrt(((htt - hbb) / 2) ** 2 + hbt**2)
+        shift = jnp.maximum(0.0, -lowest) + 1e-6 * (jnp.abs(htt) + jnp.abs(hbb)) + 1e-30
+        a, d = htt + shift, hbb + shift
+        det = a * d - hbt**2
+        dt = -(d * gt - hbt * gb) / det
+        db = -(a * gb - hbt * gt) / det
+        best_t, best_b = t, b
+        best = row_errors(activation, t, b, mean, std, cosine)
+        for frac in (1.0, 0.25):
+            ct, cb = t + frac * dt, b + frac * db
+            e = row_errors(activation, ct, cb, mean, std, cosine)
+            better = e < best
+            best_t, best_b = jnp.where(better, ct, best_t), jnp.where(better, cb, best_b)
+            best = jnp.where(better, e, best)
+        return (best_t, best_b), None
+
+    (tau, beta), _ = jax.lax.scan(step, (tau, beta), None, length=steps)
+    return tau, beta, row_errors(activation, tau, beta, mean, std, cosine)
+
+
+def _cosines(wq, sq_norms):
+    safe = jnp.where(sq_norms > 0, sq_norms, 1.0)
+    return jnp.where(sq_norms > 0, jnp.sqrt(jnp.minimum(jnp.sum(wq**2, axis=1) / safe, 1.0)), 0.0)
+
+
+def _polar(x):
+    """The orthonormal factor of x (n×r): x (xᵀx)^-½, via an r×r eigen-decomposition."""
+    eig, vec = jnp.linalg.eigh(x.T @ x)
+    return x @ ((vec / jnp.sqrt(eig)) @ vec.T)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "activation", "fit_bias", "iterations"))
+def _gaussian_nkp(weight, bias, input_scale, *, rank, activation, fit_bias, iterations):
+    sq_norms = jnp.sum(weight**2, axis=1)
+    std = input_scale * jnp.sqrt(sq_norms)
+    _, _, vt = jnp.linalg.svd(weight, full_matrices=False)
+    q = vt[:rank].T  # spectral start: W' = W q qᵀ, c_i = 1
+    wq = weight @ q
+    cosine = _cosines(wq, sq_norms)
+    fit = functools.partial(fit_rows, activation, mean=bias, std=std, fit_bias=fit_bias)
+    tau, beta, errors = fit(cosine * std, bias, cosine=cosine, steps=4)
+
+    def gradient(q, wq, tau, beta, cosine):
+        slope = jax.grad(lambda c: jnp.sum(row_errors(activation, tau, beta, bias, std, c)))(cosine)
+        g = slope / (jnp.maximum(cosine, 1e-3) * jnp.where(sq_norms > 0, sq_norms, 1.0))
+        full = weight.T @ (g[:, None] * wq)
+        return full - q @ (q.T @ full)
+
+    def step(carry, _):
+        q, wq, tau, beta, cosine, errors, lr = carry
+        candidate = _polar(q - lr * gradient(q, wq, tau, beta, cosine))
+        cwq = weight @ candidate
+        ccos = _cosines(cwq, sq_norms)
+        ctau, cbeta, cerrors = fit(tau, beta, cosine=ccos, steps=2)
+        better = jnp.sum(cerrors) < jnp.sum(errors)
+        keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        state = (candidate, cwq, ctau, cbeta, ccos, cerrors)
+        state = tuple(map(keep, state, (q, wq, tau, beta, cosine, errors)))
+        return (*state, jnp.where(better, lr * 1.5, lr * 0.3)), None
+
+    g0 = gradient(q, wq, tau, beta, cosine)
+    lr = 0.3 * math.sqrt(rank) / jnp.maximum(jnp.linalg.norm(g0), 1e-30)
+    carry = (q, wq, tau, beta, cosine, errors, lr)
+    (q, wq, tau, beta, cosine, errors, _), _ = jax.lax.scan(step, carry, None, length=iterations)
+    tau, beta, errors = fit(tau, beta, cosine=cosine, steps=4)
+    # w'_i = c_i·P w_i with c_i = τ_i / (s‖P w_i‖); then balance the two factors.
+    proj_norm = input_scale * cosine * jnp.sqrt(sq_norms)
+    scale = jnp.where(cosine > _TINY_COSINE, tau / jnp.where(proj_norm > 0, proj_norm, 1.0), 0.0)
+    u, s, vt = jnp.linalg.svd(scale[:, None] * wq, full_matrices=False)
+    half = jnp.sqrt(s)
+    target = jnp.sum(expected_square(activation, bias, std))
+    return u * half, (half[:, None] * vt) @ q.T, beta, jnp.sum(errors), target
+
+
+# ----------------------------------------------------------------------------- calibrated
+
+
+def target_preactivations(activation, y, dense_pre, current, lam, steps=3):
+    """Elementwise argmin_z (y - σ(z))² + λ(z - current)², y = σ(dense_pre).
+
+    Gauss–Newton from two starts, the current pre-activation and the dense one (where
+    σ(z) = y already), keeping the best of the four points; exact for ReLU.
+    """
+
+    def objective(z):
+        return (y - activation(z)) ** 2 + lam * (z - current) ** 2
+
+    def gauss_newton(z):
+        value, slope = jax.jvp(activation, (z,), (jnp.ones_like(z),))
+        return z - (slope * (value - y) + lam * (z - current)) / (slope**2 + lam)
+
+    best, best_value = current, objective(current)
+    for start in (current, dense_pre):
+        z = start
+        for _ in range(steps):
+            z = gauss_newton(z)
+        for point in (start, z):
+            value = objective(point)
+            better = value < best_value
+            best, best_value = jnp.where(better, point, best), jnp.where(better, value, best_value)
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "activation", "fit_bias", "iterations"))
+def _calibrated_nkp(weight, bias, inputs, *, rank, activation, fit_bias, iterations):
+    num_samples = inputs.shape[0]
+    dense_pre = inputs @ weight.T + bias
+    y = activation(dense_pre)
+    mean, basis, eig = whitening(inputs, centre=fit_bias)
+    centred = inputs - mean
+    u, v = whitened_truncation(weight, basis, eig, rank)
+    new_bias = bias + (weight - u @ v) @ mean if fit_bias else bias
+
+    def loss(u, v, b):
+        return calibration_error(activation, weight, bias, u, v, b, inputs)[0]
+
+    best = (u, v, new_bias, loss(u, v, new_bias))
+    for t in range(iterations):
+        current = (inputs @ v.T) @ u.T + new_bias
+        z = target_preactivations(activation, y, dense_pre, current, _RELAXATION[t % len(_RELAXATION)])
+        # Reduced-rank regression of z on x: whitened SVD of the least-squares map.
+        offset = jnp.mean(z, axis=0) if fit_bias else bias
+        cross = (z - offset).T @ centred / num_samples
+        root = jnp.sqrt(eig)
+        U, s, Vt = jnp.linalg.svd((cross @ basis) / root, full_matrices=False)
+        half = jnp.sqrt(s[:rank])
+        u, v = U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
+        new_bias = offset - u @ (v @ mean) if fit_bias else bias
+        value = loss(u, v, new_bias)
+        better = value < best[3]
+        best = tuple(jnp.where(better, a, b) for a, b in zip((u, v, new_bias, value), best))
+    u, v, new_bias, value = best
+    return u, v, new_bias, value, jnp.sum(y**2)
+
+
+register_initializer("nkp", NKP())

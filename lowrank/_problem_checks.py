@@ -1,0 +1,45 @@
+"""Input checks shared by the data- and function-aware initializers (NKP, whitened)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._initializers import LayerProblem
+
+
+def check_problem(problem: LayerProblem, init: str) -> None:
+    """Raise a ValueError naming the layer and the fix when `problem` cannot be solved."""
+    m, n = problem.weight.shape
+    if not 1 <= problem.rank <= min(m, n):
+        raise ValueError(
+            f"rank {problem.rank} is outside [1, min({m}, {n})] for {problem.path}; "
+            f"choose a rank between 1 and {min(m, n)}"
+        )
+    if not bool(jnp.all(jnp.isfinite(problem.weight))):
+        raise ValueError(
+            f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
+            f"the dense model before init={init!r}"
+        )
+    if problem.bias is not None and not bool(jnp.all(jnp.isfinite(problem.bias))):
+        raise ValueError(
+            f"layer {problem.path} has a non-finite bias (NaN/inf); fix the dense model "
+            f"before init={init!r}"
+        )
+    if problem.inputs is not None:
+        if problem.inputs.ndim != 2 or problem.inputs.shape[1] != n or problem.inputs.shape[0] == 0:
+            raise ValueError(
+                f"calibration inputs for {problem.path} have shape {problem.inputs.shape}; "
+                f"expected (samples >= 1, {n}) in the layer's input space"
+            )
+        if not bool(jnp.all(jnp.isfinite(problem.inputs))):
+            raise ValueError(
+                f"calibration inputs for {problem.path} contain NaN/inf; clean the "
+                f"calibration data before init={init!r}"
+            )
+
+
+def relative_error(num, den):
+    """num/den for squared errors, 0 when both vanish (a layer that always outputs zero)."""
+    num, den = float(num), float(den)
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else float(np.inf)

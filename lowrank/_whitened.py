@@ -1,0 +1,96 @@
+"""Whitened SVD (SVD-LLM): the rank-r W' minimizing ‖(W - W')x‖² over calibration inputs.
+
+With S any square root of the input second moment (S Sᵀ = XᵀX/N), ‖(W - W')X‖ =
+‖(W - W')S‖·√N, so the optimum is [W S]_r S⁻¹. SVD-LLM takes S from a Cholesky factor;
+we take S = E·Λ^½ from the eigen-decomposition, which gives the same W' whenever XᵀX
+is non-singular and, with eigenvalues floored at 1e-6·λ_max, a stable answer when it is
+singular (fewer samples than dimensions, constant features): unseen directions are then
+weighted like a tiny ridge instead of dividing by zero. When the layer has a bias, the
+bias absorbs the mean input, so we whiten the centred covariance and correct
+b' = b + (W - W')·mean(x).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._initializers import Factors, LayerProblem, register_initializer
+from ._problem_checks import check_problem, relative_error
+
+_EIGEN_FLOOR = 1e-6
+
+
+def whitening(
+    inputs: Float[Array, "N n"], *, centre: bool
+) -> tuple[Float[Array, " n"], Float[Array, "n n"], Float[Array, " n"]]:
+    """(mean, E, λ) with E·diag(λ)·Eᵀ ≈ the inputs' (centred if `centre`) second moment.
+
+    λ is floored at 1e-6·max(λ) (or 1 when every input is zero), so λ > 0 always.
+    """
+    mean = jnp.mean(inputs, axis=0) if centre else jnp.zeros(inputs.shape[1], inputs.dtype)
+    x = inputs - mean
+    eig, basis = jnp.linalg.eigh(x.T @ x / x.shape[0])
+    top = jnp.max(eig)
+    floor = jnp.where(top > 0, _EIGEN_FLOOR * top, 1.0)
+    return mean, basis, jnp.maximum(eig, floor)
+
+
+def whitened_truncation(
+    weight: Float[Array, "m n"], basis: Float[Array, "n n"], eig: Float[Array, " n"], rank: int
+) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
+    """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides."""
+    root = jnp.sqrt(eig)
+    U, s, Vt = jnp.linalg.svd((weight @ basis) * root, full_matrices=False)
+    half = jnp.sqrt(s[:rank])
+    return U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "centre"))
+def _whitened(weight, inputs, *, rank, centre):
+    mean, basis, eig = whitening(inputs, centre=centre)
+    u, v = whitened_truncation(weight, basis, eig, rank)
+    return u, v, mean
+
+
+def calibration_error(activation, weight, bias, u, v, new_bias, inputs):
+    """Σ‖σ(Wx+b) - σ(u v x+b')‖² and Σ‖σ(Wx+b)‖² over the calibration inputs."""
+    act = (lambda z: z) if activation is None else activation
+    b = 0.0 if bias is None else bias
+    nb = 0.0 if new_bias is None else new_bias
+    target = act(inputs @ weight.T + b)
+    approx = act((inputs @ v.T) @ u.T + nb)
+    return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
+
+
+class Whitened:
+    """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
+
+    `function_error` is the relative error of the layer's output σ(Wx + b) on the
+    calibration inputs (σ = `problem.activation`, the identity when unknown).
+    """
+
+    calibration = "required"
+
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
+        del key
+        check_problem(problem, "whitened")
+        if problem.inputs is None:
+            raise ValueError(
+                f"init 'whitened' needs calibration inputs for {problem.path}; pass "
+                "calibration= to factorize (or use init='spectral')"
+            )
+        weight = problem.weight
+        inputs = problem.inputs.astype(weight.dtype)
+        centre = problem.bias is not None
+        u, v, mean = _whitened(weight, inputs, rank=problem.rank, centre=centre)
+        bias = None if problem.bias is None else problem.bias + (weight - u @ v) @ mean
+        num, den = calibration_error(problem.activation, weight, problem.bias, u, v, bias, inputs)
+        return Factors(u, v, bias, relative_error(num, den))
+
+    def __repr__(self):
+        return "whitened"
+
+
+register_initializer("whitened", Whitened())
