@@ -21,3 +21,5 @@ from ._layers import (
 from ._plan import Budget as Budget, LayerPlan as LayerPlan, Plan as Plan
 from ._serialize import load as load, save as save
 from ._summary import Summary as Summary, summary as summary
+from ._nkp import NKP as NKP
+from ._whitened import Whitened as Whitened

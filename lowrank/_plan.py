@@ -25,9 +25,8 @@ PLAN_FORMAT = 1
 class Budget:
     """A global budget: keep `params` (or `flops`) as this fraction of the selected layers'.
 
-    Ranks are allocated across layers greedily by spectrum: each next singular
-    direction goes to the layer where it removes the most relative squared error
-    per parameter (or FLOP) spent, until the budget is used.
+    Ranks are allocated across layers from their spectra, maximizing the product of
+    the fractions of squared singular values the layers retain (see `_allocate_budget`).
     """
 
     params: float | None = None
@@ -395,26 +394,34 @@ def make_plan(
 
 
 def _allocate_budget(budget: Budget, layers, by_path, spectra):
-    """Greedy spectral allocation of a params/FLOPs budget; raises if it cannot be met."""
+    """Spend a params/FLOPs budget across layers by their spectra; raise if it cannot be met.
+
+    Maximizes the sum over layers of log(retained fraction of squared singular values),
+    i.e. the product of what every layer keeps, which compounds like the errors of
+    stacked layers do. The objective is concave in each rank, so greedy is optimal:
+    each next direction goes to the layer with the largest log-gain per unit cost.
+    Near full retention log-gain equals the relative error removed; near rank 1 it
+    grows without bound, so no layer is starved because its spectrum is flat.
+    """
     kind = budget.kind
-    flop = kind == "flops"
-
-    def unit_cost(lp):  # cost of one rank-1 component of this layer
-        m, n = lp.matrix_shape
-        return (m + n) * (2 * (lp.positions or 1) if flop else 1)
-
-    def dense_cost(lp):
-        m, n = lp.matrix_shape
-        return m * n * (2 * (lp.positions or 1) if flop else 1)
+    scale = {lp.path: (2 * (lp.positions or 1) if kind == "flops" else 1) for lp in layers}
 
     def bias_cost(lp):
         has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
-        return (lp.shape[0] if has_bias else 0) * ((lp.positions or 1) if flop else 1)
+        return (lp.shape[0] if has_bias else 0) * scale[lp.path] / (2 if kind == "flops" else 1)
+
+    def dense_cost(lp):
+        m, n = lp.matrix_shape
+        return m * n * scale[lp.path]
+
+    def unit_cost(lp):
+        m, n = lp.matrix_shape
+        return (m + n) * scale[lp.path]
 
     total_before = sum(dense_cost(lp) + bias_cost(lp) for lp in layers)
     allowed = budget.fraction * total_before
-    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped else 0) for lp in layers)
     active = [lp for lp in layers if lp.skipped is None]
+    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped else 0) for lp in layers)
     spent += sum(unit_cost(lp) for lp in active)
     if spent > allowed:
         floor = spent / total_before
@@ -423,32 +430,36 @@ def _allocate_budget(budget: Budget, layers, by_path, spectra):
             f"already needs {floor:.3f} of the {kind}; raise the budget above {floor:.3f} "
             "or exclude layers that cannot be factorized"
         )
-    ranks = {lp.path: 1 for lp in active}
-    heap = []
+    retained = {}
     for lp in active:
         s2 = spectra[lp.path] ** 2
-        gains = s2 / max(float(s2.sum()), 1e-30)
-        if len(gains) > 1:
-            heapq.heappush(heap, (-gains[1] / unit_cost(lp), lp.path))
+        retained[lp.path] = np.maximum(np.cumsum(s2) / max(float(s2.sum()), 1e-30), 1e-30)
+
+    def push(heap, lp, r):  # offer direction r+1 of this layer
+        keep = retained[lp.path]
+        if r < len(keep):
+            gain = np.log(keep[r] / keep[r - 1])
+            heapq.heappush(heap, (-gain / unit_cost(lp), lp.path))
+
+    ranks = {lp.path: 1 for lp in active}
     lookup = {lp.path: lp for lp in active}
+    heap = []
+    for lp in active:
+        push(heap, lp, 1)
     while heap:
         _, path = heapq.heappop(heap)
-        lp = lookup[path]
-        r, cost = ranks[path], unit_cost(lp)
+        lp, r = lookup[path], ranks[path]
         m, n = lp.matrix_shape
         if (r + 1) * (m + n) >= m * n or r + 1 >= min(m, n):
-            # Past break-even: the dense layer is cheaper than rank r+1 and exact.
-            extra = dense_cost(lp) - r * cost
+            # Past break-even the exact dense layer is cheaper than rank r+1.
+            extra = dense_cost(lp) - r * unit_cost(lp)
             if spent + extra <= allowed:
                 ranks[path] = min(m, n)
                 spent += extra
             continue
-        if spent + cost > allowed:
+        if spent + unit_cost(lp) > allowed:
             continue
         ranks[path] = r + 1
-        spent += cost
-        s2 = spectra[path] ** 2
-        if r + 2 <= len(s2):
-            gain = s2[r + 1] / max(float(s2.sum()), 1e-30)
-            heapq.heappush(heap, (-gain / cost, path))
+        spent += unit_cost(lp)
+        push(heap, lp, r + 1)
     return ranks, {"kind": kind, "asked": budget.fraction}

@@ -124,7 +124,7 @@ def main(argv=None):
     print(plan)
     print()
     low_acc = accuracy(low, test_set)
-    tuned = train(low, train_set, steps=args.finetune_steps, lr=1e-3, seed=args.seed + 1)
+    tuned = train(low, train_set, steps=args.finetune_steps, lr=3e-4, seed=args.seed + 1)
     tuned_acc = accuracy(tuned, test_set)
 
     dense_sum, low_sum = lowrank.summary(dense, example=example), lowrank.summary(tuned, example=example)

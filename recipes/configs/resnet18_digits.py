@@ -1,4 +1,8 @@
-"""ResNet-18 (CIFAR stem) on scikit-learn's digits upscaled to 32x32: offline, minutes on CPU."""
+"""ResNet-18 (CIFAR stem) on scikit-learn's digits upscaled to 32x32, fully offline.
+
+About 15 minutes on two CPU cores; `--set model.width=16` (same depth, a quarter of
+the channels) takes under 3 minutes and reaches ~99% test accuracy.
+"""
 
 from recipes.config import (
     Config,

@@ -3,15 +3,20 @@
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._layers import BATCH_AXIS, StochasticDepth
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
+from ._transformer import BYTE_VOCAB, Transformer, TransformerBlock, TransformerMLP
 
 __all__ = [
     "BATCH_AXIS",
+    "BYTE_VOCAB",
     "BasicBlock",
     "Bottleneck",
     "EfficientNet",
     "MBConv",
     "ResNet",
     "StochasticDepth",
+    "Transformer",
+    "TransformerBlock",
+    "TransformerMLP",
     "efficientnet_b0",
     "resnet18",
     "resnet34",
