@@ -119,17 +119,20 @@ def row_errors(activation, tau, beta, mean, std, cosine):
 
 
 def fit_rows(activation, tau, beta, mean, std, cosine, *, fit_bias, steps):
-    """Damped Newton on each row's (τ, b'), keeping per row the best of {p, p+δ, p+δ/4}.
+    """Trust-region Newton on each row's (τ, b'), keeping per row the best of p, p+δ/4ᵏ.
 
-    τ is frozen at 0 for rows (almost) orthogonal to the subspace, where it cannot be
-    realized by a direction in P; b' is frozen unless `fit_bias`.
+    The Hessian is shifted until positive definite and the step clipped to half the
+    pre-activation scale √(s²‖w_i‖² + b_i²), so non-convex rows (GELU near τ = 0) still
+    descend. τ is frozen at 0 for rows (almost) orthogonal to the subspace, where no
+    direction in P realizes it; b' is frozen unless `fit_bias`.
     """
     move_tau = (cosine > _TINY_COSINE).astype(tau.dtype)
     move_beta = jnp.full_like(tau, 1.0 if fit_bias else 0.0)
     tau = tau * move_tau
     total = lambda t, b: jnp.sum(row_errors(activation, t, b, mean, std, cosine))  # noqa: E731
     grad = jax.grad(total, argnums=(0, 1))
-    ones, zeros = jnp.ones_like(tau), jnp.zeros_like(tau)
+    ones = jnp.ones_like(tau)
+    radius = 0.5 * jnp.sqrt(std**2 + mean**2) + 1e-30
 
     def step(carry, _):
         t, b = carry
@@ -148,9 +151,11 @@ def fit_rows(activation, tau, beta, mean, std, cosine, *, fit_bias, steps):
         det = a * d - hbt**2
         dt = -(d * gt - hbt * gb) / det
         db = -(a * gb - hbt * gt) / det
+        clip = jnp.minimum(1.0, radius / jnp.maximum(jnp.sqrt(dt**2 + db**2), 1e-30))
+        dt, db = dt * clip, db * clip
         best_t, best_b = t, b
         best = row_errors(activation, t, b, mean, std, cosine)
-        for frac in (1.0, 0.25):
+        for frac in (1.0, 0.25, 0.0625):
             ct, cb = t + frac * dt, b + frac * db
             e = row_errors(activation, ct, cb, mean, std, cosine)
             better = e < best
@@ -182,7 +187,7 @@ def _gaussian_nkp(weight, bias, input_scale, *, rank, activation, fit_bias, iter
     wq = weight @ q
     cosine = _cosines(wq, sq_norms)
     fit = functools.partial(fit_rows, activation, mean=bias, std=std, fit_bias=fit_bias)
-    tau, beta, errors = fit(cosine * std, bias, cosine=cosine, steps=4)
+    tau, beta, errors = fit(cosine * std, bias, cosine=cosine, steps=8)
 
     def gradient(q, wq, tau, beta, cosine):
         slope = jax.grad(lambda c: jnp.sum(row_errors(activation, tau, beta, bias, std, c)))(cosine)
@@ -206,7 +211,7 @@ def _gaussian_nkp(weight, bias, input_scale, *, rank, activation, fit_bias, iter
     lr = 0.3 * math.sqrt(rank) / jnp.maximum(jnp.linalg.norm(g0), 1e-30)
     carry = (q, wq, tau, beta, cosine, errors, lr)
     (q, wq, tau, beta, cosine, errors, _), _ = jax.lax.scan(step, carry, None, length=iterations)
-    tau, beta, errors = fit(tau, beta, cosine=cosine, steps=4)
+    tau, beta, errors = fit(tau, beta, cosine=cosine, steps=8)
     # w'_i = c_i·P w_i with c_i = τ_i / (s‖P w_i‖); then balance the two factors.
     proj_norm = input_scale * cosine * jnp.sqrt(sq_norms)
     scale = jnp.where(cosine > _TINY_COSINE, tau / jnp.where(proj_norm > 0, proj_norm, 1.0), 0.0)
@@ -258,21 +263,27 @@ def _calibrated_nkp(weight, bias, inputs, *, rank, activation, fit_bias, iterati
     def loss(u, v, b):
         return calibration_error(activation, weight, bias, u, v, b, inputs)[0]
 
-    best = (u, v, new_bias, loss(u, v, new_bias))
-    for t in range(iterations):
+    root = jnp.sqrt(eig)
+    schedule = jnp.asarray(_RELAXATION, weight.dtype)
+
+    def alternate(t, state):
+        u, v, new_bias, best = state
         current = (inputs @ v.T) @ u.T + new_bias
-        z = target_preactivations(activation, y, dense_pre, current, _RELAXATION[t % len(_RELAXATION)])
+        lam = schedule[t % len(_RELAXATION)]
+        z = target_preactivations(activation, y, dense_pre, current, lam)
         # Reduced-rank regression of z on x: whitened SVD of the least-squares map.
         offset = jnp.mean(z, axis=0) if fit_bias else bias
         cross = (z - offset).T @ centred / num_samples
-        root = jnp.sqrt(eig)
         U, s, Vt = jnp.linalg.svd((cross @ basis) / root, full_matrices=False)
         half = jnp.sqrt(s[:rank])
         u, v = U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
         new_bias = offset - u @ (v @ mean) if fit_bias else bias
-        value = loss(u, v, new_bias)
-        better = value < best[3]
-        best = tuple(jnp.where(better, a, b) for a, b in zip((u, v, new_bias, value), best))
+        candidate = (u, v, new_bias, loss(u, v, new_bias))
+        better = candidate[3] < best[3]
+        return u, v, new_bias, jax.tree.map(lambda a, b: jnp.where(better, a, b), candidate, best)
+
+    best = (u, v, new_bias, loss(u, v, new_bias))
+    *_, best = jax.lax.fori_loop(0, iterations, alternate, (u, v, new_bias, best))
     u, v, new_bias, value = best
     return u, v, new_bias, value, jnp.sum(y**2)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import build
-from ._layers import StochasticDepth, batch_norm, conv2d
+from ._layers import StochasticDepth, apply_norm, batch_norm, conv2d
 
 # (expand ratio, kernel, stride, in channels, out channels, blocks) per stage.
 _B0_STAGES = (
@@ -54,7 +54,7 @@ class ConvBNAct(eqx.Module):
         self.activation = activation
 
     def __call__(self, x, state, *, inference=None):
-        x, state = self.bn(self.conv(x), state, inference=inference)
+        x, state = apply_norm(self.bn, self.conv(x), state, inference)
         if self.activation is not None:
             x = self.activation(x)
         return x, state

@@ -42,6 +42,15 @@ def batch_norm(channels: int, *, eps: float = 1e-5) -> eqx.nn.BatchNorm:
     )
 
 
+def apply_norm(
+    bn: eqx.nn.BatchNorm, x: Float[Array, "c h w"], state: eqx.nn.State, inference: bool | None
+) -> tuple[Float[Array, "c h w"], eqx.nn.State]:
+    """`bn(x, state)` in x's dtype: at inference eqx's BatchNorm mixes in float32
+    running statistics, which would otherwise promote bf16 activations to float32."""
+    y, state = bn(x, state, inference=inference)
+    return y.astype(x.dtype), state
+
+
 class StochasticDepth(eqx.Module):
     """Drops the whole residual branch of one example with probability `p` during
     training (and rescales it by 1/(1-p) otherwise); the identity at inference."""

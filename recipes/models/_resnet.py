@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import build
-from ._layers import batch_norm, conv2d
+from ._layers import apply_norm, batch_norm, conv2d
 
 
 class Downsample(eqx.Module):
@@ -27,7 +27,7 @@ class Downsample(eqx.Module):
         self.bn = batch_norm(out_channels)
 
     def __call__(self, x, state, *, inference=None):
-        return self.bn(self.conv(x), state, inference=inference)
+        return apply_norm(self.bn, self.conv(x), state, inference)
 
 
 class BasicBlock(eqx.Module):
@@ -53,9 +53,9 @@ class BasicBlock(eqx.Module):
         )
 
     def __call__(self, x, state, *, inference=None):
-        out, state = self.bn1(self.conv1(x), state, inference=inference)
+        out, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         out = jax.nn.relu(out)
-        out, state = self.bn2(self.conv2(out), state, inference=inference)
+        out, state = apply_norm(self.bn2, self.conv2(out), state, inference)
         if self.downsample is not None:
             x, state = self.downsample(x, state, inference=inference)
         return jax.nn.relu(out + x), state
@@ -89,11 +89,11 @@ class Bottleneck(eqx.Module):
         )
 
     def __call__(self, x, state, *, inference=None):
-        out, state = self.bn1(self.conv1(x), state, inference=inference)
+        out, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         out = jax.nn.relu(out)
-        out, state = self.bn2(self.conv2(out), state, inference=inference)
+        out, state = apply_norm(self.bn2, self.conv2(out), state, inference)
         out = jax.nn.relu(out)
-        out, state = self.bn3(self.conv3(out), state, inference=inference)
+        out, state = apply_norm(self.bn3, self.conv3(out), state, inference)
         if self.downsample is not None:
             x, state = self.downsample(x, state, inference=inference)
         return jax.nn.relu(out + x), state
@@ -171,7 +171,7 @@ class ResNet(eqx.Module):
         inference: bool | None = None,
     ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
         del key  # ResNet has no stochastic layers
-        x, state = self.bn1(self.conv1(x), state, inference=inference)
+        x, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         x = jax.nn.relu(x)
         if self.maxpool is not None:
             x = self.maxpool(x)

@@ -187,11 +187,31 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
         run(tmp_path, 4)
 
 
+def float_dtypes(tree):
+    return {x.dtype for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))}
+
+
 def test_bf16_compute_keeps_float32_weights_and_tracks_float32_loss():
+    seen = []
+
+    def bf16_loss(model, state, batch, key):
+        seen.append(float_dtypes((model, batch)))
+        return loss_fn(model, state, batch, key)
+
+    def bf16_eval(model, state, batch):
+        seen.append(float_dtypes((model, batch)))
+        return eval_fn(model, state, batch)
+
     f32 = run("", 1)
-    bf16 = run("", 1, precision="bf16")
+    model, state = tiny_model()
+    bf16 = train(
+        model, state, loss_fn=bf16_loss, optimizer=OPTIMIZER, schedule=SCHEDULE,
+        train_data=train_data, eval_fn=bf16_eval, eval_data=lambda: [make_batch(7)],
+        config=TrainConfig(steps=1, log_every=1, out_dir="", progress=False, precision="bf16"),
+    )
+    assert seen == [{jnp.dtype("bfloat16")}] * 2  # traced once each, all compute in bf16
     np.testing.assert_allclose(losses(bf16), losses(f32), rtol=2e-2)
-    assert {x.dtype for x in jax.tree.leaves(eqx.filter(bf16.model, eqx.is_array))} == {jnp.dtype("float32")}
+    assert float_dtypes(bf16.model) == float_dtypes(bf16.state) == {jnp.dtype("float32")}
 
 
 def test_eval_averages_over_real_examples_only():
