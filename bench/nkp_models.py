@@ -32,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 INITS = ("random", "spectral", "nkp")
+CNN_ACTIVATIONS = {r"convs\.\d": jax.nn.relu, "fc1": jax.nn.relu, "fc2": None}
+LM_ACTIVATIONS = {r".*attn\..*": None, r".*\.fc1": jax.nn.gelu, r".*\.fc2": None}
 
 
 def _mlp(key):
@@ -72,17 +74,19 @@ def _loss_curve(model, data, *, steps, lr, seed, every=25, batch=128):
 def from_scratch(seeds: int, steps: int):
     train_set, test_set = load_split(0)
     setups = [
-        ("MLP 64-256-256-10", _mlp, _flat(train_set), _flat(test_set), (4, 16)),
-        ("CNN (width 32)", lambda k: DigitsCNN(32, key=k), train_set, test_set, (4, 16)),
+        ("MLP 64-256-256-10", _mlp, _flat(train_set), _flat(test_set), (4, 16), None),
+        ("CNN (width 32)", lambda k: DigitsCNN(32, key=k), train_set, test_set, (4, 16), CNN_ACTIVATIONS),
     ]
     rows, curves = [], {}
-    for name, build, tr, te, ranks in setups:
+    for name, build, tr, te, ranks, activations in setups:
         for rank in ranks:
             for init in INITS:
                 accs, finals = [], []
                 for seed in range(seeds):
                     dense = build(jax.random.key(seed))
-                    low = lowrank.factorize(dense, rank=rank, init=init, key=jax.random.key(100 + seed))
+                    low = lowrank.factorize(
+                        dense, rank=rank, init=init, activations=activations, key=jax.random.key(100 + seed)
+                    )
                     low, curve = _loss_curve(low, tr, steps=steps, lr=3e-3, seed=seed)
                     accs.append(accuracy(low, te))
                     finals.append(curve[-1])
@@ -132,7 +136,9 @@ def compress_cnn(steps: int):
     calibration = jnp.asarray(train_set[0][:512])
     for ratio in (0.5, 0.25):
         for label, init, cal in _compress_inits(calibration):
-            low = lowrank.factorize(dense, rank=lowrank.Budget(params=ratio), init=init, calibration=cal)
+            low = lowrank.factorize(
+                dense, rank=lowrank.Budget(params=ratio), init=init, calibration=cal, activations=CNN_ACTIVATIONS
+            )
             rows.append(["digits CNN", ratio, label, f"{accuracy(low, test_set):.4f}", f"{test_loss(low):.4f}"])
             print(rows[-1], flush=True)
     return rows
@@ -155,7 +161,7 @@ def compress_transformer(steps: int):
         for label, init, cal in _compress_inits(calibration):
             low = lowrank.factorize(
                 dense, rank=lowrank.Budget(params=ratio), init=init, calibration=cal,
-                target=r"blocks\..*",
+                target=r"blocks\..*", activations=LM_ACTIVATIONS,
             )  # fmt: skip
             rows.append(["byte transformer (2x128)", ratio, label, "-", f"{bits_per_byte(low, valid):.4f} bpb"])
             print(rows[-1], flush=True)

@@ -14,7 +14,7 @@ from ._select import (
     check_is_model,
     is_layer,
     key_path_to_str,
-    known_activations,
+    resolve_activations,
     walk_layers,
     weight_matrix,
 )
@@ -48,6 +48,7 @@ def factorize(
     where=None,
     calibration: Example | None = None,
     example: Example | None = None,
+    activations: dict | None = None,
     key: jax.Array | None = None,
     return_plan: bool = False,
 ):
@@ -57,6 +58,9 @@ def factorize(
     initializer ("spectral", "random", "nkp", "whitened", ...) or is an initializer
     object. Data-aware initializers read `calibration=`: a batch of model inputs
     (the model is vmapped over it) or a callable fn(model) that runs it on real data.
+    Function-aware initializers (nkp, whitened) use the activation after each layer:
+    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
+    `activations={pattern: fn or None}` says (None: no activation follows).
     The input model is never modified. With `return_plan=True` returns
     (model, plan), the plan carrying each layer's measured weight/function error.
     """
@@ -80,7 +84,7 @@ def factorize(
     _check_calibration(initializer, init_name, calibration)
     todo = {l.path: l for l in plan.factorized}
     layers = dict(walk_layers(model))
-    activations = known_activations(model)
+    activations = resolve_activations(model, activations)
     inputs = record_inputs(model, list(todo), calibration) if calibration is not None and todo else {}
     key = jax.random.key(0) if key is None else key
     replacements, done = {}, []

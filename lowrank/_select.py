@@ -9,7 +9,7 @@ paths or dotted suffixes (`"query_proj"` matches `blocks.0.attn.query_proj`).
 import difflib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import equinox as eqx
@@ -73,6 +73,11 @@ def walk_layers(model) -> list[tuple[str, eqx.Module]]:
     return [(key_path_to_str(kp), leaf) for kp, leaf in flat if is_layer(leaf)]
 
 
+def identity(x):
+    """The activation of a layer known to feed no nonlinearity (e.g. an MLP's last layer)."""
+    return x
+
+
 def _is_identity(fn: Callable) -> bool:
     probe = jnp.linspace(-3.0, 3.0, 7)
     try:
@@ -82,7 +87,11 @@ def _is_identity(fn: Callable) -> bool:
 
 
 def known_activations(model) -> dict[str, Callable | None]:
-    """Activations that follow layers whose parent says so (today: eqx.nn.MLP)."""
+    """Activations that follow layers whose parent says so (today: eqx.nn.MLP).
+
+    Layers absent from the result have an unknown activation; `identity` marks a
+    layer known to feed none.
+    """
     found: dict[str, Callable | None] = {}
     flat, _ = jax.tree_util.tree_flatten_with_path(
         model, is_leaf=lambda x: isinstance(x, eqx.nn.MLP)
@@ -98,7 +107,7 @@ def known_activations(model) -> dict[str, Callable | None]:
         last = len(leaf.layers) - 1
         for i in range(len(leaf.layers)):
             act = final if i == last else hidden
-            found[f"{prefix}layers.{i}"] = None if _is_identity(act) else act
+            found[f"{prefix}layers.{i}"] = identity if _is_identity(act) else act
     return found
 
 
@@ -125,6 +134,30 @@ def matches(pattern: Pattern, path: str) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, path) is not None
     return any(path == p or path.endswith("." + p) for p in pattern)
+
+
+def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) -> dict:
+    """Detected activations, overridden by {pattern: fn, or None for identity}; first match wins."""
+    found = known_activations(model)
+    if not overrides:
+        return found
+    if not isinstance(overrides, Mapping):
+        raise TypeError("activations must be a dict {path pattern: activation function or None}")
+    paths = [p for p, _ in walk_layers(model)]
+    hit = lambda pattern, path: matches(pattern, path) or matches([pattern], path)  # noqa: E731
+    for pattern, fn in overrides.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"activations[{pattern!r}] must be a function or None, got {fn!r}")
+        if not any(hit(pattern, p) for p in paths):
+            raise ValueError(f"activations pattern {pattern!r} matches no layer; paths: {paths[:8]}")
+    for path in paths:
+        fn = next((f for pat, f in overrides.items() if hit(pat, path)), found.get(path, _UNSET))
+        if fn is not _UNSET:
+            found[path] = identity if fn is None else fn
+    return found
+
+
+_UNSET = object()
 
 
 def _check_pattern(pattern, name: str) -> None:

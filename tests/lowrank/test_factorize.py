@@ -197,7 +197,19 @@ def test_mlp_activation_is_passed_to_initializers():
     model = eqx.nn.MLP(20, 7, 32, 2, activation=jax.nn.gelu, key=KEY)
     lowrank.factorize(model, rank=3, init=Recorder())
     assert seen["layers.0"] is jax.nn.gelu and seen["layers.1"] is jax.nn.gelu
-    assert seen["layers.2"] is None
+    x = jnp.linspace(-2.0, 2.0, 5)
+    np.testing.assert_array_equal(seen["layers.2"](x), x)  # known: no activation after the head
+    lowrank.factorize(CNN(key=KEY), rank=2, init=Recorder())
+    assert seen["convs.0"] is None  # unknown in a custom module
+    lowrank.factorize(
+        CNN(key=KEY), rank=2, init=Recorder(), activations={r"convs\.\d": jax.nn.relu, "head": None}
+    )
+    assert seen["convs.0"] is jax.nn.relu and seen["convs.2"] is jax.nn.relu
+    np.testing.assert_array_equal(seen["head"](x), x)
+    with pytest.raises(ValueError, match="activations pattern 'fc' matches no layer"):
+        lowrank.factorize(CNN(key=KEY), rank=2, activations={"fc": None})
+    with pytest.raises(TypeError, match=r"activations\['head'\] must be a function or None"):
+        lowrank.factorize(CNN(key=KEY), rank=2, activations={"head": "relu"})
 
 
 def test_whole_model_agrees_between_pallas_and_xla_kernels():

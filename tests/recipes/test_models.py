@@ -8,6 +8,7 @@ import pytest
 
 from recipes.models import BATCH_AXIS, ResNet, StochasticDepth, efficientnet_b0, resnet18, resnet34, resnet50
 from recipes.models._init import build
+from recipes.models._layers import apply_norm, batch_norm
 
 
 def n_params(model):
@@ -147,3 +148,12 @@ def test_build_is_deterministic_in_the_key():
     c, _ = resnet18(10, stem="cifar", width=8, key=jax.random.PRNGKey(4))
     np.testing.assert_array_equal(a.conv1.weight, b.conv1.weight)
     assert not np.allclose(a.conv1.weight, c.conv1.weight)
+
+
+def test_apply_norm_keeps_bf16_activations_at_inference():
+    bn, state = eqx.nn.make_with_state(batch_norm)(3)
+    x = (jnp.arange(12.0).reshape(3, 2, 2) - 4).astype(jnp.bfloat16)
+    y, _ = apply_norm(bn, x, state, inference=True)
+    assert y.dtype == jnp.bfloat16
+    # Fresh running statistics are mean 0, variance 1.
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(x, np.float32) / np.sqrt(1 + 1e-5), rtol=1e-2)
