@@ -93,7 +93,7 @@ def factorize(
         problem = LayerProblem(
             path=path,
             weight=weight_matrix(layer),
-            bias=None if layer.bias is None else layer.bias.reshape(-1),
+            bias=None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1)),
             rank=lp.rank,
             activation=activations.get(path),
             inputs=None if path not in inputs else jnp.asarray(
@@ -179,8 +179,8 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
             f"{problem.path}; expected ({m}, {r}) and ({r}, {n})"
         )
     arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
-    if not all(bool(jnp.all(jnp.isfinite(a))) for a in arrays):
-        if not bool(jnp.all(jnp.isfinite(problem.weight))):
+    if not all(np.isfinite(np.asarray(a)).all() for a in arrays):
+        if not np.isfinite(np.asarray(problem.weight)).all():
             raise ValueError(
                 f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
                 "the dense model before factorizing"
@@ -199,12 +199,14 @@ def _measured(lp, problem: LayerProblem, factors: Factors):
 
 
 def _lowrank_twin(layer, factors: Factors):
+    """The factorized layer, in the dense layer's dtype (host-side casts: no per-shape compile)."""
     dtype = layer.weight.dtype
-    u, bias = factors.u.astype(dtype), factors.bias
-    bias = None if bias is None else bias.astype(dtype)
+    cast = lambda a, shape=None: jnp.asarray(np.asarray(a).reshape(shape or a.shape), dtype)  # noqa: E731
+    u = cast(factors.u)
+    bias = None if factors.bias is None else cast(factors.bias)
     if isinstance(layer, eqx.nn.Linear):
-        return LowRankLinear(u, factors.v.astype(dtype), bias)
-    v = factors.v.astype(dtype).reshape((factors.v.shape[0],) + layer.weight.shape[1:])
+        return LowRankLinear(u, cast(factors.v), bias)
+    v = cast(factors.v, (factors.v.shape[0],) + layer.weight.shape[1:])
     return LowRankConv(
         u, v, bias, stride=layer.stride, padding=layer.padding,
         dilation=layer.dilation, padding_mode=layer.padding_mode,

@@ -82,6 +82,12 @@ def relu_cross_moment(mean1, std1, mean2, std2, corr):
     )
 
 
+def relu_centred_sq_diff(std1, scale2, corr):
+    """expected_sq_diff for ReLU with both means 0: s1²/2 + t2²/2 - 2·s1·|t2|·κ(±ρ)."""
+    signed = jnp.where(scale2 < 0, -corr, corr)
+    return std1**2 / 2 + scale2**2 / 2 - 2 * std1 * jnp.abs(scale2) * arccos_kernel(signed)
+
+
 def expected_square(
     activation: Callable[[Array], Array],
     mean: Float[ArrayLike, "*s"],

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -84,13 +85,43 @@ def resolve_initializer(init: "str | Initializer") -> Initializer:
     )
 
 
+def top_singular_triplets(weight, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-`rank` singular triplets (U (m, r), S (r,), Vt (r, n)) in float64, on the host.
+
+    Eigen-decomposes the smaller Gram matrix (W Wᵀ or WᵀW) in float64: several times
+    faster than a full SVD and free of XLA's per-shape compilation, and exact enough
+    for the leading directions. Directions with a vanishing singular value get zero
+    vectors, so rank-deficient weights give finite factors.
+    """
+    w = np.asarray(weight, np.float64)
+    m, n = w.shape
+    wide = m <= n
+    eigvals, eigvecs = np.linalg.eigh(w @ w.T if wide else w.T @ w)
+    order = np.argsort(eigvals)[::-1][:rank]
+    s = np.sqrt(np.clip(eigvals[order], 0.0, None))
+    basis = eigvecs[:, order]
+    alive = s > 1e-12 * max(float(s.max(initial=0.0)), 1e-300)
+    inv = np.where(alive, 1.0 / np.where(alive, s, 1.0), 0.0)
+    if wide:
+        return basis, s, (basis.T @ w) * inv[:, None]
+    return (w @ basis) * inv, s, basis.T
+
+
+def singular_values(weight) -> np.ndarray:
+    """All singular values, descending, in float64 (from the smaller Gram matrix)."""
+    w = np.asarray(weight, np.float64)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
+
+
 def truncated_svd_factors(
     weight: Float[Array, "m n"], rank: int
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
     """Best rank-r approximation in Frobenius norm, sqrt(S) split to both sides."""
-    U, S, Vt = jnp.linalg.svd(weight, full_matrices=False)
-    root = jnp.sqrt(S[:rank])
-    return U[:, :rank] * root, root[:, None] * Vt[:rank]
+    U, S, Vt = top_singular_triplets(weight, rank)
+    root = np.sqrt(S)
+    dtype = weight.dtype
+    return jnp.asarray(U * root, dtype), jnp.asarray(root[:, None] * Vt, dtype)
 
 
 class Spectral:

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import equinox as eqx
-import jax.numpy as jnp
 import numpy as np
 
+from ._initializers import singular_values
 from ._select import Candidate, matches, select, weight_matrix
 
 PLAN_FORMAT = 1
@@ -282,7 +282,8 @@ def _check_dict_patterns(rank: Mapping, paths: list[str]) -> None:
 
 
 def spectrum(layer) -> np.ndarray:
-    return np.asarray(jnp.linalg.svd(weight_matrix(layer), compute_uv=False), dtype=np.float64)
+    """Singular values of the layer's weight matrix, on the host (no per-shape compile)."""
+    return singular_values(weight_matrix(layer))
 
 
 def _kind(layer) -> str:
@@ -346,6 +347,11 @@ def make_plan(
             )
         )
         if c.skipped is None:
+            if not np.isfinite(np.asarray(w)).all():
+                raise ValueError(
+                    f"layer {c.path} has non-finite weights (NaN/inf); fix or re-initialize "
+                    "the dense model before factorizing"
+                )
             spectra[c.path] = spectrum(c.layer)
     by_path = {c.path: c for c in candidates}
     if isinstance(rank, Budget):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ._layers import LowRankConv, LowRankLinear
@@ -220,6 +221,6 @@ def _check_target_matches(target, paths: list[str]) -> None:
 
 
 def weight_matrix(layer) -> Float[Array, "out fan_in"]:
-    """The layer's dense weight as an (out, in * prod(kernel)) matrix."""
+    """The layer's dense weight as an (out, in * prod(kernel)) matrix (a host-side reshape)."""
     w = layer.weight
-    return w.reshape(w.shape[0], math.prod(w.shape[1:]))
+    return jnp.asarray(np.asarray(w).reshape(w.shape[0], math.prod(w.shape[1:])))
