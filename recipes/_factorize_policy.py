@@ -1,7 +1,9 @@
 """Factorization policies: which layers of a recipe's model become low-rank, and how.
 
-`run.py` calls `apply_policy(model, config)` once, after the dense model is built and
-before training; `check_policy(config)` runs first, before any compute. Policies:
+`run.py` calls `check_policy(config)` before building anything, `check_rank(model,
+config)` on the freshly built dense model (a budget that cannot be met fails there,
+before training), and `apply_policy(model, config)` to factorize: before training, or
+after `factorize.warmup_steps` dense steps from the hybrid warm-up hook. Policies:
 
 - "none": train the dense model.
 - "khodak" (Khodak et al. 2021): every conv inside the residual stages of a ResNet,
@@ -11,11 +13,21 @@ before training; `check_policy(config)` runs first, before any compute. Policies
   head conv; depthwise and squeeze-excitation convs stay dense.
 
 `factorize.rank` is any `lowrank` rank rule (an int, a fraction of full rank,
-"energy:0.9"), or "params:0.3" / "flops:0.3" for a global `lowrank.Budget`.
+"energy:0.9"), "params:0.3" / "flops:0.3" for a global `lowrank.Budget`, or a stable
+rank rule (Cuttlefish, Wang et al. 2023): "stable" gives each layer the stable rank
+‖W‖²_F/‖W‖²_2 of its weights when factorized, rounded up; "stable:scaled" multiplies
+it by full rank / stable rank of the layer's initial weights (capped at full rank),
+which undoes the low stable rank of random initializations.
 """
 
+import math
+import re
+from collections.abc import Callable
+
+import equinox as eqx
 import jax
 import lowrank
+import numpy as np
 from jaxtyping import PyTree
 
 from .config import Config, ConfigError
@@ -30,21 +42,90 @@ POLICY_TARGETS = {
     ),
 }
 
+# The activation after each selected layer, for function-aware inits (nkp, whitened).
+# ResNet convs feed BatchNorm then ReLU (after the residual sum for the last conv of a
+# block): lowrank's default. EfficientNet's expand and head convs feed BatchNorm then
+# SiLU; its project convs are linear bottlenecks.
+POLICY_ACTIVATIONS = {
+    "khodak": None,
+    "pufferfish": None,
+    "efficientnet": {
+        r".*\.expand\.conv": jax.nn.silu,
+        r".*\.project\.conv": None,
+        "head.conv": jax.nn.silu,
+    },
+}
 
-def _rank_rule(rank: int | float | str):
+STABLE_RULES = ("stable", "stable:scaled")
+
+# Whether each built-in init uses calibration data ("never" / "optional" / "required").
+_BUILT_IN_INITS = {
+    "random": lowrank.Random,
+    "spectral": lowrank.Spectral,
+    "nkp": lowrank.NKP,
+    "whitened": lowrank.Whitened,
+}
+
+
+def stable_rank(weight) -> float:
+    """‖W‖²_F / ‖W‖²_2 of a weight seen as an (out, fan_in) matrix: a smooth lower
+    bound on its rank that ignores small singular values."""
+    w = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
+    s = np.linalg.svd(w, compute_uv=False)
+    return float(np.sum(s**2) / max(s[0] ** 2, 1e-300))
+
+
+def _targets(model: PyTree, pattern: str) -> dict[str, eqx.Module]:
+    """The Linear/Conv layers of `model` whose dotted path fullmatches `pattern`."""
+    is_layer = lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.Conv))  # noqa: E731
+    leaves = jax.tree_util.tree_leaves_with_path(model, is_leaf=is_layer)
+    paths = {jax.tree_util.keystr(p, simple=True, separator="."): l for p, l in leaves}
+    return {p: l for p, l in paths.items() if is_layer(l) and re.fullmatch(pattern, p)}
+
+
+def stable_ranks(model: PyTree, pattern: str, initial: PyTree | None = None) -> dict[str, int]:
+    """Per selected layer, ceil of its stable rank; with `initial` (the same model at
+    initialization) scaled by full rank / initial stable rank, capped at full rank."""
+    layers = _targets(model, pattern)
+    start = _targets(initial, pattern) if initial is not None else {}
+    ranks = {}
+    for path, layer in layers.items():
+        full = min(layer.weight.shape[0], math.prod(layer.weight.shape[1:]))
+        estimate = stable_rank(layer.weight)
+        if initial is not None:
+            estimate *= full / stable_rank(start[path].weight)
+        ranks[path] = min(full, max(1, math.ceil(estimate - 1e-9)))
+    return ranks
+
+
+def _rank_rule(rank: int | float | str, model: PyTree = None, pattern: str = "", initial=None):
+    """The `lowrank` rank rule for `factorize.rank` (stable rules need the model)."""
     if isinstance(rank, str) and rank.split(":")[0] in ("params", "flops"):
         kind, _, fraction = rank.partition(":")
         try:
             return lowrank.Budget(**{kind: float(fraction)})
         except ValueError as e:
             raise ConfigError(f"factorize.rank={rank!r}: {e}") from e
+    if rank in STABLE_RULES:
+        ranks = stable_ranks(model, pattern, initial if rank == "stable:scaled" else None)
+        return {re.escape(path): r for path, r in ranks.items()}
     return rank
 
 
 def check_policy(config: Config) -> None:
     """Raise a `ConfigError` naming the key if the factorization settings cannot work."""
-    f = config.factorize
+    f, steps = config.factorize, config.train.steps
     if f.policy == "none":
+        for key, value, off in (
+            ("warmup_steps", f.warmup_steps, 0),
+            ("frobenius_decay", f.frobenius_decay, None),
+            ("calibration", f.calibration, 0),
+        ):
+            if value != off:
+                raise ConfigError(
+                    f"factorize.{key}={value!r} has no effect with factorize.policy='none'; "
+                    f"choose a policy ({', '.join(POLICY_TARGETS)}) or unset it."
+                )
         return
     family, _ = POLICY_TARGETS[f.policy]
     model_name = getattr(config.model, "name", "")
@@ -58,20 +139,81 @@ def check_policy(config: Config) -> None:
             f"factorize.init={f.init!r} is not a registered initializer; available: "
             f"{', '.join(lowrank.available_initializers())}."
         )
+    if f.warmup_steps >= steps:
+        raise ConfigError(
+            f"factorize.warmup_steps={f.warmup_steps} leaves no low-rank training within "
+            f"train.steps={steps}; use fewer warm-up steps (0 factorizes before training)."
+        )
+    if f.frobenius_decay is not None and f.frobenius_decay < 0:
+        raise ConfigError(
+            f"factorize.frobenius_decay={f.frobenius_decay} must not be negative; "
+            "use a coefficient like optim.weight_decay, or none to turn it off."
+        )
+    needs = getattr(_BUILT_IN_INITS.get(f.init), "calibration", "optional")
+    if needs == "required" and f.calibration == 0:
+        raise ConfigError(
+            f"factorize.init={f.init!r} needs calibration images; set factorize.calibration "
+            "(e.g. 256) or choose init spectral, nkp or random."
+        )
+    if needs == "never" and f.calibration:
+        raise ConfigError(
+            f"factorize.init={f.init!r} does not use calibration images; set "
+            "factorize.calibration=0 or choose init nkp or whitened."
+        )
+    if isinstance(f.rank, str) and f.rank.startswith("stable"):
+        if f.rank not in STABLE_RULES:
+            raise ConfigError(
+                f"factorize.rank={f.rank!r} is not a stable rank rule; use 'stable' or "
+                "'stable:scaled'."
+            )
+        if f.rank == "stable:scaled" and f.warmup_steps == 0:
+            raise ConfigError(
+                "factorize.rank='stable:scaled' is the full rank at initialization; set "
+                "factorize.warmup_steps > 0 so the ranks come from trained weights."
+            )
     _rank_rule(f.rank)
 
 
-def apply_policy(model: PyTree, config: Config) -> PyTree:
-    """The model to train under `config.factorize` ("none": the model itself)."""
+def check_rank(model: PyTree, config: Config, *, example=None) -> None:
+    """Plan the policy on the dense `model` (cheap: spectra, no factors) and raise a
+    `ConfigError` if the rank rule cannot be met, e.g. a budget below rank 1 everywhere.
+    Stable rank rules depend on the trained weights and always fit."""
+    f = config.factorize
+    if f.policy == "none" or f.rank in STABLE_RULES:
+        return
+    _, target = POLICY_TARGETS[f.policy]
+    try:
+        lowrank.plan(model, rank=_rank_rule(f.rank), target=target, example=example)
+    except ValueError as e:
+        raise ConfigError(f"factorize.rank={f.rank!r} with factorize.policy={f.policy!r}: {e}") from e
+
+
+def apply_policy(
+    model: PyTree,
+    config: Config,
+    *,
+    example=None,
+    calibration: Callable | None = None,
+    initial: PyTree | None = None,
+) -> tuple[PyTree, lowrank.Plan | None]:
+    """The model to train under `config.factorize` and its plan ("none": the model
+    itself and no plan). `example` / `calibration` are as in `lowrank.factorize`;
+    `initial` is the dense model at initialization ("stable:scaled" needs it)."""
     check_policy(config)
     f = config.factorize
     if f.policy == "none":
-        return model
+        return model, None
+    if f.rank == "stable:scaled" and initial is None:
+        raise ValueError("factorize.rank='stable:scaled' needs initial= (the model at step 0).")
     _, target = POLICY_TARGETS[f.policy]
     return lowrank.factorize(
         model,
-        rank=_rank_rule(f.rank),
+        rank=_rank_rule(f.rank, model, target, initial),
         init=f.init,
         target=target,
+        example=example,
+        calibration=calibration,
+        activations=POLICY_ACTIVATIONS[f.policy],
         key=jax.random.key(config.train.seed),
+        return_plan=True,
     )

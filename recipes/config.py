@@ -83,13 +83,22 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class FactorizeConfig:
-    """Which layers become low-rank, and how (see recipes/_factorize_policy.py).
-    `rank`: an int, a fraction of full rank, "energy:0.9", or "params:0.3" /
-    "flops:0.3" for a global budget."""
+    """Which layers become low-rank, when, and how (see recipes/_factorize_policy.py).
+
+    `rank`: an int, a fraction of full rank, "energy:0.9", "params:0.3" / "flops:0.3"
+    for a global budget, or "stable" / "stable:scaled" for each layer's (scaled)
+    stable rank at factorization time (Cuttlefish). `warmup_steps`: dense steps before
+    factorizing in place (Pufferfish's hybrid warm-up; 0 factorizes before training).
+    `frobenius_decay`: decay the factors through u @ v with this coefficient instead of
+    plain weight decay (Khodak et al.). `calibration`: training images fed to
+    data-aware inits ("nkp" optionally, "whitened" needs them)."""
 
     policy: Literal["none", "khodak", "pufferfish", "efficientnet"] = "none"
     rank: int | float | str = 0.25
     init: str = "spectral"
+    warmup_steps: int = 0
+    frobenius_decay: float | None = None
+    calibration: int = 0
 
 
 @dataclasses.dataclass

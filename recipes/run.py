@@ -3,7 +3,9 @@
 CONFIG names a file in recipes/configs/ (or is a path to a .py file) whose `config()`
 returns a `Config`; `--set` overrides any field by its dotted key. Bad keys and values
 are reported before any compute. Outputs go to `train.out_dir` (default out/<name>):
-config.json, metrics.jsonl, curves.png and checkpoints/ (a rerun resumes).
+config.json, metrics.jsonl, curves.png and checkpoints/ (a rerun resumes), and for
+factorized runs report.json: params, FLOPs, inference and train step times against
+the dense model, and the eval metrics around the factorization.
 """
 
 import argparse
@@ -12,15 +14,19 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
+from tqdm.auto import tqdm
 
 from . import models
-from ._factorize_policy import apply_policy, check_policy
+from ._factorize_policy import apply_policy, check_policy, check_rank
+from ._hybrid import HybridWarmup
+from ._report import factorization_report, format_report
 from .config import Config, ConfigError, load_config
 from .train import (
     Batch,
@@ -125,8 +131,27 @@ TASKS: dict[str, Callable[[Config], Task]] = {"image_classification": image_clas
 """Task builders by `Config.task`."""
 
 
-def run(config: Config) -> TrainResult:
-    """Build the recipe's task, apply its factorization policy, and train it."""
+class RunResult(NamedTuple):
+    """A finished recipe: the trainer's result and, for factorized runs, the report
+    of recipes/_report.py (also written to `<out_dir>/report.json`)."""
+
+    train: TrainResult
+    report: dict[str, Any] | None
+
+
+def _take(batches: Iterator[Batch], n: int) -> Batch:
+    """The first `n` examples of a stream of batches, as one batch."""
+    parts, count = [], 0
+    while count < n:
+        batch = next(batches)
+        parts.append(batch)
+        count += len(jax.tree.leaves(batch)[0])
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts)
+
+
+def run(config: Config) -> RunResult:
+    """Build the recipe's task, apply its factorization policy (before training, or
+    after a dense warm-up), train it, and report dense against factorized."""
     if config.task not in TASKS:
         raise ConfigError(f"task={config.task!r} is unknown; available: {', '.join(TASKS)}.")
     mesh = default_mesh()
@@ -134,21 +159,46 @@ def run(config: Config) -> TrainResult:
         if hasattr(config.data, key):
             check_batch_size(getattr(config.data, key), mesh, f"data.{key}")
     check_policy(config)
-    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    f = config.factorize
+    optimizer, schedule = make_optimizer(
+        config.optim, config.train.steps, frobenius_decay=f.frobenius_decay
+    )
     train_config = config.train
     if not train_config.out_dir:
         train_config = dataclasses.replace(train_config, out_dir=str(Path("out") / config.name))
     task = TASKS[config.task](config)
+    is_main = jax.process_index() == 0
+    log = tqdm.write if is_main else lambda *_: None
 
     # Factorization: the policy decides which layers of the dense model become low-rank.
-    model = apply_policy(task.model, config)
+    key = jax.random.key(config.train.seed)
+    one = _take(task.train_data(0), 1) if f.policy != "none" else None
+    example = lambda m: task.loss_fn(m, task.state, one, key)  # noqa: E731  (conv output sizes)
+    check_rank(task.model, config, example=example if f.policy != "none" else None)
 
-    if jax.process_index() == 0:
+    def factorize(model, state):
+        calibration = None
+        if f.calibration:
+            images = _take(task.train_data(0), f.calibration)
+            calibration = lambda m: task.loss_fn(m, state, images, key)  # noqa: E731
+        model, plan = apply_policy(
+            model, config, example=example, calibration=calibration, initial=task.model
+        )
+        log(f"factorized by policy {f.policy!r} (rank={f.rank!r}, init={f.init!r}):\n{plan}")
+        return model, plan
+
+    model, hooks = task.model, []
+    if f.policy != "none" and f.warmup_steps == 0:
+        model, _ = factorize(model, task.state)
+    elif f.policy != "none":
+        hooks.append(HybridWarmup(f.warmup_steps, factorize))
+
+    if is_main:
         out_dir = Path(train_config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dataclasses.asdict(config), indent=2)
         (out_dir / "config.json").write_text(text + "\n")
-    return train(
+    result = train(
         model,
         task.state,
         loss_fn=task.loss_fn,
@@ -159,7 +209,19 @@ def run(config: Config) -> TrainResult:
         eval_data=task.eval_data,
         config=train_config,
         mesh=mesh,
+        hooks=hooks,
     )
+    if f.policy == "none" or not is_main:
+        return RunResult(result, None)
+    eval_batch = next(iter(task.eval_data()))
+    report = factorization_report(
+        task.model, result.model, result.state, eval_fn=task.eval_fn, eval_batch=eval_batch,
+        example=example, history=result.history, batch_size=config.data.batch_size,
+        factorized_at=f.warmup_steps,
+    )  # fmt: skip
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
+    return RunResult(result, report)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run(load_config(args.config, args.overrides))
     except (ConfigError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
-    last = {r["split"]: r for r in result.history}
+    last = {r["split"]: r for r in result.train.history}
     print(json.dumps(last))
 
 

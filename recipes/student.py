@@ -18,6 +18,7 @@ the windows the teacher scores hard but learnable).
 """
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -105,6 +106,65 @@ def check_vocab(teacher: Transformer, student: Transformer) -> None:
 # ---------------------------------------------------------------- students
 
 
+def _block_inputs(block, x: Float[Array, "T d"]) -> dict[str, Array]:
+    """What each attention / MLP layer of `block` sees on one sequence `x`: the same
+    math as `TransformerBlock.__call__` in inference mode, stopped at every layer."""
+    causal = jnp.tril(jnp.ones((x.shape[0], x.shape[0]), dtype=bool))
+    h = jax.vmap(block.ln1)(x)
+    heads = eqx.tree_at(lambda a: a.output_proj, block.attn, eqx.nn.Identity())
+    rotate = None if block.rope is None else block._rotate
+    mixed = heads(h, h, h, mask=causal, process_heads=rotate)
+    h2 = jax.vmap(block.ln2)(x + jax.vmap(block.attn.output_proj)(mixed))
+    return {
+        "attn.query_proj": h,
+        "attn.key_proj": h,
+        "attn.value_proj": h,
+        "attn.output_proj": mixed,
+        "mlp.fc1": h2,
+        "mlp.fc2": jax.nn.gelu(jax.vmap(block.mlp.fc1)(h2)),
+    }
+
+
+@eqx.filter_jit
+def _all_inputs(model: Transformer, ids):
+    def one(seq):
+        states = model.hidden_states(seq)
+        return {
+            f"blocks.{i}.{name}": value
+            for i, block in enumerate(model.blocks)
+            for name, value in _block_inputs(block, states[i]).items()
+        }
+
+    return jax.vmap(one)(ids)
+
+
+def calibration_inputs(
+    model: Transformer, ids: Int[Array, "n T"]
+) -> dict[str, Float[np.ndarray, "rows fan_in"]]:
+    """Inputs of every attention projection and MLP layer on calibration windows, one
+    row per token, keyed by layer path. One jitted forward pass: lowrank's generic
+    recorder (a host callback per vmapped token) compiles far slower on a Transformer."""
+    inputs = _all_inputs(eqx.nn.inference_mode(model), jnp.asarray(ids))
+    return {p: np.asarray(v).reshape(-1, v.shape[-1]) for p, v in inputs.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnInputs:
+    """A calibrated initializer fed the inputs from `calibration_inputs`."""
+
+    base: lowrank.Initializer
+    inputs: dict
+    name: str
+    calibration = "never"  # lowrank records nothing: the inputs are already here
+
+    def __call__(self, problem: lowrank.LayerProblem, *, key: PRNGKeyArray) -> lowrank.Factors:
+        rows = jnp.asarray(self.inputs[problem.path], problem.weight.dtype)
+        return self.base(dataclasses.replace(problem, inputs=rows), key=key)
+
+    def __repr__(self):
+        return self.name
+
+
 def _keep_only(plan: lowrank.Plan, paths: set[str]) -> lowrank.Plan:
     for lp in plan.factorized:
         if lp.path not in paths:
@@ -124,34 +184,40 @@ def factorized_student(
     `lowrank.Budget(params=params)` of those layers, and the plan (for `save_lm`).
 
     `init`: "spectral", "random", "whitened" (needs `calibration`, a batch of token
-    windows), or "nkp": each MLP's first layer by NKP for its GELU (on `calibration`
-    when given), the other (linear) layers by whitened SVD, or spectral without data.
+    windows), or "nkp": each MLP's first layer by NKP for its GELU (on the calibration
+    inputs when given), the other (linear) layers whitened, or spectral without data.
     """
     if init not in ("spectral", "random", "whitened", "nkp"):
         raise ValueError(
             f"init={init!r} is not a student init; use 'spectral', 'whitened', 'nkp' or 'random'"
         )
+    if init == "whitened" and calibration is None:
+        raise ValueError("init='whitened' needs calibration= (a batch of token windows)")
     try:
         plan = lowrank.plan(teacher, rank=lowrank.Budget(params=params), target=FACTORIZE_TARGET)
     except ValueError as e:
         raise ValueError(f"student params={params}: {e}") from e
-    if init != "nkp":
-        data = calibration if init == "whitened" else None
-        return lowrank.factorize(
-            teacher, plan=plan, init=init, calibration=data, key=key, return_plan=True
-        )
+    if init in ("spectral", "random"):
+        return lowrank.factorize(teacher, plan=plan, init=init, key=key, return_plan=True)
+    inputs = None if calibration is None else calibration_inputs(teacher, calibration)
+
+    def initializer(base, name):
+        return base if inputs is None else _OnInputs(base, inputs, name)
+
+    if init == "whitened":
+        whitened = initializer(lowrank.Whitened(), "whitened")
+        return lowrank.factorize(teacher, plan=plan, init=whitened, key=key, return_plan=True)
     mlp_in = {lp.path for lp in plan.factorized if _MLP_IN.fullmatch(lp.path)}
     rest = {lp.path for lp in plan.factorized} - mlp_in
     k1, k2 = jr.split(key)
+    nkp = initializer(lowrank.NKP(activation=jax.nn.gelu), "nkp")
+    linear = "spectral" if inputs is None else initializer(lowrank.Whitened(), "whitened")
     model, first = lowrank.factorize(
-        teacher, plan=_keep_only(plan, mlp_in), init=lowrank.NKP(activation=jax.nn.gelu),
-        calibration=calibration, key=k1, return_plan=True,
-    )  # fmt: skip
+        teacher, plan=_keep_only(plan, mlp_in), init=nkp, key=k1, return_plan=True
+    )
     model, second = lowrank.factorize(
-        model, plan=_keep_only(plan, rest),
-        init="spectral" if calibration is None else "whitened",
-        calibration=calibration, key=k2, return_plan=True,
-    )  # fmt: skip
+        model, plan=_keep_only(plan, rest), init=linear, key=k2, return_plan=True
+    )
     layers = [first[lp.path] if lp.path in mlp_in else second[lp.path] for lp in plan.layers]
     return model, dataclasses.replace(plan, layers=layers)
 
@@ -169,14 +235,14 @@ def dense_student(teacher: Transformer, *, params: float, key: PRNGKeyArray) -> 
         shapes = eqx.filter_eval_shape(Transformer, **{**kwargs, "d_model": width}, key=key)
         return non_embedding_params(shapes)
 
-    widths = range(step, teacher.d_model + 1, step)
-    if count(step) > target:
+    counts = {w: count(w) for w in range(step, teacher.d_model + 1, step)}
+    if counts[step] > target:
         raise ValueError(
             f"student params={params} cannot be met by a dense student: the narrowest one "
-            f"(d_model={step}) already has {count(step) / (target / params):.3f} of the "
+            f"(d_model={step}) already has {counts[step] / (target / params):.3f} of the "
             f"teacher's non-embedding parameters; raise params"
         )
-    width = min(widths, key=lambda w: abs(count(w) - target))
+    width = min(counts, key=lambda w: abs(counts[w] - target))
     return Transformer(**{**kwargs, "d_model": width}, key=key)
 
 
@@ -369,11 +435,12 @@ def lm_loss(model, state, batch, key):
     return loss, (state, {})
 
 
+@functools.cache
 def make_distill_loss(temperature: float):
     """The trainer's `loss_fn` for a student whose `state` is the teacher: per token
     (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), alpha from the batch.
     The teacher runs only when some alpha > 0 (`lax.cond`), so CE phases cost no more
-    than plain training."""
+    than plain training. Cached per temperature, so runs share one compiled step."""
 
     def distill_loss(model, teacher, batch, key):
         ids, alpha = batch["ids"], batch["alpha"].astype(jnp.float32)
@@ -430,10 +497,15 @@ def student_training(
 # ---------------------------------------------------------------- scoring
 
 
+@eqx.filter_jit
+def _summed_loss(model, batch):
+    return jnp.sum(lm_eval(model, None, batch)["loss"] * batch["mask"])
+
+
 def validation_loss(model, windows: np.ndarray, *, batch_size: int = 32) -> float:
     """Mean next-byte cross-entropy (nats) over `windows` (every window counts once)."""
-    step = eqx.filter_jit(lambda m, b: jnp.sum(lm_eval(m, None, b)["loss"] * b["mask"]))
-    total = sum(float(step(model, b)) for b in eval_batches(windows, batch_size)())
+    model = eqx.nn.inference_mode(model)
+    total = sum(float(_summed_loss(model, b)) for b in eval_batches(windows, batch_size)())
     return total / len(windows)
 
 
@@ -451,31 +523,36 @@ def latent_list_accuracy(model: Transformer, *, n_tasks: int = 48, seed: int = 0
     return likelihood_accuracy(eqx.nn.inference_mode(model), fit), len(fit)
 
 
+@eqx.filter_jit
+def _forward(model, ids):
+    return jax.vmap(model)(ids)
+
+
 def tokens_per_second(
     model, *, batch_size: int = 16, length: int = 128, repeats: int = 5
 ) -> float:
     """Inference throughput: tokens scored per second by one jitted batched forward
     (`batch_size` windows of `length` bytes), median over `repeats` calls."""
     ids = jnp.zeros((batch_size, length), jnp.int32)
-    forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
     model = eqx.nn.inference_mode(model)
-    jax.block_until_ready(forward(model, ids))
+    jax.block_until_ready(_forward(model, ids))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(forward(model, ids))
+        jax.block_until_ready(_forward(model, ids))
         times.append(time.perf_counter() - start)
     return batch_size * length / statistics.median(times)
 
 
 def step_seconds(history: list[dict], batch_size: int) -> float:
-    """Median seconds per train step over the trainer's logging windows, the first
-    (which holds the compile) left out when there are others."""
+    """Mean seconds per train step over the trainer's logging windows, the first (which
+    holds the compile) left out when there are others; a mean, so a recipe whose phases
+    cost differently (SALT: KD, then CE) is charged its average step."""
     rates = [r["examples_per_s"] for r in history if r["split"] == "train"]
     rates = rates[1:] if len(rates) > 1 else rates
     if not rates:
         raise ValueError("the history has no train records; set train.log_every > 0")
-    return batch_size / statistics.median(rates)
+    return float(np.mean([batch_size / r for r in rates]))
 
 
 def main(argv: list[str] | None = None) -> None:

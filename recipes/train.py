@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
+from . import _frobenius_decay
 from .config import ConfigError, OptimConfig, TrainConfig
 
 Batch = dict[str, Any]
@@ -35,6 +36,10 @@ LossFn = Callable[
     [PyTree, PyTree, Batch, PRNGKeyArray], tuple[Array, tuple[PyTree, dict[str, Array]]]
 ]
 EvalFn = Callable[[PyTree, PyTree, Batch], dict[str, Array]]
+
+
+REPLACED = "model replaced"
+"""The `event` of the eval record made right after a hook replaced the model."""
 
 
 class TrainState(NamedTuple):
@@ -49,6 +54,9 @@ class TrainState(NamedTuple):
 class Hook(Protocol):
     """Called before every step with the current `TrainState`; returns it, possibly
     with another model. Return `opt_state=None` to get a freshly initialized one.
+    When the model is replaced and evaluation is on, the trainer evaluates the model
+    before (unless this step was just evaluated) and after, the latter recorded with
+    `"event": REPLACED`.
 
     A hook that changes the model's structure must also survive resumption: define
     `checkpoint() -> dict` (JSON, saved with every checkpoint) and
@@ -68,12 +76,14 @@ class TrainResult:
 
 
 def make_optimizer(
-    config: OptimConfig, total_steps: int
+    config: OptimConfig, total_steps: int, *, frobenius_decay: float | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """A unit-learning-rate optimizer and the schedule the trainer multiplies its
     updates by. Keeping the schedule outside the optimizer state lets a hook
     re-initialize the optimizer (new parameter shapes) without restarting the schedule.
-    SGD decays weights PyTorch-style (added to the gradient); AdamW decoupled."""
+    SGD decays weights PyTorch-style (added to the gradient); AdamW decoupled.
+    `frobenius_decay` (a coefficient) decays the factors of low-rank layers through
+    their product u @ v instead (see recipes/_frobenius_decay.py)."""
     if config.warmup_steps > total_steps:
         raise ConfigError(
             f"optim.warmup_steps={config.warmup_steps} exceeds train.steps={total_steps}; "
@@ -91,13 +101,16 @@ def make_optimizer(
             ],
             [config.warmup_steps],
         )
-    if config.name == "sgd":
-        parts = [
-            optax.add_decayed_weights(config.weight_decay),
-            optax.trace(decay=config.momentum, nesterov=config.nesterov),
+    decay = [optax.add_decayed_weights(config.weight_decay)]
+    if frobenius_decay is not None:
+        decay = [
+            optax.add_decayed_weights(config.weight_decay, mask=_frobenius_decay.not_factors),
+            _frobenius_decay.frobenius_decay(frobenius_decay),
         ]
+    if config.name == "sgd":
+        parts = [*decay, optax.trace(decay=config.momentum, nesterov=config.nesterov)]
     else:
-        parts = [optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay)]
+        parts = [optax.scale_by_adam(), *decay]
     if config.grad_clip is not None:
         parts.insert(0, optax.clip_by_global_norm(config.grad_clip))
     return optax.chain(*parts, optax.scale(-1.0)), schedule
@@ -146,7 +159,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     """One panel per metric, train and eval curves against the step, as a PNG."""
     from matplotlib.figure import Figure
 
-    skip = {"step", "split", "time", "examples_per_s"}
+    skip = {"step", "split", "time", "examples_per_s", "event"}
     names = sorted({k for r in history for k in r if k not in skip})
     if not names:
         return
@@ -324,7 +337,10 @@ def train(
         ts = checkpoints.restore(fresh_opt_state(ts), replicated)
         if (out_dir / "metrics.jsonl").exists():
             lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-            history = [r for r in map(json.loads, lines) if r["step"] <= latest]
+            history = [
+                r for r in map(json.loads, lines)
+                if r["step"] < latest or (r["step"] == latest and "event" not in r)
+            ]  # fmt: skip
     else:
         ts = fresh_opt_state(ts)
 
@@ -354,6 +370,10 @@ def train(
                 if ts.model is not before.model:
                     placed = _put((ts.model, ts.state), replicated)
                     ts = ts._replace(model=placed[0], state=placed[1])
+                    if eval_fn is not None:
+                        if not any(r["step"] == ts.step and r["split"] == "eval" for r in history):
+                            record({"step": ts.step, "split": "eval", **evaluate(before)})
+                        record({"step": ts.step, "split": "eval", "event": REPLACED, **evaluate(ts)})
                 if ts.opt_state is None:
                     ts = fresh_opt_state(ts)
             local = next(batches)

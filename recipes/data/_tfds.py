@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 from typing import Any
 
+from ..config import ConfigError
+
 
 def tfds_source(name: str, split: str, *, data_dir: str | None) -> Sequence[dict[str, Any]]:
     """A random-access source over a TFDS dataset prepared under `data_dir`.
@@ -15,7 +17,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | None) -> Sequence[dict
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.DatasetNotFoundError as e:
-        raise ValueError(
+        raise ConfigError(
             f"data.name={name!r} is not a TFDS dataset; use 'digits' or a TFDS name "
             "such as 'cifar10' or 'imagenet2012'."
         ) from e

@@ -4,9 +4,19 @@ import re
 import equinox as eqx
 import jax
 import lowrank
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from recipes._factorize_policy import POLICY_TARGETS, _rank_rule, apply_policy, check_policy
+from recipes._factorize_policy import (
+    POLICY_TARGETS,
+    _rank_rule,
+    apply_policy,
+    check_policy,
+    check_rank,
+    stable_rank,
+    stable_ranks,
+)
 from recipes.config import ConfigError, FactorizeConfig, ImageModelConfig, load_config
 from recipes.models import efficientnet_b0, resnet18
 
@@ -44,8 +54,10 @@ def config(policy, **factorize):
 
 def test_pufferfish_factorizes_the_last_stage_only():
     model, _ = resnet18(10, stem="cifar", width=8, key=jax.random.key(0))
-    assert apply_policy(model, config("none")) is model
-    small = apply_policy(model, config("pufferfish", rank=2))
+    same, no_plan = apply_policy(model, config("none"))
+    assert same is model and no_plan is None
+    small, plan = apply_policy(model, config("pufferfish", rank=2))
+    assert {lp.path for lp in plan.factorized} == {p for p in conv_paths(model) if p.startswith("layers.3.")}
     factorized = {
         jax.tree_util.keystr(path, simple=True, separator=".")
         for path, leaf in jax.tree_util.tree_leaves_with_path(small, is_leaf=lambda x: isinstance(x, lowrank.LowRankConv))
@@ -70,3 +82,70 @@ def test_bad_factorize_settings_are_config_errors():
         check_policy(config("khodak", rank="params:2"))
     effnet = dataclasses.replace(config("efficientnet"), model=ImageModelConfig(name="efficientnet_b0"))
     check_policy(effnet)
+
+
+def with_spectrum(shape, singular_values, seed):
+    """A weight of `shape` whose (out, fan_in) matrix has exactly these singular values."""
+    rng = np.random.default_rng(seed)
+    m, n = shape[0], int(np.prod(shape[1:]))
+    u, _ = np.linalg.qr(rng.normal(size=(m, m)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    s = np.zeros((m, n))
+    s[: len(singular_values), : len(singular_values)] = np.diag(singular_values)
+    return jnp.asarray((u @ s @ v.T).reshape(shape), jnp.float32)
+
+
+def test_stable_rank_is_squared_frobenius_over_squared_spectral_norm():
+    np.testing.assert_allclose(stable_rank(with_spectrum((4, 6), [3, 2, 1], 0)), 14 / 9, rtol=1e-5)
+    np.testing.assert_allclose(stable_rank(with_spectrum((8, 2, 3, 3), [1] * 8, 1)), 8, rtol=1e-5)
+
+
+def test_stable_ranks_round_up_and_scale_by_the_initial_weights():
+    mlp = eqx.nn.MLP(6, 4, 5, depth=2, key=jax.random.key(0))
+    trained = eqx.tree_at(lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [3, 2, 1], 2))
+    assert stable_ranks(trained, r"layers\.1") == {"layers.1": 2}  # ceil(14/9)
+    flat = eqx.tree_at(lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [1] * 5, 3))
+    assert stable_ranks(trained, r"layers\.1", initial=flat) == {"layers.1": 2}  # x 5/5
+    peaked = eqx.tree_at(lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [2, 1, 1, 1, 1], 4))
+    assert stable_ranks(trained, r"layers\.1", initial=peaked) == {"layers.1": 4}  # ceil(14/9 x 5/2)
+    assert stable_ranks(peaked, r"layers\.1", initial=trained) == {"layers.1": 5}  # capped at full
+
+
+def test_stable_rule_gives_each_layer_its_stable_rank():
+    model, _ = resnet18(10, stem="cifar", width=8, key=jax.random.key(0))
+    small, plan = apply_policy(model, config("pufferfish", rank="stable"))
+    for path, layer in selected_layers("pufferfish", model).items():
+        w = np.asarray(layer.weight, np.float64).reshape(layer.weight.shape[0], -1)
+        s = np.linalg.svd(w, compute_uv=False)
+        expected = int(np.ceil(np.sum(s**2) / s[0] ** 2))
+        lp = plan[path]
+        assert lp.rank == expected or (lp.rank is None and expected * sum(w.shape) >= w.size)
+
+
+def selected_layers(policy, model):
+    return {p: l for p, l in conv_paths(model).items() if p in selected(policy, model)}
+
+
+def test_new_factorize_settings_are_checked_before_compute():
+    cases = [
+        (config("none", warmup_steps=5), "factorize.warmup_steps=5 has no effect with factorize.policy='none'; choose a policy"),
+        (config("none", frobenius_decay=1e-4), "factorize.frobenius_decay=0.0001 has no effect with factorize.policy='none'"),
+        (config("khodak", warmup_steps=300), "factorize.warmup_steps=300 leaves no low-rank training within train.steps=300"),
+        (config("khodak", frobenius_decay=-1.0), "factorize.frobenius_decay=-1.0 must not be negative"),
+        (config("khodak", init="whitened"), "factorize.init='whitened' needs calibration images; set factorize.calibration"),
+        (config("khodak", calibration=64), "factorize.init='spectral' does not use calibration images; set factorize.calibration=0"),
+        (config("khodak", rank="stable:max"), "factorize.rank='stable:max' is not a stable rank rule; use 'stable' or 'stable:scaled'"),
+        (config("khodak", rank="stable:scaled"), "factorize.rank='stable:scaled' is the full rank at initialization; set factorize.warmup_steps > 0"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_policy(bad)
+    check_policy(config("khodak", rank="stable:scaled", warmup_steps=10, init="nkp", calibration=64))
+
+
+def test_a_budget_that_cannot_be_met_fails_before_training():
+    model, _ = resnet18(10, stem="cifar", width=8, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=re.escape("factorize.rank='params:0.01' with factorize.policy='khodak': Budget(params=0.01) cannot be met: rank 1 in every selected layer already needs")):
+        check_rank(model, config("khodak", rank="params:0.01"))
+    check_rank(model, config("khodak", rank="params:0.3"))
+    check_rank(model, config("khodak", rank="stable"))  # decided on trained weights: always fits

@@ -1,0 +1,100 @@
+"""Whitened SVD (SVD-LLM) against a float64 Cholesky reference, its optimality on the
+calibration data, degenerate data, and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowrank._initializers import LayerProblem, Spectral
+from lowrank._whitened import Whitened
+
+
+def cholesky_reference(w, x, rank, centre):
+    """SVD-LLM in float64: S = chol(XᵀX/N), W' = [W S]_r S⁻¹ (centred covariance if `centre`)."""
+    w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    mean = x.mean(axis=0) if centre else np.zeros(x.shape[1])
+    xc = x - mean
+    s = np.linalg.cholesky(xc.T @ xc / len(x))
+    U, S, Vt = np.linalg.svd(w @ s)
+    approx = (U[:, :rank] * S[:rank]) @ Vt[:rank] @ np.linalg.inv(s)
+    return approx, mean
+
+
+def inputs(rng, samples, dim, shift=0.5):
+    mix = rng.normal(size=(dim, dim)) * rng.uniform(0.1, 2.0, size=dim)
+    return jnp.asarray(rng.normal(size=(samples, dim)) @ mix + shift, jnp.float32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_cholesky_reference(with_bias):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(12, 6)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=12), jnp.float32) if with_bias else None
+    x = inputs(rng, 500, 6)
+    out = Whitened()(LayerProblem("fc", w, b, 2, None, x), key=None)
+    approx, mean = cholesky_reference(w, x, 2, centre=with_bias)
+    scale = np.abs(approx).max()
+    np.testing.assert_allclose(np.asarray(out.u @ out.v, np.float64), approx, atol=2e-4 * scale)
+    if with_bias:
+        expected_bias = np.asarray(b, np.float64) + (np.asarray(w, np.float64) - approx) @ mean
+        np.testing.assert_allclose(np.asarray(out.bias), expected_bias, atol=2e-4 * scale)
+    else:
+        assert out.bias is None
+    # Its error on the calibration data, recomputed in float64.
+    x64 = np.asarray(x, np.float64)
+    bias64 = 0.0 if b is None else np.asarray(b, np.float64)
+    new_bias = 0.0 if out.bias is None else np.asarray(out.bias, np.float64)
+    y = x64 @ np.asarray(w, np.float64).T + bias64
+    approx_y = x64 @ np.asarray(out.u @ out.v, np.float64).T + new_bias
+    assert out.function_error == pytest.approx(np.sum((y - approx_y) ** 2) / np.sum(y**2), rel=1e-3)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), samples=st.sampled_from([3, 40]), rank=st.integers(1, 3))
+def test_never_worse_than_spectral_on_calibration_data(seed, samples, rank):
+    """The linear output error on the calibration inputs: whitened ≤ spectral, always finite."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    x = inputs(rng, samples, 5)
+    problem = LayerProblem("fc", w, None, rank, None, x)
+    out, spectral = Whitened()(problem, key=None), Spectral()(problem, key=None)
+    assert np.all(np.isfinite(np.asarray(out.u))) and np.all(np.isfinite(np.asarray(out.v)))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+
+    def err(f):
+        return np.sum((x64 @ (w64 - np.asarray(f.u @ f.v, np.float64)).T) ** 2)
+
+    assert err(out) <= err(spectral) * (1 + 1e-4) + 1e-4 * np.sum((x64 @ w64.T) ** 2)
+
+
+def test_degenerate_calibration_data_is_stable():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=6), jnp.float32)
+    x = inputs(rng, 2, 5).at[:, 4].set(3.0)  # 2 samples < 5 dims, one constant feature
+    out = Whitened()(LayerProblem("fc", w, b, 2, jax.nn.relu, x), key=None)
+    for a in (out.u, out.v, out.bias):
+        assert np.all(np.isfinite(np.asarray(a)))
+    # Rank 2 >= the centred data's rank 1: the calibration outputs are reproduced.
+    assert out.function_error < 1e-6
+    # Constant (here all-zero) inputs carry no information: fall back to the plain SVD.
+    zero = Whitened()(LayerProblem("fc", w, None, 2, None, jnp.zeros((4, 5))), key=None)
+    U, S, Vt = np.linalg.svd(np.asarray(w, np.float64))
+    np.testing.assert_allclose(
+        np.asarray(zero.u @ zero.v), (U[:, :2] * S[:2]) @ Vt[:2], atol=1e-4 * S[0]
+    )
+    assert zero.function_error == 0.0
+
+
+def test_needs_calibration_inputs():
+    with pytest.raises(ValueError, match="init 'whitened' needs calibration inputs for enc.fc1"):
+        Whitened()(LayerProblem("enc.fc1", jnp.ones((3, 2)), None, 1), key=None)
+
+
+def test_non_finite_inputs_raise():
+    x = jnp.ones((4, 2)).at[1, 1].set(jnp.inf)
+    with pytest.raises(ValueError, match="calibration inputs for enc.fc1 contain NaN/inf"):
+        Whitened()(LayerProblem("enc.fc1", jnp.ones((3, 2)), None, 1, None, x), key=None)
