@@ -9,7 +9,7 @@ import numpy as np
 
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import Plan, make_plan
+from ._plan import Plan, check_rank_fits, make_plan
 from ._select import (
     check_is_model,
     is_layer,
@@ -18,7 +18,7 @@ from ._select import (
     walk_layers,
     weight_matrix,
 )
-from ._trace import Example, inputs_as_rows, output_positions, record_inputs
+from ._trace import Example, output_positions, record_inputs
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -85,7 +85,11 @@ def factorize(
     todo = {l.path: l for l in plan.factorized}
     layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
-    inputs = record_inputs(model, list(todo), calibration) if calibration is not None and todo else {}
+    inputs = (
+        record_inputs(model, list(todo), calibration, max_rows=MAX_CALIBRATION_ROWS)
+        if calibration is not None and todo
+        else {}
+    )
     key = jax.random.key(0) if key is None else key
     replacements, done = {}, []
     for i, (path, lp) in enumerate(todo.items()):
@@ -96,9 +100,7 @@ def factorize(
             bias=None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1)),
             rank=lp.rank,
             activation=activations.get(path),
-            inputs=None if path not in inputs else jnp.asarray(
-                inputs_as_rows(layer, inputs[path], max_rows=MAX_CALIBRATION_ROWS)
-            ),
+            inputs=None if path not in inputs else jnp.asarray(inputs[path]),
         )  # fmt: skip
         factors = initializer(problem, key=jax.random.fold_in(key, i))
         _check_factors(factors, problem, init_name)
@@ -128,8 +130,7 @@ def densify(model):
 def _positions(model, example) -> dict[str, int] | None:
     if example is None:
         return None
-    convs = [p for p, l in walk_layers(model) if isinstance(l, (eqx.nn.Conv, LowRankConv))]
-    return output_positions(model, convs, example) if convs else {}
+    return output_positions(model, [p for p, _ in walk_layers(model)], example)
 
 
 def _check_plan_fits(plan: Plan, model) -> Plan:
@@ -142,17 +143,19 @@ def _check_plan_fits(plan: Plan, model) -> Plan:
             raise ValueError(
                 f"plan layer {lp.path} is not in this model; was the plan made for another model?"
             )
+        if lp.rank is None:
+            continue
+        if isinstance(layer, (LowRankLinear, LowRankConv)):
+            raise ValueError(
+                f"plan layer {lp.path} is already a {type(layer).__name__}; "
+                "lowrank.densify(model) first to re-factorize it"
+            )
         if tuple(layer.weight.shape) != tuple(lp.shape):
             raise ValueError(
                 f"plan layer {lp.path} has shape {tuple(lp.shape)} but the model's weight is "
                 f"{tuple(layer.weight.shape)}; re-plan with lowrank.plan(model, ...)"
             )
-        if lp.rank is not None:
-            m, n = lp.matrix_shape
-            if isinstance(lp.rank, bool) or not isinstance(lp.rank, int) or not 0 < lp.rank <= min(m, n):
-                raise ValueError(
-                    f"plan rank {lp.rank!r} for {lp.path} must be an int in [1, min({m}, {n})]"
-                )
+        check_rank_fits(lp.path, layer, lp.rank)
     return plan
 
 
@@ -195,7 +198,8 @@ def _measured(lp, problem: LayerProblem, factors: Factors):
     w = np.asarray(problem.weight, np.float64)
     approx = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
     err = np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30)
-    return dataclasses.replace(lp, weight_error=float(err), function_error=factors.function_error)
+    f_err = None if factors.function_error is None else float(factors.function_error)
+    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
 
 
 def _lowrank_twin(layer, factors: Factors):

@@ -109,13 +109,20 @@ class LowRankConv(eqx.Module):
             )
         if lowering not in ("einsum", "conv"):
             raise ValueError(f"lowering must be 'einsum' or 'conv', got {lowering!r}")
+        if bias is not None and bias.shape != (u.shape[0],):
+            raise ValueError(f"bias must have shape ({u.shape[0]},), got {bias.shape}")
+        spatial = v.ndim - 2
         self.u, self.v, self.bias = u, v, bias
         self.out_channels, self.rank = u.shape
         self.in_channels = v.shape[1]
         self.kernel_size = tuple(v.shape[2:])
-        self.num_spatial_dims = v.ndim - 2
-        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
-        self.padding_mode = padding_mode
+        self.num_spatial_dims = spatial
+        self.stride = _per_dim(stride, spatial, "stride")
+        self.dilation = _per_dim(dilation, spatial, "dilation")
+        self.padding = _padding(padding, spatial)
+        self.padding_mode = padding_mode.upper()
+        if self.padding_mode not in ("ZEROS", *_NUMPY_PAD_MODES):
+            raise ValueError(f"padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR, got {padding_mode!r}")
         self.lowering = lowering
 
     @property
@@ -150,6 +157,26 @@ class LowRankConv(eqx.Module):
 
 
 _NUMPY_PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}
+
+
+def _per_dim(value, spatial: int, name: str) -> tuple[int, ...]:
+    """An int or a sequence of ints, as one int per spatial dim (as eqx.nn.Conv takes them)."""
+    values = (value,) * spatial if isinstance(value, int) else tuple(value)
+    if len(values) != spatial:
+        raise ValueError(f"{name} needs {spatial} values (one per spatial dim), got {value!r}")
+    return values
+
+
+def _padding(padding, spatial: int):
+    """eqx.nn.Conv's padding forms: 'SAME'/'SAME_LOWER'/'VALID', an int, ints or (lo, hi) pairs."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * spatial
+    pads = tuple(padding)
+    if len(pads) != spatial:
+        raise ValueError(f"padding needs {spatial} entries (one per spatial dim), got {padding!r}")
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
 
 
 def pad_for_conv(layer, x):

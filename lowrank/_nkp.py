@@ -108,7 +108,7 @@ class NKP(eqx.Module):
 
 def affordable_iterations(iterations: int, m: int, n: int, rank: int) -> int:
     """Cap subspace steps so their 4·m·n·r flops each stay within ~1.5 SVDs (~m·n·min(m, n)·8)."""
-    return min(iterations, max(1, (3 * min(m, n)) // rank))
+    return min(iterations, (3 * min(m, n)) // rank)
 
 
 # ----------------------------------------------------------------------------- Gaussian

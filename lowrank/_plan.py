@@ -16,7 +16,7 @@ import equinox as eqx
 import numpy as np
 
 from ._initializers import singular_values
-from ._select import Candidate, matches, select, weight_matrix
+from ._select import Candidate, matches, select, skip_reason, weight_matrix
 
 PLAN_FORMAT = 1
 
@@ -68,6 +68,7 @@ class LayerPlan:
     positions: int | None = None
     weight_error: float | None = None
     function_error: float | None = None
+    factorizable: bool = True
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -79,9 +80,12 @@ def layer_costs(
 ) -> tuple[int, int, int, int]:
     """(params before, params after, FLOPs before, FLOPs after) for rank (None = dense).
 
-    FLOPs count multiply and add (2 per MAC) for one example; a conv's are per
-    output position times `positions` (taken as 1 when the input size is unknown).
+    FLOPs count multiply and add (2 per MAC) for one example: per output vector times
+    `positions`, the output vectors per example (conv output positions, tokens of a
+    vmapped Linear), taken as 1 when unknown.
     """
+    if not shape:  # a tied weight (eqx.nn.Shared): counted where it lives
+        return 0, 0, 0, 0
     m, n = shape[0], math.prod(shape[1:])
     b = m if bias else 0
     dense = m * n
@@ -114,13 +118,17 @@ class Plan:
         return {k: sum(getattr(l, k) for l in self.layers) for k in keys}
 
     def with_rank(self, path: str, rank: int | None) -> "Plan":
-        """A copy with one layer's rank changed (None keeps it dense); costs recomputed."""
+        """A copy with one layer's rank changed (None keeps it dense); costs recomputed.
+
+        Refuses ranks the planner would refuse: on skipped layers (depthwise, tied...),
+        above full rank, or past break-even.
+        """
         old = self[path]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-            raise ValueError(f"rank for {path} must be a positive int or None, got {rank!r}")
+        if rank is not None and not old.factorizable:
+            raise ValueError(f"layer {path} cannot be factorized: {old.skipped}")
+        if rank is not None:
+            _check_rank_value(path, old.matrix_shape, rank)
         m, n = old.matrix_shape
-        if rank is not None and rank > min(m, n):
-            raise ValueError(f"rank {rank} > min({m}, {n}) for {path}; choose rank <= {min(m, n)}")
         has_bias = old.params_before > m * n
         costs = layer_costs(old.shape, rank, bias=has_bias, positions=old.positions)
         new = dataclasses.replace(
@@ -192,6 +200,27 @@ class Plan:
             lines.append(f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _check_rank_value(path: str, matrix_shape: tuple[int, int], rank) -> None:
+    m, n = matrix_shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank for {path} must be a positive int or None, got {rank!r}")
+    if rank > min(m, n):
+        raise ValueError(f"rank {rank} > min({m}, {n}) for {path}; choose rank <= {min(m, n)}")
+    if rank * (m + n) >= m * n:
+        raise ValueError(
+            f"rank {rank} for {path} is past break-even ({rank * (m + n)} >= {m * n} dense "
+            f"params); choose rank < {m * n / (m + n):.1f} or keep the layer dense (None)"
+        )
+
+
+def check_rank_fits(path: str, layer, rank) -> None:
+    """Raise unless `layer` can be factorized at `rank` (for plans edited by hand)."""
+    reason = skip_reason(layer)
+    if reason is not None:
+        raise ValueError(f"layer {path} cannot be factorized: {reason}")
+    _check_rank_value(path, tuple(weight_matrix(layer).shape), rank)
 
 
 def _human(x: int) -> str:
@@ -335,7 +364,7 @@ def make_plan(
             LayerPlan(
                 path=c.path,
                 kind=_kind(c.layer),
-                shape=tuple(int(d) for d in w.shape),
+                shape=tuple(int(d) for d in w.shape) if eqx.is_array(w) else (),
                 rank=None,
                 params_before=0,
                 params_after=0,
@@ -344,6 +373,7 @@ def make_plan(
                 init=init,
                 skipped=c.skipped,
                 positions=positions.get(c.path),
+                factorizable=c.skipped is None,
             )
         )
         if c.skipped is None:
@@ -394,8 +424,11 @@ def make_plan(
         t = plan.totals()
         budget["achieved"] = t[f"{kind}_after"] / t[f"{kind}_before"]
         plan.budget = budget
-    if any(lp.positions is None and lp.kind.startswith("Conv") for lp in layers):
-        plan.notes.append("conv FLOPs are per output position (pass example= for totals)")
+    if any(lp.positions is None for lp in layers):
+        plan.notes.append(
+            "FLOPs count each layer once (a conv: per output position); pass example= "
+            "to count positions and tokens"
+        )
     return plan
 
 

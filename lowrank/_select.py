@@ -22,6 +22,7 @@ from ._layers import LowRankConv, LowRankLinear
 
 Pattern = str | Sequence[str]
 DENSE_TYPES = (eqx.nn.Linear, eqx.nn.Conv)
+UNSUPPORTED_TYPES = (eqx.nn.ConvTranspose,)  # listed in plans as skipped, never factorized
 LOWRANK_TYPES = (LowRankLinear, LowRankConv)
 
 
@@ -65,13 +66,21 @@ def check_is_model(model, fn_name: str) -> None:
 
 
 def is_layer(x) -> bool:
-    return isinstance(x, DENSE_TYPES + LOWRANK_TYPES)
+    return isinstance(x, DENSE_TYPES + LOWRANK_TYPES + UNSUPPORTED_TYPES)
 
 
 def walk_layers(model) -> list[tuple[str, eqx.Module]]:
     """Every dense or factorized layer in the model, in pytree order, with its path."""
     flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_layer)
-    return [(key_path_to_str(kp), leaf) for kp, leaf in flat if is_layer(leaf)]
+    layers = [(key_path_to_str(kp), leaf) for kp, leaf in flat if is_layer(leaf)]
+    paths = [p for p, _ in layers]
+    clashes = sorted({p for p in paths if paths.count(p) > 1})
+    if clashes:
+        raise ValueError(
+            f"two layers share the dotted path(s) {clashes} (a dict key containing '.'?); "
+            "rename the keys so every layer has its own path"
+        )
+    return layers
 
 
 def identity(x):
@@ -116,6 +125,10 @@ def skip_reason(layer) -> str | None:
     """Why a dense layer cannot be factorized, or None if it can."""
     if isinstance(layer, LOWRANK_TYPES):
         return "already low-rank"
+    if isinstance(layer, UNSUPPORTED_TYPES):
+        return f"{type(layer).__name__} is not supported yet"
+    if not eqx.is_array(layer.weight):
+        return "weight is tied to another layer (eqx.nn.Shared)"
     if isinstance(layer, eqx.nn.Linear):
         if layer.in_features == "scalar" or layer.out_features == "scalar":
             return "scalar Linear (nothing to factorize)"

@@ -2,6 +2,7 @@
 
 The plan says which layers are factorized at which rank, so `load` rebuilds the
 factorized skeleton from a freshly constructed dense model and fills in the leaves.
+Kernel settings (`with_kernels`) are not saved: loaded layers use the defaults.
 """
 
 from pathlib import Path
@@ -11,7 +12,9 @@ import equinox as eqx
 
 from ._factorize import factorize
 from ._initializers import Factors, LayerProblem
+from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan
+from ._select import walk_layers
 
 
 def _plan_path(path: Path) -> Path:
@@ -22,6 +25,15 @@ def save(path, model, plan: Plan) -> None:
     """Write `model`'s leaves to `path` and `plan` to `path + '.plan.json'`."""
     if not isinstance(plan, Plan):
         raise TypeError("save needs the Plan the model was factorized with (factorize(..., return_plan=True))")
+    in_model = {
+        p: layer.rank for p, layer in walk_layers(model) if isinstance(layer, (LowRankLinear, LowRankConv))
+    }
+    in_plan = {l.path: l.rank for l in plan.factorized}
+    if in_model != in_plan:
+        raise ValueError(
+            f"the plan does not describe this model: model has low-rank layers {in_model}, "
+            f"plan lists {in_plan}; pass the plan factorize(..., return_plan=True) returned"
+        )
     path = Path(path)
     eqx.tree_serialise_leaves(path, model)
     _plan_path(path).write_text(plan.to_json())

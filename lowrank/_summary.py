@@ -50,22 +50,25 @@ class Summary:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         if self.flops_per_position:
-            lines.append("note: conv FLOPs are per output position (pass example= for totals)")
+            lines.append("note: FLOPs count each layer once, a conv per output position (pass example= for totals)")
         return "\n".join(lines)
 
 
 def summary(model, *, example: Example | None = None) -> Summary:
     """Count parameters and FLOPs (multiply + add, one example) of every Linear/Conv layer.
 
-    Conv FLOPs depend on the input size: pass `example` (an unbatched input array or
-    ShapeDtypeStruct, or a callable fn(model)) to count every output position.
+    FLOPs depend on how often a layer runs per example (conv output positions, a
+    Linear vmapped over tokens): pass `example` (one unbatched input array or
+    ShapeDtypeStruct, or a callable fn(model) running one example) to count them;
+    without it each layer counts once (a conv: per output position).
     """
     check_is_model(model, "summary")
     layers = walk_layers(model)
-    convs = [p for p, l in layers if isinstance(l, (eqx.nn.Conv, LowRankConv))]
-    positions = output_positions(model, convs, example) if example is not None and convs else {}
+    positions = output_positions(model, [p for p, _ in layers], example) if example is not None else {}
     rows = []
     for path, layer in layers:
+        if not (isinstance(layer, (LowRankLinear, LowRankConv)) or eqx.is_array(layer.weight)):
+            continue  # a tied weight (eqx.nn.Shared) is counted where it lives
         lowrank = isinstance(layer, (LowRankLinear, LowRankConv))
         shape = layer.dense_shape if lowrank else tuple(int(d) for d in layer.weight.shape)
         rank = layer.rank if lowrank else None
@@ -75,4 +78,4 @@ def summary(model, *, example: Example | None = None) -> Summary:
         rows.append(LayerSummary(path, type(layer).__name__, shape, rank, params, flops))
     arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
     total = int(sum(np.prod(a.shape) for a in arrays))
-    return Summary(rows, total, flops_per_position=bool(convs) and example is None)
+    return Summary(rows, total, flops_per_position=example is None)

@@ -1,11 +1,12 @@
-"""Watch selected layers while the model runs: their inputs (calibration) or output shapes.
+"""Watch selected layers while the model runs: their inputs (calibration), or how often
+they run per example (FLOP counting).
 
-Each watched layer is wrapped in a tap that passes its input through unchanged and
-reports it to the host (`jax.debug.callback`, so it works under jit and vmap) or,
-for shapes, records the output shape at trace time (`jax.eval_shape`, no compute).
+Each watched layer is wrapped in a tap that hands its input to the host through
+`jax.pure_callback(..., vmap_method="expand_dims")`: under `vmap` (users batch Equinox
+models with it) the host sees the whole batch in one call, not one call per example.
+The callback's zero result is added to the input so the tap is never dead code.
 """
 
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._layers import pad_for_conv
-from ._select import is_layer, key_path_to_str
+from ._layers import LowRankLinear, pad_for_conv
+from ._select import is_layer, key_path_to_str, walk_layers
 
 Example = Callable | jax.Array | jax.ShapeDtypeStruct | np.ndarray
 
@@ -26,78 +27,112 @@ class _Tap(eqx.Module):
     layer: eqx.Module
     path: str = eqx.field(static=True)
     sink: Callable = eqx.field(static=True)
-    on_output: bool = eqx.field(static=True)
 
     def __call__(self, x, *args, **kwargs):
-        if self.on_output:
-            y = self.layer(x, *args, **kwargs)
-            self.sink(self.path, y.shape)
-            return y
-        jax.debug.callback(functools.partial(self.sink, self.path), x)
-        return self.layer(x, *args, **kwargs)
+        unbatched = x.ndim
+        path, sink = self.path, self.sink
+
+        def receive(value):
+            value = np.asarray(value)
+            sink(path, value)
+            return np.zeros(value.shape[: value.ndim - unbatched], np.float32)
+
+        done = jax.pure_callback(
+            receive, jax.ShapeDtypeStruct((), jnp.float32), x, vmap_method="expand_dims"
+        )
+        return self.layer(x + done.astype(x.dtype), *args, **kwargs)
 
 
-def _with_taps(model, paths: set[str], sink: Callable, on_output: bool):
+def _with_taps(model, paths: set[str], sink: Callable):
     def wrap(key_path, leaf):
         path = key_path_to_str(key_path)
-        return _Tap(leaf, path, sink, on_output) if path in paths else leaf
+        return _Tap(leaf, path, sink) if path in paths else leaf
 
     return jax.tree_util.tree_map_with_path(wrap, model, is_leaf=is_layer)
 
 
-def _run(model, example: Example, *, shapes_only: bool):
-    if callable(example) and not isinstance(example, (jax.Array, np.ndarray)):
-        call = example
-    elif shapes_only:
-        call = lambda m: m(example)  # noqa: E731  (an unbatched example input)
+def _run(model, data: Example, *, batched: bool):
+    if callable(data) and not isinstance(data, (jax.Array, np.ndarray)):
+        call = data
+    elif batched:
+        call = lambda m: jax.vmap(m)(data)  # noqa: E731  (a batch of inputs)
     else:
-        call = lambda m: jax.vmap(m)(example)  # noqa: E731  (a batch of inputs)
-    if shapes_only:
-        eqx.filter_eval_shape(call, model)
-    else:
-        jax.block_until_ready(eqx.filter_jit(call)(model))
-        jax.effects_barrier()
+        if isinstance(data, jax.ShapeDtypeStruct):
+            data = jnp.zeros(data.shape, data.dtype)
+        call = lambda m: m(data)  # noqa: E731  (one unbatched input)
+    jax.block_until_ready(eqx.filter_jit(call)(model))
+    jax.effects_barrier()
 
 
 def output_positions(model, paths: list[str], example: Example) -> dict[str, int]:
-    """Number of output positions (product of spatial dims) of each listed layer."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    tapped = _with_taps(model, set(paths), lambda p, s: shapes.setdefault(p, tuple(s)), True)
-    _run(tapped, example, shapes_only=True)
-    return {p: math.prod(s[1:]) for p, s in shapes.items()}
+    """Output vectors each listed layer produces per example: applications (e.g. tokens
+    under a vmap) times spatial positions for convs. Runs the model once on `example`."""
+    layers = dict(walk_layers(model))
+    counts: dict[str, int] = defaultdict(int)
+
+    def sink(path, value):
+        layer = layers[path]
+        if isinstance(layer, (eqx.nn.Linear, LowRankLinear)):
+            calls, per_call = value.shape[:-1], 1
+        else:
+            spatial = layer.num_spatial_dims
+            calls = value.shape[: value.ndim - spatial - 1]
+            per_call = math.prod(_out_spatial(layer, value.shape[value.ndim - spatial :]))
+        counts[path] += math.prod(calls) * per_call
+
+    _run(_with_taps(model, set(paths), sink), example, batched=False)
+    return dict(counts)
 
 
-def record_inputs(model, paths: list[str], calibration: Example) -> dict[str, np.ndarray]:
-    """Inputs each listed layer saw on the calibration data, stacked along axis 0.
+def _out_spatial(layer, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    shape = jax.eval_shape(layer, jax.ShapeDtypeStruct((layer.in_channels, *spatial), jnp.float32))
+    return shape.shape[1:]
+
+
+def record_inputs(
+    model, paths: list[str], calibration: Example, *, max_rows: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs each listed layer saw on the calibration data, as (rows, fan_in) matrices.
 
     `calibration` is a batch of model inputs (leading batch axis; the model is
     vmapped over it) or a callable `fn(model)` that runs the model on real data.
+    Each host call is turned into rows (conv: patches) and subsampled at once, so
+    memory stays O(max_rows · fan_in) whatever the data size or input shapes.
     """
+    layers = dict(walk_layers(model))
+    rng = np.random.default_rng(seed)
     store: dict[str, list[np.ndarray]] = defaultdict(list)
-    tapped = _with_taps(model, set(paths), lambda p, x: store[p].append(np.asarray(x)), False)
-    _run(tapped, calibration, shapes_only=False)
+
+    def sink(path, value):
+        store[path].append(_subsample(inputs_as_rows(layers[path], value), max_rows, rng))
+
+    _run(_with_taps(model, set(paths), sink), calibration, batched=True)
     missing = [p for p in paths if p not in store]
     if missing:
         raise ValueError(
             f"calibration never ran layers {missing[:5]}; make sure calibration "
             "(a batch of inputs, or fn(model)) calls the model through those layers"
         )
-    return {p: np.stack(v) for p, v in store.items()}
+    return {p: _subsample(np.concatenate(v), max_rows, rng) for p, v in store.items()}
 
 
-def inputs_as_rows(layer, inputs: np.ndarray, *, max_rows: int, seed: int = 0) -> np.ndarray:
-    """Calibration inputs in the layer's matrix input space: (rows, fan_in).
+def _subsample(rows: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    if len(rows) <= max_rows:
+        return rows
+    return rows[np.sort(rng.choice(len(rows), max_rows, replace=False))]
+
+
+def inputs_as_rows(layer, inputs: np.ndarray) -> np.ndarray:
+    """Layer inputs (any leading batch dims) in the layer's matrix input space: (rows, fan_in).
 
     Linear: the input vectors. Conv: the image patches the kernel multiplies, in the
-    (in, *kernel) order of `weight.reshape(out, -1)`. Subsampled to `max_rows`.
+    (in, *kernel) order of `weight.reshape(out, -1)`.
     """
     if isinstance(layer, eqx.nn.Linear):
         rows = inputs.reshape(-1, layer.weight.shape[1])
     else:
-        rows = _conv_patches(layer, inputs.reshape(-1, *inputs.shape[-layer.num_spatial_dims - 1 :]))
-    if len(rows) > max_rows:
-        pick = np.random.default_rng(seed).choice(len(rows), max_rows, replace=False)
-        rows = rows[np.sort(pick)]
+        images = inputs.reshape(-1, *inputs.shape[inputs.ndim - layer.num_spatial_dims - 1 :])
+        rows = _conv_patches(layer, images)
     return np.asarray(rows, dtype=np.float32)
 
 

@@ -194,7 +194,7 @@ TASKS = {"text_lm": text_lm, "text_student": text_student}
 
 def report(model, history: list[dict], batch_size: int, length: int) -> dict:
     """Validation loss / bits per byte (last eval), latent-list accuracy, inference
-    tokens/s and the median train step time."""
+    tokens/s and the mean train step time."""
     last = [r for r in history if r["split"] == "eval"][-1]
     accuracy, n_tasks = st.latent_list_accuracy(model)
     return {

@@ -43,7 +43,6 @@ from .distill import kd_token_losses, salt_alpha, salt_ds_scores, select_hard_le
 from .longcontext import likelihood_accuracy, make_list_tasks
 from .models import BYTE_VOCAB, Transformer
 
-MODES = ("ce", "kd", "salt", "salt_ds")
 FACTORIZE_TARGET = r"blocks\.\d+\.(attn\.(query|key|value|output)_proj|mlp\.fc[12])"
 _MLP_IN = re.compile(r"blocks\.\d+\.mlp\.fc1")
 

@@ -133,6 +133,11 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded(x), low(x))
     with pytest.raises(FileNotFoundError, match="written by lowrank.save"):
         lowrank.load(tmp_path / "missing.eqx", fresh_dense)
+    with pytest.raises(TypeError, match="save needs the Plan"):
+        lowrank.save(tmp_path / "x.eqx", low, None)
+    other_plan = lowrank.plan(model, rank=1)
+    with pytest.raises(ValueError, match="the plan does not describe this model"):
+        lowrank.save(tmp_path / "x.eqx", low, other_plan)
 
 
 def test_random_init_matches_dense_entry_variance():
@@ -221,3 +226,139 @@ def test_whole_model_agrees_between_pallas_and_xla_kernels():
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="impl must be one of"):
         lowrank.with_kernels(low, impl="cuda")
+
+
+class _TokenMLP(eqx.Module):
+    """A conv patch embedding, then a Linear vmapped over the 16 tokens: the ViT pattern."""
+
+    embed: eqx.nn.Conv2d
+    fc: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Conv2d(3, 32, 4, stride=4, key=k1)
+        self.fc = eqx.nn.Linear(32, 64, key=k2)
+
+    def __call__(self, x):
+        tokens = self.embed(x).reshape(32, -1).T  # (16, 32)
+        return jax.vmap(self.fc)(tokens).mean(0)
+
+
+def test_flops_count_every_token_a_vmapped_linear_sees():
+    model = _TokenMLP(key=KEY)
+    plan = lowrank.plan(model, rank=4, example=jnp.zeros((3, 16, 16)))
+    assert plan["fc"].positions == 16 and plan["embed"].positions == 16
+    assert plan["fc"].flops_before == 16 * (2 * 64 * 32 + 64)
+    low = lowrank.factorize(model, plan=plan)
+    s = lowrank.summary(low, example=jnp.zeros((3, 16, 16)))
+    assert {l.path: l.flops for l in s.layers}["fc"] == 16 * (2 * 4 * (64 + 32) + 64)
+
+
+def test_calibration_sees_every_token_in_one_host_call_per_batch():
+    seen = {}
+
+    class Recorder:
+        calibration = "required"
+
+        def __call__(self, problem, *, key):
+            seen[problem.path] = np.asarray(problem.inputs)
+            return lowrank.Spectral()(problem, key=key)
+
+    model = _TokenMLP(key=KEY)
+    xs = jax.random.normal(KEY, (5, 3, 16, 16))
+    lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs)
+    tokens = jax.vmap(lambda x: model.embed(x).reshape(32, -1).T)(xs).reshape(-1, 32)
+    np.testing.assert_allclose(np.sort(seen["fc"], 0), np.sort(np.asarray(tokens), 0), rtol=1e-5, atol=1e-5)
+    # a callable calibration with differently sized images works too
+    lowrank.factorize(
+        model, rank=2, init=Recorder(),
+        calibration=lambda m: (jax.vmap(m.embed)(xs), jax.vmap(m.embed)(xs[:, :, :8, :12])),
+        target=["embed"],
+    )  # fmt: skip
+    assert seen["embed"].shape == (5 * 16 + 5 * 6, 48)
+    with pytest.raises(ValueError, match=r"calibration never ran layers \['fc'\]"):
+        lowrank.factorize(model, rank=2, init=Recorder(), calibration=lambda m: jax.vmap(m.embed)(xs))
+
+
+def test_edited_plans_are_checked_against_the_model():
+    class WithDepthwise(eqx.Module):
+        dw: eqx.nn.Conv2d
+        fc: eqx.nn.Linear
+
+        def __init__(self):
+            self.dw = eqx.nn.Conv2d(8, 8, 3, groups=8, key=KEY)
+            self.fc = eqx.nn.Linear(10, 12, key=KEY)
+
+    plan = lowrank.plan(WithDepthwise(), rank=2)
+    with pytest.raises(ValueError, match=r"layer dw cannot be factorized: depthwise conv \(groups=8\)"):
+        plan.with_rank("dw", 1)
+    with pytest.raises(ValueError, match=r"rank 6 for fc is past break-even \(132 >= 120 dense params\)"):
+        plan.with_rank("fc", 6)
+    low = lowrank.factorize(WithDepthwise(), plan=plan)
+    with pytest.raises(ValueError, match="plan layer fc is already a LowRankLinear; lowrank.densify"):
+        lowrank.factorize(low, plan=plan)
+    forged = lowrank.Plan.from_json(plan.to_json().replace('"rank": null', '"rank": 2', 1))
+    with pytest.raises(ValueError, match="layer dw cannot be factorized"):
+        lowrank.factorize(WithDepthwise(), plan=forged)
+    with pytest.raises(ValueError, match="not a lowrank plan"):
+        lowrank.Plan.from_json('{"layers": []}')
+    with pytest.raises(TypeError, match="plan must be a lowrank.Plan"):
+        lowrank.factorize(WithDepthwise(), plan={"fc": 2})
+
+
+def test_tied_transposed_and_clashing_layers_are_reported_not_broken():
+    class Odd(eqx.Module):
+        shared: eqx.nn.Shared
+        up: eqx.nn.ConvTranspose2d
+        fc: eqx.nn.Linear
+
+        def __init__(self):
+            a, b = eqx.nn.Linear(16, 16, key=KEY), eqx.nn.Linear(16, 16, key=jax.random.key(1))
+            self.shared = eqx.nn.Shared((a, b), lambda p: p[1].weight, lambda p: p[0].weight)
+            self.up = eqx.nn.ConvTranspose2d(4, 4, 3, key=KEY)
+            self.fc = eqx.nn.Linear(16, 16, key=KEY)
+
+    plan = lowrank.plan(Odd(), rank=2)
+    reasons = {l.path: l.skipped for l in plan.layers if l.rank is None}
+    assert reasons["up"] == "ConvTranspose2d is not supported yet"
+    assert any("tied" in (r or "") for r in reasons.values())
+    assert plan["fc"].rank == 2
+    assert "fc" in {l.path for l in lowrank.summary(Odd()).layers}
+    clash = {"a.b": eqx.nn.Linear(4, 4, key=KEY), "a": {"b": eqx.nn.Linear(4, 4, key=KEY)}}
+    with pytest.raises(ValueError, match=r"two layers share the dotted path\(s\) \['a.b'\]"):
+        lowrank.plan(clash, rank=1)
+
+
+def test_initializer_contract_is_enforced():
+    class Wrong:
+        calibration = "never"
+
+        def __call__(self, problem, *, key):
+            m, n = problem.weight.shape
+            return lowrank.Factors(jnp.zeros((m, 1)), jnp.zeros((1, n)), problem.bias)
+
+    class NaNs:
+        calibration = "never"
+
+        def __call__(self, problem, *, key):
+            u, v, b, _ = lowrank.Spectral()(problem, key=key)
+            return lowrank.Factors(u * jnp.nan, v, b)
+
+    class NeedsData:
+        calibration = "required"
+
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    with pytest.raises(ValueError, match=r"returned u \(32, 1\), v \(1, 20\) for layers.0; expected \(32, 3\)"):
+        lowrank.factorize(mlp(key=KEY), rank=3, init=Wrong())
+    with pytest.raises(ValueError, match="produced non-finite factors for layers.0"):
+        lowrank.factorize(mlp(key=KEY), rank=3, init=NaNs())
+    with pytest.raises(ValueError, match="needs calibration data: pass calibration="):
+        lowrank.factorize(mlp(key=KEY), rank=3, init=NeedsData())
+    with pytest.raises(TypeError, match="init must be a registered name or an initializer object"):
+        lowrank.factorize(mlp(key=KEY), rank=3, init=3)
+    with pytest.raises(TypeError, match="must be callable as init"):
+        lowrank.register_initializer("bad", object())
+    with pytest.raises(ValueError, match="no layer selected"):
+        lowrank.plan(mlp(key=KEY), rank=2, where=lambda p, l: False)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import lowrank
 
+from ._models import with_exact_rank
+
 
 def _np_conv(x, w, stride, padding, dilation):
     """Direct float64 cross-correlation: x (C, *S), w (O, C, *K), explicit (lo, hi) padding."""
@@ -68,10 +70,22 @@ def test_lowrank_conv_matches_float64_reference(spatial, stride, padding, dilati
 @pytest.mark.parametrize("mode", ["REFLECT", "REPLICATE", "CIRCULAR"])
 def test_lowrank_conv_padding_modes_match_equinox(mode):
     key = jax.random.key(1)
-    conv = eqx.nn.Conv2d(2, 4, 3, padding="SAME", padding_mode=mode, key=key)
-    low = lowrank.factorize(conv, rank=4, target=None)
-    x = jax.random.normal(key, (2, 6, 6))
+    conv = with_exact_rank(eqx.nn.Conv2d(2, 4, 3, stride=2, padding="SAME", padding_mode=mode, key=key), 2, key=key)
+    low = lowrank.factorize(conv, rank=2)
+    assert isinstance(low, lowrank.LowRankConv) and low.padding_mode == mode
+    x = jax.random.normal(key, (2, 7, 7))
     np.testing.assert_allclose(low(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_conv_normalizes_arguments_like_equinox():
+    conv = lowrank.LowRankConv(jnp.ones((4, 2)), jnp.ones((2, 3, 3, 3)), stride=1, padding=1, dilation=1, padding_mode="reflect")
+    assert conv.stride == (1, 1) and conv.padding == ((1, 1), (1, 1)) and conv.padding_mode == "REFLECT"
+    with pytest.raises(ValueError, match=r"stride needs 2 values \(one per spatial dim\)"):
+        lowrank.LowRankConv(jnp.ones((4, 2)), jnp.ones((2, 3, 3, 3)), stride=(1,), padding=0, dilation=1)
+    with pytest.raises(ValueError, match="padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR"):
+        lowrank.LowRankConv(jnp.ones((4, 2)), jnp.ones((2, 3, 3, 3)), stride=1, padding=0, dilation=1, padding_mode="mirror")
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        lowrank.LowRankConv(jnp.ones((4, 2)), jnp.ones((2, 3, 3, 3)), jnp.ones(1), stride=1, padding=0, dilation=1)
 
 
 def _linear():

@@ -72,3 +72,26 @@ def test_frobenius_decay_needs_params():
     decay = frobenius_decay(0.1)
     with pytest.raises(ValueError, match=r"frobenius_decay needs params: call update\(grads, state, params\)"):
         decay.update({"w": jnp.ones(2)}, decay.init({"w": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_decays_factors_through_their_product_and_the_rest_plainly(name):
+    from recipes.config import OptimConfig
+    from recipes.train import make_optimizer
+
+    with jax.enable_x64(True):
+        model = jax.tree.map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x,
+            net(jax.random.key(2)),
+        )
+        params = eqx.filter(model, eqx.is_inexact_array)
+        config = OptimConfig(name=name, lr=1.0, momentum=0.0, weight_decay=0.1)
+        optimizer, _ = make_optimizer(config, 1, frobenius_decay=0.2)
+        zero = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = optimizer.update(zero, optimizer.init(params), params)
+        # Zero gradients: SGD and AdamW alike move only by the decay terms, negated.
+        penalty_grads = eqx.filter_grad(lambda m: penalty(m, 0.2))(model)
+        np.testing.assert_allclose(updates.conv.u, -penalty_grads.conv.u, rtol=1e-10)
+        np.testing.assert_allclose(updates.fc.v, -penalty_grads.fc.v, rtol=1e-10)
+        np.testing.assert_allclose(updates.head.weight, -0.1 * params.head.weight, rtol=1e-10)
+        np.testing.assert_allclose(updates.fc.bias, -0.1 * params.fc.bias, rtol=1e-10)

@@ -21,7 +21,7 @@ from recipes._text_task import (
     run_text,
 )
 from recipes.config import Config, ConfigError, OptimConfig, TrainConfig
-from recipes.distill import salt_ds_scores
+from recipes.distill import kd_loss, salt_ds_scores
 from recipes.models import Transformer
 from recipes.train import make_optimizer, train
 
@@ -128,6 +128,22 @@ def test_kd_training_lowers_the_kl_to_the_teacher():
     assert after < 0.85 * before
 
 
+def test_distill_loss_mixes_ce_and_kd_per_example():
+    teacher, student = _teacher(embed_std=1.0), _teacher(key=5)
+    ids = _ids(2, length=9)
+    loss_fn = st.make_distill_loss(2.0)
+    batch = {"ids": ids, "alpha": jnp.asarray([0.0, 1.0])}
+    loss, (state, metrics) = loss_fn(student, teacher, batch, jr.key(0))
+    s, t = jax.vmap(student)(ids[:, :-1]), jax.vmap(teacher)(ids[:, :-1])
+    ce = kd_loss(s[0], t[0], ids[0, 1:], alpha=0.0, temperature=2.0)
+    kd = kd_loss(s[1], t[1], ids[1, 1:], alpha=1.0, temperature=2.0)
+    np.testing.assert_allclose(loss, (ce + kd) / 2, rtol=1e-5)
+    assert state is teacher and float(metrics["alpha"]) == 0.5
+    # The teacher's forward sits under lax.cond on any(alpha > 0): CE phases skip it.
+    jaxpr = jax.make_jaxpr(lambda b: loss_fn(student, teacher, b, jr.key(0))[0])(batch)
+    assert "cond[" in str(jaxpr)
+
+
 def test_salt_batches_switch_from_kd_to_ce_and_resume_exactly():
     data = np.arange(300, dtype=np.uint8)
     hard = np.full((3, 9), 7, np.int32)
@@ -228,6 +244,12 @@ def test_vocabulary_mismatch_is_reported():
     config = _teacher_config()
     config = dataclasses.replace(config, model=TextModelConfig(**SMALL, vocab_size=100))
     with pytest.raises(ConfigError, match="model.vocab_size=100 cannot hold the byte tokenizer"):
+        build_text_lm(config)
+
+
+def test_bad_model_shape_is_reported():
+    config = dataclasses.replace(_teacher_config(), model=TextModelConfig(**{**SMALL, "d_model": 10}))
+    with pytest.raises(ConfigError, match="model: d_model=10 must be divisible by n_heads=2"):
         build_text_lm(config)
 
 
