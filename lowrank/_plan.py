@@ -16,7 +16,7 @@ import equinox as eqx
 import numpy as np
 
 from ._initializers import singular_values
-from ._select import Candidate, matches, select, skip_reason, weight_matrix
+from ._select import matches_key, select, skip_reason, weight_matrix
 
 PLAN_FORMAT = 1
 
@@ -296,14 +296,14 @@ def _rank_from_rule(rule, spectrum: np.ndarray, lp: LayerPlan, explicit: bool) -
 
 def _dict_rule(rank: Mapping, path: str):
     for pattern, value in rank.items():
-        if matches(pattern, path) or matches([pattern], path):
+        if matches_key(pattern, path):
             return value
     return None
 
 
 def _check_dict_patterns(rank: Mapping, paths: list[str]) -> None:
     for pattern in rank:
-        if not any(matches(pattern, p) or matches([pattern], p) for p in paths):
+        if not any(matches_key(pattern, p) for p in paths):
             raise ValueError(
                 f"rank pattern {pattern!r} matches no selected layer; selected layers: "
                 f"{paths[:8]}{' ...' if len(paths) > 8 else ''}"
@@ -459,8 +459,9 @@ def _allocate_budget(budget: Budget, layers, by_path, spectra):
 
     total_before = sum(dense_cost(lp) + bias_cost(lp) for lp in layers)
     allowed = budget.fraction * total_before
-    active = [lp for lp in layers if lp.skipped is None]
-    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped else 0) for lp in layers)
+    tiny = [lp for lp in layers if lp.skipped is None and unit_cost(lp) >= dense_cost(lp)]
+    active = [lp for lp in layers if lp.skipped is None and lp not in tiny]
+    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped or lp in tiny else 0) for lp in layers)
     spent += sum(unit_cost(lp) for lp in active)
     if spent > allowed:
         floor = spent / total_before
@@ -480,7 +481,7 @@ def _allocate_budget(budget: Budget, layers, by_path, spectra):
             gain = np.log(keep[r] / keep[r - 1])
             heapq.heappush(heap, (-gain / unit_cost(lp), lp.path))
 
-    ranks = {lp.path: 1 for lp in active}
+    ranks = {lp.path: 1 for lp in active} | {lp.path: min(lp.matrix_shape) for lp in tiny}
     lookup = {lp.path: lp for lp in active}
     heap = []
     for lp in active:

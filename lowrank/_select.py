@@ -28,11 +28,10 @@ LOWRANK_TYPES = (LowRankLinear, LowRankConv)
 
 @dataclass(frozen=True)
 class Candidate:
-    """One layer found in the model: where it is, what follows it, why it can't be factorized."""
+    """One layer found in the model: where it is, and why it can't be factorized (if so)."""
 
     path: str
     layer: eqx.Module
-    activation: Callable | None = None
     skipped: str | None = None
 
 
@@ -158,7 +157,7 @@ def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) 
     if not isinstance(overrides, Mapping):
         raise TypeError("activations must be a dict {path pattern: activation function or None}")
     paths = [p for p, _ in walk_layers(model)]
-    hit = lambda pattern, path: matches(pattern, path) or matches([pattern], path)  # noqa: E731
+    hit = matches_key
     for pattern, fn in overrides.items():
         if fn is not None and not callable(fn):
             raise TypeError(f"activations[{pattern!r}] must be a function or None, got {fn!r}")
@@ -172,6 +171,11 @@ def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) 
 
 
 _UNSET = object()
+
+
+def matches_key(key: str, path: str) -> bool:
+    """A dict key (rank rules, activations): a regex fullmatch, or an exact/suffix path."""
+    return matches(key, path) or matches([key], path)
 
 
 def _check_pattern(pattern, name: str) -> None:
@@ -201,8 +205,8 @@ def select(
     _check_pattern(exclude, "exclude")
     layers = walk_layers(model)
     paths = [p for p, _ in layers]
-    _check_target_matches(target, paths)
-    activations = known_activations(model)
+    _check_matches_something(target, paths, "target")
+    _check_matches_something(exclude, paths, "exclude")
     chosen = []
     for path, layer in layers:
         if isinstance(layer, LOWRANK_TYPES):
@@ -213,22 +217,22 @@ def select(
             continue
         if where is not None and not where(path, layer):
             continue
-        chosen.append(Candidate(path, layer, activations.get(path), skip_reason(layer)))
+        chosen.append(Candidate(path, layer, skip_reason(layer)))
     return chosen
 
 
-def _check_target_matches(target, paths: list[str]) -> None:
-    if target is None:
+def _check_matches_something(pattern, paths: list[str], name: str) -> None:
+    if pattern is None:
         return
-    wanted = [target] if isinstance(target, str) else list(target)
+    wanted = [pattern] if isinstance(pattern, str) else list(pattern)
     for entry in wanted:
-        probe = entry if isinstance(target, str) else [entry]
+        probe = entry if isinstance(pattern, str) else [entry]
         if any(matches(probe, p) for p in paths):
             continue
         near = difflib.get_close_matches(entry, paths, n=5, cutoff=0.3) or paths[:5]
         raise ValueError(
-            f"target {entry!r} matches no layer; nearest available paths: {near}. "
-            "A string target is a regex matched against the whole path; a list entry "
+            f"{name} {entry!r} matches no layer; nearest available paths: {near}. "
+            "A string is a regex matched against the whole path; a list entry "
             "must be an exact path or a dotted suffix of one."
         )
 

@@ -192,3 +192,10 @@ def test_plan_counts_follow_closed_form(m, n, r, bias):
         assert lp.flops_after == 2 * r * (m + n) + b
     else:
         assert lp.rank is None and lp.params_after == lp.params_before
+
+
+def test_budget_floor_keeps_layers_where_dense_beats_rank_one():
+    model = [eqx.nn.Linear(5, 1, key=KEY), eqx.nn.Linear(64, 64, key=KEY)]
+    plan = lowrank.plan(model, rank=lowrank.Budget(params=0.5))
+    assert plan["0"].rank is None and plan["1"].rank is not None
+    assert plan.budget["achieved"] <= 0.5

@@ -79,3 +79,8 @@ def test_non_equinox_objects_are_rejected():
         lowrank.factorize({"w": 1.0}, rank=2)
     with pytest.raises(TypeError, match="lowrank.summary expects an Equinox model"):
         lowrank.summary([1, 2, 3])
+
+
+def test_exclude_that_matches_nothing_is_an_error_too():
+    with pytest.raises(ValueError, match=r"exclude 'blocks.0.mlp.fc3' matches no layer; nearest available paths"):
+        lowrank.plan(Nested(key=KEY), rank=2, exclude=["blocks.0.mlp.fc3"])
