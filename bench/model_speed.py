@@ -7,6 +7,7 @@ repeated runs). For 3x3 convs, each lowering of the factorized conv is measured.
 """
 
 import argparse
+import statistics
 
 import equinox as eqx
 import jax
@@ -42,9 +43,16 @@ def _forward(model, x):
     return jax.vmap(model)(x)
 
 
-def _time(model, x, repeats):
-    fn = eqx.filter_jit(_forward)
-    return median_time(fn, model, x, repeats=repeats)
+_FORWARD = eqx.filter_jit(_forward)
+
+
+def _time_pair(dense, low, x, repeats):
+    """Medians of dense and low-rank, timed in alternating rounds so drift hits both."""
+    dense_times, low_times = [], []
+    for _ in range(repeats // 5):
+        dense_times.append(median_time(_FORWARD, dense, x, repeats=5, warmup=1))
+        low_times.append(median_time(_FORWARD, low, x, repeats=5, warmup=1))
+    return statistics.median(dense_times), statistics.median(low_times)
 
 
 def bench_mlp(repeats):
@@ -52,12 +60,11 @@ def bench_mlp(repeats):
     dense = eqx.nn.MLP(1024, 1024, 1024, 3, key=key)
     x = jax.random.normal(key, (512, 1024))
     example = jnp.zeros((1024,))
-    t_dense = _time(dense, x, repeats)
     f_dense = lowrank.summary(dense, example=example).flops
     rows = []
     for rank in (256, 128, 64, 32):
         low = lowrank.factorize(dense, rank=rank)
-        t = _time(low, x, repeats)
+        t_dense, t = _time_pair(dense, low, x, repeats)
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         ratio = t / t_dense
         rows.append(["MLP 4x(1024x1024), batch 512", rank, f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
@@ -70,14 +77,13 @@ def bench_cnn(repeats):
     dense = ResNetish(key=key)
     x = jax.random.normal(key, (32, 3, 32, 32))
     example = jnp.zeros((3, 32, 32))
-    t_dense = _time(dense, x, repeats)
     f_dense = lowrank.summary(dense, example=example).flops
     rows = []
     for rank in (32, 16, 8):
         low = lowrank.factorize(dense, rank=rank, exclude=["stem"])
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         for lowering in ("einsum", "conv"):
-            t = _time(lowrank.with_kernels(low, lowering=lowering), x, repeats)
+            t_dense, t = _time_pair(dense, lowrank.with_kernels(low, lowering=lowering), x, repeats)
             ratio = t / t_dense
             rows.append([f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]", rank,
                          f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}", f"{ratio:.3f}",
@@ -95,7 +101,8 @@ def main():
     print(table)
     body = (
         "Median wall time of a jitted, vmapped forward pass, dense and factorized measured in the "
-        "same process. `time/FLOP` is the time ratio over the FLOP ratio (1.0 = the speed-up the "
+        "same process in alternating rounds of 5 (median of the round medians), so load drift on "
+        "this shared 2-core machine hits both. `time/FLOP` is the time ratio over the FLOP ratio (1.0 = the speed-up the "
         "FLOP count promises; target <= 1.25 for linear layers at r <= min(m, n)/4). Conv rows "
         "compare the two lowerings of the factorized 3x3 conv (k x k conv to r channels, then the "
         "1x1 stage as a channel einsum or as a second lax.conv).\n\n" + table

@@ -1,6 +1,7 @@
 """Vision acceptance bench: dense vs low-rank ResNet-18 trained on the offline digits.
 
-    python -m bench.vision [--width 32] [--steps 100] [--batch 32] [--skip-grid] [--skip-big]
+    python -m bench.vision [--width 32] [--steps 100] [--batch 32] [--quick] [--extras]
+                           [--skip-grid] [--skip-big]
 
 A. ResNet-18 (CIFAR stem, `--width` channels in the first stage instead of 64, so it
    trains on a small CPU) on scikit-learn's digits upscaled to 32x32, every run through
@@ -13,6 +14,8 @@ A. ResNet-18 (CIFAR stem, `--width` channels in the first stage instead of 64, s
    ratio (median over logging windows of the low-rank phase, against the dense run),
    and inference time ratio (jitted forward on 128 test images, dense and factorized
    timed back to back in the same process) next to the FLOP ratio.
+   `--extras` runs, instead of the grid, Frobenius decay and (scaled) stable-rank
+   variants with their own dense reference into a second table.
 B. EfficientNet-B0 and ResNet-50 at 224x224 (1000 classes, synthetic images, batch 2):
    factorized under their policies, then one training step; the achieved params /
    FLOPs ratios and the step's loss and time.
@@ -40,21 +43,33 @@ from recipes.config import (
 )
 from recipes.run import classification_loss, run
 from recipes._report import step_seconds
+from recipes.data import DIGITS_TEST_SIZE
 from recipes.train import make_optimizer, train
 
 BUDGETS = (0.5, 0.25)
 INITS = ("random", "spectral", "nkp")
 
 
-def grid(width: int, steps: int, batch: int, quick: bool) -> list[tuple[str, list[str]]]:
-    """(row label, recipes.run overrides) for every run of part A."""
+def grid(width: int, steps: int, batch: int, quick: bool, extras: bool) -> list[tuple[str, list[str]]]:
+    """(row label, recipes.run overrides) for every run of part A; dense first. `extras`:
+    instead of the grid, Frobenius decay and stable-rank (Cuttlefish) variants."""
     base = [
         f"model.width={width}", f"train.steps={steps}", f"data.batch_size={batch}",
         "train.log_every=5", f"train.eval_every={steps}", "train.progress=false",
         "optim.warmup_steps=5",
     ]  # fmt: skip
-    warmup = steps // 3
+    warmup = f"factorize.warmup_steps={steps // 3}"
     runs = [("dense", [*base, "factorize.policy=none", "factorize.warmup_steps=0"])]
+    if extras:
+        return runs + [
+            ("25% params, nkp, warm-up on, Frobenius decay 5e-4",
+             [*base, "factorize.rank=params:0.25", "factorize.init=nkp", warmup,
+              "factorize.frobenius_decay=5e-4"]),
+            ("stable rank, spectral, warm-up on",
+             [*base, "factorize.rank=stable", "factorize.init=spectral", warmup]),
+            ("scaled stable rank, spectral, warm-up on",
+             [*base, "factorize.rank=stable:scaled", "factorize.init=spectral", warmup]),
+        ]  # fmt: skip
     budgets, inits = ((0.25,), ("spectral",)) if quick else (BUDGETS, INITS)
     for budget in budgets:
         for init in inits:
@@ -62,15 +77,15 @@ def grid(width: int, steps: int, batch: int, quick: bool) -> list[tuple[str, lis
                 label = f"{budget:.0%} params, {init}, warm-up {'on' if hybrid else 'off'}"
                 runs.append((label, [
                     *base, f"factorize.rank=params:{budget}", f"factorize.init={init}",
-                    f"factorize.warmup_steps={warmup if hybrid else 0}",
+                    warmup if hybrid else "factorize.warmup_steps=0",
                 ]))  # fmt: skip
     return runs
 
 
-def part_a(width: int, steps: int, batch: int, quick: bool) -> str:
+def part_a(width: int, steps: int, batch: int, quick: bool, extras: bool) -> str:
     rows, dense = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, overrides) in enumerate(grid(width, steps, batch, quick)):
+        for i, (label, overrides) in enumerate(grid(width, steps, batch, quick, extras)):
             start = time.perf_counter()
             config = load_config("digits_demo", [*overrides, f"train.out_dir={Path(tmp) / str(i)}"])
             result, report = run(config)
@@ -99,12 +114,16 @@ def part_a(width: int, steps: int, batch: int, quick: bool) -> str:
     ]  # fmt: skip
     return (
         f"ResNet-18, CIFAR stem, **width {width}** (64 is the published network), "
-        f"digits upscaled to 32x32 (1,437 train / 360 test images), batch {batch}, "
+        f"digits upscaled to 32x32 ({1797 - DIGITS_TEST_SIZE:,} train / {DIGITS_TEST_SIZE} test "
+        f"images), batch {batch}, "
         f"{steps} SGD steps (cosine, lr 0.05), seed 0; hybrid runs train dense for "
         f"{steps // 3} steps. Policy khodak: all 19 convs of the residual stages are "
         "candidates; the budget is allocated across them by spectrum (lowrank.Budget), so "
-        "early high-FLOP layers may stay dense. Ratios are factorized / dense.\n\n"
-        + markdown_table(header, rows)
+        "early high-FLOP layers may stay dense. Ratios are factorized / dense."
+        + (" Frobenius decay replaces plain weight decay on the factors (Khodak et al.); "
+           "stable-rank runs give each layer the (scaled) stable rank of its warmed-up "
+           "weights, with no budget (Cuttlefish)." if extras else "")
+        + "\n\n" + markdown_table(header, rows)
     )
 
 
@@ -177,12 +196,20 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="one budget and init only")
+    parser.add_argument(
+        "--extras", action="store_true",
+        help="Frobenius decay and stable-rank runs (with their own dense reference) instead of the grid",
+    )  # fmt: skip
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args(argv)
     if not args.skip_grid:
-        body = part_a(args.width, args.steps, args.batch, args.quick)
-        write_section("vision", "Vision recipes: low-rank ResNet-18 on digits (bench/vision.py)", body)
+        body = part_a(args.width, args.steps, args.batch, args.quick, args.extras)
+        if args.extras:
+            name, title = "vision-extras", "Vision recipes: Frobenius decay and stable ranks"
+        else:
+            name, title = "vision", "Vision recipes: low-rank ResNet-18 on digits"
+        write_section(name, f"{title} (bench/vision.py)", body)
     if not args.skip_big:
         write_section("vision-224", "Vision recipes: EfficientNet-B0 / ResNet-50 at 224x224 (bench/vision.py)", part_b())
 

@@ -185,7 +185,9 @@ def check_rank(model: PyTree, config: Config, *, example=None) -> None:
     try:
         lowrank.plan(model, rank=_rank_rule(f.rank), target=target, example=example)
     except ValueError as e:
-        raise ConfigError(f"factorize.rank={f.rank!r} with factorize.policy={f.policy!r}: {e}") from e
+        raise ConfigError(
+            f"factorize.rank={f.rank!r} with factorize.policy={f.policy!r}: {e}"
+        ) from e
 
 
 def apply_policy(

@@ -47,8 +47,8 @@ def frobenius_decay(weight_decay: float) -> optax.GradientTransformation:
             if not _is_factorized(update):
                 return update
             grad_u, grad_v = frobenius_decay_grads(param.u, param.v, weight_decay)
-            new = (update.u + grad_u.astype(update.u.dtype), update.v + grad_v.astype(update.v.dtype))
-            return eqx.tree_at(lambda layer: (layer.u, layer.v), update, new)
+            u, v = update.u + grad_u.astype(update.u.dtype), update.v + grad_v.astype(update.v.dtype)
+            return eqx.tree_at(lambda layer: (layer.u, layer.v), update, (u, v))
 
         return jax.tree.map(add, updates, params, is_leaf=_is_factorized), state
 

@@ -20,7 +20,9 @@ class HybridWarmup:
     """A `recipes.train.Hook`: at step `step`, `factorize(model, state) -> (model, plan)`
     replaces the dense model and the optimizer state is re-initialized."""
 
-    def __init__(self, step: int, factorize: Callable[[PyTree, PyTree], tuple[PyTree, lowrank.Plan]]):
+    def __init__(
+        self, step: int, factorize: Callable[[PyTree, PyTree], tuple[PyTree, lowrank.Plan]]
+    ):
         self.step = step
         self.factorize = factorize
         self.plan: lowrank.Plan | None = None

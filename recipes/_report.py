@@ -1,8 +1,8 @@
 """What a factorized run reports: size, FLOPs, speed and quality, dense against low-rank.
 
 Parameters and FLOPs come from `lowrank.summary` (FLOPs of the Linear/Conv layers, one
-example); inference time is the median wall time of the jitted inference-mode forward
-pass on one eval batch, both models timed in the same process; train step time is
+example); inference time is the wall time of the jitted inference-mode forward pass on
+one eval batch, both models timed in turns in the same process; train step time is
 the median over the trainer's logging windows, split at the factorization step; the
 metrics are the trainer's eval records just before and right after factorization,
 and the last one.
@@ -10,7 +10,6 @@ and the last one.
 
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -21,23 +20,30 @@ from jaxtyping import PyTree
 from .train import REPLACED
 
 
-def _median_seconds(fn: Callable, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def inference_seconds(eval_fn, model: PyTree, state: PyTree, batch, *, repeats: int = 10) -> float:
-    """Median seconds of the jitted inference-mode `eval_fn(model, state, batch)`."""
+def inference_seconds(
+    eval_fn, models: list[PyTree], state: PyTree, batch, *, rounds: int = 3, repeats: int = 5
+) -> list[float]:
+    """Seconds per jitted inference-mode `eval_fn(model, state, batch)` for each model:
+    the models take turns for `rounds` rounds of `repeats` calls, and each keeps its
+    best round's median, so a burst of load on a shared machine hits them alike."""
     run = eqx.filter_jit(lambda m, s, b: eval_fn(eqx.nn.inference_mode(m), s, b))
-    return _median_seconds(run, model, state, batch, repeats=repeats)
+    for model in models:
+        jax.block_until_ready(run(model, state, batch))  # compile
+    best = [float("inf")] * len(models)
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(run(model, state, batch))
+                times.append(time.perf_counter() - start)
+            best[i] = min(best[i], statistics.median(times))
+    return best
 
 
-def step_seconds(history: list[dict[str, Any]], batch_size: int, *, after: int = 0, until: float = float("inf")) -> float | None:
+def step_seconds(
+    history: list[dict[str, Any]], batch_size: int, *, after: int = 0, until: float = float("inf")
+) -> float | None:
     """Median train step time over the logging windows ending in (after, until]."""
     times = [
         batch_size / r["examples_per_s"]
@@ -75,13 +81,11 @@ def factorization_report(
     history: list[dict[str, Any]],
     batch_size: int,
     factorized_at: int,
-    repeats: int = 10,
 ) -> dict[str, Any]:
     """Dense vs factorized: params, FLOPs and inference time (with ratios), train step
     times before and after `factorized_at`, and the eval metrics around it."""
     d, l = lowrank.summary(dense, example=example), lowrank.summary(low, example=example)
-    t_dense = inference_seconds(eval_fn, dense, state, eval_batch, repeats=repeats)
-    t_low = inference_seconds(eval_fn, low, state, eval_batch, repeats=repeats)
+    t_dense, t_low = inference_seconds(eval_fn, [dense, low], state, eval_batch)
     dense_step = step_seconds(history, batch_size, until=factorized_at)
     low_step = step_seconds(history, batch_size, after=factorized_at)
     return {
@@ -97,7 +101,7 @@ def factorization_report(
         "inference_time_ratio": t_low / t_dense,
         "train_step_s_dense": dense_step,
         "train_step_s_low": low_step,
-        "train_step_ratio": None if dense_step is None or low_step is None else low_step / dense_step,
+        "train_step_ratio": low_step / dense_step if dense_step and low_step else None,
         "evals": factorization_evals(history),
     }
 
@@ -113,7 +117,7 @@ def format_report(report: dict[str, Any], eval_batch_size: int) -> str:
         f"parameters: {r['params_dense']:,} -> {r['params_low']:,} (x{r['params_ratio']:.3f})",
         f"FLOPs (conv/linear, one example): {r['flops_dense']:,} -> {r['flops_low']:,} "
         f"(x{r['flops_ratio']:.3f})",
-        f"inference on {eval_batch_size} examples (median): dense {r['inference_s_dense'] * 1e3:.1f} ms, "
+        f"inference on {eval_batch_size} examples: dense {r['inference_s_dense'] * 1e3:.1f} ms, "
         f"factorized {r['inference_s_low'] * 1e3:.1f} ms -> time ratio "
         f"{r['inference_time_ratio']:.3f} vs FLOP ratio {r['flops_ratio']:.3f}",
     ]

@@ -171,14 +171,16 @@ def run(config: Config) -> RunResult:
     log = tqdm.write if is_main else lambda *_: None
 
     # Factorization: the policy decides which layers of the dense model become low-rank.
-    key = jax.random.key(config.train.seed)
-    one = _take(task.train_data(0), 1) if f.policy != "none" else None
-    example = lambda m: task.loss_fn(m, task.state, one, key)  # noqa: E731  (conv output sizes)
-    check_rank(task.model, config, example=example if f.policy != "none" else None)
+    # `example` runs one training example: lowrank reads conv output sizes off it.
+    key, example = jax.random.key(config.train.seed), None
+    if f.policy != "none":
+        one = _take(task.train_data(0), 1)
+        example = lambda m: task.loss_fn(m, task.state, one, key)  # noqa: E731
+    check_rank(task.model, config, example=example)
 
     def factorize(model, state):
         calibration = None
-        if f.calibration:
+        if f.calibration:  # this process's first training examples
             images = _take(task.train_data(0), f.calibration)
             calibration = lambda m: task.loss_fn(m, state, images, key)  # noqa: E731
         model, plan = apply_policy(

@@ -350,6 +350,12 @@ def train(
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def record_replacement(before: TrainState, after: TrainState) -> None:
+        step = after.step
+        if not any(r["step"] == step and r["split"] == "eval" for r in history):
+            record({"step": step, "split": "eval", **evaluate(before)})
+        record({"step": step, "split": "eval", "event": REPLACED, **evaluate(after)})
+
     if is_main and out_dir is not None:
         _write_history(out_dir / "metrics.jsonl", history)
 
@@ -371,9 +377,7 @@ def train(
                     placed = _put((ts.model, ts.state), replicated)
                     ts = ts._replace(model=placed[0], state=placed[1])
                     if eval_fn is not None:
-                        if not any(r["step"] == ts.step and r["split"] == "eval" for r in history):
-                            record({"step": ts.step, "split": "eval", **evaluate(before)})
-                        record({"step": ts.step, "split": "eval", "event": REPLACED, **evaluate(ts)})
+                        record_replacement(before, ts)
                 if ts.opt_state is None:
                     ts = fresh_opt_state(ts)
             local = next(batches)

@@ -35,6 +35,19 @@ def test_overrides_parse_by_field_type():
     assert load_config("resnet18_digits").train.steps != 7  # overrides never mutate
 
 
+def test_factorize_overrides_parse_by_field_type():
+    config = load_config(
+        "digits_demo",
+        ["factorize.frobenius_decay=5e-4", "factorize.rank=stable", "factorize.warmup_steps=50"],
+    )
+    f = config.factorize
+    assert (f.frobenius_decay, f.rank, f.warmup_steps) == (5e-4, "stable", 50)
+    assert load_config("digits_demo", ["factorize.rank=16"]).factorize.rank == 16
+    assert load_config("digits_demo", ["factorize.rank=0.5"]).factorize.rank == 0.5
+    off = load_config("digits_demo", ["factorize.frobenius_decay=none"])
+    assert off.factorize.frobenius_decay is None
+
+
 def test_task_specific_sections_are_read_from_the_instance():
     config = Config(name="toy", model=ToySection())
     config = override(override(config, "model.sizes=3, 4,5"), "model.rate=0.25")
@@ -57,6 +70,8 @@ def test_task_specific_sections_are_read_from_the_instance():
         ("train.steps=-1", "train.steps=-1 must not be negative."),
         ("train.steps=0", "train.steps=0 must be positive."),
         ("data.batch_size=0", "data.batch_size=0 must be positive."),
+        ("factorize.warmup=3", "unknown config key 'factorize.warmup'. Did you mean 'factorize.warmup_steps'?"),
+        ("factorize.calibration=some", "factorize.calibration='some' cannot be read as int."),
     ],
 )
 def test_bad_overrides_name_the_key(assignment, message):

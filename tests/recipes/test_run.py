@@ -13,8 +13,7 @@ from recipes.train import REPLACED
 TINY = [
     "model.width=4", "data.image_size=8", "data.batch_size=16", "data.eval_batch_size=128",
     "train.steps=4", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=0",
-    "factorize.warmup_steps=2", "factorize.rank=params:0.5", "factorize.init=spectral",
-    "train.progress=false",
+    "factorize.warmup_steps=2", "factorize.rank=params:0.5", "train.progress=false",
 ]  # fmt: skip
 
 
@@ -23,11 +22,14 @@ def n_params(model):
 
 
 def test_digits_demo_warms_up_factorizes_and_reports(tmp_path, capsys):
-    config = load_config("digits_demo", [*TINY, f"train.out_dir={tmp_path}"])
-    assert config.factorize.policy == "khodak" and config.factorize.rank == "params:0.5"
+    overrides = [*TINY, "factorize.calibration=16", f"train.out_dir={tmp_path}"]
+    config = load_config("digits_demo", overrides)
+    assert config.factorize.init == "nkp" and config.factorize.rank == "params:0.5"
     result, report = run(config)
     out = capsys.readouterr().out
     assert "lowrank plan: rank=Budget(params=0.5)" in out and "time ratio" in out
+    plan_rows = [line.split() for line in out.splitlines() if line.startswith("layers.")]
+    assert any(row[6] == "nkp" for row in plan_rows)  # fitted on 16 recorded training images
     is_low = lambda x: isinstance(x, lowrank.LowRankConv)  # noqa: E731
     assert any(is_low(l) for l in jax.tree.leaves(result.model, is_leaf=is_low))
     dense, _ = resnet18(10, stem="cifar", width=4, key=jax.random.key(0))
