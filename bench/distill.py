@@ -11,7 +11,7 @@ latent-list check (4-way multiple choice, chance 0.25), inference tokens/s (batc
 forward, median of 10) and train seconds per step (mean over logging windows after the
 first), all measured in this run on this machine.
 
-    .venv/bin/python -m bench.distill [--teacher-steps 600 --student-steps 200] [--write-results]
+    .venv/bin/python -m bench.distill [--teacher-steps 1000 --student-steps 160] [--write-results]
 """
 
 import argparse
@@ -77,7 +77,7 @@ def score(name, model, history, seconds, *, teacher_params, args, start_loss=Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--teacher-steps", type=int, default=1000)
     parser.add_argument("--student-steps", type=int, default=160)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)

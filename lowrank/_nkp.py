@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._gaussian_expectations import expected_sq_diff, expected_square, relu_centred_sq_diff
-from ._initializers import Factors, LayerProblem, register_initializer
+from ._initializers import Factors, LayerProblem, register_initializer, top_singular_triplets
 from ._problem_checks import check_problem, relative_error
 from ._whitened import whitened_truncation, whitening
 
@@ -45,7 +45,7 @@ class NKP(eqx.Module):
 
     `activation`: σ after the layer; default `problem.activation`, else ReLU.
     `input_scale`: s in x ~ N(0, s²I) when no calibration inputs are given.
-    `iterations`: subspace steps (fewer for large ranks, keeping cost near one SVD).
+    `iterations`: subspace steps, capped at 1.5·min(m, n)/rank (cost ≈ 2 spectral inits).
     `calibration_iterations`: alternations on calibration inputs.
     `fit_bias`: also fit b' when the layer has a bias.
     `function_error` is the relative function-space error: closed form under the
@@ -73,9 +73,9 @@ class NKP(eqx.Module):
         del key
         check_problem(problem, "nkp")
         activation = self.activation or problem.activation or jax.nn.relu
-        weight = problem.weight
+        weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
         fit_bias = self.fit_bias and problem.bias is not None
-        bias = problem.bias
+        bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         if problem.inputs is not None:
             bias = jnp.zeros(weight.shape[0], weight.dtype) if bias is None else bias
             u, v, new_bias, num, den = _calibrated_nkp(
@@ -90,11 +90,12 @@ class NKP(eqx.Module):
         else:
             m, n = weight.shape
             steps = affordable_iterations(self.iterations, m, n, problem.rank)
+            _, _, vt = top_singular_triplets(weight, problem.rank)  # spectral's own subspace
             u, v, new_bias, num, den = _gaussian_nkp(
                 weight,
                 bias,
+                jnp.asarray(vt.T, weight.dtype),
                 jnp.asarray(self.input_scale, weight.dtype),
-                rank=problem.rank,
                 activation=activation,
                 fit_bias=fit_bias,
                 iterations=steps,
@@ -107,8 +108,9 @@ class NKP(eqx.Module):
 
 
 def affordable_iterations(iterations: int, m: int, n: int, rank: int) -> int:
-    """Cap subspace steps so their 4·m·n·r flops each stay within ~1.5 SVDs (~m·n·min(m, n)·8)."""
-    return min(iterations, (3 * min(m, n)) // rank)
+    """At most 1.5·min(m, n)/r subspace steps of 4·m·n·r float32 flops each: about as much
+    again as the spectral init itself (a float64 Gram matrix, 2·m·n·min(m, n) flops)."""
+    return min(iterations, (3 * min(m, n)) // (2 * rank))
 
 
 # ----------------------------------------------------------------------------- Gaussian
@@ -189,15 +191,15 @@ def _polar(x):
     return x @ ((vec / jnp.sqrt(eig)) @ vec.T)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "activation", "fit_bias", "iterations"))
-def _gaussian_nkp(weight, bias, input_scale, *, rank, activation, fit_bias, iterations):
+@functools.partial(jax.jit, static_argnames=("activation", "fit_bias", "iterations"))
+def _gaussian_nkp(weight, bias, spectral, input_scale, *, activation, fit_bias, iterations):
     centred = bias is None
     bias = jnp.zeros(weight.shape[0], weight.dtype) if centred else bias
     errors_of = functools.partial(row_errors, activation, centred=centred)
     sq_norms = jnp.sum(weight**2, axis=1)
     std = input_scale * jnp.sqrt(sq_norms)
-    _, _, vt = jnp.linalg.svd(weight, full_matrices=False)
-    q = vt[:rank].T  # spectral start: W' = W q qᵀ, c_i = 1
+    # Spectral start, W' = W q qᵀ (c_i = 1); QR completes directions with σ = 0 (zero rows).
+    q, _ = jnp.linalg.qr(spectral)
     wq = weight @ q
     cosine = _cosines(wq, sq_norms)
 
@@ -209,7 +211,7 @@ def _gaussian_nkp(weight, bias, input_scale, *, rank, activation, fit_bias, iter
 
     def propose(q, wq, tau, beta, cosine, lr):
         direction = gradient(q, wq, tau, beta, cosine)
-        first = 0.3 * math.sqrt(rank) / jnp.maximum(jnp.linalg.norm(direction), 1e-30)
+        first = 0.3 * math.sqrt(q.shape[1]) / jnp.maximum(jnp.linalg.norm(direction), 1e-30)
         lr = jnp.where(lr > 0, lr, first)  # the first step turns P by roughly 0.3 rad
         candidate = _polar(q - lr * direction)
         cwq = weight @ candidate

@@ -81,7 +81,7 @@ class Whitened:
                 f"init 'whitened' needs calibration inputs for {problem.path}; pass "
                 "calibration= to factorize (or use init='spectral')"
             )
-        weight = problem.weight
+        weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
         inputs = problem.inputs.astype(weight.dtype)
         centre = problem.bias is not None
         u, v, mean = _whitened(weight, inputs, rank=problem.rank, centre=centre)

@@ -20,25 +20,30 @@ from jaxtyping import PyTree
 from .train import REPLACED
 
 
-def inference_seconds(
-    eval_fn, models: list[PyTree], state: PyTree, batch, *, rounds: int = 3, repeats: int = 5
+def seconds_in_turns(
+    fn, models: list[PyTree], *args, rounds: int = 3, repeats: int = 5
 ) -> list[float]:
-    """Seconds per jitted inference-mode `eval_fn(model, state, batch)` for each model:
-    the models take turns for `rounds` rounds of `repeats` calls, and each keeps its
-    best round's median, so a burst of load on a shared machine hits them alike."""
-    run = eqx.filter_jit(lambda m, s, b: eval_fn(eqx.nn.inference_mode(m), s, b))
+    """Seconds per `fn(model, *args)` for each model: the models take turns for `rounds`
+    rounds of `repeats` calls, and each keeps its best round's median, so a burst of
+    load on a shared machine hits them alike."""
     for model in models:
-        jax.block_until_ready(run(model, state, batch))  # compile
+        jax.block_until_ready(fn(model, *args))  # compile
     best = [float("inf")] * len(models)
     for _ in range(rounds):
         for i, model in enumerate(models):
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                jax.block_until_ready(run(model, state, batch))
+                jax.block_until_ready(fn(model, *args))
                 times.append(time.perf_counter() - start)
             best[i] = min(best[i], statistics.median(times))
     return best
+
+
+def inference_seconds(eval_fn, models: list[PyTree], state: PyTree, batch, **turns) -> list[float]:
+    """`seconds_in_turns` of the jitted inference-mode `eval_fn(model, state, batch)`."""
+    run = eqx.filter_jit(lambda m, s, b: eval_fn(eqx.nn.inference_mode(m), s, b))
+    return seconds_in_turns(run, models, state, batch, **turns)
 
 
 def step_seconds(

@@ -235,6 +235,17 @@ def test_degenerate_weights_stay_finite():
     assert np.all(np.asarray(zero.u @ zero.v) == 0) and zero.function_error == 0.0
 
 
+def test_bfloat16_layers_are_solved_in_float32():
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=16), jnp.bfloat16)
+    low = NKP()(LayerProblem("fc", w, b, 2), key=None)
+    ref = NKP()(LayerProblem("fc", w.astype(jnp.float32), b.astype(jnp.float32), 2), key=None)
+    assert low.u.dtype == jnp.float32 and low.bias.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(low.u @ low.v), np.asarray(ref.u @ ref.v), atol=1e-5)
+    assert low.function_error == pytest.approx(ref.function_error, rel=1e-5)
+
+
 # ------------------------------------------------------------------ calibrated NKP
 
 

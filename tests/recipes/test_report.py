@@ -1,4 +1,8 @@
-from recipes._report import factorization_evals, format_report, step_seconds
+import time
+
+import jax.numpy as jnp
+
+from recipes._report import factorization_evals, format_report, seconds_in_turns, step_seconds
 from recipes.train import REPLACED
 
 HISTORY = [
@@ -43,3 +47,16 @@ def test_format_report_puts_the_time_ratio_next_to_the_flop_ratio():
     assert "dense 200.0 ms, factorized 120.0 ms -> time ratio 0.600 vs FLOP ratio 0.500" in text
     assert "train step (median): dense 1000 ms, factorized 800 ms -> ratio 0.800" in text
     assert "eval right after factorization (step 10): loss 1.9000, accuracy 0.5000" in text
+
+
+def test_seconds_in_turns_times_each_model_and_keeps_its_best_round():
+    calls = []
+
+    def fn(seconds):
+        calls.append(seconds)
+        time.sleep(seconds)
+        return jnp.zeros(())
+
+    fast, slow = seconds_in_turns(fn, [0.001, 0.02], rounds=2, repeats=3)
+    assert 0.001 <= fast < 0.02 <= slow < 0.2
+    assert calls == [0.001, 0.02] + ([0.001] * 3 + [0.02] * 3) * 2  # compile, then turns
