@@ -7,9 +7,10 @@ parameters, all trained for the same number of steps with the shared trainer:
   the teacher scores hard but learnable).
 
 Scored on unseen plays (validation loss, bits per byte, KL to the teacher), the
-latent-list check (4-way multiple choice, chance 0.25), inference tokens/s (batched
-forward, median of 10) and train seconds per step (mean over logging windows after the
-first), all measured in this run on this machine.
+latent-list check (4-way multiple choice, chance 0.25), inference tokens/s (one batched
+forward; all models timed in alternating rounds at the end, median of 7 rounds) and
+train seconds per step (the trainer's, mean over logging windows after the first: on a
+shared CPU these drift with the load), all measured in this run on this machine.
 
     .venv/bin/python -m bench.distill [--teacher-steps 1000 --student-steps 160] [--write-results]
 """
@@ -17,6 +18,7 @@ first), all measured in this run on this machine.
 import argparse
 import functools
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -66,13 +68,21 @@ def score(name, model, history, seconds, *, teacher_params, args, start_loss=Non
         "kl": last.get("kl_to_teacher"),
         "list_acc": accuracy,
         "step_s": st.step_seconds(history, args.batch),
-        "tok_s": st.tokens_per_second(model, batch_size=args.batch, length=args.length,
-                                      repeats=10),
         "seconds": seconds,
     }
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
           f"(latent list: {n_tasks} tasks)", flush=True)  # fmt: skip
-    return row
+    return {**row, "trained": model}
+
+
+def throughputs(models: list, *, batch: int, length: int, rounds: int = 7) -> list[float]:
+    """Inference tokens/s of each model, timed in alternating rounds (every model once
+    per round, median over rounds) so that load drift on a shared machine hits all alike."""
+    per_round = [
+        [st.tokens_per_second(m, batch_size=batch, length=length, repeats=3) for m in models]
+        for _ in range(rounds)
+    ]
+    return [statistics.median(r[i] for r in per_round) for i in range(len(models))]
 
 
 def main():
@@ -151,6 +161,7 @@ def main():
                                   log_every=log_every)  # fmt: skip
     rows.append(score(f"teacher + {steps} steps CE", model, history, seconds,
                       teacher_params=teacher_params, args=args))
+    init_seconds = {}
     calibration = st.random_windows(corpus.train, np.random.default_rng([0, 3]), 32, args.length)
     for fraction in args.fractions:
         pct = f"{100 * fraction:g}%"
@@ -165,9 +176,9 @@ def main():
         t0 = time.perf_counter()
         student, _ = st.factorized_student(teacher, params=fraction, init=args.init,
                                            calibration=calibration[:, :-1], key=jr.key(2))
-        init_seconds = time.perf_counter() - t0
+        init_seconds[pct] = time.perf_counter() - t0
         start_loss = st.validation_loss(student, val)
-        print(f"{pct} factorized ({args.init}): init {init_seconds:.1f} s, "
+        print(f"{pct} factorized ({args.init}): init {init_seconds[pct]:.1f} s, "
               f"val bpb {start_loss / math.log(2):.3f} before training", flush=True)
         for name, distill in recipes.items():
             state, loss_fn, stream = st.student_training(teacher, student, distill,
@@ -179,6 +190,9 @@ def main():
                               seconds, teacher_params=teacher_params, args=args,
                               start_loss=start_loss))  # fmt: skip
 
+    tok_s = throughputs([r["trained"] for r in rows], batch=args.batch, length=args.length)
+    for row, rate in zip(rows, tok_s, strict=True):
+        row["tok_s"] = rate
     header = ["model", "non-emb params", "bpb at init", "val loss", "val bits/byte",
               "KL to teacher", "latent list acc", "train s/step", "infer tok/s", "train s"]
     table = markdown_table(header, [
@@ -210,7 +224,9 @@ def main():
         f"{args.student_lr}; scratch and teacher: lr {args.teacher_lr}. KD alpha {args.alpha}, "
         f"T {args.temperature}; SALT/SALT_DS KD for the first {n_kd} steps; SALT_DS keeps "
         f"{args.ds_fraction:g} of {args.ds_pool} teacher-scored windows. Validation: "
-        f"{len(val)} windows of unseen plays. Whole run {time.perf_counter() - start:.0f} s."
+        f"{len(val)} windows of unseen plays. Factorizing (plan + {args.init} init on 32 "
+        f"calibration windows) took "
+        f"{', '.join(f'{v:.0f} s ({k})' for k, v in init_seconds.items())}. Whole run {time.perf_counter() - start:.0f} s."
     )
     body = "\n\n".join([table, "\n".join(verdicts), notes])
     print(body)

@@ -116,7 +116,16 @@ def affordable_iterations(iterations: int, m: int, n: int, rank: int) -> int:
 # ----------------------------------------------------------------------------- Gaussian
 
 
-def row_errors(activation, tau, beta, mean, std, cosine, *, centred=False):
+def row_errors(
+    activation: Callable[[Array], Array],
+    tau: Float[Array, " m"],
+    beta: Float[Array, " m"],
+    mean: Float[Array, " m"],
+    std: Float[Array, " m"],
+    cosine: Float[Array, " m"],
+    *,
+    centred: bool = False,
+) -> Float[Array, " m"]:
     """e_i = E(σ(b_i + s‖w_i‖ξ1) - σ(b'_i + τ_i(ρ_i ξ1 + √(1-ρ_i²) ξ2)))² per row.
 
     `centred` (no bias anywhere) lets ReLU use the arc-cosine kernel directly.
@@ -126,7 +135,17 @@ def row_errors(activation, tau, beta, mean, std, cosine, *, centred=False):
     return expected_sq_diff(activation, mean, std, beta, tau, cosine)
 
 
-def fit_rows(errors_of, tau, beta, mean, std, cosine, *, fit_bias, steps):
+def fit_rows(
+    errors_of: Callable[..., Float[Array, " m"]],
+    tau: Float[Array, " m"],
+    beta: Float[Array, " m"],
+    mean: Float[Array, " m"],
+    std: Float[Array, " m"],
+    cosine: Float[Array, " m"],
+    *,
+    fit_bias: bool,
+    steps: int,
+) -> tuple[Float[Array, " m"], Float[Array, " m"], Float[Array, " m"]]:
     """Trust-region Newton on each row's (τ, b'), keeping per row the best of p, p+δ/4ᵏ.
 
     The Hessian is shifted until positive definite and the step clipped to half the
@@ -249,7 +268,14 @@ def _gaussian_nkp(weight, bias, spectral, input_scale, *, activation, fit_bias, 
 # ----------------------------------------------------------------------------- calibrated
 
 
-def target_preactivations(activation, y, dense_pre, current, lam, steps=3):
+def target_preactivations(
+    activation: Callable[[Array], Array],
+    y: Float[Array, "N m"],
+    dense_pre: Float[Array, "N m"],
+    current: Float[Array, "N m"],
+    lam: float,
+    steps: int = 3,
+) -> Float[Array, "N m"]:
     """Elementwise argmin_z (y - σ(z))² + λ(z - current)², y = σ(dense_pre).
 
     Gauss–Newton from two starts, the current pre-activation and the dense one (where

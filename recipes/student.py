@@ -105,65 +105,6 @@ def check_vocab(teacher: Transformer, student: Transformer) -> None:
 # ---------------------------------------------------------------- students
 
 
-def _block_inputs(block, x: Float[Array, "T d"]) -> dict[str, Array]:
-    """What each attention / MLP layer of `block` sees on one sequence `x`: the same
-    math as `TransformerBlock.__call__` in inference mode, stopped at every layer."""
-    causal = jnp.tril(jnp.ones((x.shape[0], x.shape[0]), dtype=bool))
-    h = jax.vmap(block.ln1)(x)
-    heads = eqx.tree_at(lambda a: a.output_proj, block.attn, eqx.nn.Identity())
-    rotate = None if block.rope is None else block._rotate
-    mixed = heads(h, h, h, mask=causal, process_heads=rotate)
-    h2 = jax.vmap(block.ln2)(x + jax.vmap(block.attn.output_proj)(mixed))
-    return {
-        "attn.query_proj": h,
-        "attn.key_proj": h,
-        "attn.value_proj": h,
-        "attn.output_proj": mixed,
-        "mlp.fc1": h2,
-        "mlp.fc2": jax.nn.gelu(jax.vmap(block.mlp.fc1)(h2)),
-    }
-
-
-@eqx.filter_jit
-def _all_inputs(model: Transformer, ids):
-    def one(seq):
-        states = model.hidden_states(seq)
-        return {
-            f"blocks.{i}.{name}": value
-            for i, block in enumerate(model.blocks)
-            for name, value in _block_inputs(block, states[i]).items()
-        }
-
-    return jax.vmap(one)(ids)
-
-
-def calibration_inputs(
-    model: Transformer, ids: Int[Array, "n T"]
-) -> dict[str, Float[np.ndarray, "rows fan_in"]]:
-    """Inputs of every attention projection and MLP layer on calibration windows, one
-    row per token, keyed by layer path. One jitted forward pass: lowrank's generic
-    recorder (a host callback per vmapped token) compiles far slower on a Transformer."""
-    inputs = _all_inputs(eqx.nn.inference_mode(model), jnp.asarray(ids))
-    return {p: np.asarray(v).reshape(-1, v.shape[-1]) for p, v in inputs.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class _OnInputs:
-    """A calibrated initializer fed the inputs from `calibration_inputs`."""
-
-    base: lowrank.Initializer
-    inputs: dict
-    name: str
-    calibration = "never"  # lowrank records nothing: the inputs are already here
-
-    def __call__(self, problem: lowrank.LayerProblem, *, key: PRNGKeyArray) -> lowrank.Factors:
-        rows = jnp.asarray(self.inputs[problem.path], problem.weight.dtype)
-        return self.base(dataclasses.replace(problem, inputs=rows), key=key)
-
-    def __repr__(self):
-        return self.name
-
-
 def _keep_only(plan: lowrank.Plan, paths: set[str]) -> lowrank.Plan:
     for lp in plan.factorized:
         if lp.path not in paths:
@@ -183,40 +124,34 @@ def factorized_student(
     `lowrank.Budget(params=params)` of those layers, and the plan (for `save_lm`).
 
     `init`: "spectral", "random", "whitened" (needs `calibration`, a batch of token
-    windows), or "nkp": each MLP's first layer by NKP for its GELU (on the calibration
-    inputs when given), the other (linear) layers whitened, or spectral without data.
+    windows), or "nkp": each MLP's first layer by NKP for its GELU (on `calibration`
+    when given), then the other (linear) layers whitened on the model so far, or
+    spectral without data.
     """
     if init not in ("spectral", "random", "whitened", "nkp"):
         raise ValueError(
             f"init={init!r} is not a student init; use 'spectral', 'whitened', 'nkp' or 'random'"
         )
-    if init == "whitened" and calibration is None:
-        raise ValueError("init='whitened' needs calibration= (a batch of token windows)")
     try:
         plan = lowrank.plan(teacher, rank=lowrank.Budget(params=params), target=FACTORIZE_TARGET)
     except ValueError as e:
         raise ValueError(f"student params={params}: {e}") from e
     if init in ("spectral", "random"):
         return lowrank.factorize(teacher, plan=plan, init=init, key=key, return_plan=True)
-    inputs = None if calibration is None else calibration_inputs(teacher, calibration)
-
-    def initializer(base, name):
-        return base if inputs is None else _OnInputs(base, inputs, name)
-
     if init == "whitened":
-        whitened = initializer(lowrank.Whitened(), "whitened")
-        return lowrank.factorize(teacher, plan=plan, init=whitened, key=key, return_plan=True)
+        return lowrank.factorize(teacher, plan=plan, init="whitened", calibration=calibration,
+                                 key=key, return_plan=True)  # fmt: skip
     mlp_in = {lp.path for lp in plan.factorized if _MLP_IN.fullmatch(lp.path)}
     rest = {lp.path for lp in plan.factorized} - mlp_in
     k1, k2 = jr.split(key)
-    nkp = initializer(lowrank.NKP(activation=jax.nn.gelu), "nkp")
-    linear = "spectral" if inputs is None else initializer(lowrank.Whitened(), "whitened")
     model, first = lowrank.factorize(
-        teacher, plan=_keep_only(plan, mlp_in), init=nkp, key=k1, return_plan=True
-    )
+        teacher, plan=_keep_only(plan, mlp_in), init=lowrank.NKP(activation=jax.nn.gelu),
+        calibration=calibration, key=k1, return_plan=True,
+    )  # fmt: skip
     model, second = lowrank.factorize(
-        model, plan=_keep_only(plan, rest), init=linear, key=k2, return_plan=True
-    )
+        model, plan=_keep_only(plan, rest), init="spectral" if calibration is None else "whitened",
+        calibration=calibration, key=k2, return_plan=True,
+    )  # fmt: skip
     layers = [first[lp.path] if lp.path in mlp_in else second[lp.path] for lp in plan.layers]
     return model, dataclasses.replace(plan, layers=layers)
 
