@@ -1,6 +1,7 @@
 """NKP vs spectral vs a gradient-descent oracle: function-space error of one layer.
 
     python -m bench.nkp_quality [--dims 64 256 1024] [--oracle-steps 300] [--mc 100000]
+    python -m bench.nkp_quality --cost-only   # re-time; quality rows from bench/out/
 
 For σ(Wx) with He-initialized W (m×d) and x ~ N(0, I), the relative function-space error
 E‖σ(Wx) - σ(W'x)‖² / E‖σ(Wx)‖² of each rank-r W': the closed form (arc-cosine / Gauss–
@@ -10,6 +11,8 @@ The last table times NKP against spectral on a 4096×1024 layer in the same proc
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ from lowrank._nkp import NKP
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 RANKS = (1, 2, 4, 8, 16, 64)
+CACHE = Path(__file__).with_name("out") / "nkp_quality.json"
 ROUNDOFF = 1e-6  # float32 factors: relative errors below this are round-off (r = d)
 
 
@@ -165,9 +169,15 @@ def main():
     parser.add_argument("--mc", type=int, default=100_000)
     parser.add_argument("--cost-ranks", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cost-only", action="store_true", help="reuse the last quality rows")
     args = parser.parse_args()
     key = jax.random.key(0)
-    quality = quality_rows(args.dims, args.ratios, args.oracle_steps, args.mc, key=key)
+    if args.cost_only:
+        quality = json.loads(CACHE.read_text())
+    else:
+        quality = quality_rows(args.dims, args.ratios, args.oracle_steps, args.mc, key=key)
+        CACHE.parent.mkdir(exist_ok=True)
+        CACHE.write_text(json.dumps(quality))
     cost = cost_rows(args.cost_ranks, args.repeats, key=key)
     header = [
         "σ", "d", "m", "r", "spectral", "spectral MC", "NKP", "NKP MC",

@@ -259,10 +259,22 @@ def _gaussian_nkp(weight, bias, spectral, input_scale, *, activation, fit_bias, 
     # w'_i = c_i·P w_i with c_i = τ_i / (s‖P w_i‖); then balance the two factors.
     proj_norm = input_scale * cosine * jnp.sqrt(sq_norms)
     scale = jnp.where(cosine > _TINY_COSINE, tau / jnp.where(proj_norm > 0, proj_norm, 1.0), 0.0)
-    u, s, vt = jnp.linalg.svd(scale[:, None] * wq, full_matrices=False)
-    half = jnp.sqrt(s)
+    u, v = _balanced(scale[:, None] * wq, q)
     target = jnp.sum(expected_square(activation, bias, std))
-    return u * half, (half[:, None] * vt) @ q.T, beta, jnp.sum(errors), target
+    return u, v, beta, jnp.sum(errors), target
+
+
+def _balanced(b, q):
+    """u, v with u @ v = b @ qᵀ and equal singular values (√s) on both sides, as spectral.
+
+    From the r×r eigen-decomposition of bᵀb (b = U S Vᵀ gives u = b V / √S, v = √S Vᵀ qᵀ),
+    cheaper than an SVD of the m×r matrix b; directions with S = 0 are dropped.
+    """
+    eig, vec = jnp.linalg.eigh(b.T @ b)
+    half = jnp.sqrt(jnp.sqrt(jnp.maximum(eig, 0.0)))
+    alive = half > 0
+    u = (b @ vec) * jnp.where(alive, 1.0 / jnp.where(alive, half, 1.0), 0.0)
+    return u, (half[:, None] * vec.T) @ q.T
 
 
 # ----------------------------------------------------------------------------- calibrated
