@@ -48,11 +48,13 @@ def _safe_corr(corr):
 
 
 def relu_mean(mean, std):
+    """E relu(z), z ~ N(μ, s²)."""
     h = _standardized(mean, std)
     return mean * jax.scipy.stats.norm.cdf(h) + std * jax.scipy.stats.norm.pdf(h)
 
 
 def relu_second_moment(mean, std):
+    """E relu(z)², z ~ N(μ, s²)."""
     h = _standardized(mean, std)
     cdf, pdf = jax.scipy.stats.norm.cdf(h), jax.scipy.stats.norm.pdf(h)
     return (mean**2 + std**2) * cdf + mean * std * pdf
