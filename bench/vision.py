@@ -223,7 +223,7 @@ def part_b() -> str:
         ])  # fmt: skip
     header = [
         "model", "policy", "init", "factorized", "selected params ratio", "model params",
-        "params ratio", "FLOPs (one image)", "FLOP ratio", "loss after 1 step",
+        "params ratio", "FLOPs (one image)", "FLOP ratio", "train loss of the step",
         "factorize s", "1 step s (incl. compile)",
     ]  # fmt: skip
     return (
