@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(VENV)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m recipes.demo
+	$(PY) -m recipes.run digits_demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests
