@@ -12,13 +12,13 @@ from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, check_rank_fits, make_plan
 from ._select import (
     check_is_model,
-    is_layer,
-    key_path_to_str,
+    replace_layers,
     resolve_activations,
     walk_layers,
     weight_matrix,
 )
-from ._trace import Example, output_positions, record_inputs
+from ._sequential import solve_layers
+from ._trace import Example, output_positions
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -47,6 +47,7 @@ def factorize(
     exclude=None,
     where=None,
     calibration: Example | None = None,
+    sequential: bool = True,
     example: Example | None = None,
     activations: dict | None = None,
     key: jax.Array | None = None,
@@ -58,6 +59,10 @@ def factorize(
     initializer ("spectral", "random", "nkp", "whitened", ...) or is an initializer
     object. Data-aware initializers read `calibration=`: a batch of model inputs
     (the model is vmapped over it) or a callable fn(model) that runs it on real data.
+    With `sequential=True` layers are fitted in the order the model runs them, each on
+    the inputs it sees once the layers before it are factorized, to reproduce the dense
+    layer's outputs (one calibration run per layer group); `sequential=False` fits every
+    layer on the dense model's inputs (one run, as SVD-LLM/ASVD do).
     Function-aware initializers (nkp, whitened) use the activation after each layer:
     detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
     `activations={pattern: fn or None}` says (None: no activation follows).
@@ -85,32 +90,38 @@ def factorize(
     todo = {l.path: l for l in plan.factorized}
     layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
-    inputs = (
-        record_inputs(model, list(todo), calibration, max_rows=MAX_CALIBRATION_ROWS)
-        if calibration is not None and todo
-        else {}
-    )
     key = jax.random.key(0) if key is None else key
-    replacements, done = {}, []
-    for i, (path, lp) in enumerate(todo.items()):
+    index = {path: i for i, path in enumerate(todo)}
+    done = {}
+
+    def solve(path, inputs=None, dense_inputs=None) -> Factors:
         layer = layers[path]
         problem = LayerProblem(
             path=path,
             weight=weight_matrix(layer),
             bias=None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1)),
-            rank=lp.rank,
+            rank=todo[path].rank,
             activation=activations.get(path),
-            inputs=None if path not in inputs else jnp.asarray(inputs[path]),
+            inputs=None if inputs is None else jnp.asarray(inputs),
+            dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
-        factors = initializer(problem, key=jax.random.fold_in(key, i))
+        factors = initializer(problem, key=jax.random.fold_in(key, index[path]))
         _check_factors(factors, problem, init_name)
-        replacements[path] = _lowrank_twin(layer, factors)
-        done.append(_measured(lp, problem, factors))
-    measured = {l.path: l for l in done}
-    out = _replace_layers(model, replacements)
+        done[path] = _measured(todo[path], problem, factors)
+        return factors
+
+    if calibration is not None and todo:
+        factors = solve_layers(
+            model, list(todo), calibration, solve, sequential=sequential,
+            max_rows=MAX_CALIBRATION_ROWS, replace=replace_layers,
+        )  # fmt: skip
+    else:
+        factors = {path: solve(path) for path in todo}
+    replacements = {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
+    out = replace_layers(model, replacements)
     if not return_plan:
         return out
-    return out, dataclasses.replace(plan, layers=[measured.get(l.path, l) for l in plan.layers])
+    return out, dataclasses.replace(plan, layers=[done.get(l.path, l) for l in plan.layers])
 
 
 def densify(model):
@@ -121,7 +132,7 @@ def densify(model):
         for path, layer in walk_layers(model)
         if isinstance(layer, (LowRankLinear, LowRankConv))
     }
-    return _replace_layers(model, replacements)
+    return replace_layers(model, replacements)
 
 
 # ---------------------------------------------------------------- helpers
@@ -236,15 +247,3 @@ def _dense_twin(layer):
     if use_bias:
         dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias.reshape(dense.bias.shape))
     return dense
-
-
-def _replace_layers(model, replacements: dict):
-    """A new model with the layers at the given paths swapped; the input is untouched."""
-    if not replacements:
-        return model
-
-    def swap(key_path, leaf):
-        return replacements.get(key_path_to_str(key_path), leaf)
-
-    return jax.tree_util.tree_map_with_path(swap, model, is_leaf=is_layer)
-

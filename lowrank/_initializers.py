@@ -24,6 +24,10 @@ class LayerProblem:
     (out, in/groups * prod(kernel)) for Conv, so that a conv is the matmul of this
     matrix with image patches. `inputs` holds calibration inputs in the same matrix
     space (Linear: the layer's input vectors; Conv: flattened patches), or None.
+    With sequential calibration, `inputs` come from the model whose earlier layers are
+    already factorized, and `dense_inputs` holds what the dense model fed this layer on
+    the same rows: the factors should map `inputs` to the dense layer's outputs on
+    `dense_inputs`. None when the two are the same.
     """
 
     path: str
@@ -32,6 +36,7 @@ class LayerProblem:
     rank: int
     activation: Callable[[Array], Array] | None = None
     inputs: Float[Array, "N n"] | None = None
+    dense_inputs: Float[Array, "N n"] | None = None
 
 
 class Factors(NamedTuple):

@@ -19,7 +19,9 @@ monotone σ) the best row is w'_i = c_i·P w_i. So W' = diag(c)·W·P, and:
 Calibration inputs (problem.inputs): the same objective on the real inputs. Start from the
 whitened SVD, then alternate (Zhang et al. 2015's relaxation) target pre-activations
 z* = argmin (y - σ(z))² + λ(z - z')² elementwise, and a reduced-rank regression of z* on x
-(the whitened SVD of the least-squares map, bias free), keeping the best iterate.
+(the whitened SVD of the least-squares map, bias free), keeping the best iterate. With
+sequential calibration (problem.dense_inputs) the targets y = σ(W x + b) come from the
+dense model's inputs x while the fit runs on the inputs x̃ the factorized model gives.
 """
 
 import functools
@@ -34,7 +36,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._gaussian_expectations import expected_sq_diff, expected_square, relu_centred_sq_diff
 from ._initializers import Factors, LayerProblem, register_initializer, top_singular_triplets
 from ._problem_checks import check_problem, relative_error
-from ._whitened import whitened_truncation, whitening
+from ._whitened import reduced_rank_regression, whitened_truncation, whitening
 
 _TINY_COSINE = 1e-6  # rows this close to orthogonal to P get w'_i = 0 (bias only)
 _RELAXATION = 0.1  # λ of the calibrated alternation (best of 0.01-10 on synthetic layers)
@@ -78,10 +80,12 @@ class NKP(eqx.Module):
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         if problem.inputs is not None:
             bias = jnp.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+            dense = problem.dense_inputs
             u, v, new_bias, num, den = _calibrated_nkp(
                 weight,
                 bias,
                 problem.inputs.astype(weight.dtype),
+                None if dense is None else dense.astype(weight.dtype),
                 rank=problem.rank,
                 activation=activation,
                 fit_bias=fit_bias,
@@ -314,14 +318,24 @@ def target_preactivations(
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "activation", "fit_bias", "iterations"))
-def _calibrated_nkp(weight, bias, inputs, *, rank, activation, fit_bias, iterations):
-    num_samples = inputs.shape[0]
-    dense_pre = inputs @ weight.T + bias
+def _calibrated_nkp(weight, bias, inputs, dense_inputs, *, rank, activation, fit_bias, iterations):
+    """`dense_inputs` None: the inputs are the dense model's own."""
+    dense_pre = (inputs if dense_inputs is None else dense_inputs) @ weight.T + bias
     y = activation(dense_pre)
     mean, basis, eig = whitening(inputs, centre=fit_bias)
     centred = inputs - mean
-    u, v = whitened_truncation(weight, basis, eig, rank)
-    new_bias = bias + (weight - u @ v) @ mean if fit_bias else bias
+
+    def regression(z):
+        """Rank-r least squares of z on the inputs: u, v and the bias (fitted or kept)."""
+        offset = jnp.mean(z, axis=0) if fit_bias else bias
+        u, v = reduced_rank_regression(z - offset, centred, basis, eig, rank)
+        return u, v, offset - u @ (v @ mean) if fit_bias else bias
+
+    if dense_inputs is None:  # the whitened SVD
+        u, v = whitened_truncation(weight, basis, eig, rank)
+        new_bias = bias + (weight - u @ v) @ mean if fit_bias else bias
+    else:
+        u, v, new_bias = regression(dense_pre)
 
     def loss(u, v, b):
         return jnp.sum((y - activation((inputs @ v.T) @ u.T + b)) ** 2)
@@ -330,12 +344,7 @@ def _calibrated_nkp(weight, bias, inputs, *, rank, activation, fit_bias, iterati
         u, v, new_bias, best = state
         current = (inputs @ v.T) @ u.T + new_bias
         z = target_preactivations(activation, y, dense_pre, current, _RELAXATION)
-        # Reduced-rank regression of z on x: whitened SVD of the least-squares map
-        # L = E[(z - offset) xcᵀ]·C⁻¹, C = E Λ Eᵀ the (floored) whitening of x.
-        offset = jnp.mean(z, axis=0) if fit_bias else bias
-        cross = (z - offset).T @ centred / num_samples
-        u, v = whitened_truncation(((cross @ basis) / eig) @ basis.T, basis, eig, rank)
-        new_bias = offset - u @ (v @ mean) if fit_bias else bias
+        u, v, new_bias = regression(z)
         candidate = (u, v, new_bias, loss(u, v, new_bias))
         better = _improves(candidate[3], best[3])
         return u, v, new_bias, jax.tree.map(lambda a, b: jnp.where(better, a, b), candidate, best)

@@ -35,6 +35,18 @@ def check_problem(problem: LayerProblem, init: str) -> None:
                 f"calibration inputs for {problem.path} contain NaN/inf; clean the "
                 f"calibration data before init={init!r}"
             )
+    if problem.dense_inputs is not None:
+        if problem.inputs is None or problem.dense_inputs.shape != problem.inputs.shape:
+            raise ValueError(
+                f"dense_inputs for {problem.path} must pair row by row with inputs, got "
+                f"{problem.dense_inputs.shape} for inputs "
+                f"{None if problem.inputs is None else problem.inputs.shape}"
+            )
+        if not bool(jnp.all(jnp.isfinite(problem.dense_inputs))):
+            raise ValueError(
+                f"dense-model inputs for {problem.path} contain NaN/inf; clean the "
+                f"calibration data before init={init!r}"
+            )
 
 
 def relative_error(num, den):

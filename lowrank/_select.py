@@ -241,3 +241,15 @@ def weight_matrix(layer) -> Float[Array, "out fan_in"]:
     """The layer's dense weight as an (out, in * prod(kernel)) matrix (a host-side reshape)."""
     w = layer.weight
     return jnp.asarray(np.asarray(w).reshape(w.shape[0], math.prod(w.shape[1:])))
+
+
+def replace_layers(model, replacements: dict):
+    """A new model with the layers at the given paths swapped; the input is untouched."""
+    if not replacements:
+        return model
+
+    def swap(key_path, leaf):
+        return replacements.get(key_path_to_str(key_path), leaf)
+
+    return jax.tree_util.tree_map_with_path(swap, model, is_leaf=is_layer)
+

@@ -51,7 +51,8 @@ def _with_taps(model, paths: set[str], sink: Callable):
     return jax.tree_util.tree_map_with_path(wrap, model, is_leaf=is_layer)
 
 
-def _run(model, data: Example, *, batched: bool):
+def _runner(data: Example, *, batched: bool) -> Callable:
+    """A jitted `run(model)` on `data`; reused across calls, it compiles once per structure."""
     if callable(data) and not isinstance(data, (jax.Array, np.ndarray)):
         call = data
     elif batched:
@@ -60,8 +61,13 @@ def _run(model, data: Example, *, batched: bool):
         if isinstance(data, jax.ShapeDtypeStruct):
             data = jnp.zeros(data.shape, data.dtype)
         call = lambda m: m(data)  # noqa: E731  (one unbatched input)
-    jax.block_until_ready(eqx.filter_jit(call)(model))
-    jax.effects_barrier()
+    jitted = eqx.filter_jit(call)
+
+    def run(model):
+        jax.block_until_ready(jitted(model))
+        jax.effects_barrier()
+
+    return run
 
 
 def output_positions(model, paths: list[str], example: Example) -> dict[str, int]:
@@ -80,7 +86,7 @@ def output_positions(model, paths: list[str], example: Example) -> dict[str, int
             per_call = math.prod(_out_spatial(layer, value.shape[value.ndim - spatial :]))
         counts[path] += math.prod(calls) * per_call
 
-    _run(_with_taps(model, set(paths), sink), example, batched=False)
+    _runner(example, batched=False)(_with_taps(model, set(paths), sink))
     return dict(counts)
 
 
@@ -89,31 +95,52 @@ def _out_spatial(layer, spatial: tuple[int, ...]) -> tuple[int, ...]:
     return shape.shape[1:]
 
 
-def record_inputs(
-    model, paths: list[str], calibration: Example, *, max_rows: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Inputs each listed layer saw on the calibration data, as (rows, fan_in) matrices.
+class InputRecorder:
+    """Records, as (rows, fan_in) matrices, the inputs that chosen layers see on the
+    calibration data, over as many runs (e.g. of ever more factorized models) as needed.
 
-    `calibration` is a batch of model inputs (leading batch axis; the model is
-    vmapped over it) or a callable `fn(model)` that runs the model on real data.
-    Each host call is turned into rows (conv: patches) and subsampled at once, so
-    memory stays O(max_rows · fan_in) whatever the data size or input shapes.
+    `calibration` is a batch of model inputs (leading batch axis; the model is vmapped
+    over it) or a callable `fn(model)` that runs the model on real data. Every layer in
+    `paths` is tapped on every run, so models of one structure share one compilation;
+    only the layers asked for in `record` are kept. Each host call is turned into rows
+    (conv: patches) and subsampled at once, so memory stays O(max_rows · fan_in). Each
+    layer's subsample is drawn from its own generator seeded alike on every run, so
+    runs over the same data keep the same rows in the same order.
     """
-    layers = dict(walk_layers(model))
-    rng = np.random.default_rng(seed)
-    store: dict[str, list[np.ndarray]] = defaultdict(list)
 
-    def sink(path, value):
-        store[path].append(_subsample(inputs_as_rows(layers[path], value), max_rows, rng))
+    def __init__(self, paths: list[str], calibration: Example, *, max_rows: int, seed: int = 0):
+        self.paths = list(paths)
+        self.max_rows = max_rows
+        self.seed = seed
+        self._run = _runner(calibration, batched=True)
+        self._layers: dict = {}
+        self._store: dict[str, list[np.ndarray]] = {}
+        self._rngs: dict[str, np.random.Generator] = {}
 
-    _run(_with_taps(model, set(paths), sink), calibration, batched=True)
-    missing = [p for p in paths if p not in store]
-    if missing:
-        raise ValueError(
-            f"calibration never ran layers {missing[:5]}; make sure calibration "
-            "(a batch of inputs, or fn(model)) calls the model through those layers"
-        )
-    return {p: _subsample(np.concatenate(v), max_rows, rng) for p, v in store.items()}
+    def _sink(self, path, value):
+        if path in self._rngs:  # a layer asked for; the store keeps first-call order
+            rows = inputs_as_rows(self._layers[path], value)
+            sample = _subsample(rows, self.max_rows, self._rngs[path])
+            self._store.setdefault(path, []).append(sample)
+
+    def record(self, model, paths: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on the calibration data; the inputs of `paths` (default: all),
+        keyed in the order the model first ran them."""
+        paths = self.paths if paths is None else paths
+        self._layers = dict(walk_layers(model))
+        self._store = {}
+        self._rngs = {p: np.random.default_rng(self.seed) for p in paths}
+        self._run(_with_taps(model, set(self.paths), self._sink))
+        missing = [p for p in paths if p not in self._store]
+        if missing:
+            raise ValueError(
+                f"calibration never ran layers {missing[:5]}; make sure calibration "
+                "(a batch of inputs, or fn(model)) calls the model through those layers"
+            )
+        return {
+            p: _subsample(np.concatenate(v), self.max_rows, self._rngs[p])
+            for p, v in self._store.items()
+        }
 
 
 def _subsample(rows: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:

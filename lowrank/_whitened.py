@@ -8,6 +8,12 @@ singular (fewer samples than dimensions, constant features): unseen directions a
 weighted like a tiny ridge instead of dividing by zero. When the layer has a bias, the
 bias absorbs the mean input, so we whiten the centred covariance and correct
 b' = b + (W - W')·mean(x).
+
+Sequential calibration (`problem.dense_inputs`): earlier layers are already factorized,
+so this layer sees inputs x̃ while the dense layer saw x on the same rows. The target is
+then the dense output z = Wx + b, and W' is the reduced-rank regression of z on x̃ (the
+whitened truncation of the least-squares map), with b' absorbing the mean shift: this
+corrects, layer by layer, the error that earlier factorizations let through.
 """
 
 import functools
@@ -47,19 +53,41 @@ def whitened_truncation(
     return U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
 
 
+def reduced_rank_regression(
+    targets: Float[Array, "N m"],
+    centred: Float[Array, "N n"],
+    basis: Float[Array, "n n"],
+    eig: Float[Array, " n"],
+    rank: int,
+) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
+    """u, v of rank r minimizing Σ_k ‖t_k - u v x_k‖² over rows t_k of `targets` and x_k of
+    `centred` (second moment E·diag(λ)·Eᵀ): the whitened truncation of the least-squares
+    map L = E[t xᵀ]·(E Λ Eᵀ)⁻¹."""
+    cross = targets.T @ centred / centred.shape[0]
+    return whitened_truncation(((cross @ basis) / eig) @ basis.T, basis, eig, rank)
+
+
 @functools.partial(jax.jit, static_argnames=("rank", "centre"))
-def _whitened(weight, inputs, *, rank, centre):
+def _whitened(weight, bias, inputs, dense_inputs, *, rank, centre):
+    """u, v, b' (b' = None without a bias); `dense_inputs` None: the inputs are the dense ones."""
     mean, basis, eig = whitening(inputs, centre=centre)
-    u, v = whitened_truncation(weight, basis, eig, rank)
-    return u, v, mean
+    if dense_inputs is None:
+        u, v = whitened_truncation(weight, basis, eig, rank)
+        return u, v, None if bias is None else bias + (weight - u @ v) @ mean
+    targets = dense_inputs @ weight.T
+    offset = jnp.mean(targets, axis=0) if centre else jnp.zeros(weight.shape[0], weight.dtype)
+    u, v = reduced_rank_regression(targets - offset, inputs - mean, basis, eig, rank)
+    return u, v, None if bias is None else bias + offset - u @ (v @ mean)
 
 
-def calibration_error(activation, weight, bias, u, v, new_bias, inputs):
-    """Σ‖σ(Wx+b) - σ(u v x+b')‖² and Σ‖σ(Wx+b)‖² over the calibration inputs."""
+def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_inputs=None):
+    """Σ‖σ(Wx+b) - σ(u v x̃+b')‖² and Σ‖σ(Wx+b)‖² over the calibration rows (x̃ the
+    inputs, x the dense inputs, the same unless calibration is sequential)."""
     act = (lambda z: z) if activation is None else activation
     b = 0.0 if bias is None else bias
     nb = 0.0 if new_bias is None else new_bias
-    target = act(inputs @ weight.T + b)
+    dense_inputs = inputs if dense_inputs is None else dense_inputs
+    target = act(dense_inputs @ weight.T + b)
     approx = act((inputs @ v.T) @ u.T + nb)
     return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
 
@@ -83,10 +111,13 @@ class Whitened:
             )
         weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
         inputs = problem.inputs.astype(weight.dtype)
-        centre = problem.bias is not None
-        u, v, mean = _whitened(weight, inputs, rank=problem.rank, centre=centre)
-        bias = None if problem.bias is None else problem.bias + (weight - u @ v) @ mean
-        num, den = calibration_error(problem.activation, weight, problem.bias, u, v, bias, inputs)
+        dense = None if problem.dense_inputs is None else problem.dense_inputs.astype(weight.dtype)
+        bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
+        centre = bias is not None
+        u, v, bias = _whitened(weight, bias, inputs, dense, rank=problem.rank, centre=centre)
+        num, den = calibration_error(
+            problem.activation, weight, problem.bias, u, v, bias, inputs, dense
+        )
         return Factors(u, v, bias, relative_error(num, den))
 
     def __repr__(self):

@@ -178,13 +178,14 @@ def test_calibration_records_each_layers_own_inputs():
 
     model = CNN(key=KEY)
     xs = jax.random.normal(KEY, (2, 3, 8, 8))
-    lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs)
+    lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs, sequential=False)
     p = seen["convs.1"]
+    assert p.dense_inputs is None  # not sequential: every layer sees the dense model's inputs
     h0 = jax.vmap(lambda x: jax.nn.relu(model.convs[0](x)))(xs)
     conv_out = jax.vmap(model.convs[1])(h0) - model.convs[1].bias  # bias is (out, 1, 1)
     rows = np.asarray(p.inputs, np.float64) @ np.asarray(p.weight, np.float64).T
-    want = np.moveaxis(np.asarray(conv_out), 1, -1).reshape(-1, 24)
-    np.testing.assert_allclose(np.sort(rows, axis=0), np.sort(want, axis=0), rtol=1e-4, atol=1e-4)
+    want = np.moveaxis(np.asarray(conv_out), 1, -1).reshape(-1, 24)  # rows in (N, H, W) order
+    np.testing.assert_allclose(rows, want, rtol=1e-4, atol=1e-4)
     assert seen["head"].inputs.shape == (2, 24)
     assert p.bias.shape == (24,)
 
@@ -266,7 +267,7 @@ def test_calibration_sees_every_token_in_one_host_call_per_batch():
 
     model = _TokenMLP(key=KEY)
     xs = jax.random.normal(KEY, (5, 3, 16, 16))
-    lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs)
+    lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs, sequential=False)
     tokens = jax.vmap(lambda x: model.embed(x).reshape(32, -1).T)(xs).reshape(-1, 32)
     np.testing.assert_allclose(np.sort(seen["fc"], 0), np.sort(np.asarray(tokens), 0), rtol=1e-5, atol=1e-5)
     # a callable calibration with differently sized images works too

@@ -255,37 +255,51 @@ def correlated_inputs(rng, samples, dim, latent=4):
     return jnp.asarray(x, jnp.float32)
 
 
-def empirical_objective(activation, weight, bias, u, v, new_bias, x):
+def empirical_objective(activation, weight, bias, u, v, new_bias, x, dense=None):
+    """Relative post-activation error of the factors on inputs x against the dense layer
+    on `dense` (default: x), float64."""
     f = NUMPY_TWIN.get(activation, lambda z: z)
     x = np.asarray(x, np.float64)
-    y = f(x @ np.asarray(weight, np.float64).T + np.asarray(bias, np.float64))
+    dense = x if dense is None else np.asarray(dense, np.float64)
+    y = f(dense @ np.asarray(weight, np.float64).T + np.asarray(bias, np.float64))
     wp = np.asarray(u, np.float64) @ np.asarray(v, np.float64)
     approx = f(x @ wp.T + np.asarray(new_bias, np.float64))
     return np.sum((y - approx) ** 2) / np.sum(y**2)
 
 
-def test_calibrated_identity_equals_whitened():
+def drifted(rng, x):
+    """Inputs as a factorized upstream would give them: x mixed and jittered."""
+    mix = jnp.eye(x.shape[1]) + 0.2 * rng.normal(size=(x.shape[1],) * 2)
+    return (x @ mix + 0.1 * rng.normal(size=x.shape)).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_identity_equals_whitened(sequential):
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
     b = jnp.asarray(rng.normal(size=12), jnp.float32)
-    problem = LayerProblem("fc", w, b, 3, None, correlated_inputs(rng, 300, 8))
+    x = correlated_inputs(rng, 300, 8)
+    seen, dense = (drifted(rng, x), x) if sequential else (x, None)
+    problem = LayerProblem("fc", w, b, 3, None, seen, dense)
     out = NKP(activation=identity)(problem, key=None)
     ref = Whitened()(problem, key=None)
     np.testing.assert_allclose(np.asarray(out.u @ out.v), np.asarray(ref.u @ ref.v), atol=1e-4)
     np.testing.assert_allclose(np.asarray(out.bias), np.asarray(ref.bias), atol=1e-4)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("samples", [400, 5])  # 5 < 8 dims: singular second moment
-def test_calibrated_relu_beats_whitened(samples):
+def test_calibrated_relu_beats_whitened(samples, sequential):
     rng = np.random.default_rng(6)
     x = correlated_inputs(rng, samples, 8).at[:, 3].set(2.0)  # plus a constant feature
     w = jnp.asarray(rng.normal(size=(16, 8)) / 4, jnp.float32)
     b = jnp.asarray(0.3 * rng.normal(size=16), jnp.float32)
-    problem = LayerProblem("fc", w, b, 2, jax.nn.relu, x)
+    seen, dense = (drifted(rng, x), x) if sequential else (x, None)
+    problem = LayerProblem("fc", w, b, 2, jax.nn.relu, seen, dense)
     out, ref = NKP()(problem, key=None), Whitened()(problem, key=None)
     assert all(np.all(np.isfinite(a)) for a in (out.u, out.v, out.bias))
-    nkp_err = empirical_objective(jax.nn.relu, w, b, out.u, out.v, out.bias, x)
-    ref_err = empirical_objective(jax.nn.relu, w, b, ref.u, ref.v, ref.bias, x)
+    nkp_err = empirical_objective(jax.nn.relu, w, b, out.u, out.v, out.bias, seen, dense)
+    ref_err = empirical_objective(jax.nn.relu, w, b, ref.u, ref.v, ref.bias, seen, dense)
     assert out.function_error == pytest.approx(nkp_err, rel=1e-3, abs=1e-7)
     assert nkp_err <= ref_err * (1 + 1e-4)
     if samples == 400:
@@ -319,6 +333,10 @@ def test_registered():
         (dict(inputs=jnp.ones((5, 2))), r"calibration inputs for blocks.1.fc have shape \(5, 2\)"),
         (dict(rank=4), r"rank 4 is outside \[1, min\(4, 3\)\] for blocks.1.fc"),
         (dict(rank=0), r"rank 0 is outside"),
+        (dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.ones((4, 3))),
+         r"dense_inputs for blocks.1.fc must pair row by row with inputs, got \(4, 3\)"),
+        (dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.full((5, 3), jnp.nan)),
+         "dense-model inputs for blocks.1.fc contain NaN/inf"),
     ],
 )
 def test_bad_problems_raise(change, match):

@@ -52,6 +52,37 @@ def test_matches_cholesky_reference(with_bias):
     assert out.function_error == pytest.approx(np.sum((y - approx_y) ** 2) / np.sum(y**2), rel=1e-3)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sequential_fit_is_the_reduced_rank_regression_onto_dense_outputs(with_bias):
+    """Inputs x̃ (factorized model) paired with dense inputs x: W' is the rank-r least-squares
+    map from x̃ to Wx + b, reference built with a float64 Cholesky whitening of x̃."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(10, 6))
+    b = rng.normal(size=10) if with_bias else None
+    dense = np.asarray(inputs(rng, 400, 6), np.float64)
+    seen = dense @ (np.eye(6) + 0.3 * rng.normal(size=(6, 6))) + 0.2 * rng.normal(size=(400, 6))
+    problem = LayerProblem(
+        "fc", jnp.asarray(w, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32),
+        2, None, jnp.asarray(seen, jnp.float32), jnp.asarray(dense, jnp.float32),
+    )  # fmt: skip
+    out = Whitened()(problem, key=None)
+    target = dense @ w.T
+    x_mean = seen.mean(axis=0) if with_bias else np.zeros(6)
+    z_mean = target.mean(axis=0) if with_bias else np.zeros(10)
+    xc, zc = seen - x_mean, target - z_mean
+    least_squares = np.linalg.solve(xc.T @ xc, xc.T @ zc).T
+    s = np.linalg.cholesky(xc.T @ xc / len(xc))
+    U, S, Vt = np.linalg.svd(least_squares @ s)
+    approx = (U[:, :2] * S[:2]) @ Vt[:2] @ np.linalg.inv(s)
+    scale = np.abs(approx).max()
+    np.testing.assert_allclose(np.asarray(out.u @ out.v, np.float64), approx, atol=2e-4 * scale)
+    if with_bias:
+        np.testing.assert_allclose(out.bias, b + z_mean - approx @ x_mean, atol=2e-4 * scale)
+    y = target + (0.0 if b is None else b)
+    fit = seen @ approx.T + (0.0 if b is None else b + z_mean - approx @ x_mean)
+    assert out.function_error == pytest.approx(np.sum((y - fit) ** 2) / np.sum(y**2), rel=1e-3)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), samples=st.sampled_from([3, 40]), rank=st.integers(1, 3))
 def test_never_worse_than_spectral_on_calibration_data(seed, samples, rank):
