@@ -17,7 +17,9 @@ corrects, layer by layer, the error that earlier factorizations let through.
 """
 
 import functools
+import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -26,6 +28,12 @@ from ._initializers import Factors, LayerProblem, register_initializer
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
+DEFAULT_RIDGE = 0.025  # δ / (mean input variance · inputs / rows) in regressions
+
+
+def check_ridge(ridge: float, name: str) -> None:
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"{name} ridge must be a finite number >= 0, got {ridge}")
 
 
 def whitening(
@@ -59,16 +67,28 @@ def reduced_rank_regression(
     basis: Float[Array, "n n"],
     eig: Float[Array, " n"],
     rank: int,
+    *,
+    prior: Float[Array, "m n"],
+    ridge: float,
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
-    """u, v of rank r minimizing Σ_k ‖t_k - u v x_k‖² over rows t_k of `targets` and x_k of
-    `centred` (second moment E·diag(λ)·Eᵀ): the whitened truncation of the least-squares
-    map L = E[t xᵀ]·(E Λ Eᵀ)⁻¹."""
-    cross = targets.T @ centred / centred.shape[0]
-    return whitened_truncation(((cross @ basis) / eig) @ basis.T, basis, eig, rank)
+    """u, v of rank r minimizing Σ_k ‖t_k - u v x_k‖² + N·δ‖u v - prior‖² over the N rows
+    t_k of `targets` and x_k of `centred` (n inputs, second moment E·diag(λ)·Eᵀ), with
+    δ = ridge·mean(λ)·n/N.
+
+    The optimum is the truncation of L = (E[t xᵀ] + δ·prior)·(EΛEᵀ + δI)⁻¹ in the metric
+    EΛEᵀ + δI. The ridge pulls the fit towards the dense weight (`prior`) in directions
+    the calibration rows barely cover; it grows with n/N, as the variance of a least-
+    squares fit does: with fewer rows than inputs, plain least squares fits them exactly
+    and generalizes poorly.
+    """
+    delta = ridge * jnp.mean(eig) * centred.shape[1] / centred.shape[0]
+    cross = targets.T @ centred / centred.shape[0] + delta * prior
+    metric = eig + delta
+    return whitened_truncation(((cross @ basis) / metric) @ basis.T, basis, metric, rank)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "centre"))
-def _whitened(weight, bias, inputs, dense_inputs, *, rank, centre):
+@functools.partial(jax.jit, static_argnames=("rank", "centre", "ridge"))
+def _whitened(weight, bias, inputs, dense_inputs, *, rank, centre, ridge):
     """u, v, b' (b' = None without a bias); `dense_inputs` None: the inputs are the dense ones."""
     mean, basis, eig = whitening(inputs, centre=centre)
     if dense_inputs is None:
@@ -76,7 +96,9 @@ def _whitened(weight, bias, inputs, dense_inputs, *, rank, centre):
         return u, v, None if bias is None else bias + (weight - u @ v) @ mean
     targets = dense_inputs @ weight.T
     offset = jnp.mean(targets, axis=0) if centre else jnp.zeros(weight.shape[0], weight.dtype)
-    u, v = reduced_rank_regression(targets - offset, inputs - mean, basis, eig, rank)
+    u, v = reduced_rank_regression(
+        targets - offset, inputs - mean, basis, eig, rank, prior=weight, ridge=ridge
+    )
     return u, v, None if bias is None else bias + offset - u @ (v @ mean)
 
 
@@ -92,14 +114,23 @@ def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_in
     return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
 
 
-class Whitened:
+class Whitened(eqx.Module):
     """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
 
+    `ridge`: with sequential calibration, how strongly the regression onto the dense
+    outputs is pulled towards the dense weight, in units of the mean input variance
+    times inputs per row (see `reduced_rank_regression`); unused on the dense model's
+    own inputs.
     `function_error` is the relative error of the layer's output σ(Wx + b) on the
     calibration inputs (σ = `problem.activation`, the identity when unknown).
     """
 
+    ridge: float = eqx.field(default=DEFAULT_RIDGE, static=True)
+
     calibration = "required"
+
+    def __check_init__(self):
+        check_ridge(self.ridge, "Whitened")
 
     def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
         del key
@@ -114,7 +145,9 @@ class Whitened:
         dense = None if problem.dense_inputs is None else problem.dense_inputs.astype(weight.dtype)
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         centre = bias is not None
-        u, v, bias = _whitened(weight, bias, inputs, dense, rank=problem.rank, centre=centre)
+        u, v, bias = _whitened(
+            weight, bias, inputs, dense, rank=problem.rank, centre=centre, ridge=self.ridge
+        )
         num, den = calibration_error(
             problem.activation, weight, problem.bias, u, v, bias, inputs, dense
         )

@@ -19,7 +19,7 @@ from lowrank._gaussian_expectations import (
     relu_cross_moment,
 )
 from lowrank._initializers import LayerProblem, Spectral, available_initializers
-from lowrank._nkp import NKP
+from lowrank._nkp import NKP, held_out_rows
 from lowrank._whitened import Whitened
 
 
@@ -306,6 +306,30 @@ def test_calibrated_relu_beats_whitened(samples, sequential):
         assert nkp_err < 0.97 * ref_err  # the nonlinear fit helps on real inputs
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibrated_fit_on_few_rows_generalizes_no_worse_than_whitened(seed):
+    """50 calibration rows for 45 inputs: the alternations could memorize them. The ridge
+    and the held-out stop keep NKP's error on fresh rows at or below whitened's."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(45, 45)) * rng.uniform(0.05, 1.0, 45)
+    x, fresh = rng.normal(size=(50, 45)) @ mix, rng.normal(size=(4000, 45)) @ mix
+    w = jnp.asarray(rng.normal(size=(30, 45)) / np.sqrt(45), jnp.float32)
+    b = jnp.asarray(0.1 * rng.normal(size=30), jnp.float32)
+    problem = LayerProblem("fc", w, b, 3, jax.nn.relu, jnp.asarray(x, jnp.float32))
+    out, ref = NKP()(problem, key=None), Whitened()(problem, key=None)
+    nkp_fresh = empirical_objective(jax.nn.relu, w, b, out.u, out.v, out.bias, fresh)
+    ref_fresh = empirical_objective(jax.nn.relu, w, b, ref.u, ref.v, ref.bias, fresh)
+    assert nkp_fresh <= ref_fresh * (1 + 1e-4)
+
+
+def test_held_out_rows_are_a_fifth_in_contiguous_chunks():
+    assert held_out_rows(39) is None
+    mask = held_out_rows(1000)
+    assert mask.sum() == 200
+    starts = np.flatnonzero(np.diff(mask.astype(int)) == 1) + 1
+    assert len(starts) == 4 and all(mask[s : s + 50].all() for s in starts)
+
+
 def test_calibrated_without_bias_returns_none():
     rng = np.random.default_rng(7)
     x = correlated_inputs(rng, 50, 6)
@@ -350,3 +374,5 @@ def test_bad_settings_raise():
         NKP(input_scale=-1.0)
     with pytest.raises(ValueError, match="NKP iterations and calibration_iterations must be >= 0"):
         NKP(iterations=-2)
+    with pytest.raises(ValueError, match="NKP ridge must be a finite number >= 0, got nan"):
+        NKP(ridge=float("nan"))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowrank._initializers import LayerProblem, Spectral
-from lowrank._whitened import Whitened
+from lowrank._whitened import Whitened, reduced_rank_regression, whitening
 
 
 def cholesky_reference(w, x, rank, centre):
@@ -65,7 +65,7 @@ def test_sequential_fit_is_the_reduced_rank_regression_onto_dense_outputs(with_b
         "fc", jnp.asarray(w, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32),
         2, None, jnp.asarray(seen, jnp.float32), jnp.asarray(dense, jnp.float32),
     )  # fmt: skip
-    out = Whitened()(problem, key=None)
+    out = Whitened(ridge=0.0)(problem, key=None)  # plain least squares (the ridge: below)
     target = dense @ w.T
     x_mean = seen.mean(axis=0) if with_bias else np.zeros(6)
     z_mean = target.mean(axis=0) if with_bias else np.zeros(10)
@@ -81,6 +81,31 @@ def test_sequential_fit_is_the_reduced_rank_regression_onto_dense_outputs(with_b
     y = target + (0.0 if b is None else b)
     fit = seen @ approx.T + (0.0 if b is None else b + z_mean - approx @ x_mean)
     assert out.function_error == pytest.approx(np.sum((y - fit) ** 2) / np.sum(y**2), rel=1e-3)
+
+
+@pytest.mark.parametrize("rank", [2, 6])
+def test_ridge_regression_is_the_penalized_least_squares_optimum(rank):
+    """min ‖T - B X‖² + N·δ‖B - P‖² over rank-r B, δ = ridge·mean(λ)·n/N: at full rank the
+    normal equations, below it the truncation in the metric C + δI (float64 numpy)."""
+    rng = np.random.default_rng(4)
+    x = np.asarray(inputs(rng, 9, 6, shift=0.0), np.float64)  # 9 rows, 6 inputs
+    t = x @ rng.normal(size=(6, 5)) + 0.5 * rng.normal(size=(9, 5))
+    prior = rng.normal(size=(5, 6))
+    ridge = 0.3
+    mean, basis, eig = whitening(jnp.asarray(x, jnp.float32), centre=False)
+    u, v = reduced_rank_regression(
+        jnp.asarray(t, jnp.float32), jnp.asarray(x, jnp.float32), basis, eig, rank,
+        prior=jnp.asarray(prior, jnp.float32), ridge=ridge,
+    )  # fmt: skip
+    n_rows = len(x)
+    gram = x.T @ x / n_rows
+    delta = ridge * np.trace(gram) / 6 * 6 / n_rows
+    optimum = np.linalg.solve(gram + delta * np.eye(6), (t.T @ x / n_rows + delta * prior).T).T
+    if rank < 5:
+        s = np.linalg.cholesky(gram + delta * np.eye(6))
+        U, S, Vt = np.linalg.svd(optimum @ s)
+        optimum = (U[:, :rank] * S[:rank]) @ Vt[:rank] @ np.linalg.inv(s)
+    np.testing.assert_allclose(np.asarray(u @ v, np.float64), optimum, atol=1e-4 * np.abs(optimum).max())
 
 
 @settings(max_examples=10, deadline=None)
@@ -118,6 +143,11 @@ def test_degenerate_calibration_data_is_stable():
         np.asarray(zero.u @ zero.v), (U[:, :2] * S[:2]) @ Vt[:2], atol=1e-4 * S[0]
     )
     assert zero.function_error == 0.0
+
+
+def test_bad_ridge_raises():
+    with pytest.raises(ValueError, match="Whitened ridge must be a finite number >= 0, got -0.1"):
+        Whitened(ridge=-0.1)
 
 
 def test_needs_calibration_inputs():
