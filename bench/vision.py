@@ -1,15 +1,18 @@
 """Vision acceptance bench: dense vs low-rank ResNet-18 trained on the offline digits.
 
-    python -m bench.vision [--width 32] [--steps 100] [--batch 32] [--quick] [--extras]
-                           [--skip-grid] [--skip-big]
+    python -m bench.vision [--width 32] [--steps 100] [--batch 32] [--seeds 1]
+                           [--budgets 0.5,0.25] [--inits random,spectral,nkp] [--warmup off,on]
+                           [--quick] [--extras] [--skip-grid] [--skip-big]
 
 A. ResNet-18 (CIFAR stem, `--width` channels in the first stage instead of 64, so it
    trains on a small CPU) on scikit-learn's digits upscaled to 32x32, every run through
-   `recipes.run` with the digits_demo recipe and the same data, schedule and seed:
-   dense, and the "khodak" policy (every conv of the residual stages) under
-   Budget(params=0.5) and Budget(params=0.25) x init random / spectral / NKP x
-   hybrid warm-up off (factorized before training) / on (dense for the first third).
-   Columns: final test accuracy, accuracy right after factorization (hybrid runs),
+   `recipes.run` with the digits_demo recipe and the same data and schedule, for each
+   of `--seeds` seeds: dense, and the "khodak" policy (every conv of the residual
+   stages) under Budget(params=0.5) and Budget(params=0.25) x init random / spectral /
+   NKP x hybrid warm-up off (factorized before training) / on (dense for the first
+   third); `--budgets`, `--inits` and `--warmup` pick a part of that grid.
+   Columns: final test accuracy (mean ± sd over seeds) and its gap to dense in
+   points, accuracy at the end of the warm-up and right after factorization (hybrid runs),
    parameters and conv/linear FLOPs (one image) of the whole model, train step time
    ratio (median over logging windows of the low-rank phase, against the dense run),
    and inference time ratio (jitted forward on 128 test images, dense and factorized
@@ -52,7 +55,7 @@ INITS = ("random", "spectral", "nkp")
 
 
 def grid(
-    width: int, steps: int, batch: int, quick: bool, extras: bool
+    width: int, steps: int, batch: int, *, budgets, inits, warmups, extras: bool
 ) -> list[tuple[str, list[str]]]:
     """(row label, recipes.run overrides) for every run of part A; dense first. `extras`:
     instead of the grid, Frobenius decay and stable-rank (Cuttlefish) variants."""
@@ -73,10 +76,9 @@ def grid(
             ("scaled stable rank, spectral, warm-up on",
              [*base, "factorize.rank=stable:scaled", "factorize.init=spectral", warmup]),
         ]  # fmt: skip
-    budgets, inits = ((0.25,), ("spectral",)) if quick else (BUDGETS, INITS)
     for budget in budgets:
         for init in inits:
-            for hybrid in (False, True):
+            for hybrid in warmups:
                 label = f"{budget:.0%} params, {init}, warm-up {'on' if hybrid else 'off'}"
                 runs.append((label, [
                     *base, f"factorize.rank=params:{budget}", f"factorize.init={init}",
@@ -114,53 +116,70 @@ def _timings(dense, lows: list, state, *, batch: int, rounds: int) -> dict[tuple
     return out
 
 
-def part_a(width: int, steps: int, batch: int, quick: bool, extras: bool, rounds: int) -> str:
-    done = []
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def part_a(width: int, steps: int, batch: int, runs: list, seeds: int, rounds: int, extras: bool) -> str:
+    done = {}  # label -> [(result, report, final accuracy) per seed]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, overrides) in enumerate(grid(width, steps, batch, quick, extras)):
-            start = time.perf_counter()
-            config = load_config("digits_demo", [*overrides, f"train.out_dir={Path(tmp) / str(i)}"])
-            result, report = run(config)
-            final = [r for r in result.history if r["split"] == "eval"][-1]
-            done.append((label, result, report, final["accuracy"]))
-            print(f"[{i + 1}] {label}: accuracy {final['accuracy']:.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
-    (_, dense, _, dense_acc), *lows = done
-    timings = _timings(dense.model, [r.model for _, r, _, _ in lows], dense.state, batch=batch,
+        for seed in range(seeds):
+            for i, (label, overrides) in enumerate(runs):
+                start = time.perf_counter()
+                out_dir = Path(tmp) / f"{seed}-{i}"
+                config = load_config(
+                    "digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={out_dir}"]
+                )
+                result, report = run(config)
+                final = [r for r in result.history if r["split"] == "eval"][-1]["accuracy"]
+                done.setdefault(label, []).append((result, report, final))
+                print(f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy {final:.4f} "
+                      f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+    (dense_runs, *low_runs) = done.values()
+    dense = dense_runs[0][0]
+    timings = _timings(dense.model, [r[0][0].model for r in low_runs], dense.state, batch=batch,
                        rounds=rounds)  # fmt: skip
     summary = lowrank.summary(dense.model, example=_example(dense.state))
-    rows = [["dense", f"{dense_acc:.4f}", "", "", f"{summary.total_params:,}",
+    dense_accs = [acc for _, _, acc in dense_runs]
+    rows = [["dense", _mean_sd(dense_accs), "", "", "", f"{summary.total_params:,}",
              f"{summary.flops / 1e6:.1f}M", 1.0, 1.0, 1.0, 1.0, ""]]  # fmt: skip
-    for label, result, report, accuracy in lows:
-        evals = report["evals"]
+    for label, seeded in list(done.items())[1:]:
+        result, report, _ = seeded[0]
+        accs = [acc for _, _, acc in seeded]
+        gap = 100 * (np.mean(dense_accs) - np.mean(accs))
+        evals = [r["evals"] for _, r, _ in seeded]
         before, after = (
-            f"{evals[k]['accuracy']:.4f}" if k in evals else "" for k in ("before", "after")
+            _mean_sd([e[k]["accuracy"] for e in evals]) if k in evals[0] else ""
+            for k in ("before", "after")
         )
         train_ratio, time_ratio = timings[_structure(result.model)]
         rows.append([
-            label, f"{accuracy:.4f}", before, after,
+            label, _mean_sd(accs), f"{gap:+.2f}", before, after,
             f"{report['params_low']:,} (x{report['params_ratio']:.3f})",
             f"{report['flops_low'] / 1e6:.1f}M", report["flops_ratio"], train_ratio, time_ratio,
             time_ratio / report["flops_ratio"],
             "yes" if time_ratio <= 1.25 * report["flops_ratio"] else "no",
         ])  # fmt: skip
     header = [
-        "run", "final acc.", "dense acc. at warm-up end", "acc. right after factorizing",
-        "params", "FLOPs", "FLOP ratio", "train step ratio", "inference time ratio",
-        "time / FLOP ratio", "time <= 1.25 x FLOPs",
+        "run", "final acc.", "points below dense", "dense acc. at warm-up end",
+        "acc. right after factorizing", "params", "FLOPs", "FLOP ratio", "train step ratio",
+        "inference time ratio", "time / FLOP ratio", "time <= 1.25 x FLOPs",
     ]  # fmt: skip
+    runs_text = "one run each" if seeds == 1 else f"seeds 0..{seeds - 1} (mean ± sd over seeds)"
     return (
         f"ResNet-18, CIFAR stem, **width {width}** (64 is the published network), "
         f"digits upscaled to 32x32 ({1797 - DIGITS_TEST_SIZE:,} train / {DIGITS_TEST_SIZE} test "
-        f"images), batch {batch}, {steps} SGD steps (cosine, lr 0.05, momentum 0.9), seed 0, "
-        f"one run each; hybrid runs train dense for {steps // 3} steps, then factorize and "
+        f"images), batch {batch}, {steps} SGD steps (cosine, lr 0.05, momentum 0.9), "
+        f"{runs_text}; hybrid runs train dense for {steps // 3} steps, then factorize and "
         "continue with a fresh optimizer state. Policy khodak: all 19 convs of the residual "
         "stages are candidates; the budget is allocated across them by spectrum "
         "(lowrank.Budget), so early high-FLOP layers may stay dense. Ratios are factorized "
-        "/ dense; both time ratios are measured after training, each factorized structure in "
-        f"turns with the dense model ({rounds} rounds of 5 calls, best round's median): train "
-        f"step = jitted loss + gradient on {batch} images, inference = jitted forward on 128 "
-        "images. Accuracy is on the test images (one image = "
+        "/ dense; both time ratios are measured after training (seed 0's models), each "
+        f"factorized structure in turns with the dense model ({rounds} rounds of 5 calls, "
+        f"best round's median): train step = jitted loss + gradient on {batch} images, "
+        "inference = jitted forward on 128 images. Accuracy is on the test images (one image = "
         f"{100 / DIGITS_TEST_SIZE:.2f} points)."
         + (" Frobenius decay replaces plain weight decay on the factors (Khodak et al.); "
            "stable-rank runs give each layer the (scaled) stable rank of its warmed-up "
@@ -238,7 +257,11 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="one budget and init only")
+    parser.add_argument("--seeds", type=int, default=1, help="train every run with seeds 0..N-1")
+    parser.add_argument("--budgets", default="0.5,0.25", help="parameter fractions, comma-separated")
+    parser.add_argument("--inits", default=",".join(INITS), help="initializers, comma-separated")
+    parser.add_argument("--warmup", default="off,on", help="hybrid warm-up settings: off, on")
+    parser.add_argument("--quick", action="store_true", help="25%% budget, spectral, no warm-up")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per structure")
     parser.add_argument(
         "--extras", action="store_true",
@@ -248,7 +271,12 @@ def main(argv=None):
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args(argv)
     if not args.skip_grid:
-        body = part_a(args.width, args.steps, args.batch, args.quick, args.extras, args.rounds)
+        budgets = (0.25,) if args.quick else tuple(float(b) for b in args.budgets.split(","))
+        inits = ("spectral",) if args.quick else tuple(args.inits.split(","))
+        warmups = (False,) if args.quick else tuple(w == "on" for w in args.warmup.split(","))
+        runs = grid(args.width, args.steps, args.batch, budgets=budgets, inits=inits,
+                    warmups=warmups, extras=args.extras)  # fmt: skip
+        body = part_a(args.width, args.steps, args.batch, runs, args.seeds, args.rounds, args.extras)
         if args.extras:
             name, title = "vision-extras", "Vision recipes: Frobenius decay and stable ranks"
         else:

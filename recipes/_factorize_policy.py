@@ -20,12 +20,14 @@ it by full rank / stable rank of the layer's initial weights (capped at full ran
 which undoes the low stable rank of random initializations.
 """
 
+import functools
 import math
 import re
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import lowrank
 import numpy as np
 from jaxtyping import PyTree
@@ -42,7 +44,8 @@ POLICY_TARGETS = {
     ),
 }
 
-# The activation after each selected layer, for function-aware inits (nkp, whitened).
+# The activation after each selected layer, for function-aware inits (nkp, whitened)
+# without calibration data (with it, `normalized_activations` folds in the BatchNorm).
 # ResNet convs feed BatchNorm then ReLU (after the residual sum for the last conv of a
 # block): lowrank's default. EfficientNet's expand and head convs feed BatchNorm then
 # SiLU; its project convs are linear bottlenecks.
@@ -57,6 +60,50 @@ POLICY_ACTIVATIONS = {
 }
 
 STABLE_RULES = ("stable", "stable:scaled")
+
+
+def _module_at(model: PyTree, path: str):
+    """The submodule at a dotted path (attributes and sequence indices)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def _normalized(scale, shift, activation, z):
+    """activation(BatchNorm(z)) for rows z of conv outputs (channels last)."""
+    y = z * scale + shift
+    return y if activation is None else activation(y)
+
+
+def normalized_activations(model: PyTree, state: eqx.nn.State, pattern: str) -> dict:
+    """{path: σ} for every selected conv that a BatchNorm follows: what the network does
+    to the conv's output next, the BatchNorm at its inference statistics (read off the
+    layer itself in `state`), then the activation right after it (ResNet: ReLU after
+    bnK when conv{K+1} follows in the block, none before a residual sum; EfficientNet:
+    its ConvBNAct's activation). Calibrated inits then fit what the network computes.
+    The per-channel constants need calibration data: NKP's Gaussian closed forms take
+    one scalar σ for all rows."""
+    out = {}
+    for path in _targets(model, pattern):
+        parent_path, _, name = path.rpartition(".")
+        parent = _module_at(model, parent_path)
+        index = name.removeprefix("conv")
+        bn = getattr(parent, "bn" + index, None)
+        if not isinstance(bn, eqx.nn.BatchNorm):
+            continue
+        if hasattr(parent, "activation"):
+            activation = parent.activation
+        elif index and hasattr(parent, f"conv{int(index) + 1}"):
+            activation = jax.nn.relu
+        else:
+            activation = None
+        probe = jnp.stack([jnp.zeros(bn.input_size), jnp.ones(bn.input_size)], axis=1)
+        out_probe, _ = bn(probe, state, inference=True)
+        shift = out_probe[:, 0]
+        out[re.escape(path)] = functools.partial(
+            _normalized, out_probe[:, 1] - shift, shift, activation
+        )
+    return out
 
 # Whether each built-in init uses calibration data ("never" / "optional" / "required").
 _BUILT_IN_INITS = {
@@ -197,10 +244,13 @@ def apply_policy(
     example=None,
     calibration: Callable | None = None,
     initial: PyTree | None = None,
+    state: eqx.nn.State | None = None,
 ) -> tuple[PyTree, lowrank.Plan | None]:
     """The model to train under `config.factorize` and its plan ("none": the model
     itself and no plan). `example` / `calibration` are as in `lowrank.factorize`;
-    `initial` is the dense model at initialization ("stable:scaled" needs it)."""
+    `initial` is the dense model at initialization ("stable:scaled" needs it); with
+    `calibration` and the BatchNorm `state`, function-aware inits fit each conv's
+    output after its BatchNorm and activation (`normalized_activations`)."""
     check_policy(config)
     f = config.factorize
     if f.policy == "none":
@@ -208,6 +258,9 @@ def apply_policy(
     if f.rank == "stable:scaled" and initial is None:
         raise ValueError("factorize.rank='stable:scaled' needs initial= (the model at step 0).")
     _, target = POLICY_TARGETS[f.policy]
+    activations = POLICY_ACTIVATIONS[f.policy]
+    if calibration is not None and state is not None:
+        activations = normalized_activations(model, state, target) or activations
     return lowrank.factorize(
         model,
         rank=_rank_rule(f.rank, model, target, initial),
@@ -215,7 +268,7 @@ def apply_policy(
         target=target,
         example=example,
         calibration=calibration,
-        activations=POLICY_ACTIVATIONS[f.policy],
+        activations=activations,
         key=jax.random.key(config.train.seed),
         return_plan=True,
     )

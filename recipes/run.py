@@ -184,8 +184,9 @@ def run(config: Config) -> RunResult:
             images = _take(task.train_data(0), f.calibration)
             calibration = lambda m: task.loss_fn(m, state, images, key)  # noqa: E731
         model, plan = apply_policy(
-            model, config, example=example, calibration=calibration, initial=task.model
-        )
+            model, config, example=example, calibration=calibration, initial=task.model,
+            state=state,
+        )  # fmt: skip
         log(f"factorized by policy {f.policy!r} (rank={f.rank!r}, init={f.init!r}):\n{plan}")
         return model, plan
 

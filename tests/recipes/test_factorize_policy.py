@@ -14,6 +14,7 @@ from recipes._factorize_policy import (
     apply_policy,
     check_policy,
     check_rank,
+    normalized_activations,
     stable_rank,
     stable_ranks,
 )
@@ -149,3 +150,39 @@ def test_a_budget_that_cannot_be_met_fails_before_training():
         check_rank(model, config("khodak", rank="params:0.01"))
     check_rank(model, config("khodak", rank="params:0.3"))
     check_rank(model, config("khodak", rank="stable"))  # decided on trained weights: always fits
+
+
+def test_normalized_activations_are_what_the_network_computes_after_each_conv():
+    from recipes.models import BATCH_AXIS
+
+    model, state = resnet18(10, stem="cifar", width=4, key=jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (6, 3, 16, 16))
+    run = jax.vmap(lambda x, s: model(x, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
+    for _ in range(3):  # training-mode passes move the running statistics off (0, 1)
+        _, state = run(images * 3.0 + 1.0, state)
+    fns = normalized_activations(model, state, POLICY_TARGETS["khodak"][1])
+    assert len(fns) == 19
+    block = model.layers[1].blocks[0]
+    x = jax.random.normal(jax.random.key(2), (4, 16, 16))  # stage 1 takes 4 channels
+
+    bn = lambda norm, z: norm(z, state, inference=True)[0]  # noqa: E731
+    want = {
+        "conv1": jax.nn.relu(bn(block.bn1, block.conv1(x))),  # BN, ReLU
+        "conv2": bn(block.bn2, block.conv2(jax.nn.relu(bn(block.bn1, block.conv1(x))))),  # BN, then the sum
+        "downsample.conv": bn(block.downsample.bn, block.downsample.conv(x)),
+    }
+    inputs = {"conv1": x, "conv2": jax.nn.relu(bn(block.bn1, block.conv1(x))), "downsample.conv": x}
+    for name, expected in want.items():
+        conv = block.downsample.conv if name == "downsample.conv" else getattr(block, name)
+        fn = fns[re.escape(f"layers.1.blocks.0.{name}")]
+        got = jnp.moveaxis(fn(jnp.moveaxis(conv(inputs[name]), 0, -1)), -1, 0)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want["downsample.conv"], block.downsample.conv(x), atol=1e-2)  # BN acts
+
+    effnet, effstate = efficientnet_b0(10, key=jax.random.key(0))
+    eff = normalized_activations(effnet, effstate, POLICY_TARGETS["efficientnet"][1])
+    z = jnp.linspace(-3.0, 3.0, 2 * 96).reshape(2, 96)  # stages.1.blocks.0.expand: 16 -> 96
+    expand = eff[re.escape("stages.1.blocks.0.expand.conv")](z)
+    np.testing.assert_allclose(expand, jax.nn.silu(z / np.sqrt(1 + 1e-5)), rtol=1e-5, atol=1e-6)
+    project = eff[re.escape("stages.1.blocks.0.project.conv")](z[:, :24])
+    np.testing.assert_allclose(project, z[:, :24] / np.sqrt(1 + 1e-5), rtol=1e-5, atol=1e-6)
