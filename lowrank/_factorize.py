@@ -113,7 +113,7 @@ def factorize(
     if calibration is not None and todo:
         factors = solve_layers(
             model, list(todo), calibration, solve, sequential=sequential,
-            max_rows=MAX_CALIBRATION_ROWS, replace=replace_layers,
+            max_rows=MAX_CALIBRATION_ROWS,
         )  # fmt: skip
     else:
         factors = {path: solve(path) for path in todo}

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._initializers import Factors
-from ._select import walk_layers
+from ._select import replace_layers, walk_layers
 from ._trace import Example, InputRecorder
 
 Solve = Callable[[str, np.ndarray, np.ndarray | None], Factors]
@@ -35,12 +35,11 @@ def solve_layers(
     *,
     sequential: bool,
     max_rows: int,
-    replace: Callable,
 ) -> dict[str, Factors]:
     """{path: factors} from `solve(path, inputs, dense_inputs)` for every layer in `paths`.
 
     `dense_inputs` is None where the layer's inputs are the dense model's own (always
-    when not `sequential`). `replace(model, {path: layer})` swaps layers in a model.
+    when not `sequential`).
     """
     recorder = InputRecorder(paths, calibration, max_rows=max_rows)
     dense = recorder.record(model)  # in the order the model first runs the layers
@@ -61,7 +60,7 @@ def solve_layers(
         for path in group:
             unchanged = np.array_equal(seen[path], dense[path])
             factors[path] = solve(path, seen[path], None if unchanged else dense[path])
-        current = replace(current, {p: merged(layers[p], factors[p]) for p in group})
+        current = replace_layers(current, {p: merged(layers[p], factors[p]) for p in group})
     return factors
 
 
