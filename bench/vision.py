@@ -10,7 +10,9 @@ A. ResNet-18 (CIFAR stem, `--width` channels in the first stage instead of 64, s
    of `--seeds` seeds: dense, and the "khodak" policy (every conv of the residual
    stages) under Budget(params=0.5) and Budget(params=0.25) x init random / spectral /
    NKP x hybrid warm-up off (factorized before training) / on (dense for the first
-   third); `--budgets`, `--inits` and `--warmup` pick a part of that grid.
+   third); `--budgets`, `--inits` and `--warmup` pick a part of that grid, and an
+   init written `nkp+cal` calibrates on 256 training images (sequential calibrated NKP
+   that fits each conv's output after its BatchNorm and ReLU).
    Columns: final test accuracy (mean ± sd over seeds) and its gap to dense in
    points, accuracy at the end of the warm-up and right after factorization (hybrid runs),
    parameters and conv/linear FLOPs (one image) of the whole model, train step time
@@ -52,6 +54,8 @@ from recipes.train import make_optimizer, train
 
 BUDGETS = (0.5, 0.25)
 INITS = ("random", "spectral", "nkp")
+CALIBRATED = "+cal"  # an init name with this suffix calibrates on training images
+CALIBRATION_IMAGES = 256
 
 
 def grid(
@@ -78,10 +82,12 @@ def grid(
         ]  # fmt: skip
     for budget in budgets:
         for init in inits:
+            name, calibrated = init.removesuffix(CALIBRATED), init.endswith(CALIBRATED)
             for hybrid in warmups:
                 label = f"{budget:.0%} params, {init}, warm-up {'on' if hybrid else 'off'}"
                 runs.append((label, [
-                    *base, f"factorize.rank=params:{budget}", f"factorize.init={init}",
+                    *base, f"factorize.rank=params:{budget}", f"factorize.init={name}",
+                    f"factorize.calibration={CALIBRATION_IMAGES if calibrated else 0}",
                     warmup if hybrid else "factorize.warmup_steps=0",
                 ]))  # fmt: skip
     return runs
