@@ -14,39 +14,30 @@ def check_problem(problem: LayerProblem, init: str) -> None:
             f"rank {problem.rank} is outside [1, min({m}, {n})] for {problem.path}; "
             f"choose a rank between 1 and {min(m, n)}"
         )
-    if not bool(jnp.all(jnp.isfinite(problem.weight))):
+    if problem.inputs is not None and (
+        problem.inputs.ndim != 2 or problem.inputs.shape[1] != n or problem.inputs.shape[0] == 0
+    ):
         raise ValueError(
-            f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
-            f"the dense model before init={init!r}"
+            f"calibration inputs for {problem.path} have shape {problem.inputs.shape}; "
+            f"expected (samples >= 1, {n}) in the layer's input space"
         )
-    if problem.bias is not None and not bool(jnp.all(jnp.isfinite(problem.bias))):
+    if problem.dense_inputs is not None and (
+        problem.inputs is None or problem.dense_inputs.shape != problem.inputs.shape
+    ):
         raise ValueError(
-            f"layer {problem.path} has a non-finite bias (NaN/inf); fix the dense model "
-            f"before init={init!r}"
+            f"dense_inputs for {problem.path} must pair row by row with inputs, got "
+            f"{problem.dense_inputs.shape} for inputs "
+            f"{None if problem.inputs is None else problem.inputs.shape}"
         )
-    if problem.inputs is not None:
-        if problem.inputs.ndim != 2 or problem.inputs.shape[1] != n or problem.inputs.shape[0] == 0:
-            raise ValueError(
-                f"calibration inputs for {problem.path} have shape {problem.inputs.shape}; "
-                f"expected (samples >= 1, {n}) in the layer's input space"
-            )
-        if not bool(jnp.all(jnp.isfinite(problem.inputs))):
-            raise ValueError(
-                f"calibration inputs for {problem.path} contain NaN/inf; clean the "
-                f"calibration data before init={init!r}"
-            )
-    if problem.dense_inputs is not None:
-        if problem.inputs is None or problem.dense_inputs.shape != problem.inputs.shape:
-            raise ValueError(
-                f"dense_inputs for {problem.path} must pair row by row with inputs, got "
-                f"{problem.dense_inputs.shape} for inputs "
-                f"{None if problem.inputs is None else problem.inputs.shape}"
-            )
-        if not bool(jnp.all(jnp.isfinite(problem.dense_inputs))):
-            raise ValueError(
-                f"dense-model inputs for {problem.path} contain NaN/inf; clean the "
-                f"calibration data before init={init!r}"
-            )
+    path = problem.path
+    for array, what in (
+        (problem.weight, f"layer {path} has non-finite weights (NaN/inf); fix or re-initialize the dense model"),
+        (problem.bias, f"layer {path} has a non-finite bias (NaN/inf); fix the dense model"),
+        (problem.inputs, f"calibration inputs for {path} contain NaN/inf; clean the calibration data"),
+        (problem.dense_inputs, f"dense-model inputs for {path} contain NaN/inf; clean the calibration data"),
+    ):  # fmt: skip
+        if array is not None and not bool(jnp.all(jnp.isfinite(array))):
+            raise ValueError(f"{what} before init={init!r}")
 
 
 def relative_error(num, den):
