@@ -2,7 +2,7 @@
 
     python -m bench.vision [--width 32] [--steps 100] [--batch 32] [--seeds 1]
                            [--budgets 0.5,0.25] [--inits random,spectral,nkp] [--warmup off,on]
-                           [--quick] [--extras] [--skip-grid] [--skip-big]
+                           [--quick] [--extras] [--resume] [--skip-grid] [--skip-big]
 
 A. ResNet-18 (CIFAR stem, `--width` channels in the first stage instead of 64, so it
    trains on a small CPU) on scikit-learn's digits upscaled to 32x32, every run through
@@ -27,8 +27,11 @@ B. EfficientNet-B0 and ResNet-50 at 224x224 (1000 classes, synthetic images, bat
 """
 
 import argparse
+import json
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import equinox as eqx
@@ -93,15 +96,10 @@ def grid(
     return runs
 
 
-def _structure(model) -> tuple:
-    """Per-layer ranks: two models with equal structures run at the same speed."""
-    return tuple((l.path, l.rank) for l in lowrank.summary(model).layers)
-
-
-def _timings(dense, lows: list, state, *, batch: int, rounds: int) -> dict[tuple, tuple]:
-    """{structure: (train step ratio, inference time ratio)} against `dense`, each
-    structure timed in turns with the dense model (jitted loss + gradient on `batch`
-    training images; inference-mode forward on 128 test images)."""
+def _timings(dense, low, state, *, batch: int, rounds: int) -> tuple[float, float]:
+    """(train step ratio, inference time ratio) of `low` against `dense`, timed in turns
+    (jitted loss + gradient on `batch` training images; inference-mode forward on 128
+    test images)."""
     rng = np.random.default_rng(0)
     train = {"image": rng.normal(size=(batch, 3, 32, 32)).astype(np.float32),
              "label": rng.integers(0, 10, batch).astype(np.int32)}  # fmt: skip
@@ -110,16 +108,26 @@ def _timings(dense, lows: list, state, *, batch: int, rounds: int) -> dict[tuple
     key = jax.random.key(0)
     grad = eqx.filter_jit(lambda m, s, b: eqx.filter_value_and_grad(
         lambda q: classification_loss(q, s, b, key)[0])(m))  # fmt: skip
-    out = {}
-    for low in lows:
-        structure = _structure(low)
-        if structure not in out:
-            t_dense, t_low = seconds_in_turns(grad, [dense, low], state, train, rounds=rounds)
-            i_dense, i_low = inference_seconds(
-                classification_eval, [dense, low], state, test, rounds=rounds
-            )
-            out[structure] = (t_low / t_dense, i_low / i_dense)
-    return out
+    t_dense, t_low = seconds_in_turns(grad, [dense, low], state, train, rounds=rounds)
+    i_dense, i_low = inference_seconds(classification_eval, [dense, low], state, test, rounds=rounds)
+    return t_low / t_dense, i_low / i_dense
+
+
+def _one_run(overrides: list[str], seed: int, batch: int, rounds: int, timed: bool) -> dict:
+    """Train one recipe run (in a fresh process: XLA's compiled code from dozens of runs
+    would exhaust the process's memory maps); its accuracy, report and, if `timed`,
+    its time ratios against a dense model of the same config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config("digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={tmp}"])
+        result, report = run(config)
+    record = {
+        "accuracy": [r for r in result.history if r["split"] == "eval"][-1]["accuracy"],
+        "report": report,
+    }
+    if timed and report is not None:
+        dense, state = models.resnet18(10, stem="cifar", width=config.model.width, key=jax.random.key(0))
+        record["timings"] = _timings(dense, result.model, state, batch=batch, rounds=rounds)
+    return record
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -128,39 +136,53 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def part_a(width: int, steps: int, batch: int, runs: list, seeds: int, rounds: int, extras: bool) -> str:
-    done = {}  # label -> [(result, report, final accuracy) per seed]
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
-            for i, (label, overrides) in enumerate(runs):
+def part_a(
+    width: int, steps: int, batch: int, runs: list, seeds: int, rounds: int, extras: bool,
+    resume: bool,
+) -> str:  # fmt: skip
+    """Every run of `runs` for every seed, each in its own process. Finished runs are
+    logged to bench/out/vision_runs.jsonl; `resume` reuses the logged ones (same
+    overrides and seed) instead of starting the log afresh."""
+    cache = Path(__file__).with_name("out") / "vision_runs.jsonl"
+    cache.parent.mkdir(exist_ok=True)
+    known = {}
+    if not resume:
+        cache.write_text("")
+    elif cache.exists():
+        for line in cache.read_text().splitlines():
+            entry = json.loads(line)
+            known[(entry["key"], entry["seed"])] = entry
+    done = {}  # label -> [record per seed]
+    spawn = multiprocessing.get_context("spawn")
+    for seed in range(seeds):
+        for i, (label, overrides) in enumerate(runs):
+            key = json.dumps(overrides)
+            if (key, seed) not in known:
                 start = time.perf_counter()
-                out_dir = Path(tmp) / f"{seed}-{i}"
-                config = load_config(
-                    "digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={out_dir}"]
-                )
-                result, report = run(config)
-                final = [r for r in result.history if r["split"] == "eval"][-1]["accuracy"]
-                done.setdefault(label, []).append((result, report, final))
-                print(f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy {final:.4f} "
-                      f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
-    (dense_runs, *low_runs) = done.values()
-    dense = dense_runs[0][0]
-    timings = _timings(dense.model, [r[0][0].model for r in low_runs], dense.state, batch=batch,
-                       rounds=rounds)  # fmt: skip
-    summary = lowrank.summary(dense.model, example=_example(dense.state))
-    dense_accs = [acc for _, _, acc in dense_runs]
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    record = pool.submit(_one_run, overrides, seed, batch, rounds, seed == 0).result()
+                known[(key, seed)] = {"key": key, "seed": seed, **record}
+                with cache.open("a") as f:
+                    f.write(json.dumps(known[(key, seed)]) + "\n")
+                print(f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy "
+                      f"{record['accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+            done.setdefault(label, []).append(known[(key, seed)])
+    dense_runs, *_ = done.values()
+    dense, state = models.resnet18(10, stem="cifar", width=width, key=jax.random.key(0))
+    summary = lowrank.summary(dense, example=_example(state))
+    dense_accs = [r["accuracy"] for r in dense_runs]
     rows = [["dense", _mean_sd(dense_accs), "", "", "", f"{summary.total_params:,}",
              f"{summary.flops / 1e6:.1f}M", 1.0, 1.0, 1.0, 1.0, ""]]  # fmt: skip
     for label, seeded in list(done.items())[1:]:
-        result, report, _ = seeded[0]
-        accs = [acc for _, _, acc in seeded]
+        report = seeded[0]["report"]
+        accs = [r["accuracy"] for r in seeded]
         gap = 100 * (np.mean(dense_accs) - np.mean(accs))
-        evals = [r["evals"] for _, r, _ in seeded]
+        evals = [r["report"]["evals"] for r in seeded]
         before, after = (
             _mean_sd([e[k]["accuracy"] for e in evals]) if k in evals[0] else ""
             for k in ("before", "after")
         )
-        train_ratio, time_ratio = timings[_structure(result.model)]
+        train_ratio, time_ratio = seeded[0]["timings"]
         rows.append([
             label, _mean_sd(accs), f"{gap:+.2f}", before, after,
             f"{report['params_low']:,} (x{report['params_ratio']:.3f})",
@@ -181,10 +203,11 @@ def part_a(width: int, steps: int, batch: int, runs: list, seeds: int, rounds: i
         f"{runs_text}; hybrid runs train dense for {steps // 3} steps, then factorize and "
         "continue with a fresh optimizer state. Policy khodak: all 19 convs of the residual "
         "stages are candidates; the budget is allocated across them by spectrum "
-        "(lowrank.Budget), so early high-FLOP layers may stay dense. Ratios are factorized "
-        "/ dense; both time ratios are measured after training (seed 0's models), each "
-        f"factorized structure in turns with the dense model ({rounds} rounds of 5 calls, "
-        f"best round's median): train step = jitted loss + gradient on {batch} images, "
+        "(lowrank.Budget), so early high-FLOP layers may stay dense. Every run trains in a "
+        "process of its own. Ratios are factorized / dense; both time ratios are measured "
+        "after training (seed 0's model), in turns with a dense model of the same width "
+        f"({rounds} rounds of 5 calls, best round's median): train step = jitted loss + "
+        f"gradient on {batch} images, "
         "inference = jitted forward on 128 images. Accuracy is on the test images (one image = "
         f"{100 / DIGITS_TEST_SIZE:.2f} points)."
         + (" Frobenius decay replaces plain weight decay on the factors (Khodak et al.); "
@@ -273,6 +296,10 @@ def main(argv=None):
         "--extras", action="store_true",
         help="Frobenius decay and stable-rank runs (own dense reference) instead of the grid",
     )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the runs logged in bench/out/vision_runs.jsonl by an interrupted call",
+    )  # fmt: skip
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args(argv)
@@ -282,7 +309,8 @@ def main(argv=None):
         warmups = (False,) if args.quick else tuple(w == "on" for w in args.warmup.split(","))
         runs = grid(args.width, args.steps, args.batch, budgets=budgets, inits=inits,
                     warmups=warmups, extras=args.extras)  # fmt: skip
-        body = part_a(args.width, args.steps, args.batch, runs, args.seeds, args.rounds, args.extras)
+        body = part_a(args.width, args.steps, args.batch, runs, args.seeds, args.rounds,
+                      args.extras, args.resume)  # fmt: skip
         if args.extras:
             name, title = "vision-extras", "Vision recipes: Frobenius decay and stable ranks"
         else:

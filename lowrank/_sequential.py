@@ -46,11 +46,12 @@ def solve_layers(
     if not sequential:
         return {path: solve(path, rows, None) for path, rows in dense.items()}
     first = next(iter(dense))  # nothing factorized runs before it: its inputs never change
+    probe = recorder.probes[first]
     layers = dict(walk_layers(model))
     current, factors = model, {}
     for group in _same_input_groups(dense):
-        seen = recorder.record(current, [first, *group]) if factors else dense
-        if not np.allclose(seen[first], dense[first], rtol=1e-5, atol=1e-6):
+        seen = recorder.record(current, group) if factors else dense
+        if not np.allclose(recorder.probes[first], probe, rtol=1e-5, atol=1e-6):
             raise ValueError(
                 f"calibration fed layer {first} different inputs on two runs; sequential "
                 "calibration reruns the model, so calibration must give the same data on "

@@ -21,6 +21,7 @@ from ._layers import LowRankLinear, pad_for_conv
 from ._select import is_layer, key_path_to_str, walk_layers
 
 Example = Callable | jax.Array | jax.ShapeDtypeStruct | np.ndarray
+_PROBE_SIZE = 4096  # values of each layer's first input kept to compare runs
 
 
 class _Tap(eqx.Module):
@@ -105,7 +106,9 @@ class InputRecorder:
     only the layers asked for in `record` are kept. Each host call is turned into rows
     (conv: patches) and subsampled at once, so memory stays O(max_rows · fan_in). Each
     layer's subsample is drawn from its own generator seeded alike on every run, so
-    runs over the same data keep the same rows in the same order.
+    runs over the same data keep the same rows in the same order. `probes` keeps, for
+    every tapped layer, the leading values of its first input in the last run: a cheap
+    way to tell whether two runs fed a layer the same data.
     """
 
     def __init__(self, paths: list[str], calibration: Example, *, max_rows: int, seed: int = 0):
@@ -116,8 +119,10 @@ class InputRecorder:
         self._layers: dict = {}
         self._store: dict[str, list[np.ndarray]] = {}
         self._rngs: dict[str, np.random.Generator] = {}
+        self.probes: dict[str, np.ndarray] = {}
 
     def _sink(self, path, value):
+        self.probes.setdefault(path, np.asarray(value).reshape(-1)[:_PROBE_SIZE].copy())
         if path in self._rngs:  # a layer asked for; the store keeps first-call order
             rows = inputs_as_rows(self._layers[path], value)
             sample = _subsample(rows, self.max_rows, self._rngs[path])
@@ -128,7 +133,7 @@ class InputRecorder:
         keyed in the order the model first ran them."""
         paths = self.paths if paths is None else paths
         self._layers = dict(walk_layers(model))
-        self._store = {}
+        self._store, self.probes = {}, {}
         self._rngs = {p: np.random.default_rng(self.seed) for p in paths}
         self._run(_with_taps(model, set(self.paths), self._sink))
         missing = [p for p in paths if p not in self._store]
