@@ -4,6 +4,9 @@
 
 Both models are timed in the same process (jit, vmap over a batch, median of
 repeated runs). For 3x3 convs, each lowering of the factorized conv is measured.
+A second table times, one at a time, each conv of ResNet-18 (CIFAR stem, width 32)
+that `Budget(params=0.25)` factorizes, at the input it sees in the network: where
+the whole model's time ratio comes from (bench/vision.py measures that ratio).
 """
 
 import argparse
@@ -15,6 +18,9 @@ import jax.numpy as jnp
 
 import lowrank
 from bench._results import markdown_table, median_time, write_section
+from recipes import models
+from recipes._factorize_policy import POLICY_TARGETS
+from recipes.run import classification_eval
 
 
 class ResNetish(eqx.Module):
@@ -46,12 +52,13 @@ def _forward(model, x):
 _FORWARD = eqx.filter_jit(_forward)
 
 
-def _time_pair(dense, low, x, repeats):
-    """Medians of dense and low-rank, timed in alternating rounds so drift hits both."""
+def _time_pair(dense, low, *args, repeats, forward=_FORWARD):
+    """Medians of `forward(model, *args)` for dense and low-rank, timed in alternating
+    rounds so drift hits both."""
     dense_times, low_times = [], []
     for _ in range(repeats // 5):
-        dense_times.append(median_time(_FORWARD, dense, x, repeats=5, warmup=1))
-        low_times.append(median_time(_FORWARD, low, x, repeats=5, warmup=1))
+        dense_times.append(median_time(forward, dense, *args, repeats=5, warmup=1))
+        low_times.append(median_time(forward, low, *args, repeats=5, warmup=1))
     return statistics.median(dense_times), statistics.median(low_times)
 
 
@@ -64,7 +71,7 @@ def bench_mlp(repeats):
     rows = []
     for rank in (256, 128, 64, 32):
         low = lowrank.factorize(dense, rank=rank)
-        t_dense, t = _time_pair(dense, low, x, repeats)
+        t_dense, t = _time_pair(dense, low, x, repeats=repeats)
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         ratio = t / t_dense
         rows.append(["MLP 4x(1024x1024), batch 512", rank, f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
@@ -83,11 +90,60 @@ def bench_cnn(repeats):
         low = lowrank.factorize(dense, rank=rank, exclude=["stem"])
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         for lowering in ("einsum", "conv"):
-            t_dense, t = _time_pair(dense, lowrank.with_kernels(low, lowering=lowering), x, repeats)
+            t_dense, t = _time_pair(dense, lowrank.with_kernels(low, lowering=lowering), x, repeats=repeats)
             ratio = t / t_dense
             rows.append([f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]", rank,
                          f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}", f"{ratio:.3f}",
                          f"{flop_ratio:.3f}", f"{ratio / flop_ratio:.2f}"])  # fmt: skip
+    return rows
+
+
+def _resnet18_input_side(path: str, image: int = 32) -> int:
+    """Spatial size of the input that the conv at `path` sees in the CIFAR-stem ResNet-18:
+    stage s runs at image / 2**s; the first block's conv1 and shortcut of stages 1..3
+    still see the previous stage's resolution (they stride by 2)."""
+    _, stage, _, block, name, *_ = path.split(".")
+    stage, block = int(stage), int(block)
+    strided = stage > 0 and block == 0 and name in ("conv1", "downsample")
+    return image >> (stage - 1 if strided else stage)
+
+
+def bench_resnet18_layers(repeats, batch=128):
+    """Each conv factorized by Budget(params=0.25) under the khodak policy, alone."""
+
+    dense, state = models.resnet18(10, stem="cifar", width=32, key=jax.random.key(0))
+    example = lambda m: eqx.nn.inference_mode(m)(jnp.zeros((3, 32, 32)), state)  # noqa: E731
+    low, plan = lowrank.factorize(
+        dense, rank=lowrank.Budget(params=0.25), target=POLICY_TARGETS["khodak"][1],
+        example=example, return_plan=True,
+    )  # fmt: skip
+    rows, dense_total, low_total = [], 0.0, 0.0
+    for lp in plan.factorized:
+        conv = dense
+        for part in lp.path.split("."):
+            conv = conv[int(part)] if part.isdigit() else getattr(conv, part)
+        side = _resnet18_input_side(lp.path)
+        x = jax.random.normal(jax.random.key(1), (batch, conv.in_channels, side, side))
+        low_conv = lowrank.factorize(conv, rank=lp.rank)
+        t_dense, t = _time_pair(conv, low_conv, x, repeats=repeats)
+        dense_total, low_total = dense_total + t_dense, low_total + t
+        m, n = lp.matrix_shape
+        flop_ratio = lp.rank * (m + n) / (m * n)
+        rows.append([lp.path, f"{conv.out_channels}x{conv.in_channels}x{'x'.join(map(str, conv.kernel_size))}",
+                     f"{side}x{side}", lp.rank, f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
+                     f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip
+    rows.append(["all factorized convs", "", "", "", f"{dense_total * 1e3:.2f}",
+                 f"{low_total * 1e3:.2f}", f"{low_total / dense_total:.3f}", "", ""])  # fmt: skip
+    images = {"image": jax.random.normal(jax.random.key(1), (batch, 3, 32, 32)),
+              "label": jnp.zeros(batch, jnp.int32)}  # fmt: skip
+    forward = eqx.filter_jit(lambda m, s, b: classification_eval(eqx.nn.inference_mode(m), s, b))
+    t_dense, t = _time_pair(dense, low, state, images, repeats=repeats, forward=forward)
+    flop_ratio = lowrank.summary(low, example=example).flops / lowrank.summary(dense, example=example).flops
+    rows.append(["whole model (inference)", "", "32x32", "", f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
+                 f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip
+    rest = t_dense - dense_total
+    rows.append(["rest of the model (whole - factorized convs)", "", "", "", f"{rest * 1e3:.2f}",
+                 "", "", "", ""])  # fmt: skip
     return rows
 
 
@@ -99,6 +155,10 @@ def main():
     rows = bench_mlp(args.repeats) + bench_cnn(args.repeats)
     table = markdown_table(header, rows)
     print(table)
+    layer_header = ["ResNet-18 conv", "shape", "input", "rank", "dense ms", "low-rank ms",
+                    "time ratio", "FLOP ratio", "time/FLOP"]  # fmt: skip
+    layer_table = markdown_table(layer_header, bench_resnet18_layers(args.repeats))
+    print(layer_table)
     body = (
         "Median wall time of a jitted, vmapped forward pass, dense and factorized measured in the "
         "same process in alternating rounds of 5 (median of the round medians), so load drift on "
@@ -106,6 +166,11 @@ def main():
         "FLOP count promises; target <= 1.25 for linear layers at r <= min(m, n)/4). Conv rows "
         "compare the two lowerings of the factorized 3x3 conv (k x k conv to r channels, then the "
         "1x1 stage as a channel einsum or as a second lax.conv).\n\n" + table
+        + "\n\nResNet-18 (CIFAR stem, width 32, as in bench/vision.py), factorized under "
+        "Budget(params=0.25) with the khodak policy: each factorized conv timed alone on a batch "
+        "of 128 inputs of the size it sees in the network, then the whole model's inference "
+        "forward (BatchNorm at running statistics) on 128 images; the last row is the dense "
+        "model's time outside the factorized convs.\n\n" + layer_table
     )
     write_section("model_speed", "Model speed: dense vs factorized (bench/model_speed.py)", body)
 

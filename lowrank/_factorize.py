@@ -17,7 +17,7 @@ from ._select import (
     walk_layers,
     weight_matrix,
 )
-from ._sequential import solve_layers
+from ._sequential import corrected_biases, solve_layers
 from ._trace import Example, output_positions
 
 MAX_CALIBRATION_ROWS = 16384
@@ -62,7 +62,9 @@ def factorize(
     With `sequential=True` layers are fitted in the order the model runs them, each on
     the inputs it sees once the layers before it are factorized, to reproduce the dense
     layer's outputs (one calibration run per layer group); `sequential=False` fits every
-    layer on the dense model's inputs (one run, as SVD-LLM/ASVD do).
+    layer on the dense model's inputs (one run, as SVD-LLM/ASVD do). Sequential
+    calibration also corrects the bias of each dense layer left unfactorized downstream
+    so that its mean output stays the dense model's (two more runs).
     Function-aware initializers (nkp, whitened) use the activation after each layer:
     detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
     `activations={pattern: fn or None}` says (None: no activation follows).
@@ -118,6 +120,8 @@ def factorize(
     else:
         factors = {path: solve(path) for path in todo}
     replacements = {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
+    if calibration is not None and sequential and factors:
+        replacements |= corrected_biases(model, factors, calibration, max_rows=MAX_CALIBRATION_ROWS)
     out = replace_layers(model, replacements)
     if not return_plan:
         return out

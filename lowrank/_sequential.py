@@ -6,7 +6,9 @@ are already factorized, to reproduce what the dense layer computed on the dense 
 inputs. Errors then do not compound down the network: every layer (and its bias, which
 absorbs mean shifts) corrects what the layers before it let through, as GPTQ and the
 deep-network form of NKP do. With `sequential=False` every layer sees the dense model's
-inputs, as SVD-LLM and ASVD do.
+inputs, as SVD-LLM and ASVD do. After a sequential fit, `corrected_biases` moves the
+bias of every dense layer left unfactorized downstream, so that its mean output is
+the dense model's again.
 
 Cost: one run of the model on the calibration data per group of layers that share an
 input (the query, key and value projections of one attention form one group). Between
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._initializers import Factors
-from ._select import replace_layers, walk_layers
+from ._select import replace_layers, walk_layers, weight_matrix
 from ._trace import Example, InputRecorder
 
 Solve = Callable[[str, np.ndarray, np.ndarray | None], Factors]
@@ -63,6 +65,42 @@ def solve_layers(
             factors[path] = solve(path, seen[path], None if unchanged else dense[path])
         current = replace_layers(current, {p: merged(layers[p], factors[p]) for p in group})
     return factors
+
+
+def corrected_biases(
+    model, factors: dict[str, Factors], calibration: Example, *, max_rows: int
+) -> dict[str, eqx.Module]:
+    """Bias correction downstream of the factorized layers: {path: layer} for every
+    dense Linear/Conv with a bias that was not factorized but whose inputs the factorized
+    layers shifted, its bias moved by W (E[x_dense] - E[x_now]) so that its mean output
+    on the calibration data is the dense model's again (Nagel et al. 2019's empirical
+    bias correction). Corrected in run order, each on the inputs that the corrections
+    before it leave: one run per corrected layer, plus two. The factorized layers' own
+    biases are already fitted."""
+    layers = dict(walk_layers(model))
+    paths = [
+        path for path, layer in layers.items()
+        if path not in factors and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+        and layer.bias is not None
+    ]  # fmt: skip
+    if not paths:
+        return {}
+    recorder = InputRecorder(paths, calibration, max_rows=max_rows)
+    dense = recorder.record(model, strict=False)  # in run order
+    current = replace_layers(model, {p: merged(layers[p], f) for p, f in factors.items()})
+    seen = recorder.record(current, strict=False)
+    shifted = [path for path in dense if not np.array_equal(dense[path], seen[path])]
+    corrected = {}
+    for path in shifted:
+        if corrected:  # the last correction moved this layer's inputs too
+            seen = recorder.record(current, [path])
+        layer = layers[path]
+        shift = dense[path].astype(np.float64).mean(0) - seen[path].astype(np.float64).mean(0)
+        weight = np.asarray(weight_matrix(layer), np.float64)
+        bias = np.asarray(layer.bias, np.float64) + (weight @ shift).reshape(layer.bias.shape)
+        corrected[path] = eqx.tree_at(lambda l: l.bias, layer, jnp.asarray(bias, layer.bias.dtype))
+        current = replace_layers(current, {path: corrected[path]})
+    return corrected
 
 
 def _same_input_groups(dense: dict[str, np.ndarray]) -> list[list[str]]:

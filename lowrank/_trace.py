@@ -128,16 +128,19 @@ class InputRecorder:
             sample = _subsample(rows, self.max_rows, self._rngs[path])
             self._store.setdefault(path, []).append(sample)
 
-    def record(self, model, paths: list[str] | None = None) -> dict[str, np.ndarray]:
+    def record(
+        self, model, paths: list[str] | None = None, *, strict: bool = True
+    ) -> dict[str, np.ndarray]:
         """Run `model` on the calibration data; the inputs of `paths` (default: all),
-        keyed in the order the model first ran them."""
+        keyed in the order the model first ran them. `strict`: a layer the run never
+        called is an error (otherwise it is left out)."""
         paths = self.paths if paths is None else paths
         self._layers = dict(walk_layers(model))
         self._store, self.probes = {}, {}
         self._rngs = {p: np.random.default_rng(self.seed) for p in paths}
         self._run(_with_taps(model, set(self.paths), self._sink))
         missing = [p for p in paths if p not in self._store]
-        if missing:
+        if missing and strict:
             raise ValueError(
                 f"calibration never ran layers {missing[:5]}; make sure calibration "
                 "(a batch of inputs, or fn(model)) calls the model through those layers"

@@ -111,3 +111,32 @@ def test_calibration_that_changes_between_runs_is_rejected():
         lowrank.factorize(model, rank=3, init="whitened", calibration=calibrate)
     low = lowrank.factorize(model, rank=3, init="whitened", calibration=calibrate, sequential=False)
     assert isinstance(low.layers[0], lowrank.LowRankLinear)
+
+
+def test_unfactorized_layers_downstream_get_their_mean_output_back():
+    """Only convs.0 is factorized: convs.1 and the head (dense, with biases) see shifted
+    inputs and are bias-corrected, so their mean outputs on the calibration data are the
+    dense model's (float64 forward passes); convs.2 has no bias; sequential=False and
+    the input model leave every bias alone."""
+    model = CNN(key=KEY)
+    xs = jax.random.normal(jax.random.key(1), (16, 3, 8, 8))
+    biases = [np.asarray(model.convs[1].bias), np.asarray(model.head.bias)]
+    low = lowrank.factorize(model, rank=2, init="whitened", target="convs.0", calibration=xs)
+    assert isinstance(low.convs[0], lowrank.LowRankConv) and isinstance(low.convs[1], eqx.nn.Conv2d)
+
+    def means(m):  # per-channel mean of convs.1's output, mean of the head's output
+        with enable_x64(True):
+            m, x64 = _to64(m), jnp.asarray(xs, jnp.float64)
+            z1 = jax.vmap(lambda x: m.convs[1](jax.nn.relu(m.convs[0](x))))(x64)
+            return np.asarray(z1.mean((0, 2, 3))), np.asarray(jax.vmap(m)(x64).mean(0))
+
+    (dense_z1, dense_out), (low_z1, low_out) = means(model), means(low)
+    np.testing.assert_allclose(low_z1, dense_z1, atol=1e-4)
+    np.testing.assert_allclose(low_out, dense_out, atol=1e-4)
+    plain = lowrank.factorize(model, rank=2, init="whitened", target="convs.0", calibration=xs,
+                              sequential=False)  # fmt: skip
+    plain_z1, plain_out = means(plain)
+    assert np.abs(plain_z1 - dense_z1).max() > 100 * np.abs(low_z1 - dense_z1).max()
+    np.testing.assert_array_equal(plain.convs[1].bias, biases[0])
+    np.testing.assert_array_equal(model.convs[1].bias, biases[0])
+    np.testing.assert_array_equal(model.head.bias, biases[1])
