@@ -10,7 +10,10 @@ the whole model's time ratio comes from (bench/vision.py measures that ratio).
 """
 
 import argparse
+import multiprocessing
+import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 
 import equinox as eqx
 import jax
@@ -50,6 +53,7 @@ def _forward(model, x):
 
 
 _FORWARD = eqx.filter_jit(_forward)
+ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def _time_pair(dense, low, *args, repeats, forward=_FORWARD):
@@ -108,15 +112,44 @@ def _resnet18_input_side(path: str, image: int = 32) -> int:
     return image >> (stage - 1 if strided else stage)
 
 
-def bench_resnet18_layers(repeats, batch=128):
-    """Each conv factorized by Budget(params=0.25) under the khodak policy, alone."""
-
+def _resnet18_pair():
+    """ResNet-18 (CIFAR stem, width 32), its BatchNorm state, the same model factorized
+    under the khodak policy at Budget(params=0.25), the plan, and a FLOPs example."""
     dense, state = models.resnet18(10, stem="cifar", width=32, key=jax.random.key(0))
     example = lambda m: eqx.nn.inference_mode(m)(jnp.zeros((3, 32, 32)), state)  # noqa: E731
     low, plan = lowrank.factorize(
         dense, rank=lowrank.Budget(params=0.25), target=POLICY_TARGETS["khodak"][1],
         example=example, return_plan=True,
     )  # fmt: skip
+    return dense, state, low, plan, example
+
+
+def resnet18_whole_model(repeats: int, batch: int = 128) -> tuple[float, float, float]:
+    """(dense s, low-rank s, FLOP ratio) of the inference forward on `batch` images."""
+    dense, state, low, _, example = _resnet18_pair()
+    images = {"image": jax.random.normal(jax.random.key(1), (batch, 3, 32, 32)),
+              "label": jnp.zeros(batch, jnp.int32)}  # fmt: skip
+    forward = eqx.filter_jit(lambda m, s, b: classification_eval(eqx.nn.inference_mode(m), s, b))
+    t_dense, t = _time_pair(dense, low, state, images, repeats=repeats, forward=forward)
+    flop_ratio = lowrank.summary(low, example=example).flops / lowrank.summary(dense, example=example).flops
+    return t_dense, t, flop_ratio
+
+
+def _on_one_thread(fn, *args):
+    """fn(*args) in a fresh process whose XLA runs on a single CPU thread."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} {ONE_THREAD_FLAGS}".strip()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        os.environ["XLA_FLAGS"] = flags
+
+
+def bench_resnet18_layers(repeats, batch=128):
+    """Each conv factorized by Budget(params=0.25) under the khodak policy, alone; then
+    the whole model, on all cores and on one thread."""
+    dense, _, _, plan, _ = _resnet18_pair()
     rows, dense_total, low_total = [], 0.0, 0.0
     for lp in plan.factorized:
         conv = dense
@@ -134,16 +167,15 @@ def bench_resnet18_layers(repeats, batch=128):
                      f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip
     rows.append(["all factorized convs", "", "", "", f"{dense_total * 1e3:.2f}",
                  f"{low_total * 1e3:.2f}", f"{low_total / dense_total:.3f}", "", ""])  # fmt: skip
-    images = {"image": jax.random.normal(jax.random.key(1), (batch, 3, 32, 32)),
-              "label": jnp.zeros(batch, jnp.int32)}  # fmt: skip
-    forward = eqx.filter_jit(lambda m, s, b: classification_eval(eqx.nn.inference_mode(m), s, b))
-    t_dense, t = _time_pair(dense, low, state, images, repeats=repeats, forward=forward)
-    flop_ratio = lowrank.summary(low, example=example).flops / lowrank.summary(dense, example=example).flops
-    rows.append(["whole model (inference)", "", "32x32", "", f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
-                 f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip
-    rest = t_dense - dense_total
-    rows.append(["rest of the model (whole - factorized convs)", "", "", "", f"{rest * 1e3:.2f}",
-                 "", "", "", ""])  # fmt: skip
+    whole = resnet18_whole_model(repeats, batch)
+    rows.append(["rest of the model (whole - factorized convs)", "", "", "",
+                 f"{(whole[0] - dense_total) * 1e3:.2f}", "", "", "", ""])  # fmt: skip
+    for label, (t_dense, t, flop_ratio) in [
+        (f"whole model, {os.cpu_count()} cores", whole),
+        ("whole model, 1 thread", _on_one_thread(resnet18_whole_model, repeats, batch)),
+    ]:
+        rows.append([label, "", "32x32", "", f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
+                     f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip
     return rows
 
 
@@ -169,8 +201,9 @@ def main():
         + "\n\nResNet-18 (CIFAR stem, width 32, as in bench/vision.py), factorized under "
         "Budget(params=0.25) with the khodak policy: each factorized conv timed alone on a batch "
         "of 128 inputs of the size it sees in the network, then the whole model's inference "
-        "forward (BatchNorm at running statistics) on 128 images; the last row is the dense "
-        "model's time outside the factorized convs.\n\n" + layer_table
+        "forward (BatchNorm at running statistics) on 128 images, on all cores and, in a "
+        f"fresh process, on one thread (XLA_FLAGS='{ONE_THREAD_FLAGS}'); 'rest of the model' is "
+        "the dense model's time outside the factorized convs.\n\n" + layer_table
     )
     write_section("model_speed", "Model speed: dense vs factorized (bench/model_speed.py)", body)
 
