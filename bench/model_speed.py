@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import lowrank
 from bench._results import markdown_table, median_time, write_section
 from recipes import models
-from recipes._factorize_policy import POLICY_TARGETS
+from recipes._factorize_policy import POLICY_TARGETS, _module_at
 from recipes.run import classification_eval
 
 
@@ -152,16 +152,13 @@ def bench_resnet18_layers(repeats, batch=128):
     dense, _, _, plan, _ = _resnet18_pair()
     rows, dense_total, low_total = [], 0.0, 0.0
     for lp in plan.factorized:
-        conv = dense
-        for part in lp.path.split("."):
-            conv = conv[int(part)] if part.isdigit() else getattr(conv, part)
+        conv = _module_at(dense, lp.path)
         side = _resnet18_input_side(lp.path)
         x = jax.random.normal(jax.random.key(1), (batch, conv.in_channels, side, side))
         low_conv = lowrank.factorize(conv, rank=lp.rank)
         t_dense, t = _time_pair(conv, low_conv, x, repeats=repeats)
         dense_total, low_total = dense_total + t_dense, low_total + t
-        m, n = lp.matrix_shape
-        flop_ratio = lp.rank * (m + n) / (m * n)
+        flop_ratio = lp.flops_after / lp.flops_before
         rows.append([lp.path, f"{conv.out_channels}x{conv.in_channels}x{'x'.join(map(str, conv.kernel_size))}",
                      f"{side}x{side}", lp.rank, f"{t_dense * 1e3:.2f}", f"{t * 1e3:.2f}",
                      f"{t / t_dense:.3f}", f"{flop_ratio:.3f}", f"{t / t_dense / flop_ratio:.2f}"])  # fmt: skip

@@ -64,7 +64,8 @@ def factorize(
     layer's outputs (one calibration run per layer group); `sequential=False` fits every
     layer on the dense model's inputs (one run, as SVD-LLM/ASVD do). Sequential
     calibration also corrects the bias of each dense layer left unfactorized downstream
-    so that its mean output stays the dense model's (two more runs).
+    so that its mean output stays the dense model's (two more runs, plus one per
+    corrected layer after the first).
     Function-aware initializers (nkp, whitened) use the activation after each layer:
     detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
     `activations={pattern: fn or None}` says (None: no activation follows).

@@ -122,7 +122,8 @@ class InputRecorder:
         self.probes: dict[str, np.ndarray] = {}
 
     def _sink(self, path, value):
-        self.probes.setdefault(path, np.asarray(value).reshape(-1)[:_PROBE_SIZE].copy())
+        if path not in self.probes:  # only the first call's input: skip the copy after it
+            self.probes[path] = np.asarray(value).reshape(-1)[:_PROBE_SIZE].copy()
         if path in self._rngs:  # a layer asked for; the store keeps first-call order
             rows = inputs_as_rows(self._layers[path], value)
             sample = _subsample(rows, self.max_rows, self._rngs[path])
