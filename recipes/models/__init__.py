@@ -1,17 +1,24 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
+from ._efficientnet_lite import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
 from ._layers import BATCH_AXIS, StochasticDepth
+from ._mobilenet_v2 import MOBILENET_V2_STAGES, InvertedResidual, MobileNetV2
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from ._transformer import BYTE_VOCAB, Transformer, TransformerBlock, TransformerMLP
 
 __all__ = [
     "BATCH_AXIS",
     "BYTE_VOCAB",
+    "EFFICIENTNET_LITE0_STAGES",
+    "MOBILENET_V2_STAGES",
     "BasicBlock",
     "Bottleneck",
     "EfficientNet",
+    "EfficientNetLite",
+    "InvertedResidual",
     "MBConv",
+    "MobileNetV2",
     "ResNet",
     "StochasticDepth",
     "Transformer",
