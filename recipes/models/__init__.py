@@ -1,5 +1,13 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
+from ._bert import (
+    Bert,
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertOutput,
+)
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._layers import BATCH_AXIS, StochasticDepth
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
@@ -9,6 +17,12 @@ __all__ = [
     "BATCH_AXIS",
     "BYTE_VOCAB",
     "BasicBlock",
+    "Bert",
+    "BertAttention",
+    "BertEmbeddings",
+    "BertIntermediate",
+    "BertLayer",
+    "BertOutput",
     "Bottleneck",
     "EfficientNet",
     "MBConv",
