@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lowrank
-from recipes import data, models, pretrained
+from recipes import data, metrics, models, pretrained
 from recipes.pretrained import _minilm
 
 REFERENCE = np.load(pathlib.Path(__file__).parent / "reference" / "minilm.npz")
@@ -76,6 +76,15 @@ def test_full_model_matches_reference():
     got = _embed(model, REFERENCE["ids"], REFERENCE["mask"])
     assert _rel(got, REFERENCE["embeddings_6"]).max() < 1e-4
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+
+
+def test_bfloat16_weights_stay_close():
+    model, _ = pretrained.minilm(2, dtype=jnp.bfloat16, max_length=LENGTH)
+    assert model.layers[1].output.dense.weight.dtype == jnp.bfloat16
+    got = _batched(model, REFERENCE["ids"], REFERENCE["mask"])
+    assert got.dtype == jnp.bfloat16
+    cos = metrics.cosine_similarity(got, REFERENCE["embeddings_2"])
+    assert 0.999 < float(cos) <= 1.0 + 1e-6
 
 
 def test_padding_does_not_change_the_embedding(slice2):
