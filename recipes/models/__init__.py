@@ -1,5 +1,13 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
+from ._bert import (
+    Bert,
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertOutput,
+)
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._efficientnet_lite import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
 from ._layers import BATCH_AXIS, StochasticDepth
@@ -13,6 +21,12 @@ __all__ = [
     "EFFICIENTNET_LITE0_STAGES",
     "MOBILENET_V2_STAGES",
     "BasicBlock",
+    "Bert",
+    "BertAttention",
+    "BertEmbeddings",
+    "BertIntermediate",
+    "BertLayer",
+    "BertOutput",
     "Bottleneck",
     "EfficientNet",
     "EfficientNetLite",

@@ -1,10 +1,11 @@
-"""Pretrained checkpoints, read offline with numpy-level code, as recipes models."""
+"""Pretrained models loaded offline from pip packages, with numpy-level readers."""
 
 from ._efficientnet_lite0 import (
     EFFICIENTNET_LITE0_NORMALIZATION as EFFICIENTNET_LITE0_NORMALIZATION,
 )
 from ._efficientnet_lite0 import efficientnet_lite0 as efficientnet_lite0
 from ._imagenet import imagenet_labels as imagenet_labels
+from ._minilm import minilm as minilm
 from ._mobilenet_v2 import MOBILENET_V2_NORMALIZATION as MOBILENET_V2_NORMALIZATION
 from ._mobilenet_v2 import mobilenet_v2 as mobilenet_v2
 from ._torch_checkpoint import read_torch_checkpoint as read_torch_checkpoint
