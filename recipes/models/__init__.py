@@ -1,7 +1,9 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
+from ._generate import generate_greedy
 from ._layers import BATCH_AXIS, StochasticDepth
+from ._llama import KVCache, Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from ._transformer import BYTE_VOCAB, Transformer, TransformerBlock, TransformerMLP
 
@@ -11,6 +13,12 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "EfficientNet",
+    "KVCache",
+    "Llama",
+    "LlamaAttention",
+    "LlamaBlock",
+    "LlamaConfig",
+    "LlamaMLP",
     "MBConv",
     "ResNet",
     "StochasticDepth",
@@ -18,6 +26,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerMLP",
     "efficientnet_b0",
+    "generate_greedy",
     "resnet18",
     "resnet34",
     "resnet50",
