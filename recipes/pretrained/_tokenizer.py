@@ -5,7 +5,14 @@ file's own vocabulary and merges (GPT-2 byte-level BPE), or read from a tokenize
 import os
 from collections.abc import Callable, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
 # llama.cpp's token types (gguf.TokenType): CONTROL tokens are special (<|im_end|>),
 # USER_DEFINED ones are matched whole but decoded like text.
@@ -35,7 +42,9 @@ _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 
 
-def tokenizer_from_gguf_metadata(metadata: Callable[[str, object], object], path: str) -> Tokenizer:
+def tokenizer_from_gguf_metadata(
+    metadata: Callable[[str, object], object], path: str
+) -> Tokenizer:
     """The byte-level BPE tokenizer that a GGUF file's `tokenizer.ggml.*` keys describe.
 
     Args:
@@ -127,7 +136,9 @@ def tokenizer_from_json(path: str | os.PathLike) -> Tokenizer:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.json")
+        raise FileNotFoundError(
+            f"tokenizer file {path} does not exist; pass the path of a tokenizer.json"
+        )
     try:
         return Tokenizer.from_file(path)
     except Exception as error:  # the Rust parser raises a bare Exception
