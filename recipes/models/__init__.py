@@ -1,5 +1,13 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
+from ._bert import (
+    Bert,
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertOutput,
+)
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._generate import generate_greedy
 from ._layers import BATCH_AXIS, StochasticDepth
@@ -11,6 +19,12 @@ __all__ = [
     "BATCH_AXIS",
     "BYTE_VOCAB",
     "BasicBlock",
+    "Bert",
+    "BertAttention",
+    "BertEmbeddings",
+    "BertIntermediate",
+    "BertLayer",
+    "BertOutput",
     "Bottleneck",
     "EfficientNet",
     "KVCache",
