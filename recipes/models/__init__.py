@@ -10,7 +10,9 @@ from ._bert import (
 )
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._efficientnet_lite import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
+from ._generate import generate_greedy
 from ._layers import BATCH_AXIS, StochasticDepth
+from ._llama import KVCache, Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP
 from ._mobilenet_v2 import MOBILENET_V2_STAGES, InvertedResidual, MobileNetV2
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from ._transformer import BYTE_VOCAB, Transformer, TransformerBlock, TransformerMLP
@@ -31,6 +33,12 @@ __all__ = [
     "EfficientNet",
     "EfficientNetLite",
     "InvertedResidual",
+    "KVCache",
+    "Llama",
+    "LlamaAttention",
+    "LlamaBlock",
+    "LlamaConfig",
+    "LlamaMLP",
     "MBConv",
     "MobileNetV2",
     "ResNet",
@@ -39,6 +47,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerMLP",
     "efficientnet_b0",
+    "generate_greedy",
     "resnet18",
     "resnet34",
     "resnet50",
