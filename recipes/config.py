@@ -234,7 +234,7 @@ def validate(config: Config) -> Config:
     walk(config, "")
     for key in ("train.steps", "data.batch_size", "data.eval_batch_size"):
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name, 1)
+        value = getattr(getattr(config, section, None), name, 1)
         if value == 0:
             raise ConfigError(f"{key}=0 must be positive.")
     return config

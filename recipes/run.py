@@ -23,7 +23,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from . import models
+from . import compress, models
 from ._factorize_policy import apply_policy, check_policy, check_rank
 from ._hybrid import HybridWarmup
 from ._report import factorization_report, format_report
@@ -130,6 +130,11 @@ def image_classification(config: Config) -> Task:
 TASKS: dict[str, Callable[[Config], Task]] = {"image_classification": image_classification}
 """Task builders by `Config.task`."""
 
+PIPELINES: dict[str, Callable[[Any], Any]] = {"compress_pretrained": compress.compress}
+"""Tasks that run their own steps around the trainer, by `Config.task`: compressing a
+pretrained model (recipes/compress.py) factorizes, evaluates, heals through `train`
+and saves; each returns a result with `.train` (a `TrainResult`) and `.report`."""
+
 
 class RunResult(NamedTuple):
     """A finished recipe: the trainer's result and, for factorized runs, the report
@@ -152,8 +157,11 @@ def _take(batches: Iterator[Batch], n: int) -> Batch:
 def run(config: Config) -> RunResult:
     """Build the recipe's task, apply its factorization policy (before training, or
     after a dense warm-up), train it, and report dense against factorized."""
+    if config.task in PIPELINES:
+        return PIPELINES[config.task](config)
     if config.task not in TASKS:
-        raise ConfigError(f"task={config.task!r} is unknown; available: {', '.join(TASKS)}.")
+        known = ", ".join([*TASKS, *PIPELINES])
+        raise ConfigError(f"task={config.task!r} is unknown; available: {known}.")
     mesh = default_mesh()
     for key in ("batch_size", "eval_batch_size"):
         if hasattr(config.data, key):
