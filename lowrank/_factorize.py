@@ -1,6 +1,7 @@
 """The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
 
 import dataclasses
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -9,11 +10,13 @@ import numpy as np
 
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import Plan, check_rank_fits, make_plan
+from ._plan import Plan, check_rank_fits, make_plan, per_slice_positions
 from ._select import (
     check_is_model,
     replace_layers,
     resolve_activations,
+    slice_path,
+    stack_shape,
     walk_layers,
     weight_matrix,
 )
@@ -71,6 +74,9 @@ def factorize(
     `activations={pattern: fn or None}` says (None: no activation follows).
     The input model is never modified. With `return_plan=True` returns
     (model, plan), the plan carrying each layer's measured weight/function error.
+    A stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
+    stacked factors (L, out, r) and (L, r, in) at one rank, the initializer called once
+    per slice; calibration does not support stacked layers yet.
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
@@ -97,30 +103,60 @@ def factorize(
     index = {path: i for i, path in enumerate(todo)}
     done = {}
 
-    def solve(path, inputs=None, dense_inputs=None) -> Factors:
-        layer = layers[path]
+    def solve_one(path, name, weight, bias, key, inputs=None, dense_inputs=None):
         problem = LayerProblem(
-            path=path,
-            weight=weight_matrix(layer),
-            bias=None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1)),
+            path=name,
+            weight=weight,
+            bias=bias,
             rank=todo[path].rank,
             activation=activations.get(path),
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
-        factors = initializer(problem, key=jax.random.fold_in(key, index[path]))
+        factors = initializer(problem, key=key)
         _check_factors(factors, problem, init_name)
-        done[path] = _measured(todo[path], problem, factors)
+        return problem, factors
+
+    def solve(path, inputs=None, dense_inputs=None) -> Factors:
+        layer = layers[path]
+        bias = None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1))
+        problem, factors = solve_one(
+            path, path, weight_matrix(layer), bias, jax.random.fold_in(key, index[path]),
+            inputs, dense_inputs,
+        )  # fmt: skip
+        done[path] = _measured(todo[path], [problem], [factors])
         return factors
 
+    def solve_stack(path) -> list[Factors]:
+        """One initializer call per slice, each an ordinary problem named `path[i]`."""
+        layer = layers[path]
+        mats = np.asarray(weight_matrix(layer))
+        biases = None if layer.bias is None else np.asarray(layer.bias)
+        solved = []
+        for i, at in enumerate(np.ndindex(stack_shape(layer))):
+            bias = None if biases is None else jnp.asarray(biases[at].reshape(-1))
+            slice_key = jax.random.fold_in(jax.random.fold_in(key, index[path]), i)
+            solved.append(solve_one(path, slice_path(path, at), jnp.asarray(mats[at]), bias, slice_key))
+        problems, factors = zip(*solved)
+        done[path] = _measured(todo[path], problems, factors)
+        return list(factors)
+
+    stacked = [path for path in todo if stack_shape(layers[path])]
+    if calibration is not None and stacked:
+        raise ValueError(
+            f"calibration does not support stacked (scan-over-layers) layers yet: {stacked[:3]}; "
+            "factorize them without calibration (init='spectral', 'random' or 'nkp'), or "
+            "leave them out with exclude=[...]"
+        )
     if calibration is not None and todo:
         factors = solve_layers(
             model, list(todo), calibration, solve, sequential=sequential,
             max_rows=MAX_CALIBRATION_ROWS,
         )  # fmt: skip
     else:
-        factors = {path: solve(path) for path in todo}
+        factors = {path: solve(path) for path in todo if path not in stacked}
     replacements = {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
+    replacements |= {path: stacked_twin(layers[path], solve_stack(path)) for path in stacked}
     if calibration is not None and sequential and factors:
         replacements |= corrected_biases(model, factors, calibration, max_rows=MAX_CALIBRATION_ROWS)
     out = replace_layers(model, replacements)
@@ -146,7 +182,8 @@ def densify(model):
 def _positions(model, example) -> dict[str, int] | None:
     if example is None:
         return None
-    return output_positions(model, [p for p, _ in walk_layers(model)], example)
+    layers = dict(walk_layers(model))
+    return per_slice_positions(output_positions(model, list(layers), example), layers)
 
 
 def _check_plan_fits(plan: Plan, model) -> Plan:
@@ -210,12 +247,34 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
 
 
-def _measured(lp, problem: LayerProblem, factors: Factors):
-    w = np.asarray(problem.weight, np.float64)
-    approx = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
-    err = np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30)
-    f_err = None if factors.function_error is None else float(factors.function_error)
+def _measured(lp, problems: Sequence[LayerProblem], factors: Sequence[Factors]):
+    """The plan entry with its errors: the relative weight error over all the layer's
+    slices (one unless stacked), and the slices' mean function error."""
+    sq_err = sq_norm = 0.0
+    for problem, f in zip(problems, factors):
+        w = np.asarray(problem.weight, np.float64)
+        approx = np.asarray(f.u, np.float64) @ np.asarray(f.v, np.float64)
+        sq_err += float(np.sum((w - approx) ** 2))
+        sq_norm += float(np.sum(w**2))
+    err = np.sqrt(sq_err) / max(np.sqrt(sq_norm), 1e-30)
+    f_errs = [float(f.function_error) for f in factors if f.function_error is not None]
+    f_err = float(np.mean(f_errs)) if f_errs else None
     return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
+
+
+def stacked_twin(layer, factors: Sequence[Factors]):
+    """The factorized twin of a stacked layer (weights (*stack, out, in[, *kernel])), from
+    one `Factors` per slice in `np.ndindex(stack)` order: u (*stack, out, r) and
+    v (*stack, r, in[, *kernel]), one rank for the whole stack."""
+    lead = stack_shape(layer)
+    if len(factors) != int(np.prod(lead)):
+        raise ValueError(f"a stack of shape {lead} needs {int(np.prod(lead))} Factors, got {len(factors)}")
+
+    def stack(arrays):
+        return np.stack([np.asarray(a) for a in arrays]).reshape(lead + np.shape(arrays[0]))
+
+    bias = None if factors[0].bias is None else stack([f.bias for f in factors])
+    return _lowrank_twin(layer, Factors(stack([f.u for f in factors]), stack([f.v for f in factors]), bias))
 
 
 def _lowrank_twin(layer, factors: Factors):
@@ -226,7 +285,7 @@ def _lowrank_twin(layer, factors: Factors):
     bias = None if factors.bias is None else cast(factors.bias)
     if isinstance(layer, eqx.nn.Linear):
         return LowRankLinear(u, cast(factors.v), bias)
-    v = cast(factors.v, (factors.v.shape[0],) + layer.weight.shape[1:])
+    v = cast(factors.v, factors.v.shape[:-1] + layer.weight.shape[factors.v.ndim - 1 :])
     return LowRankConv(
         u, v, bias, stride=layer.stride, padding=layer.padding,
         dilation=layer.dilation, padding_mode=layer.padding_mode,
@@ -250,5 +309,7 @@ def _dense_twin(layer):
         )  # fmt: skip
     dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
     if use_bias:
-        dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias.reshape(dense.bias.shape))
+        dense = eqx.tree_at(
+            lambda l: l.bias, dense, layer.bias.reshape(layer.stack_shape + dense.bias.shape)
+        )
     return dense
