@@ -10,7 +10,7 @@ import numpy as np
 
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import Plan, check_rank_fits, make_plan, per_slice_positions
+from ._plan import Plan, check_countable, check_rank_fits, make_plan, per_slice_positions
 from ._select import (
     check_is_model,
     replace_layers,
@@ -142,12 +142,8 @@ def factorize(
         return list(factors)
 
     stacked = [path for path in todo if stack_shape(layers[path])]
-    if calibration is not None and stacked:
-        raise ValueError(
-            f"calibration does not support stacked (scan-over-layers) layers yet: {stacked[:3]}; "
-            "factorize them without calibration (init='spectral', 'random' or 'nkp'), or "
-            "leave them out with exclude=[...]"
-        )
+    if calibration is not None:
+        _refuse_stacked_calibration(layers, todo, sequential)
     if calibration is not None and todo:
         factors = solve_layers(
             model, list(todo), calibration, solve, sequential=sequential,
@@ -183,6 +179,7 @@ def _positions(model, example) -> dict[str, int] | None:
     if example is None:
         return None
     layers = dict(walk_layers(model))
+    check_countable(layers)
     return per_slice_positions(output_positions(model, list(layers), example), layers)
 
 
@@ -223,6 +220,28 @@ def _check_calibration(initializer, name: str, calibration) -> None:
         raise ValueError(
             f"init {name!r} does not use calibration data; drop calibration= or choose a "
             "data-aware init such as 'whitened' or 'nkp'"
+        )
+
+
+def _refuse_stacked_calibration(layers: dict, todo, sequential: bool) -> None:
+    """Calibration records unstacked layers only: refuse stacked layers it would touch."""
+    stacked = [path for path in todo if stack_shape(layers[path])]
+    if stacked:
+        raise ValueError(
+            f"calibration does not support stacked (scan-over-layers) layers yet: {stacked[:3]}; "
+            "factorize them without calibration (init='spectral', 'random' or 'nkp'), or "
+            "leave them out with exclude=[...]"
+        )
+    downstream = [
+        path for path, layer in layers.items()
+        if path not in todo and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+        and layer.bias is not None and stack_shape(layer)
+    ]  # fmt: skip
+    if sequential and downstream:
+        raise ValueError(
+            f"sequential calibration would correct the biases of the stacked layers "
+            f"{downstream[:3]}, which it cannot do yet; pass sequential=False, or "
+            "factorize without calibration"
         )
 
 

@@ -16,6 +16,7 @@ import equinox as eqx
 import numpy as np
 
 from ._initializers import singular_values
+from ._layers import LowRankConv
 from ._select import matches_key, select, skip_reason, stack_shape, weight_matrix
 
 PLAN_FORMAT = 1
@@ -223,6 +224,17 @@ class Plan:
             lines.append(f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def check_countable(layers: Mapping) -> None:
+    """Raise unless `output_positions` can count every layer: not yet stacked convs."""
+    convs = [p for p, l in layers.items() if isinstance(l, (eqx.nn.Conv, LowRankConv)) and stack_shape(l)]
+    if convs:
+        raise ValueError(
+            f"example= cannot count the output positions of stacked convs yet ({convs[:3]}); "
+            "drop example= (FLOPs then count each conv once per output position), or use "
+            "Budget(params=...) instead of Budget(flops=...)"
+        )
 
 
 def per_slice_positions(counts: Mapping[str, int], layers: Mapping) -> dict[str, int]:

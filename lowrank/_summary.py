@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import layer_costs, per_slice_positions, shape_str
+from ._plan import check_countable, layer_costs, per_slice_positions, shape_str
 from ._select import check_is_model, stack_shape, walk_layers
 from ._trace import Example, output_positions
 
@@ -70,8 +70,9 @@ def summary(model, *, example: Example | None = None) -> Summary:
     layers = walk_layers(model)
     positions = {}
     if example is not None:
-        traced = output_positions(model, [p for p, _ in layers], example)
-        positions = per_slice_positions(traced, dict(layers))
+        by_path = dict(layers)
+        check_countable(by_path)
+        positions = per_slice_positions(output_positions(model, list(by_path), example), by_path)
     rows = []
     for path, layer in layers:
         if not (isinstance(layer, (LowRankLinear, LowRankConv)) or eqx.is_array(layer.weight)):

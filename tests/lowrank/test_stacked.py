@@ -229,8 +229,11 @@ def test_summary_counts_the_whole_stack(transformer, factorized):
 
 
 def test_calibration_of_stacked_layers_is_refused_with_the_fix(transformer):
+    data = jnp.zeros((4, T, 8))
     with pytest.raises(ValueError, match=r"stacked.*blocks\.attn\.qkv.*without calibration"):
-        lowrank.factorize(transformer, rank=3, init="nkp", calibration=jnp.zeros((4, T, 8)))
+        lowrank.factorize(transformer, rank=3, init="nkp", calibration=data)
+    with pytest.raises(ValueError, match=r"biases of the stacked layers \['blocks\.attn\.proj'.*sequential=False"):
+        lowrank.factorize(transformer, rank=3, target=["embed"], init="whitened", calibration=data)
 
 
 def test_a_stacked_lowrank_layer_called_whole_says_to_slice_it(factorized):
@@ -245,8 +248,17 @@ def test_a_stacked_lowrank_layer_called_whole_says_to_slice_it(factorized):
 def test_mismatched_stacked_factors_are_rejected():
     with pytest.raises(ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in\); got \(3, 4, 2\)"):
         lowrank.LowRankLinear(jnp.zeros((3, 4, 2)), jnp.zeros((2, 2, 5)))
+    with pytest.raises(ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in, \*kernel\); got \(3, 4, 2\)"):
+        lowrank.LowRankConv(jnp.zeros((3, 4, 2)), jnp.zeros((2, 2, 4, 3, 3)), stride=1, padding=1, dilation=1)
     with pytest.raises(ValueError, match=r"bias must have shape \(3, 4\)"):
         lowrank.LowRankLinear(jnp.zeros((3, 4, 2)), jnp.zeros((3, 2, 5)), jnp.zeros(4))
     with pytest.raises(ValueError, match=r"stack of shape \(3,\) needs 3 Factors, got 1"):
         f = lowrank.Factors(jnp.zeros((D, 2)), jnp.zeros((2, D)), None)
         stacked_twin(_stack(eqx.nn.Linear), [f])
+
+
+def test_counting_positions_of_stacked_convs_is_refused_with_the_fix():
+    model = ScannedCNN(key=KEY)
+    for count in (lowrank.summary, lambda m, example: lowrank.plan(m, rank=2, example=example)):
+        with pytest.raises(ValueError, match=r"stacked convs yet \(\['convs'\]\); drop example="):
+            count(model, example=jnp.zeros((3, 6, 6)))
