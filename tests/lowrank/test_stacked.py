@@ -119,7 +119,7 @@ def test_each_slice_is_factorized_as_its_own_layer(init):
     stacked = {"fc": _stack(eqx.nn.Linear, shape=(12, 10))}
     low = lowrank.factorize(stacked, rank=3, init=init)["fc"]
     for i in range(L):
-        alone = {"fc": jax.tree_util.tree_map(lambda a: a[i], stacked["fc"])}
+        alone = {"fc": jax.tree_util.tree_map(lambda a, i=i: a[i], stacked["fc"])}
         want = lowrank.factorize(alone, rank=3, init=init)["fc"]
         np.testing.assert_allclose(low.u[i] @ low.v[i], want.weight, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(low.bias[i], want.bias, rtol=1e-5, atol=1e-6)
