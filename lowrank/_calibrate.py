@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -51,15 +50,6 @@ class Watch:
     done: set = field(default_factory=set)  # slice indices (None: unstacked) handled
 
 
-@dataclass
-class Result:
-    """What the pass found: factors per layer (a list per slice for stacked layers) and
-    corrected biases of unfactorized layers."""
-
-    factors: dict[str, Factors | list[Factors]] = field(default_factory=dict)
-    biases: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 def calibrate(
     model,
     layers: dict[str, eqx.Module],
@@ -69,9 +59,10 @@ def calibrate(
     sequential: bool,
     correct: dict[str, eqx.Module],
     max_rows: int,
-) -> Result:
-    """Run the model once on `calibration`, fitting every layer in `layers` (by path) at
-    its first use, and (if `sequential`) correcting the biases of the `correct` layers.
+) -> dict[str, np.ndarray]:
+    """Run the model once on `calibration`, calling `fit` for every layer in `layers` (by
+    path; per slice for stacked layers) at its first use, and (if `sequential`) correcting
+    the biases of the `correct` layers, which are returned {path: new bias}.
 
     Raises if a layer was never reached, naming it.
     """
@@ -95,7 +86,7 @@ def calibrate(
             "(a batch of inputs, or fn(model)) calls the model through those layers, and that "
             "their weight reaches a matmul/conv directly (not through e.g. weight norm)"
         )
-    return state.result
+    return state.biases
 
 
 def _check_finite(data) -> None:
@@ -146,7 +137,7 @@ class _Pass:
         self.sequential = sequential
         self.max_rows = max_rows
         self.leaves = list(leaves)  # current value of each model array
-        self.result = Result()
+        self.biases: dict[str, np.ndarray] = {}
         self.scopes: list[_Scope] = []
         self.pending: dict[tuple, list[np.ndarray]] = {}
 
@@ -315,7 +306,7 @@ class _Pass:
             return
         pick = _sample(len(rows), self.max_rows, seed=watch.weight * 1009 + (key or 0))
         dense = _rows(eqn, view, use, scope.read(x, "dense"))[pick] if changed else None
-        factors = self._solve(watch.path, key, rows[pick], dense)
+        factors = self.fit(watch.path, key, rows[pick], dense)
         weight = self.leaves[watch.weight]
         shape = weight.shape if key is None else weight.shape[1:]
         merged = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
@@ -326,20 +317,12 @@ class _Pass:
             bshape = bias.shape if key is None else bias.shape[1:]
             self._set_leaf(watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype))
 
-    def _solve(self, path, key, inputs, dense) -> Factors:
-        factors = self.fit(path, key, inputs, dense)
-        if key is None:
-            self.result.factors[path] = factors
-        else:
-            self.result.factors.setdefault(path, {})[key] = factors
-        return factors
-
     def fit_pending(self) -> None:
         """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
         for (path, key), chunks in self.pending.items():
             rows = np.concatenate(chunks)
             seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (key or 0)
-            self._solve(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
+            self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
         self.pending = {}
 
     def _correct_bias(self, scope, eqn, use, watch, key) -> None:
@@ -352,7 +335,7 @@ class _Pass:
         new = np.asarray(old, np.float64) + shift.reshape(old.shape)
         self._set_leaf(watch.bias, key, jnp.asarray(new, bias.dtype))
         final = self.leaves[watch.bias]
-        self.result.biases[watch.path] = np.asarray(final)
+        self.biases[watch.path] = np.asarray(final)
 
     def _set_leaf(self, leaf: int, key: int | None, value) -> None:
         """Give model array `leaf` (or its slice `key`) a new current value, everywhere it
