@@ -27,6 +27,7 @@ sees one row per image, often fewer than its inputs): each regression is pulled 
 the dense weight by a ridge, and the number of alternations is chosen on held-out rows.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -95,8 +96,16 @@ class NKP(eqx.Module):
         fit_bias = self.fit_bias and problem.bias is not None
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         if problem.inputs is not None:
-            bias = jnp.zeros(weight.shape[0], weight.dtype) if bias is None else bias
-            u, v, new_bias, num, den = self._calibrated(problem, weight, bias, activation, fit_bias)
+            with jax.enable_x64(True):  # moments of real activations are ill-conditioned
+                f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+                bias = jnp.zeros(weight.shape[0], jnp.float64) if bias is None else f64(bias)
+                problem64 = dataclasses.replace(
+                    problem, inputs=f64(problem.inputs),
+                    dense_inputs=None if problem.dense_inputs is None else f64(problem.dense_inputs),
+                )  # fmt: skip
+                out = self._calibrated(problem64, f64(weight), bias, activation, fit_bias)
+                u, v, new_bias, num, den = (np.asarray(a) for a in out)
+            u, v, new_bias = (jnp.asarray(a, weight.dtype) for a in (u, v, new_bias))
         else:
             m, n = weight.shape
             steps = affordable_iterations(self.iterations, m, n, problem.rank)
