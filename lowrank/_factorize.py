@@ -1,6 +1,7 @@
 """The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
 
 import dataclasses
+import warnings
 
 import equinox as eqx
 import jax
@@ -15,6 +16,7 @@ from ._select import (
     replace_layers,
     resolve_activations,
     walk_layers,
+    walk_listed,
     weight_matrix,
 )
 from ._sequential import corrected_biases, solve_layers
@@ -67,10 +69,14 @@ def factorize(
     so that its mean output stays the dense model's (two more runs, plus one per
     corrected layer after the first).
     Function-aware initializers (nkp, whitened) use the activation after each layer:
-    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
-    `activations={pattern: fn or None}` says (None: no activation follows).
-    The input model is never modified. With `return_plan=True` returns
-    (model, plan), the plan carrying each layer's measured weight/function error.
+    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU, with a
+    warning naming the layers) unless `activations={pattern: fn or None}` says
+    (None: no activation follows).
+    When the plan factorizes no layer (ranks at or past full rank, nothing
+    supported selected...), a UserWarning lists each layer's reason and the model
+    comes back unchanged. The input model is never modified. With
+    `return_plan=True` returns (model, plan), the plan carrying each layer's
+    measured weight/function error.
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
@@ -91,8 +97,12 @@ def factorize(
         )
     _check_calibration(initializer, init_name, calibration)
     todo = {l.path: l for l in plan.factorized}
+    if not todo:
+        _warn_nothing_to_factorize(plan)
+        return (model, plan) if return_plan else model
     layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
+    plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
     key = jax.random.key(0) if key is None else key
     index = {path: i for i, path in enumerate(todo)}
     done = {}
@@ -149,10 +159,42 @@ def _positions(model, example) -> dict[str, int] | None:
     return output_positions(model, [p for p, _ in walk_layers(model)], example)
 
 
+def _warn_nothing_to_factorize(plan: Plan) -> None:
+    reasons = [f"{l.path}: {l.skipped or 'kept dense'}" for l in plan.layers]
+    more = f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else ""
+    warnings.warn(
+        f"lowrank.factorize: nothing to factorize (rank={plan.rule}), the model is returned "
+        f"unchanged. {'; '.join(reasons[:8])}{more}. Lower the rank or budget, or change "
+        "target/exclude/where; print(lowrank.plan(model, ...)) shows the plan",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _note_assumed_activations(plan: Plan, initializer, name: str, todo, activations) -> Plan:
+    """Warn (and note in the plan) where the initializer assumes an activation it was not told.
+
+    An initializer declares what it assumes after a layer of unknown activation by a
+    `fallback_activation` attribute (NKP: "ReLU"); None or absent: it assumes nothing.
+    """
+    fallback = getattr(initializer, "fallback_activation", None)
+    unknown = [path for path in todo if activations.get(path) is None]
+    if fallback is None or not unknown:
+        return plan
+    listed = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+    text = (
+        f"init {name!r} assumes {fallback} after {listed}: their activation is unknown. "
+        "Say what follows each layer with activations={pattern: fn, or None when none "
+        "does}, e.g. activations={'head': None}"
+    )
+    warnings.warn(text, UserWarning, stacklevel=3)
+    return dataclasses.replace(plan, notes=[*plan.notes, text])
+
+
 def _check_plan_fits(plan: Plan, model) -> Plan:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}")
-    layers = dict(walk_layers(model))
+    layers = dict(walk_listed(model))
     for lp in plan.layers:
         layer = layers.get(lp.path)
         if layer is None:
@@ -199,14 +241,17 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
     arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
     if not all(np.isfinite(np.asarray(a)).all() for a in arrays):
-        if not np.isfinite(np.asarray(problem.weight)).all():
-            raise ValueError(
-                f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
-                "the dense model before factorizing"
-            )
+        for array, what in ((problem.weight, "non-finite weights"), (problem.bias, "a non-finite bias")):
+            if array is not None and not np.isfinite(np.asarray(array)).all():
+                raise ValueError(
+                    f"layer {problem.path} has {what} (NaN/inf); fix or re-initialize the "
+                    "dense model before factorizing"
+                )
+        fixes = ["check the calibration data for NaN/inf"] if problem.inputs is not None else []
+        fixes += ["try init='spectral'"] if name != "spectral" else []
         raise ValueError(
-            f"init {name!r} produced non-finite factors for {problem.path}; check the "
-            "calibration data for NaN/inf or try init='spectral'"
+            f"init {name!r} produced non-finite factors for {problem.path} from finite "
+            f"weights and bias; {' or '.join(fixes) or 'please report it'}"
         )
 
 
@@ -215,7 +260,8 @@ def _measured(lp, problem: LayerProblem, factors: Factors):
     approx = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
     err = np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30)
     f_err = None if factors.function_error is None else float(factors.function_error)
-    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
+    assumes = factors.assumes if f_err is not None else None
+    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err, assumes=assumes)
 
 
 def _lowrank_twin(layer, factors: Factors):
