@@ -97,11 +97,11 @@ def factorize(
         )
     _check_calibration(initializer, init_name, calibration)
     todo = {l.path: l for l in plan.factorized}
+    layers = dict(walk_layers(model))
+    activations = resolve_activations(model, activations)
     if not todo:
         _warn_nothing_to_factorize(plan)
         return (model, plan) if return_plan else model
-    layers = dict(walk_layers(model))
-    activations = resolve_activations(model, activations)
     plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
     key = jax.random.key(0) if key is None else key
     index = {path: i for i, path in enumerate(todo)}

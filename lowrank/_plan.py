@@ -9,6 +9,8 @@ import dataclasses
 import heapq
 import json
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -244,15 +246,17 @@ def _listing(paths: list[str], limit: int = 6) -> str:
 # ---------------------------------------------------------------- reading plans back
 
 _LAYER_FIELDS = {f.name: f for f in dataclasses.fields(LayerPlan)}
-_PLAN_FIELDS = {"layers", "rule", "budget", "notes"}
-_OPTIONAL = {"str": (str, type(None)), "int": (int, type(None)), "float": (float, int, type(None))}
-_FIELD_TYPES = {
-    "path": (str,), "kind": (str,), "init": (str,), "rank": _OPTIONAL["int"],
-    "params_before": (int,), "params_after": (int,), "flops_before": (int,),
-    "flops_after": (int,), "skipped": _OPTIONAL["str"], "positions": _OPTIONAL["int"],
-    "weight_error": _OPTIONAL["float"], "function_error": _OPTIONAL["float"],
-    "factorizable": (bool,), "assumes": _OPTIONAL["str"],
-}  # fmt: skip
+_PLAN_FIELDS = {f.name for f in dataclasses.fields(Plan)}
+
+
+def _json_types(hint) -> tuple[type, ...]:
+    """The JSON value types a LayerPlan field of type `hint` may hold (a float also takes ints)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in args)
+    return allowed + ((int,) if float in allowed else ())
+
+
+_FIELD_TYPES = {name: _json_types(hint) for name, hint in typing.get_type_hints(LayerPlan).items()}
 
 
 def plan_from_data(data) -> Plan:
@@ -272,10 +276,21 @@ def plan_from_data(data) -> Plan:
     layers = data.pop("layers")
     if not isinstance(layers, list):
         raise ValueError(f"plan 'layers' must be a list, got {type(layers).__name__}")
-    if not isinstance(data["rule"], str) or not isinstance(data.get("notes", []), list):
+    notes = data.get("notes", [])
+    if not isinstance(data["rule"], str) or not (
+        isinstance(notes, list) and all(isinstance(n, str) for n in notes)
+    ):
         raise ValueError("plan 'rule' must be a string and 'notes' a list of strings")
-    if data.get("budget") is not None and not isinstance(data["budget"], dict):
-        raise ValueError("plan 'budget' must be an object or null")
+    budget = data.get("budget")
+    if budget is not None and not (
+        isinstance(budget, dict) and set(budget) == {"kind", "asked", "achieved"}
+        and budget["kind"] in ("params", "flops")
+        and all(isinstance(budget[k], (int, float)) for k in ("asked", "achieved"))
+    ):  # fmt: skip
+        raise ValueError(
+            "plan 'budget' must be null or {'kind': 'params' or 'flops', 'asked': number, "
+            f"'achieved': number}}, got {budget!r}"
+        )
     return Plan(layers=[_layer_from_data(i, l) for i, l in enumerate(layers)], **data)
 
 
@@ -292,16 +307,17 @@ def _layer_from_data(index: int, data) -> LayerPlan:
     if unknown or missing:
         raise ValueError(f"{where} has unknown fields {unknown} / lacks fields {missing}")
     for name, value in data.items():
-        if name == "shape":
+        if _FIELD_TYPES[name] == (tuple,):  # a shape
             ok = isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)
             allowed = "a list of positive ints"
         else:
-            types = _FIELD_TYPES[name]
-            ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            kinds = _FIELD_TYPES[name]
+            ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+            shown = [t for t in kinds if t is not int or float not in kinds]
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in shown)
         if not ok:
             raise ValueError(f"{where} field {name!r} must be {allowed}, got {value!r}")
-    return LayerPlan(**{**data, "shape": tuple(data["shape"])})
+    return LayerPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _is_int(x) -> bool:
