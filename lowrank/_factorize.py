@@ -19,7 +19,7 @@ from ._select import (
     walk_listed,
     weight_matrix,
 )
-from ._sequential import corrected_biases, solve_layers
+from ._calibrate import calibrate
 from ._trace import Example, output_positions
 
 MAX_CALIBRATION_ROWS = 16384
@@ -104,10 +104,10 @@ def factorize(
         return (model, plan) if return_plan else model
     plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
     key = jax.random.key(0) if key is None else key
-    index = {path: i for i, path in enumerate(todo)}
+    index_of = {path: i for i, path in enumerate(todo)}
     done = {}
 
-    def solve(path, inputs=None, dense_inputs=None) -> Factors:
+    def solve(path, index=None, inputs=None, dense_inputs=None) -> Factors:
         layer = layers[path]
         problem = LayerProblem(
             path=path,
@@ -118,21 +118,30 @@ def factorize(
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
-        factors = initializer(problem, key=jax.random.fold_in(key, index[path]))
+        factors = initializer(problem, key=jax.random.fold_in(key, index_of[path]))
         _check_factors(factors, problem, init_name)
         done[path] = _measured(todo[path], problem, factors)
         return factors
 
+    replacements = {}
     if calibration is not None and todo:
-        factors = solve_layers(
-            model, list(todo), calibration, solve, sequential=sequential,
-            max_rows=MAX_CALIBRATION_ROWS,
+        correct = {
+            path: layer for path, layer in layers.items()
+            if path not in todo and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+            and getattr(layer, "bias", None) is not None
+        }  # fmt: skip
+        result = calibrate(
+            model, {p: layers[p] for p in todo}, solve, calibration, sequential=sequential,
+            correct=correct, max_rows=MAX_CALIBRATION_ROWS,
         )  # fmt: skip
+        factors = result.factors
+        replacements |= {
+            path: eqx.tree_at(lambda l: l.bias, layers[path], jnp.asarray(b, layers[path].bias.dtype))
+            for path, b in result.biases.items()
+        }  # fmt: skip
     else:
         factors = {path: solve(path) for path in todo}
-    replacements = {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
-    if calibration is not None and sequential and factors:
-        replacements |= corrected_biases(model, factors, calibration, max_rows=MAX_CALIBRATION_ROWS)
+    replacements |= {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
     out = replace_layers(model, replacements)
     if not return_plan:
         return out
@@ -156,7 +165,7 @@ def densify(model):
 def _positions(model, example) -> dict[str, int] | None:
     if example is None:
         return None
-    return output_positions(model, [p for p, _ in walk_layers(model)], example)
+    return output_positions(model, dict(walk_layers(model)), example)
 
 
 def _warn_nothing_to_factorize(plan: Plan) -> None:

@@ -64,7 +64,7 @@ def summary(model, *, example: Example | None = None) -> Summary:
     """
     check_is_model(model, "summary")
     layers = walk_layers(model)
-    positions = output_positions(model, [p for p, _ in layers], example) if example is not None else {}
+    positions = output_positions(model, dict(layers), example) if example is not None else {}
     rows = []
     for path, layer in layers:
         if not (isinstance(layer, (LowRankLinear, LowRankConv)) or eqx.is_array(layer.weight)):

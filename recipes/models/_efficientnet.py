@@ -30,7 +30,9 @@ _B0_STAGES = (
 
 
 class ConvBNAct(eqx.Module):
-    """Conv, BatchNorm, then an optional activation (swish unless told otherwise)."""
+    """Conv, BatchNorm, then an optional activation (swish unless told otherwise).
+    `padding` and `eps` follow `conv2d` and `batch_norm` (TF-trained weights want
+    padding="SAME" and eps=1e-3)."""
 
     conv: eqx.nn.Conv2d
     bn: eqx.nn.BatchNorm
@@ -45,12 +47,20 @@ class ConvBNAct(eqx.Module):
         stride: int = 1,
         groups: int = 1,
         activation: Callable[[Array], Array] | None = jax.nn.silu,
+        padding: str | None = None,
+        eps: float = 1e-5,
         key: PRNGKeyArray,
     ):
         self.conv = conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, groups=groups, key=key
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            groups=groups,
+            padding=padding,
+            key=key,
         )
-        self.bn = batch_norm(out_channels)
+        self.bn = batch_norm(out_channels, eps=eps)
         self.activation = activation
 
     def __call__(self, x, state, *, inference=None):

@@ -18,16 +18,19 @@ def conv2d(
     stride: int = 1,
     groups: int = 1,
     use_bias: bool = False,
+    padding: str | None = None,
     key: PRNGKeyArray,
 ) -> eqx.nn.Conv2d:
     """A plain `eqx.nn.Conv2d` with "same" padding for odd kernels (no bias by default,
-    since a BatchNorm follows)."""
+    since a BatchNorm follows): (k - 1) // 2 pixels on every side as PyTorch models pad,
+    or `padding="SAME"` for TensorFlow's rule (which puts the odd pixel of a strided
+    conv at the bottom/right, as TF-trained weights expect)."""
     return eqx.nn.Conv2d(
         in_channels,
         out_channels,
         kernel_size,
         stride=stride,
-        padding=(kernel_size - 1) // 2,
+        padding=(kernel_size - 1) // 2 if padding is None else padding,
         groups=groups,
         use_bias=use_bias,
         key=key,

@@ -1,0 +1,296 @@
+"""A BERT encoder (Devlin et al. 2019) with sentence-transformers' mean pooling.
+
+Post-LayerNorm blocks, exact (erf) GELU, learned absolute positions, and padding masked
+out of attention and pooling; HF's `BertModel` layout with `encoder.layer` shortened
+to `layers` and `attention.self` folded into `attention`. Every projection is an
+`eqx.nn.Linear`, so `lowrank.factorize` finds them at readable paths:
+`layers.0.attention.query` (`key`, `value`), `layers.0.attention.output.dense`,
+`layers.0.intermediate.dense` and `layers.0.output.dense`.
+The model maps ONE sequence of token ids `(T,)` (and its padding mask) to one embedding;
+vmap over a batch. Pretrained weights: `recipes.pretrained.minilm`.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+
+class BertEmbeddings(eqx.Module):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    word_embeddings: eqx.nn.Embedding
+    position_embeddings: eqx.nn.Embedding
+    token_type_embeddings: eqx.nn.Embedding
+    layer_norm: eqx.nn.LayerNorm
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_positions: int,
+        type_vocab_size: int,
+        eps: float,
+        dtype,
+        *,
+        key: PRNGKeyArray,
+    ):
+        k_word, k_pos, k_type = jr.split(key, 3)
+        self.word_embeddings = eqx.nn.Embedding(
+            vocab_size, hidden_size, dtype=dtype, key=k_word
+        )
+        self.position_embeddings = eqx.nn.Embedding(
+            max_positions, hidden_size, dtype=dtype, key=k_pos
+        )
+        self.token_type_embeddings = eqx.nn.Embedding(
+            type_vocab_size, hidden_size, dtype=dtype, key=k_type
+        )
+        self.layer_norm = eqx.nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
+
+    def __call__(
+        self, ids: Int[Array, " T"], token_type_ids: Int[Array, " T"]
+    ) -> Float[Array, "T d"]:
+        x = (
+            self.word_embeddings.weight[ids]
+            + self.position_embeddings.weight[: ids.shape[0]]
+            + self.token_type_embeddings.weight[token_type_ids]
+        )
+        return jax.vmap(self.layer_norm)(x)
+
+
+class BertOutput(eqx.Module):
+    """Projection back to the residual stream, added to it, then LayerNorm (post-LN)."""
+
+    dense: eqx.nn.Linear
+    layer_norm: eqx.nn.LayerNorm
+
+    def __init__(self, in_features: int, hidden_size: int, eps: float, dtype, *, key):
+        self.dense = eqx.nn.Linear(in_features, hidden_size, dtype=dtype, key=key)
+        self.layer_norm = eqx.nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
+
+    def __call__(
+        self, h: Float[Array, "T n"], residual: Float[Array, "T d"]
+    ) -> Float[Array, "T d"]:
+        return jax.vmap(self.layer_norm)(residual + jax.vmap(self.dense)(h))
+
+
+class BertAttention(eqx.Module):
+    """Bidirectional multi-head self-attention; keys where `mask` is False get no weight."""
+
+    query: eqx.nn.Linear
+    key: eqx.nn.Linear
+    value: eqx.nn.Linear
+    output: BertOutput
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, hidden_size: int, num_heads: int, eps: float, dtype, *, key):
+        k_q, k_k, k_v, k_o = jr.split(key, 4)
+        self.query = eqx.nn.Linear(hidden_size, hidden_size, dtype=dtype, key=k_q)
+        self.key = eqx.nn.Linear(hidden_size, hidden_size, dtype=dtype, key=k_k)
+        self.value = eqx.nn.Linear(hidden_size, hidden_size, dtype=dtype, key=k_v)
+        self.output = BertOutput(hidden_size, hidden_size, eps, dtype, key=k_o)
+        self.num_heads = num_heads
+
+    def __call__(
+        self, x: Float[Array, "T d"], mask: Bool[Array, " T"]
+    ) -> Float[Array, "T d"]:
+        seq_len, d = x.shape
+
+        def heads(linear):
+            return jax.vmap(linear)(x).reshape(
+                seq_len, self.num_heads, d // self.num_heads
+            )
+
+        q, k, v = heads(self.query), heads(self.key), heads(self.value)
+        scores = jnp.einsum("thd,shd->hts", q, k) / math.sqrt(d // self.num_heads)
+        scores = jnp.where(mask[None, None, :], scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        context = jnp.einsum("hts,shd->thd", weights, v).reshape(seq_len, d)
+        return self.output(context, x)
+
+
+class BertIntermediate(eqx.Module):
+    """The MLP's expansion: GELU (erf form, as BERT's `hidden_act="gelu"`) of a Linear."""
+
+    dense: eqx.nn.Linear
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype, *, key):
+        self.dense = eqx.nn.Linear(hidden_size, intermediate_size, dtype=dtype, key=key)
+
+    def __call__(self, x: Float[Array, "T d"]) -> Float[Array, "T n"]:
+        return jax.nn.gelu(jax.vmap(self.dense)(x), approximate=False)
+
+
+class BertLayer(eqx.Module):
+    """One post-LN encoder block: attention (+ residual, LayerNorm), then the MLP
+    (intermediate, output + residual, LayerNorm)."""
+
+    attention: BertAttention
+    intermediate: BertIntermediate
+    output: BertOutput
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        eps: float,
+        dtype,
+        *,
+        key,
+    ):
+        k_attn, k_mid, k_out = jr.split(key, 3)
+        self.attention = BertAttention(hidden_size, num_heads, eps, dtype, key=k_attn)
+        self.intermediate = BertIntermediate(
+            hidden_size, intermediate_size, dtype, key=k_mid
+        )
+        self.output = BertOutput(intermediate_size, hidden_size, eps, dtype, key=k_out)
+
+    def __call__(
+        self, x: Float[Array, "T d"], mask: Bool[Array, " T"]
+    ) -> Float[Array, "T d"]:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Bert(eqx.Module):
+    """BERT encoder + masked mean pooling (+ L2 normalization): a sentence embedding.
+
+    `model(ids, mask)` embeds one sequence: token ids `(T,)` with `T <= max_positions`
+    and a padding mask `(T,)` (True/1 on real tokens; None means no padding). The
+    embedding is the mean of the last hidden states over the real tokens, scaled to
+    unit length when `normalize` (all-MiniLM-L6-v2's Pooling + Normalize modules).
+    Token ids must lie in `[0, vocab_size)` (not checked: ids are traced values).
+    """
+
+    embeddings: BertEmbeddings
+    layers: tuple[BertLayer, ...]
+    vocab_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    max_positions: int = eqx.field(static=True)
+    normalize: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 30522,
+        hidden_size: int = 384,
+        num_layers: int = 6,
+        num_heads: int = 12,
+        intermediate_size: int = 1536,
+        max_positions: int = 512,
+        type_vocab_size: int = 2,
+        layer_norm_eps: float = 1e-12,
+        normalize: bool = True,
+        dtype=jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        for name, value in [
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_positions", max_positions),
+            ("type_vocab_size", type_vocab_size),
+        ]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}; "
+                "pick num_heads dividing hidden_size"
+            )
+        k_emb, *k_layers = jr.split(key, 1 + num_layers)
+        self.embeddings = BertEmbeddings(
+            vocab_size,
+            hidden_size,
+            max_positions,
+            type_vocab_size,
+            layer_norm_eps,
+            dtype,
+            key=k_emb,
+        )
+        self.layers = tuple(
+            BertLayer(
+                hidden_size, num_heads, intermediate_size, layer_norm_eps, dtype, key=k
+            )
+            for k in k_layers
+        )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.max_positions = max_positions
+        self.normalize = normalize
+
+    def _check(self, ids, mask, token_type_ids) -> None:
+        if ids.ndim != 1:
+            raise ValueError(
+                f"ids must be one sequence of shape (T,), got shape {ids.shape}; "
+                "vmap the model over the batch axis"
+            )
+        if ids.shape[0] > self.max_positions:
+            raise ValueError(
+                f"sequence length {ids.shape[0]} exceeds max_positions {self.max_positions}; "
+                f"truncate ids to {self.max_positions} tokens"
+            )
+        for name, value in [("mask", mask), ("token_type_ids", token_type_ids)]:
+            if value is not None and value.shape != ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of ids {ids.shape}, got {value.shape}; "
+                    "pass one entry per token"
+                )
+
+    def hidden_states(
+        self,
+        ids: Int[Array, " T"],
+        mask: Bool[Array, " T"] | None = None,
+        token_type_ids: Int[Array, " T"] | None = None,
+    ) -> Float[Array, "num_layers_plus_1 T d"]:
+        """Hidden states after the embeddings and after each layer, stacked (entry 0 is
+        the embedding output, the last entry feeds the pooling).
+
+        Args:
+            ids: token ids `(T,)`.
+            mask: True/1 on real tokens, False/0 on padding; None means no padding.
+            token_type_ids: segment ids `(T,)`; None means all zeros (one segment).
+
+        Returns:
+            `(num_layers + 1, T, hidden_size)` hidden states.
+        """
+        self._check(ids, mask, token_type_ids)
+        mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(ids)
+        x = self.embeddings(ids, token_type_ids)
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, mask)
+            states.append(x)
+        return jnp.stack(states)
+
+    def pool(
+        self, h: Float[Array, "T d"], mask: Bool[Array, " T"] | None = None
+    ) -> Float[Array, " d"]:
+        """Mean of `h` over the real tokens (sentence-transformers' mean pooling), then
+        L2 normalization when `self.normalize`."""
+        weights = (
+            jnp.ones(h.shape[:1], h.dtype) if mask is None else mask.astype(h.dtype)
+        )
+        pooled = (weights @ h) / jnp.maximum(weights.sum(), 1e-9)
+        if not self.normalize:
+            return pooled
+        return pooled / jnp.maximum(jnp.linalg.norm(pooled), 1e-12)
+
+    def __call__(
+        self,
+        ids: Int[Array, " T"],
+        mask: Bool[Array, " T"] | None = None,
+        token_type_ids: Int[Array, " T"] | None = None,
+    ) -> Float[Array, " d"]:
+        """Sentence embedding of one sequence (arguments as `hidden_states`)."""
+        return self.pool(self.hidden_states(ids, mask, token_type_ids)[-1], mask)
