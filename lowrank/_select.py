@@ -41,6 +41,12 @@ class Candidate:
     skipped: str | None = None
 
 
+def attribute_path(layer_path: str, name: str) -> str:
+    """The dotted path of a layer's array attribute (`weight`, `u`...), as `key_path_to_str`
+    gives it among the model's leaves: a root layer's attributes have no prefix."""
+    return name if layer_path == ROOT else f"{layer_path}.{name}"
+
+
 def key_path_to_str(key_path) -> str:
     """The dotted path of a layer's key path; `ROOT` for the model itself."""
     if not key_path:

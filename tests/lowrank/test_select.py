@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import pytest
 
 import lowrank
@@ -141,6 +142,10 @@ def test_a_root_level_layer_is_named_root():
     low = lowrank.factorize(layer, plan=plan)
     assert isinstance(low, lowrank.LowRankLinear) and low.rank == 2
     assert [l.path for l in lowrank.summary(low).layers] == ["<root>"]
+    # calibration and example= find the root layer's arrays too
+    assert lowrank.plan(layer, rank=2, example=jnp.zeros(16))["<root>"].positions == 1
+    xs = jax.random.normal(KEY, (40, 16))
+    assert lowrank.factorize(layer, rank=2, init="whitened", calibration=xs).rank == 2
     assert lowrank.plan(eqx.nn.MLP(4, 4, 8, 1, key=KEY), rank=2).layers[0].path == "layers.0"
 
 
