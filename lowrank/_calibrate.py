@@ -32,6 +32,7 @@ from jax._src import core as jax_core
 from jax.extend import core as jex_core
 
 from ._initializers import Factors
+from ._select import attribute_path
 from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
 
 # fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
@@ -71,10 +72,10 @@ def calibrate(
     index = {p: i for i, p in enumerate(leaf_paths(model))}
     watches = {}
     for path, layer in list(layers.items()) + (list(correct.items()) if sequential else []):
-        w = index.get(f"{path}.weight" if path else "weight")
+        w = index.get(attribute_path(path, "weight"))
         if w is None:
             raise ValueError(f"layer {path}: its weight is not an array of the model")
-        b = index.get(f"{path}.bias" if path else "bias")
+        b = index.get(attribute_path(path, "bias"))
         watches[w] = Watch(path, layer, w, b, fit=path in layers)
     state = _Pass(watches, fit, sequential, max_rows, leaves)
     state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))

@@ -2,6 +2,7 @@
 
 import dataclasses
 from collections.abc import Sequence
+import warnings
 
 import equinox as eqx
 import jax
@@ -18,6 +19,7 @@ from ._select import (
     slice_path,
     stack_shape,
     walk_layers,
+    walk_listed,
     weight_matrix,
 )
 from ._calibrate import calibrate
@@ -70,13 +72,17 @@ def factorize(
     so that its mean output stays the dense model's (two more runs, plus one per
     corrected layer after the first).
     Function-aware initializers (nkp, whitened) use the activation after each layer:
-    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
-    `activations={pattern: fn or None}` says (None: no activation follows).
-    The input model is never modified. With `return_plan=True` returns
-    (model, plan), the plan carrying each layer's measured weight/function error.
+    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU, with a
+    warning naming the layers) unless `activations={pattern: fn or None}` says
+    (None: no activation follows).
+    When the plan factorizes no layer (ranks at or past full rank, nothing
+    supported selected...), a UserWarning lists each layer's reason and the model
+    comes back unchanged. The input model is never modified. With
+    `return_plan=True` returns (model, plan), the plan carrying each layer's
+    measured weight/function error.
     A stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
     stacked factors (L, out, r) and (L, r, in) at one rank, the initializer called once
-    per slice; calibration does not support stacked layers yet.
+    per slice (with calibration, each slice on its own scan iteration's inputs).
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
@@ -99,6 +105,10 @@ def factorize(
     todo = {l.path: l for l in plan.factorized}
     layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
+    if not todo:
+        _warn_nothing_to_factorize(plan)
+        return (model, plan) if return_plan else model
+    plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
     key = jax.random.key(0) if key is None else key
     index_of = {path: i for i, path in enumerate(todo)}
     solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {path: {} for path in todo}
@@ -183,10 +193,42 @@ def _positions(model, example) -> dict[str, int] | None:
     return per_slice_positions(output_positions(model, layers, example), layers)
 
 
+def _warn_nothing_to_factorize(plan: Plan) -> None:
+    reasons = [f"{l.path}: {l.skipped or 'kept dense'}" for l in plan.layers]
+    more = f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else ""
+    warnings.warn(
+        f"lowrank.factorize: nothing to factorize (rank={plan.rule}), the model is returned "
+        f"unchanged. {'; '.join(reasons[:8])}{more}. Lower the rank or budget, or change "
+        "target/exclude/where; print(lowrank.plan(model, ...)) shows the plan",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _note_assumed_activations(plan: Plan, initializer, name: str, todo, activations) -> Plan:
+    """Warn (and note in the plan) where the initializer assumes an activation it was not told.
+
+    An initializer declares what it assumes after a layer of unknown activation by a
+    `fallback_activation` attribute (NKP: "ReLU"); None or absent: it assumes nothing.
+    """
+    fallback = getattr(initializer, "fallback_activation", None)
+    unknown = [path for path in todo if activations.get(path) is None]
+    if fallback is None or not unknown:
+        return plan
+    listed = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+    text = (
+        f"init {name!r} assumes {fallback} after {listed}: their activation is unknown. "
+        "Say what follows each layer with activations={pattern: fn, or None when none "
+        "does}, e.g. activations={'head': None}"
+    )
+    warnings.warn(text, UserWarning, stacklevel=3)
+    return dataclasses.replace(plan, notes=[*plan.notes, text])
+
+
 def _check_plan_fits(plan: Plan, model) -> Plan:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}")
-    layers = dict(walk_layers(model))
+    layers = dict(walk_listed(model))
     for lp in plan.layers:
         layer = layers.get(lp.path)
         if layer is None:
@@ -233,14 +275,17 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
     arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
     if not all(np.isfinite(np.asarray(a)).all() for a in arrays):
-        if not np.isfinite(np.asarray(problem.weight)).all():
-            raise ValueError(
-                f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
-                "the dense model before factorizing"
-            )
+        for array, what in ((problem.weight, "non-finite weights"), (problem.bias, "a non-finite bias")):
+            if array is not None and not np.isfinite(np.asarray(array)).all():
+                raise ValueError(
+                    f"layer {problem.path} has {what} (NaN/inf); fix or re-initialize the "
+                    "dense model before factorizing"
+                )
+        fixes = ["check the calibration data for NaN/inf"] if problem.inputs is not None else []
+        fixes += ["try init='spectral'"] if name != "spectral" else []
         raise ValueError(
-            f"init {name!r} produced non-finite factors for {problem.path}; check the "
-            "calibration data for NaN/inf or try init='spectral'"
+            f"init {name!r} produced non-finite factors for {problem.path} from finite "
+            f"weights and bias; {' or '.join(fixes) or 'please report it'}"
         )
 
 
@@ -256,7 +301,8 @@ def _measured(lp, problems: Sequence[LayerProblem], factors: Sequence[Factors]):
     err = np.sqrt(sq_err) / max(np.sqrt(sq_norm), 1e-30)
     f_errs = [float(f.function_error) for f in factors if f.function_error is not None]
     f_err = float(np.mean(f_errs)) if f_errs else None
-    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
+    assumes = next((f.assumes for f in factors if f.assumes), None) if f_err is not None else None
+    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err, assumes=assumes)
 
 
 def stacked_twin(layer, factors: Sequence[Factors]):

@@ -66,7 +66,8 @@ class NKP(eqx.Module):
     the mean input variance times inputs per row (guards against fitting few
     calibration rows exactly; see `reduced_rank_regression`).
     `function_error` is the relative function-space error: closed form under the
-    Gaussian, empirical on calibration inputs.
+    Gaussian, empirical on calibration inputs; `Factors.assumes` says what it rests on
+    (the Gaussian inputs, ReLU where the activation is unknown), and plans show it.
     """
 
     activation: Callable[[Array], Array] | None = eqx.field(default=None, static=True)
@@ -88,10 +89,21 @@ class NKP(eqx.Module):
             )
         check_ridge(self.ridge, "NKP")
 
+    @property
+    def fallback_activation(self) -> str | None:
+        """What NKP assumes after a layer of unknown activation: ReLU, unless `activation`
+        is given (then it applies to every layer)."""
+        return "ReLU" if self.activation is None else None
+
     def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
         del key
         check_problem(problem, "nkp")
         activation = self.activation or problem.activation or jax.nn.relu
+        assumed = []
+        if problem.inputs is None:
+            assumed.append(f"inputs x ~ N(0, {self.input_scale:g}²·I)")
+        if self.activation is None and problem.activation is None:
+            assumed.append("ReLU after the layer (its activation is unknown)")
         weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
         fit_bias = self.fit_bias and problem.bias is not None
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
@@ -120,7 +132,7 @@ class NKP(eqx.Module):
                 iterations=steps,
             )
         new_bias = new_bias if problem.bias is not None else None
-        return Factors(u, v, new_bias, relative_error(num, den))
+        return Factors(u, v, new_bias, relative_error(num, den), ", ".join(assumed) or None)
 
     def _calibrated(self, problem, weight, bias, activation, fit_bias):
         """Calibrated NKP, its alternations stopped early where they stop generalizing:
