@@ -1,14 +1,19 @@
 """The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import math
+import time
 import warnings
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from ._calibrate import calibrate
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, check_rank_fits, make_plan, per_slice_positions
@@ -22,8 +27,8 @@ from ._select import (
     walk_listed,
     weight_matrix,
 )
-from ._calibrate import calibrate
 from ._trace import Example, output_positions
+from ._whitened import whitened_spectrum
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -60,39 +65,53 @@ def factorize(
 ):
     """Replace selected dense layers of `model` by factorized low-rank twins.
 
-    Give `rank=` (see `lowrank.plan`) or a ready `plan=`. `init` names a registered
-    initializer ("spectral", "random", "nkp", "whitened", ...) or is an initializer
-    object. Data-aware initializers read `calibration=`: a batch of model inputs
-    (the model is vmapped over it) or a callable fn(model) that runs it on real data.
-    With `sequential=True` layers are fitted in the order the model runs them, each on
-    the inputs it sees once the layers before it are factorized, to reproduce the dense
-    layer's outputs (one calibration run per layer group); `sequential=False` fits every
-    layer on the dense model's inputs (one run, as SVD-LLM/ASVD do). Sequential
-    calibration also corrects the bias of each dense layer left unfactorized downstream
-    so that its mean output stays the dense model's (two more runs, plus one per
-    corrected layer after the first).
-    Function-aware initializers (nkp, whitened) use the activation after each layer:
-    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU, with a
-    warning naming the layers) unless `activations={pattern: fn or None}` says
-    (None: no activation follows).
-    When the plan factorizes no layer (ranks at or past full rank, nothing
-    supported selected...), a UserWarning lists each layer's reason and the model
-    comes back unchanged. The input model is never modified. With
-    `return_plan=True` returns (model, plan), the plan carrying each layer's
-    measured weight/function error.
-    A stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
-    stacked factors (L, out, r) and (L, r, in) at one rank, the initializer called once
-    per slice (with calibration, each slice on its own scan iteration's inputs).
+    Args:
+        model: an Equinox model (never modified).
+        rank: a rank rule, as for `lowrank.plan` (int, fraction, "energy:x", dict or
+            `Budget`). With calibration data a `Budget` allocates ranks from the data
+            (`Budget(by=...)` chooses).
+        plan: a ready (possibly edited) `Plan`, instead of rank/target/exclude/where.
+        init: a registered initializer name ("spectral", "random", "nkp", "whitened",
+            ...) or an initializer object.
+        target, exclude, where: which layers (see `lowrank.select`).
+        calibration: for data-aware initializers: a batch of model inputs (the model
+            is vmapped over its leading axis) or a callable fn(model) that runs the
+            model on real data. The data flows through the model once: the model is
+            traced to a jaxpr and evaluated in order, and each layer is fitted when its
+            weight is first used, on the inputs the already-factorized layers before it
+            produce, to reproduce the dense layer's outputs; dense layers with a bias
+            left unfactorized downstream get their bias corrected so that their mean
+            output stays the dense model's. A data-aware `Budget` costs one more pass.
+        sequential: False fits every layer on the dense model's inputs instead (as
+            SVD-LLM/ASVD do), without bias correction.
+        example: an unbatched input (or fn(model)) to count FLOPs per output position.
+        activations: {pattern: fn or None} saying what follows each layer, for the
+            function-aware inits; detected for `eqx.nn.MLP`, otherwise unknown (NKP
+            then assumes ReLU, with a warning naming the layers); None: no activation.
+        key: PRNG key for random inits.
+        return_plan: also return the plan, with each layer's measured weight/function
+            error and fit time.
+
+    Returns:
+        The factorized model (or (model, plan)). When the plan factorizes no layer, a
+        UserWarning lists each layer's reason and the model comes back unchanged. A
+        stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
+        stacked factors (L, out, r) and (L, r, in) at one rank, each slice fitted on
+        its own (with calibration, on its own scan iteration's inputs).
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
     init_name = init if isinstance(init, str) else repr(init)
+    _check_calibration(initializer, init_name, calibration)
+    layers = dict(walk_layers(model))
     if plan is None:
         if rank is None:
             raise ValueError("factorize needs rank= (e.g. rank=16 or Budget(params=0.3)) or plan=")
         plan = make_plan(
             model, rank=rank, target=target, exclude=exclude, where=where, init=init_name,
             positions=_positions(model, example), fn_name="factorize",
+            data_spectra=None if calibration is None else functools.partial(
+                _data_spectra, model, layers, calibration),
         )  # fmt: skip
     else:
         if rank is not None or target is not None or exclude is not None or where is not None:
@@ -101,9 +120,7 @@ def factorize(
         plan = dataclasses.replace(
             plan, layers=[dataclasses.replace(l, init=init_name) for l in plan.layers]
         )
-    _check_calibration(initializer, init_name, calibration)
     todo = {l.path: l for l in plan.factorized}
-    layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
     if not todo:
         _warn_nothing_to_factorize(plan)
@@ -112,6 +129,9 @@ def factorize(
     key = jax.random.key(0) if key is None else key
     index_of = {path: i for i, path in enumerate(todo)}
     solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {path: {} for path in todo}
+    seconds = dict.fromkeys(todo, 0.0)
+    slices = sum(math.prod(stack_shape(layers[p])) for p in todo)
+    progress = tqdm(total=slices, desc="factorize", unit="layer", disable=None, leave=False)
 
     def fit(path, index=None, inputs=None, dense_inputs=None) -> Factors:
         """Factors for layer `path` (its slice `index` if stacked) from `inputs`."""
@@ -134,9 +154,13 @@ def factorize(
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
+        start = time.perf_counter()
         factors = initializer(problem, key=layer_key)
         _check_factors(factors, problem, init_name)
+        seconds[path] += time.perf_counter() - start
         solved[path][at] = (problem, factors)
+        progress.set_postfix_str(problem.path, refresh=False)
+        progress.update()
         return factors
 
     replacements = {}
@@ -159,11 +183,14 @@ def factorize(
             lead = stack_shape(layers[path])
             for at in np.ndindex(lead) if lead else [None]:
                 fit(path, at)
+    progress.close()
     done = {}
     for path, parts in solved.items():
         layer = layers[path]
         problems, factors = zip(*(parts[at] for at in sorted(parts)))
-        done[path] = _measured(todo[path], problems, factors)
+        done[path] = dataclasses.replace(
+            _measured(todo[path], problems, factors), fit_seconds=round(seconds[path], 4)
+        )
         twin = stacked_twin(layer, factors) if stack_shape(layer) else _lowrank_twin(layer, factors[0])
         replacements[path] = twin
     out = replace_layers(model, replacements)
@@ -223,6 +250,26 @@ def _note_assumed_activations(plan: Plan, initializer, name: str, todo, activati
     )
     warnings.warn(text, UserWarning, stacklevel=3)
     return dataclasses.replace(plan, notes=[*plan.notes, text])
+
+
+def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[str, np.ndarray]:
+    """Each layer's spectrum in its input-whitened basis (`whitened_spectrum`) on the dense
+    model's inputs, from one pass over the calibration data; stacks combine their slices."""
+    found: dict[str, list[np.ndarray]] = {}
+
+    def fit(path, index, inputs, dense_inputs):
+        layer = layers[path]
+        weight = np.asarray(weight_matrix(layer))
+        weight = weight if index is None else weight[index]
+        found.setdefault(path, []).append(
+            whitened_spectrum(weight, inputs, centre=getattr(layer, "bias", None) is not None)
+        )
+
+    calibrate(
+        model, {p: layers[p] for p in paths}, fit, calibration, sequential=False, correct={},
+        max_rows=MAX_CALIBRATION_ROWS,
+    )  # fmt: skip
+    return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
 
 
 def _check_plan_fits(plan: Plan, model) -> Plan:

@@ -11,7 +11,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import equinox as eqx
@@ -33,6 +33,7 @@ from ._select import (
 )
 
 PLAN_FORMAT = 1
+BUDGET_SPECTRA = ("auto", "data", "weights", "uniform")
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,20 @@ class Budget:
 
     Ranks are allocated across layers from their spectra, maximizing the product of
     the fractions of squared singular values the layers retain (see `_allocate_budget`).
+    `by` says which spectra: "weights" (of the weight matrices), "data" (of W·S, S the
+    square root of the layer's input second moment on the calibration data: in that
+    basis dropping a component costs its squared singular value of output error; needs
+    `calibration=`), "auto" (data when calibration is given, else weights), or
+    "uniform" (no allocation: every layer keeps the same fraction, as SVD-LLM does).
     """
 
     params: float | None = None
     flops: float | None = None
+    by: str = "auto"
 
     def __post_init__(self):
+        if self.by not in BUDGET_SPECTRA:
+            raise ValueError(f"Budget(by={self.by!r}): choose one of {BUDGET_SPECTRA}")
         for kind in ("params", "flops"):
             object.__setattr__(self, kind, python_number(getattr(self, kind)))
         given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
@@ -92,6 +101,7 @@ class LayerPlan:
     factorizable: bool = True
     stack_dims: int = 0
     assumes: str | None = None  # what function_error assumes when not measured on data
+    fit_seconds: float | None = None  # time the initializer took on this layer
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -527,7 +537,8 @@ def _kind(layer) -> str:
 
 def _rule_str(rank) -> str:
     if isinstance(rank, Budget):
-        return f"Budget({rank.kind}={rank.fraction})"
+        by = "" if rank.by == "auto" else f", by={rank.by!r}"
+        return f"Budget({rank.kind}={rank.fraction}{by})"
     return repr(rank) if not isinstance(rank, Mapping) else json.dumps(dict(rank))
 
 
@@ -541,8 +552,11 @@ def make_plan(
     init: str = "spectral",
     positions: Mapping[str, int] | None = None,
     fn_name: str = "plan",
+    data_spectra: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
 ) -> Plan:
-    """Select layers and decide their ranks; see `lowrank.plan`."""
+    """Select layers and decide their ranks; see `lowrank.plan`. `data_spectra(paths)`,
+    given calibration data, returns each layer's spectrum in its input-whitened basis
+    for a data-aware Budget."""
     if rank is None:
         raise ValueError(f"lowrank.{fn_name} needs rank= (int, float, 'energy:x', dict or Budget)")
     rank = _python_rule(rank)
@@ -571,8 +585,22 @@ def make_plan(
             check_weight(c.path, c.layer.weight)
             spectra[c.path] = spectrum(c.layer)
     by_path = {c.path: c for c in candidates}
-    if isinstance(rank, Budget):
-        ranks, budget = _allocate_budget(rank, layers, by_path, spectra)
+    notes = []
+    if isinstance(rank, Budget) and rank.by == "uniform":
+        ranks, budget = _uniform_ranks(rank, layers), {"kind": rank.kind, "asked": rank.fraction}
+        notes.append("uniform ranks: every layer keeps the same fraction (Budget(by='uniform'))")
+    elif isinstance(rank, Budget):
+        from_data = rank.by == "data" or (rank.by == "auto" and data_spectra is not None)
+        if from_data and data_spectra is None:
+            raise ValueError(
+                "Budget(by='data') allocates ranks from calibration data: pass calibration= "
+                "to factorize, or use Budget(by='weights')"
+            )
+        allocation = spectra
+        if from_data:
+            allocation = data_spectra([lp.path for lp in layers if lp.skipped is None])
+            notes.append("ranks allocated from calibration data (spectra of W·S, S whitening the inputs)")
+        ranks, budget = _allocate_budget(rank, layers, by_path, allocation)
     else:
         ranks, budget = {}, None
         for lp in layers:
@@ -606,7 +634,7 @@ def make_plan(
         if r is not None:
             s = spectra[lp.path]
             lp.weight_error = float(np.sqrt(np.sum(s[r:] ** 2) / max(np.sum(s**2), 1e-30)))
-    plan = Plan(layers=layers, rule=_rule_str(rank))
+    plan = Plan(layers=layers, rule=_rule_str(rank), notes=notes)
     if budget is not None:
         kind = budget["kind"]
         t = plan.totals()
@@ -652,6 +680,17 @@ def _layer_plan(c, init: str, positions: int | None) -> LayerPlan:
         flops_after=costs[3], init=init, skipped=c.skipped, positions=positions,
         factorizable=c.skipped is None, stack_dims=stack_dims,
     )  # fmt: skip
+
+
+def _uniform_ranks(budget: Budget, layers) -> dict[str, int]:
+    """Every factorizable layer at the rank that keeps `budget.fraction` of its own
+    parameters (and so of its FLOPs): r = floor(fraction · m·n / (m + n)), at least 1."""
+    ranks = {}
+    for lp in layers:
+        if lp.skipped is None:
+            m, n = lp.matrix_shape
+            ranks[lp.path] = max(1, int(budget.fraction * m * n / (m + n)))
+    return ranks
 
 
 def _allocate_budget(budget: Budget, layers, by_path, spectra):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._initializers import Factors, LayerProblem, register_initializer
+from ._initializers import Factors, LayerProblem, register_initializer, singular_values
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
@@ -50,6 +50,18 @@ def whitening(
     top = jnp.max(eig)
     floor = jnp.where(top > 0, _EIGEN_FLOOR * top, 1.0)
     return mean, basis, jnp.maximum(eig, floor)
+
+
+def whitened_spectrum(weight, inputs, *, centre: bool) -> np.ndarray:
+    """Singular values of W·S, S Sᵀ the inputs' (centred if `centre`) second moment:
+    in that basis dropping a component costs its squared singular value of output error
+    on the inputs. Float64, on the host."""
+    x = np.asarray(inputs, np.float64)
+    x = x - x.mean(0) if centre else x
+    eig, basis = np.linalg.eigh(x.T @ x / len(x))
+    top = eig.max(initial=0.0)
+    eig = np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+    return singular_values((np.asarray(weight, np.float64) @ basis) * np.sqrt(eig))
 
 
 def whitened_truncation(
