@@ -5,6 +5,7 @@ rewrites only that section, so scripts can be rerun independently.
 """
 
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -57,4 +58,6 @@ def write_section(name: str, title: str, body: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)  # atomic: a crash never leaves half a file

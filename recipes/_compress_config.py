@@ -7,13 +7,12 @@ model, an unknown initializer...) before a model is loaded.
 """
 
 import dataclasses
-import math
 from typing import Literal
 
 import lowrank
 
-from ._factorize_policy import _rank_rule
-from .config import ConfigError, OptimConfig
+from ._factorize_policy import _BUILT_IN_INITS, _rank_rule
+from .config import ConfigError, OptimConfig, bounded
 
 LANGUAGE_MODELS = ("smollm2",)
 ENCODERS = ("minilm",)
@@ -27,8 +26,8 @@ class PretrainedModelConfig:
     `num_layers` for smollm2 / minilm, `blocks_per_stage` for the CNNs (None: all)."""
 
     name: Literal["smollm2", "minilm", "mobilenet_v2", "efficientnet_lite0"] = "smollm2"
-    num_layers: int | None = None
-    blocks_per_stage: int | None = None
+    num_layers: int | None = bounded(None, ge=1)
+    blocks_per_stage: int | None = bounded(None, ge=1)
 
 
 @dataclasses.dataclass
@@ -42,12 +41,12 @@ class CompressDataConfig:
     from disjoint photographs (`recipes.data.photo_split(seed=seed)`).
     `batch_size`: examples per forward pass when evaluating."""
 
-    calibration: int = 128
-    evaluation: int = 32
-    seq_len: int = 256
-    image_size: int = 224
+    calibration: int = bounded(128, gt=0)
+    evaluation: int = bounded(32, gt=0)
+    seq_len: int = bounded(256, ge=2)
+    image_size: int = bounded(224, ge=8)
     eval_categories: tuple[str, ...] = ("entertainment", "tech")
-    batch_size: int = 8
+    batch_size: int = bounded(8, gt=0)
     seed: int = 0
 
 
@@ -59,12 +58,15 @@ class CompressFactorizeConfig:
     calibration data. `target`: a regex of layer paths, "" for the model's default (the
     block linears of smollm2 / minilm; the pointwise convs and the classifier of the
     CNNs). `sequential`: fit the layers in running order on the factorized model's own
-    inputs (see `lowrank.factorize`)."""
+    inputs (see `lowrank.factorize`). `budget_by`: which spectra a budget allocates
+    ranks from (`lowrank.Budget(by=...)`: "auto" is the calibration data's when the init
+    reads it, else the weights'; "uniform" keeps the same fraction of every layer)."""
 
     rank: int | float | str = "params:0.8"
     init: str = "whitened"
     target: str = ""
     sequential: bool = True
+    budget_by: Literal["auto", "data", "weights", "uniform"] = "auto"
 
 
 @dataclasses.dataclass
@@ -78,9 +80,9 @@ class HealConfig:
     (0: at the start and the end only)."""
 
     steps: int = 0
-    batch_size: int = 8
-    alpha: float = 1.0
-    temperature: float = 1.0
+    batch_size: int = bounded(8, gt=0)
+    alpha: float = bounded(1.0, ge=0, le=1)
+    temperature: float = bounded(1.0, gt=0)
     log_every: int = 10
     eval_every: int = 0
 
@@ -117,6 +119,11 @@ class CompressConfig:
     progress: bool = True
 
 
+def uses_calibration(init: str) -> bool:
+    """Whether `lowrank.factorize` takes calibration data for this registered init."""
+    return getattr(_BUILT_IN_INITS.get(init), "calibration", "optional") != "never"
+
+
 def _not_for(key: str, value, default, name: str, applies_to: tuple[str, ...]) -> None:
     if value != default:
         raise ConfigError(
@@ -133,16 +140,11 @@ def _check_model(config: CompressConfig) -> None:
         for key in ("seq_len", "eval_categories"):
             value = getattr(d, key)
             _not_for(f"data.{key}", value, getattr(defaults, key), name, LANGUAGE_MODELS + ENCODERS)
-        if m.blocks_per_stage is not None and m.blocks_per_stage < 1:
-            raise ConfigError(
-                f"model.blocks_per_stage={m.blocks_per_stage} must be >= 1 (or none for "
-                "the whole network)."
-            )
         return
     _not_for("model.blocks_per_stage", m.blocks_per_stage, None, name, CLASSIFIERS)
     _not_for("data.image_size", d.image_size, defaults.image_size, name, CLASSIFIERS)
     top = _MAX_LAYERS[name]
-    if m.num_layers is not None and not 1 <= m.num_layers <= top:
+    if m.num_layers is not None and m.num_layers > top:
         raise ConfigError(
             f"model.num_layers={m.num_layers}: {name} has {top} layers; use 1..{top} "
             "(or none for all of them)."
@@ -157,11 +159,6 @@ def _check_model(config: CompressConfig) -> None:
             f"data.evaluation={d.evaluation}: nearest-neighbour agreement needs at least "
             "2 evaluation paragraphs."
         )
-
-
-def _positive(key: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{key}={value!r} must be a positive number.")
 
 
 def check(config: CompressConfig) -> None:
@@ -180,25 +177,23 @@ def check(config: CompressConfig) -> None:
             f"factorize.rank={f.rank!r}: stable-rank rules are for training from scratch; "
             "use a budget such as params:0.8."
         )
-    _rank_rule(f.rank)  # budgets: "params:x" / "flops:x" with x in (0, 1]
+    rule = _rank_rule(f.rank)  # budgets: "params:x" / "flops:x" with x in (0, 1]
     if f.init not in lowrank.available_initializers():
         raise ConfigError(
             f"factorize.init={f.init!r} is not a registered initializer; available: "
             f"{', '.join(lowrank.available_initializers())}."
         )
-    for key in ("calibration", "evaluation", "batch_size"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"data.{key}={getattr(d, key)} must be at least 1.")
-    _positive("heal.temperature", h.temperature)
-    if not 0.0 <= h.alpha <= 1.0:
+    if f.budget_by != "auto" and not isinstance(rule, lowrank.Budget):
         raise ConfigError(
-            f"heal.alpha={h.alpha} must be in [0, 1] (1: pure distillation from the dense "
-            "model, 0: plain cross-entropy on the labels)."
+            f"factorize.budget_by={f.budget_by!r} applies to budgets (factorize.rank="
+            f"params:x or flops:x), not factorize.rank={f.rank!r}; unset it."
+        )
+    if f.budget_by == "data" and not uses_calibration(f.init):
+        raise ConfigError(
+            f"factorize.budget_by='data' needs calibration data, which init {f.init!r} "
+            "does not read; choose init whitened or nkp, or budget_by weights."
         )
     if h.steps:
-        _positive("optim.lr", config.optim.lr)
-        if h.batch_size < 1:
-            raise ConfigError(f"heal.batch_size={h.batch_size} must be at least 1.")
         if config.model.name not in CLASSIFIERS and h.batch_size > d.calibration:
             raise ConfigError(
                 f"heal.batch_size={h.batch_size} exceeds data.calibration={d.calibration} "

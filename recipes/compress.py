@@ -43,9 +43,10 @@ from ._compress_config import (
     HealConfig as HealConfig,
     PretrainedModelConfig as PretrainedModelConfig,
     check,
+    uses_calibration,
 )
 from ._compress_models import SUBJECTS, Subject
-from ._factorize_policy import _BUILT_IN_INITS, _rank_rule
+from ._factorize_policy import _rank_rule
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
 
@@ -66,32 +67,38 @@ def _write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _plan(subject: Subject, config: CompressConfig, target: str) -> lowrank.Plan:
-    """Ranks for the target layers under `factorize.rank`; a rule the model cannot
-    meet (or a target matching nothing) is a `ConfigError`. Only FLOP budgets trace
-    the model for its layers' output positions."""
+def _rank(config: CompressConfig, subject: Subject, target: str):
+    """The lowrank rank rule of `factorize.rank` (a budget with `factorize.budget_by`),
+    checked on the model's target layers: a rule the model cannot meet (or a target
+    matching nothing) is a `ConfigError`. Only FLOP budgets trace the model (for its
+    layers' output positions)."""
     f = config.factorize
     rule = _rank_rule(f.rank)
+    if isinstance(rule, lowrank.Budget):
+        rule = dataclasses.replace(rule, by=f.budget_by)
     flops = isinstance(rule, lowrank.Budget) and rule.kind == "flops"
+    example = subject.example() if flops else None
     try:
-        return lowrank.plan(
-            subject.dense, rank=rule, target=target, example=subject.example() if flops else None
-        )
+        lowrank.plan(subject.dense, rank=rule, target=target, example=example)
     except (ValueError, TypeError) as e:
         keys = f"factorize.rank={f.rank!r}, factorize.target={target!r}"
         raise ConfigError(f"{keys} on {config.model.name}: {e}") from e
+    return rule, example
 
 
-def _factorize(subject: Subject, config: CompressConfig, plan: lowrank.Plan, target: str):
+def _factorize(subject: Subject, config: CompressConfig, rule, example, target: str):
+    """The compressed model and its plan; calibrated inits (and a data-aware budget)
+    read the calibration data."""
     f = config.factorize
-    needs = getattr(_BUILT_IN_INITS.get(f.init), "calibration", "optional")
-    calibration = None if needs == "never" else subject.calibration()
+    calibration = subject.calibration() if uses_calibration(f.init) else None
     return lowrank.factorize(
         subject.dense,
-        plan=plan,
+        rank=rule,
+        target=target,
         init=f.init,
         calibration=calibration,
         sequential=f.sequential,
+        example=example,
         activations=subject.activations(target),
         key=jax.random.key(config.seed),
         return_plan=True,
@@ -228,17 +235,18 @@ def compress(config: CompressConfig) -> CompressResult:
     log(f"loading {config.model.name} and its calibration / evaluation data")
     subject = SUBJECTS[config.model.name](config)
     target = config.factorize.target or subject.target
-    plan = _plan(subject, config, target)
+    rule, example = _rank(config, subject, target)
     seconds = {"load": time.perf_counter() - clock}
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     flops = _Flops(subject)
     measured = {"dense": _measure(subject, subject.dense, flops)}
-    log(f"factorizing {len(plan.factorized)} layers (init={config.factorize.init!r})")
+    log(f"factorizing {target} (rank={rule!r}, init={config.factorize.init!r})")
     clock = time.perf_counter()
-    compressed, plan = _factorize(subject, config, plan, target)
+    compressed, plan = _factorize(subject, config, rule, example, target)
     seconds["factorize"] = time.perf_counter() - clock
+    log("\n".join(line for line in str(plan).splitlines() if line.startswith(("TOTAL", "budget"))))
     measured["compressed"] = _measure(subject, compressed, flops)
     models = {"dense": subject.dense, "compressed": compressed}
     result = TrainResult(compressed, None, [])
@@ -261,6 +269,7 @@ def compress(config: CompressConfig) -> CompressResult:
         "rank": str(config.factorize.rank),
         "init": config.factorize.init,
         "target": target,
+        "budget": plan.budget,
         "factorized_layers": len(plan.factorized),
         "target_params_before": totals["params_before"],
         "target_params_after": totals["params_after"],
