@@ -14,12 +14,12 @@ compress_efficientnet_lite0 (recipes/configs/) run `compress`:
    for all, parameters, FLOPs and the wall time of a forward pass;
 4. with `heal.steps > 0`, distill the compressed model from the dense one on the
    calibration data through `recipes.train.train`, then evaluate again;
-5. save the final model (`lowrank.save`: model.eqx and model.eqx.plan.json; read it
+5. save the final model (`lowrank.save`: model.eqx and model.plan.json; read it
    back with `lowrank.load(path, dense_model)`), and print a before/after table, for
    the language model with greedy generations from `generate.prompt`.
 
-Outputs in `out_dir` (default out/<name>): config.json, report.json, model.eqx(.plan.json),
-and after healing heal_metrics.jsonl and heal.png (the healing curve). Healing keeps no
+Outputs in `out_dir` (default out/<name>): config.json, report.json, model.eqx and
+model.plan.json, and after healing heal_metrics.jsonl and heal.png (the healing curve). Healing keeps no
 checkpoints: a rerun starts over (the factorization is redone anyway).
 """
 

@@ -44,6 +44,7 @@ def test_smollm2_slice_compresses_heals_generates_and_saves(tmp_path, capsys):
         "data.seq_len=16",
         "data.batch_size=2",
         "factorize.rank=params:0.8",
+        "factorize.budget_by=weights",  # the data-aware budget is exercised by minilm's test
         "generate.max_new_tokens=4",
     )
     result = compress(config)
@@ -58,7 +59,7 @@ def test_smollm2_slice_compresses_heals_generates_and_saves(tmp_path, capsys):
     for name in ("perplexity", "bits per byte", "parameters", "FLOPs", "forward pass"):
         assert name in printed
     assert set(report["generation"]) == {"prompt", "dense", "compressed", "healed"}
-    assert "heal.png" in _files(tmp_path) and "model.eqx.plan.json" in _files(tmp_path)
+    assert "heal.png" in _files(tmp_path) and "model.plan.json" in _files(tmp_path)
     assert [r["step"] for r in result.train.history if r["split"] == "eval"] == [0, 2]
 
     # the report's perplexity and bits per byte, recomputed in float64 from the saved model
@@ -105,6 +106,7 @@ def test_cnn_slice_compresses_heals_and_saves(tmp_path, capsys, name, load, norm
         "data.image_size=32",
         "data.batch_size=4",
         "factorize.rank=params:0.6",
+        "factorize.budget_by=weights",
     )
     report = compress(config).report
     printed = capsys.readouterr().out
