@@ -19,9 +19,9 @@ compress_efficientnet_lite0 (recipes/configs/) run `compress`:
    the language model with greedy generations from `generate.prompt`.
 
 Outputs in `out_dir` (default out/<name>): config.json, report.json, model.eqx and
-model.plan.json, and after healing heal_metrics.jsonl and heal.png (the healing curve). Healing keeps no
-checkpoints: a rerun starts over (the factorization is redone anyway).
-"""
+model.plan.json, and after healing heal_metrics.jsonl and heal.png (the healing
+curve). Healing keeps no checkpoints: a rerun starts over (the factorization is redone
+anyway)."""
 
 import dataclasses
 import json
@@ -45,10 +45,21 @@ from ._compress_config import (
     check,
     uses_calibration,
 )
-from ._compress_models import SUBJECTS, Subject
+from ._compress_subject import Subject
+from ._compress_text import Encoder, LanguageModel
+from ._compress_vision import Classifier
 from ._factorize_policy import _rank_rule
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
+
+
+SUBJECTS: dict[str, type[Subject]] = {
+    "smollm2": LanguageModel,
+    "minilm": Encoder,
+    "mobilenet_v2": Classifier,
+    "efficientnet_lite0": Classifier,
+}
+"""The `Subject` class for each `model.name`."""
 
 
 class CompressResult(NamedTuple):
@@ -219,6 +230,24 @@ def _generations(subject: Subject, models: dict[str, PyTree]) -> dict[str, str]:
     return {"prompt": subject.config.generate.prompt, **out} if out else {}
 
 
+def _report(config, subject: Subject, target: str, plan, measured, seconds) -> dict[str, Any]:
+    """What report.json holds (all but the generations)."""
+    f, totals = config.factorize, plan.totals()
+    return {
+        "model": config.model.name,
+        "rank": str(f.rank),
+        "init": f.init,
+        "target": target,
+        "budget": plan.budget,
+        "factorized_layers": len(plan.factorized),
+        "target_params_before": totals["params_before"],
+        "target_params_after": totals["params_after"],
+        "data": {k: list(v) for k, v in subject.sources.items()},
+        "models": measured,
+        "seconds": seconds,
+    }
+
+
 def compress(config: CompressConfig) -> CompressResult:
     """Load, factorize, evaluate, heal (`heal.steps > 0`), evaluate, save and report.
 
@@ -242,7 +271,8 @@ def compress(config: CompressConfig) -> CompressResult:
 
     flops = _Flops(subject)
     measured = {"dense": _measure(subject, subject.dense, flops)}
-    log(f"factorizing {target} (rank={rule!r}, init={config.factorize.init!r})")
+    f = config.factorize
+    log(f"factorizing: rank={f.rank!r}, init={f.init!r}, budget_by={f.budget_by!r}")
     clock = time.perf_counter()
     compressed, plan = _factorize(subject, config, rule, example, target)
     seconds["factorize"] = time.perf_counter() - clock
@@ -263,21 +293,8 @@ def compress(config: CompressConfig) -> CompressResult:
     for name, t in zip(models, subject.forward_seconds(list(models.values()))):
         measured[name]["forward_ms"] = t * 1e3
     lowrank.save(out_dir / "model.eqx", result.model, plan)
-    totals = plan.totals()
-    report = {
-        "model": config.model.name,
-        "rank": str(config.factorize.rank),
-        "init": config.factorize.init,
-        "target": target,
-        "budget": plan.budget,
-        "factorized_layers": len(plan.factorized),
-        "target_params_before": totals["params_before"],
-        "target_params_after": totals["params_after"],
-        "data": {k: list(v) for k, v in subject.sources.items()},
-        "models": measured,
-        "seconds": seconds,
-        "generation": _generations(subject, models),
-    }
+    report = _report(config, subject, target, plan, measured, seconds)
+    report["generation"] = _generations(subject, models)
     _write(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     log(format_table(report))
     log(f"outputs in {out_dir}/: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
