@@ -28,7 +28,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from . import _text_task, compress, models
+from . import _text_task, models
 from ._factorize_policy import apply_policy, check_policy, check_rank
 from ._hybrid import HybridWarmup
 from ._report import factorization_report, format_report
@@ -132,7 +132,13 @@ TASKS: dict[str, Callable[[Config], Task]] = {
 }
 """Task builders by `Config.task`."""
 
-PIPELINES: dict[str, Callable[[Any], Any]] = {"compress_pretrained": compress.compress}
+def _compress_pretrained(config):
+    from .compress import compress  # imported when used: it loads the pretrained readers
+
+    return compress(config)
+
+
+PIPELINES: dict[str, Callable[[Any], Any]] = {"compress_pretrained": _compress_pretrained}
 """Tasks that run their own steps around the trainer, by `Config.task`: compressing a
 pretrained model (recipes/compress.py) factorizes, evaluates, heals through `train`
 and saves; each returns a result with `.train` (a `TrainResult`) and `.report`."""
