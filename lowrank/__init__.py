@@ -13,6 +13,7 @@ from ._initializers import (
     Random as Random,
     Spectral as Spectral,
     available_initializers as available_initializers,
+    get_initializer as get_initializer,
     register_initializer as register_initializer,
 )
 from ._layers import (

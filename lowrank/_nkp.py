@@ -39,7 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._gaussian_expectations import expected_sq_diff, expected_square, relu_centred_sq_diff
-from ._initializers import Factors, LayerProblem, register_initializer, top_singular_triplets
+from ._initializers import Factors, Initializer, LayerProblem, register_initializer, top_singular_triplets
 from ._problem_checks import check_problem, relative_error
 from ._whitened import (
     DEFAULT_RIDGE,
@@ -54,7 +54,7 @@ _RELAXATION = 0.1  # λ of the calibrated alternation (best of 0.01-10 on synthe
 _MIN_ROWS_TO_HOLD_OUT = 40  # fewer calibration rows: no early stopping on held-out rows
 
 
-class NKP(eqx.Module):
+class NKP(Initializer):
     """Function-space initializer: rank-r W' minimizing E‖σ(Wx+b) - σ(W'x+b')‖².
 
     `activation`: σ after the layer; default `problem.activation`, else ReLU.

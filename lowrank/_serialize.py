@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._factorize import factorize
-from ._initializers import Factors, LayerProblem
+from ._initializers import Factors, Initializer, LayerProblem
 from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, plan_from_data
 from ._select import key_path_to_str, walk_layers
@@ -127,7 +127,7 @@ def _manifest(model) -> dict[str, str]:
     return rows
 
 
-class _Skeleton:
+class _Skeleton(Initializer):
     """Zero factors of the right shapes: placeholders that `load` overwrites at once."""
 
     calibration = "never"

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._initializers import Factors, LayerProblem, register_initializer, singular_values
+from ._initializers import (
+    Factors,
+    Initializer,
+    LayerProblem,
+    register_initializer,
+    singular_values,
+)
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
@@ -127,7 +133,7 @@ def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_in
     return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
 
 
-class Whitened(eqx.Module):
+class Whitened(Initializer):
     """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
 
     `ridge`: with sequential calibration, how strongly the regression onto the dense
