@@ -30,6 +30,15 @@ class LayerProblem:
     already factorized, and `dense_inputs` holds what the dense model fed this layer on
     the same rows: the factors should map `inputs` to the dense layer's outputs on
     `dense_inputs`. None when the two are the same.
+
+    Attributes:
+        path: the layer's dotted path (`blocks.fc[3]` for a slice of a stack).
+        weight: the dense weight matrix (m, n).
+        bias: its bias (m,), or None.
+        rank: the target rank r.
+        activation: the function after the layer, or None when unknown.
+        inputs: calibration inputs (N, n), or None.
+        dense_inputs: the dense model's inputs on the same rows, or None.
     """
 
     path: str
@@ -46,6 +55,13 @@ class Factors(NamedTuple):
 
     `assumes` says what `function_error` rests on when it is not measured on the
     layer's real inputs and activation (e.g. "inputs x ~ N(0, I)"); plans show it.
+
+    Attributes:
+        u: the left factor (m, r).
+        v: the right factor (r, n).
+        bias: the bias the factorized layer uses (m,), or None.
+        function_error: the relative error of the layer's function, if measured.
+        assumes: what `function_error` rests on when not measured on data, or None.
     """
 
     u: Float[Array, "m r"]
@@ -66,6 +82,9 @@ class Initializer(eqx.Module):
     read it. An initializer that assumes an activation after layers whose activation
     is unknown (`problem.activation` None) names it in a `fallback_activation`
     attribute (NKP: "ReLU"), so that `factorize` can warn about those layers.
+
+    Attributes:
+        calibration: "never", "optional" or "required" (a class attribute).
 
     Example:
         class Half(lowrank.Initializer):

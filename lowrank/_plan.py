@@ -27,6 +27,21 @@ class LayerPlan:
     A stacked layer (scan over layers: weights (L, out, in), `stack_dims` leading stack
     axes in `shape`) has one rank for all its slices; its params and FLOPs count the
     whole stack, and `positions` counts the output vectors of one slice.
+
+    Attributes:
+        path, kind, shape: the layer's dotted path, type name and weight shape
+            (leading stack axes included).
+        rank: the planned rank, or None when the layer stays as it is.
+        params_before, params_after, flops_before, flops_after: its costs.
+        init: the initializer's name.
+        bias: whether the layer has a bias.
+        skipped: why it stays as it is, or None.
+        positions: output vectors per example of one slice (None: unknown, taken as 1).
+        weight_error, function_error: measured (or spectral) relative errors.
+        factorizable: False for layers no rank can change (depthwise, tied...).
+        stack_dims: how many leading axes of `shape` stack layers.
+        assumes: what `function_error` assumes when not measured on data.
+        fit_seconds: the initializer's time on this layer.
     """
 
     path: str
@@ -62,7 +77,14 @@ class LayerPlan:
 
 @dataclass
 class Plan:
-    """The per-layer decisions of one factorization, printable and JSON-serialisable."""
+    """The per-layer decisions of one factorization, printable and JSON-serialisable.
+
+    Attributes:
+        layers: one `LayerPlan` per selected layer, in pytree order.
+        rule: the rank rule, as text (`Budget(params=0.3)`, `8`...).
+        budget: for a Budget, {"kind", "asked", "achieved"}; else None.
+        notes: what the planner wants the reader to know (printed under the table).
+    """
 
     layers: list[LayerPlan]
     rule: str
@@ -77,9 +99,11 @@ class Plan:
 
     @property
     def factorized(self) -> list[LayerPlan]:
+        """The layers given a rank."""
         return [l for l in self.layers if l.rank is not None]
 
     def totals(self) -> dict[str, int]:
+        """{params_before, params_after, flops_before, flops_after} summed over layers."""
         keys = ("params_before", "params_after", "flops_before", "flops_after")
         return {k: sum(getattr(l, k) for l in self.layers) for k in keys}
 
@@ -88,6 +112,13 @@ class Plan:
 
         Refuses ranks the planner would refuse: on skipped layers (depthwise, tied...),
         above full rank, or past break-even.
+
+        Args:
+            path: the layer's path in this plan.
+            rank: a positive int, or None to keep the layer dense.
+
+        Returns:
+            A new `Plan` (this one is unchanged), its budget record dropped.
         """
         old = self[path]
         rank = python_number(rank)
@@ -116,6 +147,7 @@ class Plan:
         return dataclasses.replace(self, layers=layers, budget=None)
 
     def to_json(self) -> str:
+        """The plan as JSON text (with a format number), read back by `Plan.from_json`."""
         return json.dumps({"format": PLAN_FORMAT, **dataclasses.asdict(self)}, indent=1)
 
     @classmethod

@@ -50,6 +50,9 @@ def save(path, model, plan: Plan) -> None:
             directories are created.
         model: the factorized model.
         plan: the plan it was factorized with (`factorize(..., return_plan=True)`).
+
+    Returns:
+        None; both files are replaced together or not at all.
     """
     if not isinstance(plan, Plan):
         raise TypeError("save needs the Plan the model was factorized with (factorize(..., return_plan=True))")

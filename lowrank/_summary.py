@@ -28,7 +28,13 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class Summary:
-    """What `lowrank.summary` returns: per-layer rows plus totals; prints as a table."""
+    """What `lowrank.summary` returns: per-layer rows plus totals; prints as a table.
+
+    Attributes:
+        layers: one `LayerSummary` (path, kind, shape, rank, params, flops) per layer.
+        total_params: every inexact array of the model, layers or not.
+        flops_per_position: True when no example was given (FLOPs count each layer once).
+    """
 
     layers: list[LayerSummary]
     total_params: int
@@ -67,6 +73,14 @@ def summary(model, *, example: Example | None = None) -> Summary:
     ShapeDtypeStruct, or a callable fn(model) running one example) to count them;
     without it each layer counts once (a conv: per output position). A stacked layer
     (weights (L, out, in) run by a scan) counts all L slices.
+
+    Args:
+        model: an Equinox model, dense or factorized (never modified).
+        example: one unbatched input (array or ShapeDtypeStruct), or a callable
+            fn(model) running one example, to count every position; None: count once.
+
+    Returns:
+        A `Summary`: per-layer rows, the layers' and the model's totals; prints as a table.
     """
     index = select(model, fn_name="summary")
     layers = {p: l for p, l in index.layers.items() if is_layer(l)}

@@ -136,12 +136,18 @@ def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_in
 class Whitened(Initializer):
     """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
 
-    `ridge`: with sequential calibration, how strongly the regression onto the dense
-    outputs is pulled towards the dense weight, in units of the mean input variance
-    times inputs per row (see `reduced_rank_regression`); unused on the dense model's
-    own inputs.
     `function_error` is the relative error of the layer's output σ(Wx + b) on the
     calibration inputs (σ = `problem.activation`, the identity when unknown).
+
+    Args:
+        ridge: with sequential calibration, how strongly the regression onto the
+            dense outputs is pulled towards the dense weight, in units of the mean
+            input variance times inputs per row (see `reduced_rank_regression`);
+            unused on the dense model's own inputs.
+
+    Returns:
+        Called on a `LayerProblem` (`whitened(problem, key=key)`), the layer's
+        `Factors`; the problem must carry calibration inputs.
     """
 
     ridge: float = eqx.field(default=DEFAULT_RIDGE, static=True)
