@@ -42,6 +42,17 @@ def factored_matmul(
     fused path has a custom VJP: reverse mode to any order (grad of grad,
     `jax.hessian`) works on it, plain forward mode (`jax.jvp`, `jax.jacfwd` of the
     op itself) on the XLA path only.
+
+    Args:
+        x: inputs (..., K).
+        a: the first factor (K, r).
+        b: the second factor (r, N).
+        bias: added after the second matmul, (N,), or None.
+        activation: None/"none", "relu", "gelu" or "silu", applied last.
+        impl: "auto", "pallas" or "xla".
+
+    Returns:
+        act((x @ a) @ b + bias), shape (..., N), in the promoted dtype.
     """
     x, a, b, bias = _checked(x, a, b, bias, activation, impl)
     k, n = a.shape[0], b.shape[1]

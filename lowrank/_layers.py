@@ -19,6 +19,12 @@ class LowRankLinear(eqx.Module):
     """y = u @ (v @ x) + bias, the rank-r replacement of an `eqx.nn.Linear`.
 
     Runs through `kernels.factored_matmul`, which fuses both matmuls and the bias.
+
+    Args:
+        u: the left factor (*stack, out, rank).
+        v: the right factor (*stack, rank, in).
+        bias: (*stack, out), or None.
+        impl: the `kernels.factored_matmul` implementation ("auto", "pallas", "xla").
     """
 
     u: Float[Array, "*stack out rank"]
@@ -83,6 +89,13 @@ class LowRankConv(eqx.Module):
     stride, padding, dilation and padding mode; `u` (out, rank) is the 1×1 conv.
     `lowering` picks how the 1×1 stage runs: "conv" (a second `lax.conv`, the
     default: fastest in bench/model_speed.py) or "einsum" (a channel matmul).
+
+    Args:
+        u: the 1×1 conv (*stack, out, rank).
+        v: the k×k conv kernel (*stack, rank, in, *kernel).
+        bias: (*stack, out), or None.
+        stride, padding, dilation, padding_mode: those of the dense conv.
+        lowering: "conv" or "einsum".
     """
 
     u: Float[Array, "*stack out rank"]
@@ -243,7 +256,17 @@ def conv_matrix_shape(kernel_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def with_kernels(model, *, impl: str | None = None, lowering: str | None = None):
-    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`."""
+    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`.
+
+    Args:
+        model: a model with `LowRankLinear` / `LowRankConv` layers (never modified).
+        impl: the `kernels.factored_matmul` implementation of every LowRankLinear
+            ("auto", "pallas", "xla"); None keeps each layer's.
+        lowering: the 1×1 stage of every LowRankConv ("conv" or "einsum"); None keeps it.
+
+    Returns:
+        The model with those layers swapped; everything else shared.
+    """
 
     def swap(layer):
         if impl is not None and isinstance(layer, LowRankLinear):

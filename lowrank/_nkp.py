@@ -39,7 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._gaussian_expectations import expected_sq_diff, expected_square, relu_centred_sq_diff
-from ._initializers import Factors, LayerProblem, register_initializer, top_singular_triplets
+from ._initializers import Factors, Initializer, LayerProblem, register_initializer, top_singular_triplets
 from ._problem_checks import check_problem, relative_error
 from ._whitened import (
     DEFAULT_RIDGE,
@@ -54,20 +54,26 @@ _RELAXATION = 0.1  # λ of the calibrated alternation (best of 0.01-10 on synthe
 _MIN_ROWS_TO_HOLD_OUT = 40  # fewer calibration rows: no early stopping on held-out rows
 
 
-class NKP(eqx.Module):
+class NKP(Initializer):
     """Function-space initializer: rank-r W' minimizing E‖σ(Wx+b) - σ(W'x+b')‖².
 
-    `activation`: σ after the layer; default `problem.activation`, else ReLU.
-    `input_scale`: s in x ~ N(0, s²I) when no calibration inputs are given.
-    `iterations`: subspace steps, capped at 1.5·min(m, n)/rank (cost ≈ 2 spectral inits).
-    `calibration_iterations`: alternations on calibration inputs.
-    `fit_bias`: also fit b' when the layer has a bias.
-    `ridge`: pull of the calibrated regressions towards the dense weight, in units of
-    the mean input variance times inputs per row (guards against fitting few
-    calibration rows exactly; see `reduced_rank_regression`).
     `function_error` is the relative function-space error: closed form under the
     Gaussian, empirical on calibration inputs; `Factors.assumes` says what it rests on
     (the Gaussian inputs, ReLU where the activation is unknown), and plans show it.
+
+    Args:
+        activation: σ after the layer; default `problem.activation`, else ReLU.
+        input_scale: s in x ~ N(0, s²I) when no calibration inputs are given.
+        iterations: subspace steps, capped at 1.5·min(m, n)/rank (cost ≈ 2 spectral
+            inits).
+        calibration_iterations: alternations on calibration inputs.
+        fit_bias: also fit b' when the layer has a bias.
+        ridge: pull of the calibrated regressions towards the dense weight, in units
+            of the mean input variance times inputs per row (guards against fitting
+            few calibration rows exactly; see `reduced_rank_regression`).
+
+    Returns:
+        Called on a `LayerProblem` (`nkp(problem, key=key)`), the layer's `Factors`.
     """
 
     activation: Callable[[Array], Array] | None = eqx.field(default=None, static=True)

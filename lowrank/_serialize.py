@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._factorize import factorize
-from ._initializers import Factors, LayerProblem
+from ._initializers import Factors, Initializer, LayerProblem
 from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, plan_from_data
 from ._select import key_path_to_str, walk_layers
@@ -50,6 +50,9 @@ def save(path, model, plan: Plan) -> None:
             directories are created.
         model: the factorized model.
         plan: the plan it was factorized with (`factorize(..., return_plan=True)`).
+
+    Returns:
+        None; both files are replaced together or not at all.
     """
     if not isinstance(plan, Plan):
         raise TypeError("save needs the Plan the model was factorized with (factorize(..., return_plan=True))")
@@ -127,7 +130,7 @@ def _manifest(model) -> dict[str, str]:
     return rows
 
 
-class _Skeleton:
+class _Skeleton(Initializer):
     """Zero factors of the right shapes: placeholders that `load` overwrites at once."""
 
     calibration = "never"

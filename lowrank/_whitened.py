@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._initializers import Factors, LayerProblem, register_initializer, singular_values
+from ._initializers import (
+    Factors,
+    Initializer,
+    LayerProblem,
+    register_initializer,
+    singular_values,
+)
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
@@ -127,15 +133,21 @@ def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_in
     return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
 
 
-class Whitened(eqx.Module):
+class Whitened(Initializer):
     """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
 
-    `ridge`: with sequential calibration, how strongly the regression onto the dense
-    outputs is pulled towards the dense weight, in units of the mean input variance
-    times inputs per row (see `reduced_rank_regression`); unused on the dense model's
-    own inputs.
     `function_error` is the relative error of the layer's output σ(Wx + b) on the
     calibration inputs (σ = `problem.activation`, the identity when unknown).
+
+    Args:
+        ridge: with sequential calibration, how strongly the regression onto the
+            dense outputs is pulled towards the dense weight, in units of the mean
+            input variance times inputs per row (see `reduced_rank_regression`);
+            unused on the dense model's own inputs.
+
+    Returns:
+        Called on a `LayerProblem` (`whitened(problem, key=key)`), the layer's
+        `Factors`; the problem must carry calibration inputs.
     """
 
     ridge: float = eqx.field(default=DEFAULT_RIDGE, static=True)

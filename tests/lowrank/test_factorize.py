@@ -386,3 +386,30 @@ def test_nan_bias_is_named_not_blamed_on_calibration():
     with pytest.raises(ValueError, match=r"layer layers.1 has a non-finite bias \(NaN/inf\); fix or re-initialize") as info:
         lowrank.factorize(bad, rank=2, init="spectral")
     assert "calibration" not in str(info.value) and "try init='spectral'" not in str(info.value)
+
+
+def test_initializers_subclass_one_base_that_declares_calibration():
+    for name in ("spectral", "random", "nkp", "whitened"):
+        init = lowrank.get_initializer(name)
+        assert isinstance(init, lowrank.Initializer)
+        assert init.calibration in ("never", "optional", "required")
+
+    class Undeclared(lowrank.Initializer):
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    with pytest.raises(TypeError, match="calibration"):
+        Undeclared()
+
+    class Misdeclared(lowrank.Initializer):
+        calibration = "sometimes"
+
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    with pytest.raises(ValueError, match=r"calibration='sometimes'; set it to one of \('never'"):
+        lowrank.register_initializer("misdeclared", Misdeclared())
+    with pytest.raises(ValueError, match=r"init has calibration='sometimes'"):
+        lowrank.factorize(mlp(key=KEY), rank=2, init=Misdeclared())
+    with pytest.raises(ValueError, match="unknown init 'nope'"):
+        lowrank.get_initializer("nope")

@@ -108,9 +108,9 @@ def test_a_name_covers_whole_path_parts_only():
 
 
 def test_parent_module_names_set_activations_below_them():
-    from lowrank._select import resolve_activations
+    from lowrank._index import resolve_activations
 
-    found = resolve_activations(Nested(key=KEY), {"mlp": jax.nn.gelu, "blocks.1": None})
+    found = resolve_activations(lowrank.select(Nested(key=KEY)), {"mlp": jax.nn.gelu, "blocks.1": None})
     assert found["blocks.0.mlp.fc1"] is jax.nn.gelu and found["blocks.0.mlp.fc2"] is jax.nn.gelu
     assert found["blocks.1.mlp.fc1"] is jax.nn.gelu  # first matching key wins
     assert found["blocks.1.attn.query_proj"] is lowrank._select.identity

@@ -10,7 +10,7 @@ import pytest
 from jax import enable_x64
 
 import lowrank
-from lowrank._factorize import stacked_twin
+from lowrank._rewrite import stacked_twin
 
 from ._models import ScannedCNN, ScannedTransformer, with_exact_rank
 

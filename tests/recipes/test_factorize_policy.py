@@ -188,3 +188,16 @@ def test_normalized_activations_are_what_the_network_computes_after_each_conv():
     np.testing.assert_allclose(expand, jax.nn.silu(z / np.sqrt(1 + 1e-5)), rtol=1e-5, atol=1e-6)
     project = eff[re.escape("stages.1.blocks.0.project.conv")](z[:, :24])
     np.testing.assert_allclose(project, z[:, :24] / np.sqrt(1 + 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_reads_calibration_needs_from_the_initializer():
+    class NeedsImages(lowrank.Initializer):
+        calibration = "required"
+
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    lowrank.register_initializer("needs-images-test", NeedsImages())
+    with pytest.raises(ConfigError, match="factorize.init='needs-images-test' needs calibration images"):
+        check_policy(config("khodak", init="needs-images-test"))
+    check_policy(config("khodak", init="needs-images-test", calibration=64))
