@@ -202,6 +202,13 @@ def factorize(
 def densify(model):
     """Merge every factorized layer back into a plain `eqx.nn.Linear` / `eqx.nn.Conv`."""
     check_is_model(model, "densify")
+    for path, layer in walk_layers(model):
+        if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
+            raise ValueError(
+                f"densify: layer {path} carries activation={layer.activation!r}, "
+                f"inner_activation={layer.inner_activation!r}, which a dense Linear cannot hold; "
+                "rebuild it as LowRankLinear(u, v, bias) without them first"
+            )
     replacements = {
         path: _dense_twin(layer)
         for path, layer in walk_layers(model)
