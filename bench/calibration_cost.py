@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,7 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     import lowrank
 
     model, run, target, data = globals()[f"_{model_name}"](tokens)
-    forward = jax.jit(run)
+    forward = eqx.filter_jit(run)
     jax.block_until_ready(forward(model))  # compile
     start = time.perf_counter()
     jax.block_until_ready(forward(model))

@@ -249,3 +249,33 @@ def test_budget_by_is_checked():
         lowrank.Budget(params=0.5, by="spectral")
     with pytest.raises(ValueError, match=r"Budget\(by='data'\) allocates ranks from calibration data: pass calibration="):
         lowrank.plan(eqx.nn.MLP(8, 3, 16, 1, key=KEY), rank=lowrank.Budget(params=0.5, by="data"))
+
+
+_SHARDED_RUN = """
+import jax, jax.numpy as jnp, numpy as np, equinox as eqx, lowrank
+from lowrank._calibrate import _sharded
+assert len(jax.devices()) == {devices}
+model = eqx.nn.MLP(12, 5, 24, 2, key=jax.random.key(0))
+xs = jax.random.normal(jax.random.key(1), (64, 12))
+assert len(_sharded(xs).sharding.device_set) == {devices}
+low = lowrank.factorize(model, rank=3, init="whitened", calibration=xs)
+np.save("{out}", np.concatenate([np.asarray(l.weight).ravel() for l in lowrank.densify(low).layers]))
+"""
+
+
+def test_calibration_is_sharded_over_local_devices_with_the_same_result(tmp_path):
+    """4 forced CPU devices: the calibration batch is split over them, and the factors are
+    those of the single-device run."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for devices in (1, 4):
+        out = tmp_path / f"{devices}.npy"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        code = _SHARDED_RUN.format(devices=devices, out=out)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+        results[devices] = np.load(out)
+    np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-5)
+
