@@ -7,6 +7,8 @@ repeated runs). For 3x3 convs, each lowering of the factorized conv is measured.
 A second table times, one at a time, each conv of ResNet-18 (CIFAR stem, width 32)
 that `Budget(params=0.25)` factorizes, at the input it sees in the network: where
 the whole model's time ratio comes from (bench/vision.py measures that ratio).
+A third section (`--only fold` runs it alone) times ResNet-18 and MobileNetV2 at
+inference, dense and factorized, before and after `recipes.models.fold_batchnorm`.
 """
 
 import argparse
@@ -176,10 +178,70 @@ def bench_resnet18_layers(repeats, batch=128):
     return rows
 
 
+def _fold_models(name):
+    """(dense, state, factorized, image shape) at Budget(params=0.25)."""
+    if name == "ResNet-18":
+        dense, state, low, _, _ = _resnet18_pair()
+        return dense, state, low, (3, 32, 32)
+    dense, state = eqx.nn.make_with_state(models.MobileNetV2)(num_classes=10, key=jax.random.key(0))
+    return dense, state, lowrank.factorize(dense, rank=lowrank.Budget(params=0.25)), (3, 64, 64)
+
+
+def bench_folding(repeats, batch=32):
+    """Dense and factorized inference, unfolded and with BatchNorm folded, in alternating
+    rounds; time and FLOP ratios against the unfolded dense model."""
+    forward = eqx.filter_jit(lambda m, s, x: jax.vmap(
+        lambda x: m(x, s, inference=True)[0], axis_name=models.BATCH_AXIS)(x))
+    rows = []
+    for name in ("ResNet-18", "MobileNetV2"):
+        dense, state, low, shape = _fold_models(name)
+        variants = {"dense": dense, "dense folded": models.fold_batchnorm(dense, state),
+                    "factorized": low, "factorized folded": models.fold_batchnorm(low, state)}  # fmt: skip
+        x = jax.random.normal(jax.random.key(1), (batch, *shape))
+        times = {k: [] for k in variants}
+        for _ in range(max(1, repeats // 5)):
+            for k, m in variants.items():
+                times[k].append(median_time(forward, m, state, x, repeats=5, warmup=1))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        example = lambda m, shape=shape, state=state: eqx.nn.inference_mode(m)(jnp.zeros(shape), state)  # noqa: E731
+        flops = {k: lowrank.summary(variants[k], example=example).flops for k in ("dense", "factorized")}
+        flop_ratio = flops["factorized"] / flops["dense"]
+        for k in variants:
+            ref = "dense folded" if k.endswith("folded") else "dense"
+            ratio = med[k] / med[ref]
+            f_ratio = flop_ratio if k.startswith("factorized") else 1.0
+            rows.append([name, k, f"{med[k] * 1e3:.2f}", f"{ratio:.3f}", f"{f_ratio:.3f}",
+                         f"{ratio / f_ratio:.2f}", f"{med[k] / med['dense']:.3f}"])  # fmt: skip
+    return rows
+
+
+def write_folding(repeats):
+    header = ["model", "variant", "ms", "time ratio (vs dense, same folding)", "FLOP ratio",
+              "time/FLOP", "time vs unfolded dense"]  # fmt: skip
+    table = markdown_table(header, bench_folding(repeats))
+    print(table)
+    body = (
+        "Inference forward (BatchNorm at running statistics) of a batch of 32 images, jitted and "
+        "vmapped: ResNet-18 (CIFAR stem, width 32, 32x32 images, khodak policy) and MobileNetV2 "
+        "(10 classes, 64x64 images), each factorized at Budget(params=0.25), before and after "
+        "`recipes.models.fold_batchnorm` (BatchNorm folded into the conv before it, or into a "
+        "factorized conv's 1x1 stage). Four variants timed in alternating rounds of 5 (median of "
+        "the round medians). Time ratios compare with the dense model with the same folding; "
+        "FLOP ratios are conv/linear FLOPs (`lowrank.summary`). Old vision target: "
+        "time/FLOP <= 1.25 at 25% params.\n\n" + table
+    )
+    write_section("model_speed_fold", "Model speed with folded BatchNorm (bench/model_speed.py --only fold)", body)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", choices=["all", "fold"], default="all",
+                        help="fold: only the BatchNorm-folding section")
     args = parser.parse_args()
+    if args.only == "fold":
+        write_folding(args.repeats)
+        return
     header = ["model", "rank", "dense ms", "low-rank ms", "time ratio", "FLOP ratio", "time/FLOP"]
     rows = bench_mlp(args.repeats) + bench_cnn(args.repeats)
     table = markdown_table(header, rows)
@@ -203,6 +265,7 @@ def main():
         "the dense model's time outside the factorized convs.\n\n" + layer_table
     )
     write_section("model_speed", "Model speed: dense vs factorized (bench/model_speed.py)", body)
+    write_folding(args.repeats)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The fused forward kernel: act((x @ a) @ b + bias) with x @ a kept on chip.
+"""The fused forward kernel: act(σ(x @ a) @ b + bias) with x @ a kept on chip.
 
 Each program owns `bm` rows of x. It accumulates t = x @ a over K in float32
-(bm × r stays in registers / VMEM), casts t to the compute dtype, then walks its share
-of the N columns: z = t @ b + bias, y = act(z), one `bn`-wide tile at a time. Only x,
-the weights and y touch main memory; with `save_t` the kernel also writes t (M × r,
-small) for the backward pass.
+(bm × r stays in registers / VMEM), casts t to the compute dtype, applies the inner
+activation h = σ(t) there (CoLA; h = t without one), then walks its share of the N
+columns: z = h @ b + bias, y = act(z), one `bn`-wide tile at a time. Only x,
+the weights and y touch main memory; with `save_t` the kernel also writes the
+pre-activation t (M × r, small) for the backward pass.
 """
 
 import functools
@@ -18,7 +19,7 @@ from . import _activations, _dispatch, _tiling
 
 
 def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activation,
-                    has_bias, save_t, masked_ops):
+                    inner_activation, has_bias, save_t, masked_ops):
     bias_ref = refs[0] if has_bias else None
     y_ref, *t_ref = refs[int(has_bias):]
     bm, bk, bn, r_pad = tiles.bm, tiles.bk, tiles.bn, tiles.r_pad
@@ -38,6 +39,8 @@ def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activ
         def _():
             _tiling.store(t_ref[0], t, rows_ok & (jnp.arange(r_pad) < r)[None, :],
                           masked_ops=masked_ops)
+    if inner_activation not in (None, "none"):
+        t = _activations.apply(inner_activation, t.astype(jnp.float32)).astype(b_ref.dtype)
 
     def n_step(c, carry):
         start = (j * chunks + c) * bn
@@ -59,11 +62,14 @@ def fused_forward(
     bias: Float[Array, " N"] | None,
     *,
     activation: str | None,
+    inner_activation: str | None = None,
     save_t: bool = False,
     tiles: _dispatch.Tiles | None = None,
     masked_ops: bool | None = None,
 ) -> Float[Array, "M N"] | tuple[Float[Array, "M N"], Float[Array, "M r"]]:
-    """act((x @ a) @ b + bias) in one Pallas kernel; with `save_t` also t = x @ a.
+    """act(σ(x @ a) @ b + bias) in one Pallas kernel; with `save_t` also t = x @ a.
+
+    σ is `inner_activation` (None for none); the saved t is its input.
 
     All inputs share one dtype (float32 or bfloat16); accumulation is float32.
     `tiles` and `masked_ops` default to the backend's choice (tests override them).
@@ -90,7 +96,7 @@ def fused_forward(
         out_specs.append(pl.BlockSpec((bm, r_pad), lambda i, j: (i, 0)))
     kernel = functools.partial(
         _forward_kernel, m=m, k=k, n=n, r=r, tiles=tiles, chunks=chunks,
-        activation=activation, has_bias=bias is not None, save_t=save_t, masked_ops=masked_ops,
+        activation=activation, inner_activation=inner_activation, has_bias=bias is not None, save_t=save_t, masked_ops=masked_ops,
     )
     itemsize = x.dtype.itemsize
     outs = pl.pallas_call(
@@ -101,7 +107,8 @@ def fused_forward(
         out_specs=out_specs,
         cost_estimate=pl.CostEstimate(
             flops=2 * m * r * (k + n),
-            transcendentals=m * n if activation in ("gelu", "silu") else 0,
+            transcendentals=(m * n if activation in ("gelu", "silu") else 0)
+            + (m * r if inner_activation in ("gelu", "silu") else 0),
             bytes_accessed=itemsize * (m * k + r * (k + n) + m * n + (m * r if save_t else 0)),
         ),
         name="factored_matmul_fwd",

@@ -16,15 +16,23 @@ import kernels
 
 
 class LowRankLinear(eqx.Module):
-    """y = u @ (v @ x) + bias, the rank-r replacement of an `eqx.nn.Linear`.
+    """y = act(u @ σ(v @ x) + bias), the rank-r replacement of an `eqx.nn.Linear`.
 
-    Runs through `kernels.factored_matmul`, which fuses both matmuls and the bias.
+    Runs through `kernels.factored_matmul`, which fuses both matmuls, the bias and the
+    activations. `activation` (act, default None) is an epilogue: the layer then computes
+    act(layer(x)) in one op, for a layer that an activation follows. `inner_activation`
+    (σ, default None) acts on the rank-r intermediate, CoLA's u·σ(v·x)
+    (arXiv:2502.10940), a layer for training from scratch: with it the layer is no
+    longer linear, and `weight` no longer its function. Each is None, "relu", "gelu"
+    (tanh approximation) or "silu".
 
     Args:
         u: the left factor (*stack, out, rank).
         v: the right factor (*stack, rank, in).
         bias: (*stack, out), or None.
         impl: the `kernels.factored_matmul` implementation ("auto", "pallas", "xla").
+        activation: the fused epilogue, or None.
+        inner_activation: σ on the rank-r intermediate (CoLA), or None.
     """
 
     u: Float[Array, "*stack out rank"]
@@ -34,10 +42,18 @@ class LowRankLinear(eqx.Module):
     out_features: int = eqx.field(static=True)
     rank: int = eqx.field(static=True)
     impl: str = eqx.field(static=True, default="auto")
+    activation: str | None = eqx.field(static=True, default=None)
+    inner_activation: str | None = eqx.field(static=True, default=None)
 
-    def __init__(self, u, v, bias=None, *, impl: str = "auto"):
+    def __init__(
+        self, u, v, bias=None, *, impl: str = "auto", activation: str | None = None,
+        inner_activation: str | None = None,
+    ):  # fmt: skip
         if impl not in kernels.IMPLS:
             raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
+        for name, value in (("activation", activation), ("inner_activation", inner_activation)):
+            if value not in kernels.ACTIVATIONS:
+                raise ValueError(f"LowRankLinear: {name} must be one of {kernels.ACTIVATIONS}, got {value!r}")
         paired = v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
         if u.ndim < 2 or not paired:
             raise ValueError(
@@ -49,10 +65,13 @@ class LowRankLinear(eqx.Module):
         self.out_features, self.rank = u.shape[-2:]
         self.in_features = v.shape[-1]
         self.impl = impl
+        self.activation = None if activation == "none" else activation
+        self.inner_activation = None if inner_activation == "none" else inner_activation
 
     def with_impl(self, impl: str) -> "LowRankLinear":
         """The same layer, run by another `kernels.factored_matmul` implementation."""
-        return LowRankLinear(self.u, self.v, self.bias, impl=impl)
+        return LowRankLinear(self.u, self.v, self.bias, impl=impl, activation=self.activation,
+                             inner_activation=self.inner_activation)
 
     @property
     def dense_shape(self) -> tuple[int, int]:
@@ -66,7 +85,8 @@ class LowRankLinear(eqx.Module):
 
     @property
     def weight(self) -> Float[Array, "*stack out in"]:
-        """The dense weight u @ v this layer represents."""
+        """The dense weight u @ v this layer represents (its function only without
+        `inner_activation`; `activation` applies after it)."""
         return self.u @ self.v
 
     def __call__(
@@ -79,7 +99,10 @@ class LowRankLinear(eqx.Module):
                 f"LowRankLinear expects an unbatched input of shape ({self.in_features},), "
                 f"got {x.shape}; use jax.vmap over the batch"
             )
-        return kernels.factored_matmul(x, self.v.T, self.u.T, self.bias, impl=self.impl)
+        return kernels.factored_matmul(
+            x, self.v.T, self.u.T, self.bias, activation=self.activation, impl=self.impl,
+            inner_activation=self.inner_activation,
+        )
 
 
 class LowRankConv(eqx.Module):

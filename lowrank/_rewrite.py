@@ -23,6 +23,13 @@ def densify(model):
         of weight u @ v (stacked layers stay stacked).
     """
     check_is_model(model, "densify")
+    for path, layer in walk_layers(model):
+        if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
+            raise ValueError(
+                f"densify: layer {path} carries activation={layer.activation!r}, "
+                f"inner_activation={layer.inner_activation!r}, which a dense Linear cannot hold; "
+                "rebuild it as LowRankLinear(u, v, bias) without them first"
+            )
     replacements = {
         path: dense_twin(layer)
         for path, layer in walk_layers(model)

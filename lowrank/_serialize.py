@@ -59,6 +59,13 @@ def save(path, model, plan: Plan) -> None:
     in_model = {
         p: layer.rank for p, layer in walk_layers(model) if isinstance(layer, (LowRankLinear, LowRankConv))
     }
+    for p, layer in walk_layers(model):
+        if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
+            raise ValueError(
+                f"lowrank.save: layer {p} carries activation={layer.activation!r}, "
+                f"inner_activation={layer.inner_activation!r}, which the save format does not "
+                "record; save the model without them (LowRankLinear(u, v, bias))"
+            )
     in_plan = {l.path: l.rank for l in plan.factorized}
     if in_model != in_plan:
         raise ValueError(

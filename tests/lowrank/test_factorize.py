@@ -413,3 +413,14 @@ def test_initializers_subclass_one_base_that_declares_calibration():
         lowrank.factorize(mlp(key=KEY), rank=2, init=Misdeclared())
     with pytest.raises(ValueError, match="unknown init 'nope'"):
         lowrank.get_initializer("nope")
+
+
+def test_densify_and_save_refuse_layers_carrying_activations(tmp_path):
+    low, plan = lowrank.factorize(eqx.nn.MLP(6, 3, 8, 1, key=jax.random.key(0)), rank=2, return_plan=True)
+    first = low.layers[0]
+    fused = eqx.tree_at(lambda m: m.layers[0], low,
+                        lowrank.LowRankLinear(first.u, first.v, first.bias, inner_activation="gelu"))
+    with pytest.raises(ValueError, match=r"densify: layer layers.0 carries .*inner_activation='gelu'.*without them"):
+        lowrank.densify(fused)
+    with pytest.raises(ValueError, match=r"lowrank.save: layer layers.0 carries .*does not record"):
+        lowrank.save(tmp_path / "m", fused, plan)

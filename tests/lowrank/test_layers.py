@@ -152,3 +152,43 @@ def test_lowrank_conv_under_jit_grad_vmap_and_scan():
     # chain rule through W = u @ v: dL/du = dL/dW . v^T, with dL/dW from the dense twin
     want_u = np.tensordot(np.asarray(dense_grad, np.float64), np.asarray(low.v, np.float64), axes=([1, 2, 3], [1, 2, 3]))
     np.testing.assert_allclose(grads.u, want_u, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_activation_carrying_linear_equals_the_unfused_composition(activation):
+    layer = _linear()
+    fused = lowrank.LowRankLinear(layer.u, layer.v, layer.bias, activation=activation)
+    xs = jax.random.normal(jax.random.key(3), (4, 5))
+    act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[activation]
+    np.testing.assert_allclose(jax.jit(jax.vmap(fused))(xs), act(jax.vmap(layer)(xs)), rtol=1e-5, atol=1e-6)
+    g = jax.random.normal(jax.random.key(5), (4, 6))
+    loss = lambda unfused: lambda l: jnp.sum(g * (act(jax.vmap(l)(xs)) if unfused else jax.vmap(l)(xs)))
+    got, want = eqx.filter_grad(loss(False))(fused), eqx.filter_grad(loss(True))(layer)
+    for name in ("u", "v", "bias"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    assert fused.with_impl("pallas").activation == activation
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_cola_linear_forward_and_gradients_match_float64_numpy(impl):
+    layer = _linear()
+    cola = lowrank.LowRankLinear(layer.u, layer.v, layer.bias, inner_activation="silu", impl=impl)
+    xs = jax.random.normal(jax.random.key(3), (4, 5))
+    g = jax.random.normal(jax.random.key(5), (4, 6))
+    y, grads = eqx.filter_jit(eqx.filter_value_and_grad(lambda l: jnp.sum(g * jax.vmap(l)(xs))))(cola)
+    u, v, c, x, gf = (np.asarray(a, np.float64) for a in (layer.u, layer.v, layer.bias, xs, g))
+    t = x @ v.T
+    s = 1.0 / (1.0 + np.exp(-t))
+    h = t * s
+    np.testing.assert_allclose(y, np.sum(gf * (h @ u.T + c)), rtol=1e-5)
+    dt = (gf @ u) * s * (1.0 + t * (1.0 - s))
+    np.testing.assert_allclose(grads.u, gf.T @ h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads.v, dt.T @ x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads.bias, gf.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_activations_are_named():
+    layer = _linear()
+    for name in ("activation", "inner_activation"):
+        with pytest.raises(ValueError, match=rf"LowRankLinear: {name} must be one of .*'silu'\), got 'tanh'"):
+            lowrank.LowRankLinear(layer.u, layer.v, **{name: "tanh"})
