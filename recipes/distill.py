@@ -9,6 +9,8 @@
   pick "hard but learnable" sequences with the small model's losses.
 - `HiddenProjection`, `hidden_match_loss`: optional hidden-state matching through a
   learned linear map from the student's width to the teacher's.
+- `cosine_distance_loss`: 1 - cosine between student and teacher vectors of the same
+  width (embeddings or hidden states), e.g. to heal a compressed encoder.
 - `save_topk_logits`, `load_topk_logits`, `topk_to_logits`: cache teacher logits on disk.
 """
 
@@ -234,6 +236,35 @@ def hidden_match_loss(
     return _masked_mean(jnp.mean(diff**2, axis=-1), mask)
 
 
+def cosine_distance_loss(
+    student: Float[Array, "... d"],
+    teacher: Float[Array, "... d"],
+    *,
+    mask: ArrayLike | None = None,
+) -> Float[Array, ""]:
+    """Mean over (unmasked) positions of 1 - cos(student, teacher), in float32.
+
+    Args:
+        student: the student's vectors (embeddings or hidden states).
+        teacher: the teacher's vectors at the same positions (no gradient flows to it).
+        mask: true on the positions to average over, shape `student.shape[:-1]`;
+            None averages over all of them.
+
+    Returns:
+        The loss, in [0, 2]; 0 when every student vector points the teacher's way.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {student.shape} and teacher {teacher.shape} must have the same "
+            "shape (..., d); compare vectors of the same width at the same positions"
+        )
+    s = _at_least_f32(student)
+    t = _at_least_f32(jax.lax.stop_gradient(teacher))
+    norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
+    cosine = jnp.sum(s * t, axis=-1) / jnp.maximum(norms, 1e-12)
+    return _masked_mean(1.0 - cosine, mask)
+
+
 def save_topk_logits(path, logits: Float[ArrayLike, "... vocab"], *, k: int) -> None:
     """Save the k largest logits per token and their token ids to an .npz file."""
     logits = np.asarray(logits)
@@ -263,6 +294,7 @@ def topk_to_logits(
 
 __all__ = [
     "HiddenProjection",
+    "cosine_distance_loss",
     "hidden_match_loss",
     "kd_loss",
     "kd_pt_targets",

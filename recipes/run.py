@@ -28,7 +28,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from . import _text_task, models
+from . import _text_task, compress, models
 from ._factorize_policy import apply_policy, check_policy, check_rank
 from ._hybrid import HybridWarmup
 from ._report import factorization_report, format_report
@@ -132,6 +132,11 @@ TASKS: dict[str, Callable[[Config], Task]] = {
 }
 """Task builders by `Config.task`."""
 
+PIPELINES: dict[str, Callable[[Any], Any]] = {"compress_pretrained": compress.compress}
+"""Tasks that run their own steps around the trainer, by `Config.task`: compressing a
+pretrained model (recipes/compress.py) factorizes, evaluates, heals through `train`
+and saves; each returns a result with `.train` (a `TrainResult`) and `.report`."""
+
 
 class RunResult(NamedTuple):
     """A finished recipe: the trainer's result and the report (also written to
@@ -167,8 +172,11 @@ def _take(batches: Iterator[Batch], n: int) -> Batch:
 def run(config: Config) -> RunResult:
     """Build the recipe's task, apply its factorization policy (before training, or
     after a dense warm-up), train it, and report dense against factorized."""
+    if config.task in PIPELINES:
+        return PIPELINES[config.task](config)
     if config.task not in TASKS:
-        raise ConfigError(f"task={config.task!r} is unknown; available: {', '.join(TASKS)}.")
+        known = ", ".join([*TASKS, *PIPELINES])
+        raise ConfigError(f"task={config.task!r} is unknown; available: {known}.")
     mesh = default_mesh()
     for key in ("batch_size", "eval_batch_size"):
         if hasattr(config.data, key):
@@ -293,7 +301,7 @@ def main(
         parser.exit(2, f"error: {e}\n")
     except TrainingDiverged as e:
         parser.exit(1, f"error: {e}\n")
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and config.task not in PIPELINES:  # pipelines say it
         print(_summary(config, result.train))
     last = {r["split"]: r for r in result.train.history}
     print(json.dumps(last))

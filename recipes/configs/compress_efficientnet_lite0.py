@@ -1,0 +1,28 @@
+"""Compress EfficientNet-Lite0 (ImageNet): its pointwise (1x1 expand, project and
+head) convs and the classifier to 80% of their parameters with the whitened init,
+calibrated on 128 random crops of 224x224 from half of the offline photographs (each
+conv fitted to what its BatchNorm and ReLU6 make of it); evaluated on 64 crops of the
+other photographs by KL to the dense model and top-1 agreement.
+
+    python -m recipes.run compress_efficientnet_lite0 --set factorize.rank=params:0.6 \\
+        heal.steps=100
+    python -m recipes.run compress_efficientnet_lite0 --set model.blocks_per_stage=1  # a slice
+"""
+
+from recipes.compress import (
+    CompressConfig,
+    CompressDataConfig,
+    CompressFactorizeConfig,
+    HealConfig,
+    PretrainedModelConfig,
+)
+
+
+def config() -> CompressConfig:
+    return CompressConfig(
+        name="compress_efficientnet_lite0",
+        model=PretrainedModelConfig(name="efficientnet_lite0"),
+        data=CompressDataConfig(calibration=128, evaluation=64, image_size=224, batch_size=16),
+        factorize=CompressFactorizeConfig(rank="params:0.8", init="whitened"),
+        heal=HealConfig(steps=0, batch_size=16, log_every=10),
+    )
