@@ -275,45 +275,35 @@ def _merged(model, path: str, factors: lowrank.Factors):
     return eqx.tree_at(lambda m: _module_at(m, path).weight, model, weight)
 
 
-def asvd_sensitivity_plan(
+def asvd_sensitivity(
     model,
-    ratio: float,
     *,
     target,
     scales: dict[str, np.ndarray],
     loss: Callable[[object], float],
     candidates: Sequence[float] = ASVD_RATIOS,
     progress: Callable[[str], None] | None = None,
-) -> tuple[lowrank.Plan, dict]:
-    """ASVD's sensitivity-based truncation ranks under a parameter ratio.
-
-    Their `calib_sensitivity_ppl`: for every layer and candidate ratio, factorize that
-    layer alone (ASVD, scales `scales`) and measure `loss` (perplexity on calibration
-    data in the paper). Their `binary_search_truncation_rank`: sort all (layer, ratio,
-    loss) entries by loss, descending; the entries from index k on give each layer the
-    smallest ratio among its entries (layers without one stay dense), and k is
-    binary-searched for the nominal parameter ratio Σ numel·ratio / Σ numel to meet
-    `ratio`. Their search stops at the first k over the budget and uses the last
-    midpoint; we take the last k within it, so ASVD never gets more parameters than
-    the ratio.
+) -> dict[str, dict[float, float]]:
+    """ASVD's `calib_sensitivity_ppl`: for every layer and candidate ratio, factorize
+    that layer alone (ASVD with `scales`) and measure `loss` (in the paper, perplexity
+    on the calibration data).
 
     Args:
         model: the dense model.
-        ratio: the parameter ratio of the selected layers to meet.
         target: the layers.
         scales: ASVD scales per path (`activation_scales`).
         loss: loss(model) -> float on calibration data; called len(layers) ×
             len(candidates) times on models of the dense structure (jit it once).
-        candidates: per-layer ratios tried.
+        candidates: per-layer parameter ratios tried, each in (0, 1).
         progress: called with a line per trial, if given.
 
     Returns:
-        (plan, sensitivity {path: {ratio: loss}}).
+        {path: {ratio: loss}}.
     """
-    plan = lowrank.plan(model, rank=1, target=target)
-    shapes = {lp.path: lp.matrix_shape for lp in plan.layers if lp.factorizable}
+    if not candidates or not all(0 < c < 1 for c in candidates):
+        raise ValueError(f"candidates must be ratios in (0, 1), got {list(candidates)}")
     sensitivity: dict[str, dict[float, float]] = {}
-    for path, shape in shapes.items():
+    for path, shape in _shapes(model, target).items():
         sensitivity[path] = {}
         w = _module_at(model, path).weight
         weight = jnp.asarray(np.asarray(w).reshape(w.shape[0], -1))
@@ -323,8 +313,43 @@ def asvd_sensitivity_plan(
             sensitivity[path][c] = float(loss(trial))
             if progress is not None:
                 progress(f"ASVD sensitivity {path} ratio {c}: {sensitivity[path][c]:.5g}")
+    return sensitivity
+
+
+def _shapes(model, target) -> dict[str, tuple[int, int]]:
+    plan = lowrank.plan(model, rank=1, target=target)
+    return {lp.path: lp.matrix_shape for lp in plan.layers if lp.factorizable}
+
+
+def asvd_sensitivity_plan(
+    model, ratio: float, *, target, sensitivity: dict[str, dict[float, float]]
+) -> lowrank.Plan:
+    """ASVD's `binary_search_truncation_rank` under a parameter ratio.
+
+    All (layer, ratio, loss) entries of `sensitivity` sorted by loss, descending; the
+    entries from index k on give each layer the smallest ratio among its entries
+    (layers without one stay dense), and k is binary-searched for the nominal
+    parameter ratio Σ numel·ratio / Σ numel to meet `ratio`. Their search stops at the
+    first k over the budget and uses the last midpoint; we take the last k within it,
+    so ASVD never gets more parameters than the ratio.
+
+    Args:
+        model: the dense model.
+        ratio: the parameter ratio of the selected layers to meet.
+        target: the layers.
+        sensitivity: from `asvd_sensitivity`.
+
+    Returns:
+        The plan (ranks int(numel·ratio) // (m + n), their rule).
+    """
+    shapes = _shapes(model, target)
+    missing = sorted(set(shapes) - set(sensitivity))
+    if missing:
+        raise ValueError(
+            f"no sensitivity for {missing[:3]}; run asvd_sensitivity with the same target"
+        )
     entries = sorted(
-        ((p, c, v) for p, d in sensitivity.items() for c, v in d.items() if c < 1),
+        ((p, c, v) for p, d in sensitivity.items() if p in shapes for c, v in d.items()),
         key=lambda e: -e[2],
     )
     numel = {p: m * n for p, (m, n) in shapes.items()}
@@ -339,13 +364,12 @@ def asvd_sensitivity_plan(
     def nominal(k):
         return sum(numel[p] * c for p, c in ratios_from(k).items()) / total
 
-    # nominal(k) grows with k; find the largest k with nominal(k) <= ratio.
     if nominal(0) > ratio:
         raise ValueError(
-            f"ASVD's candidates {list(candidates)} cannot reach ratio {ratio}: even the "
-            f"smallest everywhere keeps {nominal(0):.3f}; add smaller candidates"
+            f"ASVD's candidate ratios cannot reach ratio {ratio}: even the smallest "
+            f"everywhere keeps {nominal(0):.3f}; add smaller candidates"
         )
-    low, high = 0, len(entries)
+    low, high = 0, len(entries)  # nominal grows with k: the largest k within ratio
     while low < high:
         mid = (low + high + 1) // 2
         if nominal(mid) <= ratio:
@@ -354,5 +378,4 @@ def asvd_sensitivity_plan(
             high = mid - 1
     chosen = ratios_from(low)
     ranks = {p: None if c >= 1 else _asvd_rank(shapes[p], c) for p, c in chosen.items()}
-    return plan_with_ranks(model, ranks, target=target), sensitivity
-
+    return plan_with_ranks(model, ranks, target=target)

@@ -14,6 +14,7 @@ from bench.peers import (
     PlainSVD,
     ScaledASVD,
     activation_scales,
+    asvd_sensitivity,
     asvd_sensitivity_plan,
     svdllm_whitening,
     uniform_plan,
@@ -26,7 +27,7 @@ def problem(rng, m=12, n=8, samples=300, rank=3, bias=False):
     x = rng.normal(size=(samples, n)) @ mix + 0.3
     w = rng.normal(size=(m, n))
     b = rng.normal(size=m) if bias else None
-    as32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
+    as32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
     return lowrank.LayerProblem("blocks.0.fc", as32(w), as32(b), rank, None, as32(x))
 
 
@@ -58,7 +59,7 @@ def test_svdllm_is_the_whitened_optimum_when_the_gram_is_positive_definite():
     np.testing.assert_allclose(product(out), reference, atol=1e-4 * np.abs(reference).max())
     assert out.bias is p.bias  # SVD-LLM leaves biases alone (no centring)
     # and it beats plain SVD on the calibration outputs
-    err = lambda a: np.sum(((w - a) @ x.T) ** 2)  # noqa: E731
+    err = lambda a: np.sum(((w - a) @ x.T) ** 2)
     assert err(product(out)) < err(truncation(w, 3))
 
 
@@ -159,7 +160,8 @@ def test_asvd_sensitivity_search_spends_the_budget_where_the_loss_says():
     def loss(m):  # error of fc1's output only
         return float(jnp.mean((jax.vmap(m.fc1)(x) - dense_h) ** 2))
 
-    plan, sensitivity = asvd_sensitivity_plan(model, 0.75, target=["fc1", "fc2"], scales=scales, loss=loss)
+    sensitivity = asvd_sensitivity(model, target=["fc1", "fc2"], scales=scales, loss=loss)
+    plan = asvd_sensitivity_plan(model, 0.75, target=["fc1", "fc2"], sensitivity=sensitivity)
     assert set(sensitivity) == {"fc1", "fc2"} and len(sensitivity["fc1"]) == 6
     assert sensitivity["fc1"][0.4] > sensitivity["fc1"][0.9]
     assert plan["fc2"].rank == max(1, int(6 * 24 * 0.4) // 30)  # fc2 costs nothing: smallest
@@ -173,8 +175,13 @@ def test_asvd_sensitivity_search_spends_the_budget_where_the_loss_says():
 def test_asvd_sensitivity_search_refuses_an_unreachable_ratio():
     model = TwoLayers(key=jax.random.key(0))
     scales = {"fc1": np.ones(10), "fc2": np.ones(24)}
+    sensitivity = asvd_sensitivity(model, target=["fc1", "fc2"], scales=scales, loss=lambda m: 0.0)
     with pytest.raises(ValueError, match=r"cannot reach ratio 0.2.*add smaller candidates"):
-        asvd_sensitivity_plan(model, 0.2, target=["fc1", "fc2"], scales=scales, loss=lambda m: 0.0)
+        asvd_sensitivity_plan(model, 0.2, target=["fc1", "fc2"], sensitivity=sensitivity)
+    with pytest.raises(ValueError, match=r"no sensitivity for \['fc2'\]; run asvd_sensitivity"):
+        asvd_sensitivity_plan(model, 0.5, target=["fc1", "fc2"], sensitivity={"fc1": {0.4: 1.0}})
+    with pytest.raises(ValueError, match=r"candidates must be ratios in \(0, 1\)"):
+        asvd_sensitivity(model, target=["fc1"], scales=scales, loss=lambda m: 0.0, candidates=[1.0])
 
 
 def test_bad_input_names_the_layer_or_argument_and_the_fix():
