@@ -1,6 +1,7 @@
 """The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
 
 import dataclasses
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -9,15 +10,17 @@ import numpy as np
 
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import Plan, check_rank_fits, make_plan
+from ._plan import Plan, check_rank_fits, make_plan, per_slice_positions
 from ._select import (
     check_is_model,
     replace_layers,
     resolve_activations,
+    slice_path,
+    stack_shape,
     walk_layers,
     weight_matrix,
 )
-from ._sequential import corrected_biases, solve_layers
+from ._calibrate import calibrate
 from ._trace import Example, output_positions
 
 MAX_CALIBRATION_ROWS = 16384
@@ -71,6 +74,9 @@ def factorize(
     `activations={pattern: fn or None}` says (None: no activation follows).
     The input model is never modified. With `return_plan=True` returns
     (model, plan), the plan carrying each layer's measured weight/function error.
+    A stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
+    stacked factors (L, out, r) and (L, r, in) at one rank, the initializer called once
+    per slice; calibration does not support stacked layers yet.
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
@@ -94,35 +100,62 @@ def factorize(
     layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
     key = jax.random.key(0) if key is None else key
-    index = {path: i for i, path in enumerate(todo)}
-    done = {}
+    index_of = {path: i for i, path in enumerate(todo)}
+    solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {path: {} for path in todo}
 
-    def solve(path, inputs=None, dense_inputs=None) -> Factors:
+    def fit(path, index=None, inputs=None, dense_inputs=None) -> Factors:
+        """Factors for layer `path` (its slice `index` if stacked) from `inputs`."""
         layer = layers[path]
+        lead = stack_shape(layer)
+        at = () if index is None else (index,) if isinstance(index, int) else tuple(index)
+        weight = weight_matrix(layer)
+        bias = None if layer.bias is None else np.asarray(layer.bias)
+        layer_key = jax.random.fold_in(key, index_of[path])
+        if at:
+            weight = jnp.asarray(np.asarray(weight)[at])
+            bias = None if bias is None else bias[at]
+            layer_key = jax.random.fold_in(layer_key, int(np.ravel_multi_index(at, lead)))
         problem = LayerProblem(
-            path=path,
-            weight=weight_matrix(layer),
-            bias=None if layer.bias is None else jnp.asarray(np.asarray(layer.bias).reshape(-1)),
+            path=slice_path(path, at) if at else path,
+            weight=weight,
+            bias=None if bias is None else jnp.asarray(bias.reshape(-1)),
             rank=todo[path].rank,
             activation=activations.get(path),
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
-        factors = initializer(problem, key=jax.random.fold_in(key, index[path]))
+        factors = initializer(problem, key=layer_key)
         _check_factors(factors, problem, init_name)
-        done[path] = _measured(todo[path], problem, factors)
+        solved[path][at] = (problem, factors)
         return factors
 
+    replacements = {}
     if calibration is not None and todo:
-        factors = solve_layers(
-            model, list(todo), calibration, solve, sequential=sequential,
-            max_rows=MAX_CALIBRATION_ROWS,
+        correct = {
+            path: layer for path, layer in layers.items()
+            if path not in todo and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+            and getattr(layer, "bias", None) is not None
+        }  # fmt: skip
+        biases = calibrate(
+            model, {p: layers[p] for p in todo}, fit, calibration, sequential=sequential,
+            correct=correct, max_rows=MAX_CALIBRATION_ROWS,
         )  # fmt: skip
+        replacements |= {
+            path: eqx.tree_at(lambda l: l.bias, layers[path], jnp.asarray(b, layers[path].bias.dtype))
+            for path, b in biases.items()
+        }  # fmt: skip
     else:
-        factors = {path: solve(path) for path in todo}
-    replacements = {path: _lowrank_twin(layers[path], f) for path, f in factors.items()}
-    if calibration is not None and sequential and factors:
-        replacements |= corrected_biases(model, factors, calibration, max_rows=MAX_CALIBRATION_ROWS)
+        for path in todo:
+            lead = stack_shape(layers[path])
+            for at in np.ndindex(lead) if lead else [None]:
+                fit(path, at)
+    done = {}
+    for path, parts in solved.items():
+        layer = layers[path]
+        problems, factors = zip(*(parts[at] for at in sorted(parts)))
+        done[path] = _measured(todo[path], problems, factors)
+        twin = stacked_twin(layer, factors) if stack_shape(layer) else _lowrank_twin(layer, factors[0])
+        replacements[path] = twin
     out = replace_layers(model, replacements)
     if not return_plan:
         return out
@@ -146,7 +179,8 @@ def densify(model):
 def _positions(model, example) -> dict[str, int] | None:
     if example is None:
         return None
-    return output_positions(model, [p for p, _ in walk_layers(model)], example)
+    layers = dict(walk_layers(model))
+    return per_slice_positions(output_positions(model, layers, example), layers)
 
 
 def _check_plan_fits(plan: Plan, model) -> Plan:
@@ -210,12 +244,34 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
 
 
-def _measured(lp, problem: LayerProblem, factors: Factors):
-    w = np.asarray(problem.weight, np.float64)
-    approx = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
-    err = np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30)
-    f_err = None if factors.function_error is None else float(factors.function_error)
+def _measured(lp, problems: Sequence[LayerProblem], factors: Sequence[Factors]):
+    """The plan entry with its errors: the relative weight error over all the layer's
+    slices (one unless stacked), and the slices' mean function error."""
+    sq_err = sq_norm = 0.0
+    for problem, f in zip(problems, factors):
+        w = np.asarray(problem.weight, np.float64)
+        approx = np.asarray(f.u, np.float64) @ np.asarray(f.v, np.float64)
+        sq_err += float(np.sum((w - approx) ** 2))
+        sq_norm += float(np.sum(w**2))
+    err = np.sqrt(sq_err) / max(np.sqrt(sq_norm), 1e-30)
+    f_errs = [float(f.function_error) for f in factors if f.function_error is not None]
+    f_err = float(np.mean(f_errs)) if f_errs else None
     return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
+
+
+def stacked_twin(layer, factors: Sequence[Factors]):
+    """The factorized twin of a stacked layer (weights (*stack, out, in[, *kernel])), from
+    one `Factors` per slice in `np.ndindex(stack)` order: u (*stack, out, r) and
+    v (*stack, r, in[, *kernel]), one rank for the whole stack."""
+    lead = stack_shape(layer)
+    if len(factors) != int(np.prod(lead)):
+        raise ValueError(f"a stack of shape {lead} needs {int(np.prod(lead))} Factors, got {len(factors)}")
+
+    def stack(arrays):
+        return np.stack([np.asarray(a) for a in arrays]).reshape(lead + np.shape(arrays[0]))
+
+    bias = None if factors[0].bias is None else stack([f.bias for f in factors])
+    return _lowrank_twin(layer, Factors(stack([f.u for f in factors]), stack([f.v for f in factors]), bias))
 
 
 def _lowrank_twin(layer, factors: Factors):
@@ -226,7 +282,7 @@ def _lowrank_twin(layer, factors: Factors):
     bias = None if factors.bias is None else cast(factors.bias)
     if isinstance(layer, eqx.nn.Linear):
         return LowRankLinear(u, cast(factors.v), bias)
-    v = cast(factors.v, (factors.v.shape[0],) + layer.weight.shape[1:])
+    v = cast(factors.v, factors.v.shape[:-1] + layer.weight.shape[factors.v.ndim - 1 :])
     return LowRankConv(
         u, v, bias, stride=layer.stride, padding=layer.padding,
         dilation=layer.dilation, padding_mode=layer.padding_mode,
@@ -250,5 +306,7 @@ def _dense_twin(layer):
         )  # fmt: skip
     dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
     if use_bias:
-        dense = eqx.tree_at(lambda l: l.bias, dense, layer.bias.reshape(dense.bias.shape))
+        dense = eqx.tree_at(
+            lambda l: l.bias, dense, layer.bias.reshape(layer.stack_shape + dense.bias.shape)
+        )
     return dense

@@ -21,9 +21,9 @@ class LowRankLinear(eqx.Module):
     Runs through `kernels.factored_matmul`, which fuses both matmuls and the bias.
     """
 
-    u: Float[Array, "out rank"]
-    v: Float[Array, "rank in"]
-    bias: Float[Array, " out"] | None
+    u: Float[Array, "*stack out rank"]
+    v: Float[Array, "*stack rank in"]
+    bias: Float[Array, "*stack out"] | None
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     rank: int = eqx.field(static=True)
@@ -32,15 +32,16 @@ class LowRankLinear(eqx.Module):
     def __init__(self, u, v, bias=None, *, impl: str = "auto"):
         if impl not in kernels.IMPLS:
             raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
-        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
+        paired = v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
+        if u.ndim < 2 or not paired:
             raise ValueError(
-                f"LowRankLinear needs u (out, r) and v (r, in); got {u.shape} and {v.shape}"
+                f"LowRankLinear needs u (*stack, out, r) and v (*stack, r, in); got {u.shape} and {v.shape}"
             )
-        if bias is not None and bias.shape != (u.shape[0],):
-            raise ValueError(f"bias must have shape ({u.shape[0]},), got {bias.shape}")
+        if bias is not None and bias.shape != u.shape[:-1]:
+            raise ValueError(f"bias must have shape {u.shape[:-1]}, got {bias.shape}")
         self.u, self.v, self.bias = u, v, bias
-        self.out_features, self.rank = u.shape
-        self.in_features = v.shape[1]
+        self.out_features, self.rank = u.shape[-2:]
+        self.in_features = v.shape[-1]
         self.impl = impl
 
     def with_impl(self, impl: str) -> "LowRankLinear":
@@ -49,10 +50,16 @@ class LowRankLinear(eqx.Module):
 
     @property
     def dense_shape(self) -> tuple[int, int]:
+        """The shape of one (unstacked) dense weight."""
         return (self.out_features, self.in_features)
 
     @property
-    def weight(self) -> Float[Array, "out in"]:
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading stack axes (layers built by `eqx.filter_vmap` for a scan); () if none."""
+        return self.u.shape[:-2]
+
+    @property
+    def weight(self) -> Float[Array, "*stack out in"]:
         """The dense weight u @ v this layer represents."""
         return self.u @ self.v
 
@@ -60,6 +67,7 @@ class LowRankLinear(eqx.Module):
         self, x: Float[Array, " in"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " out"]:
         del key
+        _check_unstacked(self)
         if x.shape != (self.in_features,):
             raise ValueError(
                 f"LowRankLinear expects an unbatched input of shape ({self.in_features},), "
@@ -77,9 +85,9 @@ class LowRankConv(eqx.Module):
     default: fastest in bench/model_speed.py) or "einsum" (a channel matmul).
     """
 
-    u: Float[Array, "out rank"]
-    v: Float[Array, "rank in *kernel"]
-    bias: Float[Array, " out"] | None
+    u: Float[Array, "*stack out rank"]
+    v: Float[Array, "..."]  # (*stack, rank, in, *kernel)
+    bias: Float[Array, "*stack out"] | None
     num_spatial_dims: int = eqx.field(static=True)
     in_channels: int = eqx.field(static=True)
     out_channels: int = eqx.field(static=True)
@@ -103,19 +111,21 @@ class LowRankConv(eqx.Module):
         padding_mode: str = "ZEROS",
         lowering: str = "conv",
     ):
-        if u.ndim != 2 or v.ndim < 3 or u.shape[1] != v.shape[0]:
+        lead = u.ndim - 2  # stack axes, shared by u, v and bias
+        paired = v.ndim > u.ndim and u.shape[:-2] == v.shape[:lead] and u.shape[-1:] == v.shape[lead : lead + 1]
+        if u.ndim < 2 or not paired:
             raise ValueError(
-                f"LowRankConv needs u (out, r) and v (r, in, *kernel); got {u.shape} and {v.shape}"
+                f"LowRankConv needs u (*stack, out, r) and v (*stack, r, in, *kernel); got {u.shape} and {v.shape}"
             )
         if lowering not in ("einsum", "conv"):
             raise ValueError(f"lowering must be 'einsum' or 'conv', got {lowering!r}")
-        if bias is not None and bias.shape != (u.shape[0],):
-            raise ValueError(f"bias must have shape ({u.shape[0]},), got {bias.shape}")
-        spatial = v.ndim - 2
+        if bias is not None and bias.shape != u.shape[:-1]:
+            raise ValueError(f"bias must have shape {u.shape[:-1]}, got {bias.shape}")
+        spatial = v.ndim - 2 - lead
         self.u, self.v, self.bias = u, v, bias
-        self.out_channels, self.rank = u.shape
-        self.in_channels = v.shape[1]
-        self.kernel_size = tuple(v.shape[2:])
+        self.out_channels, self.rank = u.shape[-2:]
+        self.in_channels = v.shape[lead + 1]
+        self.kernel_size = tuple(v.shape[lead + 2 :])
         self.num_spatial_dims = spatial
         self.stride = _per_dim(stride, spatial, "stride")
         self.dilation = _per_dim(dilation, spatial, "dilation")
@@ -127,12 +137,20 @@ class LowRankConv(eqx.Module):
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
+        """The shape of one (unstacked) dense kernel."""
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     @property
-    def weight(self) -> Float[Array, "out in *kernel"]:
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading stack axes (layers built by `eqx.filter_vmap` for a scan); () if none."""
+        return self.u.shape[:-2]
+
+    @property
+    def weight(self) -> Float[Array, "..."]:  # (*stack, out, in, *kernel)
         """The dense kernel u @ v this layer represents."""
-        return jnp.tensordot(self.u, self.v, axes=1)
+        lead = self.stack_shape
+        v = self.v.reshape(lead + (self.rank, -1))
+        return (self.u @ v).reshape(lead + self.dense_shape)
 
     def with_lowering(self, lowering: str) -> "LowRankConv":
         """The same layer, running its 1×1 stage through another lowering."""
@@ -143,6 +161,7 @@ class LowRankConv(eqx.Module):
 
     def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
         del key
+        _check_unstacked(self)
         h = _conv_forward(self, x)
         if self.lowering == "einsum":
             y = jnp.einsum("or,r...->o...", self.u, h)
@@ -154,6 +173,14 @@ class LowRankConv(eqx.Module):
         if self.bias is not None:
             y = y + self.bias.reshape((-1,) + (1,) * self.num_spatial_dims)
         return y
+
+
+def _check_unstacked(layer) -> None:
+    if layer.stack_shape:
+        raise ValueError(
+            f"this {type(layer).__name__} is stacked (stack shape {layer.stack_shape}): call "
+            "one slice at a time, e.g. jax.lax.scan over the stack or eqx.filter_vmap"
+        )
 
 
 _NUMPY_PAD_MODES = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}

@@ -16,7 +16,7 @@ import equinox as eqx
 import numpy as np
 
 from ._initializers import singular_values
-from ._select import matches_key, select, skip_reason, weight_matrix
+from ._select import matches_key, select, skip_reason, stack_shape, weight_matrix
 
 PLAN_FORMAT = 1
 
@@ -53,7 +53,12 @@ class Budget:
 
 @dataclass
 class LayerPlan:
-    """One selected layer: its rank (None = stays dense), costs, and why it was skipped."""
+    """One selected layer: its rank (None = stays dense), costs, and why it was skipped.
+
+    A stacked layer (scan over layers: weights (L, out, in), `stack_dims` leading stack
+    axes in `shape`) has one rank for all its slices; its params and FLOPs count the
+    whole stack, and `positions` counts the output vectors of one slice.
+    """
 
     path: str
     kind: str
@@ -69,29 +74,45 @@ class LayerPlan:
     weight_error: float | None = None
     function_error: float | None = None
     factorizable: bool = True
+    stack_dims: int = 0
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return self.shape[0], math.prod(self.shape[1:])
+        """One slice's weight as a matrix: (out, in * prod(kernel))."""
+        k = self.stack_dims
+        return self.shape[k], math.prod(self.shape[k + 1 :])
+
+    @property
+    def slices(self) -> int:
+        """How many layers this entry stands for: the stack size, 1 if not stacked."""
+        return math.prod(self.shape[: self.stack_dims])
 
 
 def layer_costs(
-    shape: tuple[int, ...], rank: int | None, *, bias: bool, positions: int | None
+    shape: tuple[int, ...],
+    rank: int | None,
+    *,
+    bias: bool,
+    positions: int | None,
+    stack_dims: int = 0,
 ) -> tuple[int, int, int, int]:
     """(params before, params after, FLOPs before, FLOPs after) for rank (None = dense).
 
     FLOPs count multiply and add (2 per MAC) for one example: per output vector times
     `positions`, the output vectors per example (conv output positions, tokens of a
-    vmapped Linear), taken as 1 when unknown.
+    vmapped Linear), taken as 1 when unknown. A stacked layer (`stack_dims` leading
+    axes of `shape`) counts every slice, each at `positions`.
     """
     if not shape:  # a tied weight (eqx.nn.Shared): counted where it lives
         return 0, 0, 0, 0
-    m, n = shape[0], math.prod(shape[1:])
+    slices = math.prod(shape[:stack_dims])
+    m, n = shape[stack_dims], math.prod(shape[stack_dims + 1 :])
     b = m if bias else 0
     dense = m * n
     low = dense if rank is None else rank * (m + n)
     per = positions or 1
-    return dense + b, low + b, 2 * dense * per + b * per, 2 * low * per + b * per
+    costs = dense + b, low + b, 2 * dense * per + b * per, 2 * low * per + b * per
+    return tuple(slices * c for c in costs)
 
 
 @dataclass
@@ -129,8 +150,10 @@ class Plan:
         if rank is not None:
             _check_rank_value(path, old.matrix_shape, rank)
         m, n = old.matrix_shape
-        has_bias = old.params_before > m * n
-        costs = layer_costs(old.shape, rank, bias=has_bias, positions=old.positions)
+        has_bias = old.params_before > old.slices * m * n
+        costs = layer_costs(
+            old.shape, rank, bias=has_bias, positions=old.positions, stack_dims=old.stack_dims
+        )
         new = dataclasses.replace(
             old,
             rank=rank,
@@ -164,7 +187,7 @@ class Plan:
                 [
                     l.path,
                     l.kind,
-                    "x".join(map(str, l.shape)),
+                    shape_str(l.shape, l.stack_dims),
                     "dense" if l.rank is None else str(l.rank),
                     f"{_human(l.params_before)}->{_human(l.params_after)}",
                     f"{_human(l.flops_before)}->{_human(l.flops_after)}",
@@ -202,6 +225,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def per_slice_positions(counts: Mapping[str, int], layers: Mapping) -> dict[str, int]:
+    """Traced output vectors of every layer (`output_positions`) per slice of a stack:
+    a scan over a stacked layer runs each of its L slices once, so the trace counts L
+    times what one slice produces."""
+    return {p: c // math.prod(stack_shape(layers[p])) for p, c in counts.items()}
+
+
+def shape_str(shape: tuple[int, ...], stack_dims: int) -> str:
+    """`128x32`, or `[4]128x32` for a stack of 4 such layers."""
+    stack = "".join(f"[{d}]" for d in shape[:stack_dims])
+    return stack + "x".join(map(str, shape[stack_dims:]))
+
+
 def _check_rank_value(path: str, matrix_shape: tuple[int, int], rank) -> None:
     m, n = matrix_shape
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -220,7 +256,7 @@ def check_rank_fits(path: str, layer, rank) -> None:
     reason = skip_reason(layer)
     if reason is not None:
         raise ValueError(f"layer {path} cannot be factorized: {reason}")
-    _check_rank_value(path, tuple(weight_matrix(layer).shape), rank)
+    _check_rank_value(path, tuple(weight_matrix(layer).shape[-2:]), rank)
 
 
 def _human(x: int) -> str:
@@ -311,8 +347,15 @@ def _check_dict_patterns(rank: Mapping, paths: list[str]) -> None:
 
 
 def spectrum(layer) -> np.ndarray:
-    """Singular values of the layer's weight matrix, on the host (no per-shape compile)."""
-    return singular_values(weight_matrix(layer))
+    """Singular values of the layer's weight matrix, on the host (no per-shape compile).
+
+    A stacked layer gets its slices' combined spectrum: entry i is the root of the sum
+    over slices of each slice's i-th squared singular value, so that energy, weight
+    error and budget retention at rank r are those of the whole stack, every slice at r.
+    """
+    w = np.asarray(weight_matrix(layer))
+    mats = w.reshape(-1, *w.shape[-2:])
+    return np.sqrt(sum(singular_values(m) ** 2 for m in mats))
 
 
 def _kind(layer) -> str:
@@ -374,6 +417,7 @@ def make_plan(
                 skipped=c.skipped,
                 positions=positions.get(c.path),
                 factorizable=c.skipped is None,
+                stack_dims=len(stack_shape(c.layer)),
             )
         )
         if c.skipped is None:
@@ -413,7 +457,7 @@ def make_plan(
         lp.rank = r
         has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
         lp.params_before, lp.params_after, lp.flops_before, lp.flops_after = layer_costs(
-            lp.shape, r, bias=has_bias, positions=lp.positions
+            lp.shape, r, bias=has_bias, positions=lp.positions, stack_dims=lp.stack_dims
         )
         if r is not None:
             s = spectra[lp.path]
@@ -443,11 +487,12 @@ def _allocate_budget(budget: Budget, layers, by_path, spectra):
     grows without bound, so no layer is starved because its spectrum is flat.
     """
     kind = budget.kind
-    scale = {lp.path: (2 * (lp.positions or 1) if kind == "flops" else 1) for lp in layers}
+    # A stack pays for every slice: rank r of an (L, m, n) stack costs L * r * (m + n).
+    scale = {lp.path: (2 * (lp.positions or 1) if kind == "flops" else 1) * lp.slices for lp in layers}
 
     def bias_cost(lp):
         has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
-        return (lp.shape[0] if has_bias else 0) * scale[lp.path] / (2 if kind == "flops" else 1)
+        return (lp.matrix_shape[0] if has_bias else 0) * scale[lp.path] / (2 if kind == "flops" else 1)
 
     def dense_cost(lp):
         m, n = lp.matrix_shape

@@ -131,15 +131,31 @@ def skip_reason(layer) -> str | None:
     if isinstance(layer, eqx.nn.Linear):
         if layer.in_features == "scalar" or layer.out_features == "scalar":
             return "scalar Linear (nothing to factorize)"
-        if layer.weight.ndim != 2:
-            return f"stacked weight of shape {layer.weight.shape} (e.g. scan over layers)"
         return None
     if layer.groups != 1:
         kind = "depthwise" if layer.groups == layer.in_channels else "grouped"
         return f"{kind} conv (groups={layer.groups}) has no useful low-rank form"
-    if layer.weight.ndim != layer.num_spatial_dims + 2:
-        return f"stacked weight of shape {layer.weight.shape} (e.g. scan over layers)"
     return None
+
+
+def stack_shape(layer) -> tuple[int, ...]:
+    """The leading stack axes of a layer's weights, () if none (or tied).
+
+    `eqx.filter_vmap(make_layer)(keys)` builds a stack of L layers as one layer with
+    weights (L, out, in) (and so on for each extra vmap), the scan-over-layers idiom.
+    """
+    if isinstance(layer, LOWRANK_TYPES):
+        return layer.stack_shape
+    w = layer.weight
+    if not eqx.is_array(w):
+        return ()
+    per_slice = 2 if isinstance(layer, eqx.nn.Linear) else layer.num_spatial_dims + 2
+    return tuple(int(d) for d in w.shape[: w.ndim - per_slice])
+
+
+def slice_path(path: str, index: tuple[int, ...]) -> str:
+    """The name of one slice of a stacked layer in messages: `blocks.mlp.fc1[3]`."""
+    return f"{path}[{','.join(map(str, index))}]"
 
 
 def matches(pattern: Pattern, path: str) -> bool:
@@ -237,10 +253,13 @@ def _check_matches_something(pattern, paths: list[str], name: str) -> None:
         )
 
 
-def weight_matrix(layer) -> Float[Array, "out fan_in"]:
-    """The layer's dense weight as an (out, in * prod(kernel)) matrix (a host-side reshape)."""
+def weight_matrix(layer) -> Float[Array, "*stack out fan_in"]:
+    """The layer's dense weight as (out, in * prod(kernel)) matrices, one per slice of a
+    stacked layer (leading stack axes kept), by a host-side reshape."""
     w = layer.weight
-    return jnp.asarray(np.asarray(w).reshape(w.shape[0], math.prod(w.shape[1:])))
+    lead = stack_shape(layer)
+    m = w.shape[len(lead)]
+    return jnp.asarray(np.asarray(w).reshape(*lead, m, math.prod(w.shape[len(lead) + 1 :])))
 
 
 def replace_layers(model, replacements: dict):

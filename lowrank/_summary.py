@@ -7,19 +7,22 @@ import jax
 import numpy as np
 
 from ._layers import LowRankConv, LowRankLinear
-from ._plan import layer_costs
-from ._select import check_is_model, walk_layers
+from ._plan import layer_costs, per_slice_positions, shape_str
+from ._select import check_is_model, stack_shape, walk_layers
 from ._trace import Example, output_positions
 
 
 @dataclass(frozen=True)
 class LayerSummary:
+    """One layer; a stacked one (`stack_dims` leading axes of `shape`) counts every slice."""
+
     path: str
     kind: str
     shape: tuple[int, ...]
     rank: int | None
     params: int
     flops: int
+    stack_dims: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Summary:
         rows = [["path", "type", "shape", "rank", "params", "FLOPs"]]
         for l in self.layers:
             rank = "dense" if l.rank is None else str(l.rank)
-            shape = "x".join(map(str, l.shape))
+            shape = shape_str(l.shape, l.stack_dims)
             rows.append([l.path, l.kind, shape, rank, f"{l.params:,}", f"{l.flops:,}"])
         rows.append(["layers total", "", "", "", f"{self.layer_params:,}", f"{self.flops:,}"])
         rows.append(["model total", "", "", "", f"{self.total_params:,}", ""])
@@ -60,22 +63,28 @@ def summary(model, *, example: Example | None = None) -> Summary:
     FLOPs depend on how often a layer runs per example (conv output positions, a
     Linear vmapped over tokens): pass `example` (one unbatched input array or
     ShapeDtypeStruct, or a callable fn(model) running one example) to count them;
-    without it each layer counts once (a conv: per output position).
+    without it each layer counts once (a conv: per output position). A stacked layer
+    (weights (L, out, in) run by a scan) counts all L slices.
     """
     check_is_model(model, "summary")
     layers = walk_layers(model)
-    positions = output_positions(model, [p for p, _ in layers], example) if example is not None else {}
+    positions = {}
+    if example is not None:
+        by_path = dict(layers)
+        positions = per_slice_positions(output_positions(model, by_path, example), by_path)
     rows = []
     for path, layer in layers:
         if not (isinstance(layer, (LowRankLinear, LowRankConv)) or eqx.is_array(layer.weight)):
             continue  # a tied weight (eqx.nn.Shared) is counted where it lives
         lowrank = isinstance(layer, (LowRankLinear, LowRankConv))
-        shape = layer.dense_shape if lowrank else tuple(int(d) for d in layer.weight.shape)
+        lead = stack_shape(layer)
+        shape = lead + layer.dense_shape if lowrank else tuple(int(d) for d in layer.weight.shape)
         rank = layer.rank if lowrank else None
         _, params, _, flops = layer_costs(
-            shape, rank, bias=layer.bias is not None, positions=positions.get(path)
-        )
-        rows.append(LayerSummary(path, type(layer).__name__, shape, rank, params, flops))
+            shape, rank, bias=layer.bias is not None, positions=positions.get(path),
+            stack_dims=len(lead),
+        )  # fmt: skip
+        rows.append(LayerSummary(path, type(layer).__name__, shape, rank, params, flops, len(lead)))
     arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
     total = int(sum(np.prod(a.shape) for a in arrays))
     return Summary(rows, total, flops_per_position=example is None)

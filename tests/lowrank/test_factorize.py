@@ -274,10 +274,10 @@ def test_calibration_sees_every_token_in_one_host_call_per_batch():
     lowrank.factorize(
         model, rank=2, init=Recorder(),
         calibration=lambda m: (jax.vmap(m.embed)(xs), jax.vmap(m.embed)(xs[:, :, :8, :12])),
-        target=["embed"],
+        target=["embed"], sequential=False,
     )  # fmt: skip
-    assert seen["embed"].shape == (5 * 16 + 5 * 6, 48)
-    with pytest.raises(ValueError, match=r"calibration never ran layers \['fc'\]"):
+    assert seen["embed"].shape == (5 * 16 + 5 * 6, 48)  # both calls' patches
+    with pytest.raises(ValueError, match=r"calibration never ran the matmul of layers \['fc'\]"):
         lowrank.factorize(model, rank=2, init=Recorder(), calibration=lambda m: jax.vmap(m.embed)(xs))
 
 

@@ -128,7 +128,7 @@ def test_unbatched_input_is_checked():
 
 
 def test_factor_shapes_are_checked():
-    with pytest.raises(ValueError, match=r"u \(out, r\) and v \(r, in\)"):
+    with pytest.raises(ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in\)"):
         lowrank.LowRankLinear(jnp.zeros((4, 2)), jnp.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         lowrank.LowRankLinear(jnp.zeros((4, 2)), jnp.zeros((2, 5)), jnp.zeros(3))

@@ -1,0 +1,405 @@
+"""Calibrated factorization in one pass over the calibration data.
+
+The model is traced once into a jaxpr (`_trace`) and its equations are evaluated in
+order on the whole calibration batch. Two values are kept for every variable: the
+dense model's and the current one's, which differs from it only downstream of a layer
+already factorized (the two share memory until then). When the evaluation reaches the
+matmul or convolution that consumes a selected layer's weight, the layer is fitted on
+the inputs that operation receives, against the dense layer's outputs on the dense
+model's inputs, and the current model continues with the fitted factors (merged back
+into the weight's own shape, so the rest of the jaxpr runs as traced). Errors then do
+not compound down the network, as in GPTQ or the deep-network form of NKP. A dense layer
+with a bias that is left unfactorized but sees shifted inputs gets its bias corrected at
+the same point, so that its mean output is the dense model's again (Nagel et al. 2019).
+
+Scan-over-layers stacks are unrolled while one of their weights is being fitted, so each
+slice is fitted on the inputs of its own iteration. A layer called several times is
+fitted on its first call's inputs.
+
+With `sequential=False` every layer is fitted on the dense model's inputs (SVD-LLM,
+ASVD) and nothing is corrected.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import core as jax_core
+from jax.extend import core as jex_core
+
+from ._initializers import Factors
+from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
+
+# fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
+Fit = Callable[[str, int | None, np.ndarray, np.ndarray | None], Factors]
+
+
+@dataclass
+class Watch:
+    """A layer whose weight use the pass acts on: fitted (`fit`) or bias-corrected."""
+
+    path: str
+    layer: eqx.Module
+    weight: int  # leaf index
+    bias: int | None  # leaf index
+    fit: bool
+    done: set = field(default_factory=set)  # slice indices (None: unstacked) handled
+
+
+def calibrate(
+    model,
+    layers: dict[str, eqx.Module],
+    fit: Fit,
+    calibration,
+    *,
+    sequential: bool,
+    correct: dict[str, eqx.Module],
+    max_rows: int,
+) -> dict[str, np.ndarray]:
+    """Run the model once on `calibration`, calling `fit` for every layer in `layers` (by
+    path; per slice for stacked layers) at its first use, and (if `sequential`) correcting
+    the biases of the `correct` layers, which are returned {path: new bias}.
+
+    Raises if a layer was never reached, naming it.
+    """
+    (closed, leaves), data = trace_for(model, calibration, batched=True, argument="calibration")
+    _check_finite(data)
+    index = {p: i for i, p in enumerate(leaf_paths(model))}
+    watches = {}
+    for path, layer in list(layers.items()) + (list(correct.items()) if sequential else []):
+        w = index.get(f"{path}.weight" if path else "weight")
+        if w is None:
+            raise ValueError(f"layer {path}: its weight is not an array of the model")
+        b = index.get(f"{path}.bias" if path else "bias")
+        watches[w] = Watch(path, layer, w, b, fit=path in layers)
+    state = _Pass(watches, fit, sequential, max_rows, leaves)
+    state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
+    state.fit_pending()
+    missing = [w.path for w in watches.values() if w.fit and not w.done]
+    if missing:
+        raise ValueError(
+            f"calibration never ran the matmul of layers {missing[:5]}; make sure calibration "
+            "(a batch of inputs, or fn(model)) calls the model through those layers, and that "
+            "their weight reaches a matmul/conv directly (not through e.g. weight norm)"
+        )
+    return state.biases
+
+
+def _check_finite(data) -> None:
+    for x in data:
+        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+            bad = int((~jnp.isfinite(x)).sum())
+            raise ValueError(
+                f"calibration contains NaN/inf ({bad} of {x.size} values); clean the "
+                "calibration data (e.g. jnp.nan_to_num or drop the bad samples)"
+            )
+
+
+class _Scope:
+    """Variable values of one jaxpr being evaluated: dense, and current where different."""
+
+    def __init__(self, jaxpr, parent: "_Scope | None"):
+        self.jaxpr = jaxpr
+        self.parent = parent
+        self.dense: dict = {}
+        self.current: dict = {}
+        self.views: dict = {}
+        self.leaf_vars: dict = {}  # var -> (leaf, slice index or None): the leaf's value
+        self.param_eqns: list = []  # (eqn, leaves it depends on) computed from leaves alone
+        self.depends: dict = {}  # var -> leaves it depends on, for data-free vars
+
+    def read(self, v, which: str):
+        if isinstance(v, jex_core.Literal):
+            return v.val
+        if which == "current" and v in self.current:
+            return self.current[v]
+        return self.dense[v]
+
+    def differs(self, v) -> bool:
+        return not isinstance(v, jex_core.Literal) and v in self.current
+
+
+def _bind(eqn, values):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*values, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+class _Pass:
+    def __init__(self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves):
+        self.watches = watches
+        self.fit = fit
+        self.sequential = sequential
+        self.max_rows = max_rows
+        self.leaves = list(leaves)  # current value of each model array
+        self.biases: dict[str, np.ndarray] = {}
+        self.scopes: list[_Scope] = []
+        self.pending: dict[tuple, list[np.ndarray]] = {}
+
+    # ---------------------------------------------------------------- evaluation
+
+    def run(self, jaxpr, consts, args, arg_views=None, arg_current=None, leaf_vars=None):
+        """Evaluate `jaxpr`; returns (dense outputs, current outputs)."""
+        scope = _Scope(jaxpr, self.scopes[-1] if self.scopes else None)
+        self.scopes.append(scope)
+        try:
+            for v, c in zip(jaxpr.constvars, consts):
+                scope.dense[v] = c
+            top = len(self.scopes) == 1
+            for k, (v, a) in enumerate(zip(jaxpr.invars, args)):
+                scope.dense[v] = a
+                if top and k < len(self.leaves):
+                    scope.leaf_vars[v] = (k, None)
+                    scope.depends[v] = frozenset([k])
+                    if k in self.watches:
+                        scope.views[v] = View(k, tuple(range(np.ndim(a))))
+                if arg_current is not None and arg_current[k] is not None:
+                    scope.current[v] = arg_current[k]
+                if arg_views is not None and arg_views[k] is not None:
+                    scope.views[v] = arg_views[k]
+            for v, lv in (leaf_vars or {}).items():
+                scope.leaf_vars[v] = lv
+                scope.depends[v] = frozenset([lv[0]])
+            last = jax_core.last_used(jaxpr)
+            for eqn in jaxpr.eqns:
+                self._eqn(scope, eqn)
+                for v in eqn.invars:  # free what no later equation reads
+                    if not isinstance(v, jex_core.Literal) and last.get(v) is eqn:
+                        scope.dense.pop(v, None)
+                        scope.current.pop(v, None)
+            outs = jaxpr.outvars
+            return [scope.read(v, "dense") for v in outs], [
+                scope.read(v, "current") if scope.differs(v) else None for v in outs
+            ]
+        finally:
+            self.scopes.pop()
+
+    def _eqn(self, scope: _Scope, eqn) -> None:
+        views = [None if isinstance(v, jex_core.Literal) else scope.views.get(v) for v in eqn.invars]
+        use = weight_use(eqn, views)
+        if use is not None and views[use.weight].leaf in self.watches:
+            self._weight_use(scope, eqn, views[use.weight], use)
+        body = sub_jaxpr(eqn)
+        watched = any(vw is not None for vw in views)
+        if body is not None and watched:
+            self._call(scope, eqn, body, views)
+            return
+        if eqn.primitive.name == "scan" and watched:
+            self._scan(scope, eqn, views)
+            return
+        dense_in = [scope.read(v, "dense") for v in eqn.invars]
+        outs = _bind(eqn, dense_in)
+        for v, o in zip(eqn.outvars, outs):
+            scope.dense[v] = o
+        if any(scope.differs(v) for v in eqn.invars):
+            cur = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])
+            for v, o in zip(eqn.outvars, cur):
+                scope.current[v] = o
+        deps = [scope.depends.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+        if all(d is not None for d in deps) and deps:  # computed from model arrays alone
+            union = frozenset().union(*deps)
+            scope.param_eqns.append((eqn, union))
+            for v in eqn.outvars:
+                scope.depends[v] = union
+        out_view = view_after(eqn, views) if len(eqn.outvars) == 1 else None
+        if out_view is not None:
+            scope.views[eqn.outvars[0]] = out_view
+
+    def _call(self, scope: _Scope, eqn, body, views) -> None:
+        jaxpr, consts = body
+        dense_in = [scope.read(v, "dense") for v in eqn.invars]
+        cur_in = [scope.read(v, "current") if scope.differs(v) else None for v in eqn.invars]
+        leaf_vars = {
+            inner: scope.leaf_vars[v]
+            for inner, v in zip(jaxpr.invars, eqn.invars)
+            if not isinstance(v, jex_core.Literal) and v in scope.leaf_vars
+        }
+        dense_out, cur_out = self.run(jaxpr, consts, dense_in, views, cur_in, leaf_vars)
+        self._write(scope, eqn.outvars, dense_out, cur_out)
+
+    def _write(self, scope: _Scope, outvars, dense_out, cur_out) -> None:
+        for v, d, c in zip(outvars, dense_out, cur_out):
+            scope.dense[v] = d
+            if c is not None:
+                scope.current[v] = c
+
+    def _scan(self, scope: _Scope, eqn, views) -> None:
+        """Unroll a scan whose operands include a watched weight, one iteration at a time."""
+        p = eqn.params
+        body = p["jaxpr"]
+        n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+        ins = list(eqn.invars)
+        consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
+        read_d = lambda v: scope.read(v, "dense")  # noqa: E731
+        read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None  # noqa: E731
+        carry_d, carry_c = [read_d(v) for v in carry], [read_c(v) for v in carry]
+        ys_d, ys_c = [], []
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        for i in order:
+            args_d = [read_d(v) for v in consts] + carry_d
+            args_c = [read_c(v) for v in consts] + carry_c
+            arg_views = list(views[:n_consts]) + [None] * n_carry
+            leaf_vars = {}
+            for k, v in enumerate(xs):
+                # Read xs afresh: fitting slice i-1 may have replaced the stacked weight.
+                args_d.append(read_d(v)[i])
+                cur = read_c(v)
+                args_c.append(None if cur is None else cur[i])
+                inner = body.jaxpr.invars[n_consts + n_carry + k]
+                if v in scope.leaf_vars and scope.leaf_vars[v][1] is None:
+                    leaf_vars[inner] = (scope.leaf_vars[v][0], i)
+                view = views[n_consts + n_carry + k]
+                sliced = None
+                if view is not None and view.perm is not None and view.perm[0] == 0 and not view.sliced:
+                    sliced = View(view.leaf, tuple(q - 1 for q in view.perm[1:]), True, i)
+                arg_views.append(sliced)
+            for k, v in enumerate(consts):
+                if not isinstance(v, jex_core.Literal) and v in scope.leaf_vars:
+                    leaf_vars[body.jaxpr.invars[k]] = scope.leaf_vars[v]
+            out_d, out_c = self.run(body.jaxpr, body.consts, args_d, arg_views, args_c, leaf_vars)
+            carry_d, carry_c = out_d[:n_carry], out_c[:n_carry]
+            ys_d.append(out_d[n_carry:])
+            ys_c.append(out_c[n_carry:])
+        if p["reverse"]:
+            ys_d, ys_c = ys_d[::-1], ys_c[::-1]
+        stacked_d = [jnp.stack(col) for col in zip(*ys_d)] if ys_d and ys_d[0] else []
+        stacked_c = []
+        for k in range(len(stacked_d)):
+            col = [ys_c[i][k] for i in range(length)]
+            if all(c is None for c in col):
+                stacked_c.append(None)
+            else:
+                stacked_c.append(jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)]))
+        self._write(scope, eqn.outvars, carry_d + stacked_d, carry_c + stacked_c)
+
+    # ---------------------------------------------------------------- fitting
+
+    def _weight_use(self, scope: _Scope, eqn, view: View, use) -> None:
+        watch = self.watches[view.leaf]
+        key = view.index if view.sliced else None
+        if view.sliced and view.index is None:
+            raise ValueError(
+                f"layer {watch.path}: a stacked weight is used inside a scan that is not "
+                "unrolled; calibration cannot tell its slices apart"
+            )
+        if key in watch.done and (self.sequential or not watch.fit):
+            return  # fitted (or corrected) at its first call
+        watch.done.add(key)
+        x = 1 - use.weight
+        xv = eqn.invars[x]
+        changed = scope.differs(xv)
+        if watch.fit:
+            self._fit(scope, eqn, view, use, watch, key, changed)
+        elif changed and watch.bias is not None:
+            self._correct_bias(scope, eqn, use, watch, key)
+
+    def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
+        x = eqn.invars[1 - use.weight]
+        rows = _rows(eqn, view, use, scope.read(x, "current"))
+        if not self.sequential:  # every call's inputs count; fitted after the pass
+            self.pending.setdefault((watch.path, key), []).append(rows)
+            return
+        pick = _sample(len(rows), self.max_rows, seed=watch.weight * 1009 + (key or 0))
+        dense = _rows(eqn, view, use, scope.read(x, "dense"))[pick] if changed else None
+        factors = self.fit(watch.path, key, rows[pick], dense)
+        weight = self.leaves[watch.weight]
+        shape = weight.shape if key is None else weight.shape[1:]
+        merged = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
+        merged = jnp.asarray(merged.reshape(shape), weight.dtype)
+        self._set_leaf(watch.weight, key, merged)
+        if watch.bias is not None and factors.bias is not None:
+            bias = self.leaves[watch.bias]
+            bshape = bias.shape if key is None else bias.shape[1:]
+            self._set_leaf(watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype))
+
+    def fit_pending(self) -> None:
+        """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
+        for (path, key), chunks in self.pending.items():
+            rows = np.concatenate(chunks)
+            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (key or 0)
+            self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
+        self.pending = {}
+
+    def _correct_bias(self, scope, eqn, use, watch, key) -> None:
+        dense_out = _bind(eqn, [scope.read(v, "dense") for v in eqn.invars])[0]
+        cur_out = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])[0]
+        axes = tuple(a for a in range(dense_out.ndim) if a != use.out_axis)
+        shift = np.asarray(dense_out, np.float64).mean(axes) - np.asarray(cur_out, np.float64).mean(axes)
+        bias = self.leaves[watch.bias]
+        old = bias if key is None else bias[key]
+        new = np.asarray(old, np.float64) + shift.reshape(old.shape)
+        self._set_leaf(watch.bias, key, jnp.asarray(new, bias.dtype))
+        final = self.leaves[watch.bias]
+        self.biases[watch.path] = np.asarray(final)
+
+    def _set_leaf(self, leaf: int, key: int | None, value) -> None:
+        """Give model array `leaf` (or its slice `key`) a new current value, everywhere it
+        is live: the variables holding it and what was computed from it alone."""
+        whole = self.leaves[leaf]
+        self.leaves[leaf] = value if key is None else whole.at[key].set(value)
+        for scope in self.scopes:
+            for v, (lf, idx) in scope.leaf_vars.items():
+                if lf != leaf or v not in scope.dense:
+                    continue
+                if idx is None:
+                    scope.current[v] = self.leaves[leaf]
+                elif idx == key or key is None:
+                    scope.current[v] = self.leaves[leaf][idx]
+            for eqn, deps in scope.param_eqns:
+                if leaf in deps and all(v in scope.dense for v in eqn.outvars):
+                    outs = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])
+                    for v, o in zip(eqn.outvars, outs):
+                        scope.current[v] = o
+
+
+def _sample(n: int, max_rows: int, *, seed: int) -> np.ndarray:
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+def _rows(eqn, view: View, use, x) -> np.ndarray:
+    """The data operand of a weight use as (rows, fan_in) in the order of the weight's
+    `reshape(out, -1)`: input vectors for a matmul, image patches for a convolution."""
+    x = jnp.asarray(x)
+    if eqn.primitive.name == "conv_general_dilated":
+        return _patches(eqn, x)
+    if view.perm is None:
+        raise ValueError("a layer's weight reaches its matmul through a reshape; unsupported")
+    (contract, _) = eqn.params["dimension_numbers"]
+    w, d = use.weight, 1 - use.weight
+    # Pair the data's contracted axes with the weight axes they multiply, in weight order.
+    pairs = sorted(zip((view.perm[a] for a in contract[w]), contract[d]))
+    data_axes = [a for _, a in pairs]
+    rest = [a for a in range(x.ndim) if a not in data_axes]
+    x = jnp.transpose(x, rest + data_axes)
+    fan_in = math.prod(x.shape[len(rest) :])
+    return np.asarray(x.reshape(-1, fan_in), np.float32)
+
+
+def _patches(eqn, x) -> np.ndarray:
+    p = eqn.params
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        raise ValueError("grouped convolutions are not factorized")
+    rhs_shape = eqn.invars[1].aval.shape
+    dn = p["dimension_numbers"]
+    spatial = tuple(rhs_shape[a] for a in dn.rhs_spec[2:])
+    if tuple(dn.rhs_spec) != tuple(range(len(rhs_shape))):
+        raise ValueError("convolution weights must be laid out (out, in, *kernel) (OIHW)")
+    lhs_spec = tuple(dn.lhs_spec)
+    x = jnp.transpose(x, lhs_spec)  # (N, C, *spatial)
+    patches = lax.conv_general_dilated_patches(
+        x,
+        filter_shape=spatial,
+        window_strides=p["window_strides"],
+        padding=p["padding"],
+        lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"],
+    )  # (N, C * prod(kernel), *out_spatial), features ordered (C, *kernel)
+    patches = jnp.moveaxis(patches, 1, -1)
+    return np.asarray(patches.reshape(-1, patches.shape[-1]), np.float32)
