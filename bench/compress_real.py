@@ -29,8 +29,8 @@ Models, data (calibration and evaluation always from disjoint articles / photogr
   (calibration categories) and 512 evaluation paragraphs (evaluation categories), 128
   tokens. Cosine similarity to the dense embeddings, nearest-neighbour agreement.
 The BBC News corpus is for research use only. `--quick` shrinks every model (2 layers /
-1 block per stage) and the data, to smoke-test the whole script in about two minutes;
-it writes RESULTS.md only when `--out` is given. Each model owns one section of --out.
+1 block per stage), the data and ASVD's search, at one budget (0.6), to smoke-test the
+whole script; it writes RESULTS.md only when `--out` is given. Each model owns one section of --out.
 """
 
 import argparse
@@ -86,6 +86,7 @@ class Sizes:
     evaluation_texts: int = 512
     search_texts: int = 64
     chunk: int = 4  # LM windows / 16x images / 16x texts per evaluation call
+    search_candidates: tuple[float, ...] = peers.ASVD_RATIOS
 
 
 QUICK = Sizes(
@@ -103,6 +104,7 @@ QUICK = Sizes(
     calibration_texts=16,
     evaluation_texts=16,
     search_texts=8,
+    search_candidates=(0.4, 0.8),
 )
 
 
@@ -118,6 +120,7 @@ class Task:
     activations: dict
     evaluate: Callable[[eqx.Module], dict[str, float]]
     search_loss: Callable[[eqx.Module], float]
+    search_candidates: tuple[float, ...]
     columns: list[str]  # metric names, in table order
     notes: list[str] = field(default_factory=list)
 
@@ -185,6 +188,7 @@ def smollm2_task(sizes: Sizes) -> Task:
         },
         evaluate=evaluate,
         search_loss=search_loss,
+        search_candidates=sizes.search_candidates,
         columns=["perplexity", "bits/byte"],
         notes=[
             (f"Calibration: {n_cal} windows x {t_cal} tokens from BBC {', '.join(split.calibration_from)}; "
@@ -242,6 +246,7 @@ def cnn_task(name: str, sizes: Sizes) -> Task:
         activations={**normalized_activations(model, state, convs), "classifier": None},
         evaluate=evaluate,
         search_loss=lambda m: float(metrics.kl_divergence(dense_search, all_logits(m, search))),
+        search_candidates=sizes.search_candidates,
         columns=["KL", "top-1 agreement"],
         notes=[
             (f"Calibration: {len(calibration)} crops of {', '.join(split.calibration)}; evaluation: "
@@ -306,6 +311,7 @@ def minilm_task(sizes: Sizes) -> Task:
         },
         evaluate=evaluate,
         search_loss=search_loss,
+        search_candidates=sizes.search_candidates,
         columns=["cosine to dense", "NN agreement"],
         notes=[
             (f"Calibration: {len(cal_ids)} paragraphs (>= 30 words) from BBC "
@@ -358,45 +364,65 @@ def asvd_search(task: Task) -> dict:
     start = time.perf_counter()
     scales = peers.activation_scales(task.model, task.calibration, target=task.target, alpha=0.5)
     loss = task.search_loss
-    sensitivity = peers.asvd_sensitivity(task.model, target=task.target, scales=scales, loss=loss)
+    sensitivity = peers.asvd_sensitivity(
+        task.model, target=task.target, scales=scales, loss=loss, candidates=task.search_candidates
+    )
     seconds = time.perf_counter() - start
     say(f"{task.name}: ASVD sensitivity of {len(sensitivity)} layers in {seconds:.0f} s")
     return {"scales": scales, "sensitivity": sensitivity, "seconds": seconds}
 
 
-def run_task(task: Task, budgets, searched: bool) -> tuple[list[list], dict]:
-    """The table rows: dense, then every method at every budget."""
+def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]) -> dict:
+    """Dense, then every method at every budget (NKP rows last: the slowest), calling
+    `report(results)` after each row. Returns {(budget, label): row}."""
     selected = lowrank.plan(task.model, rank=1, target=task.target).totals()["params_before"]
     dense_params = metrics.param_count(task.model)
     start = time.perf_counter()
     dense = task.evaluate(task.model)
     say(f"{task.name}: dense {dense} ({time.perf_counter() - start:.0f} s)")
-    rows = [["1.0", "dense", 1.0, dense_params, *(dense[c] for c in task.columns), "-"]]
-    results: dict[tuple[float, str], dict] = {(1.0, "dense"): dense}
+    results = {(1.0, "dense"): {**dense, "kept": 1.0, "params": dense_params, "seconds": None}}
+    report(results)
     search = asvd_search(task) if searched else None
-    for ratio in budgets:
-        for label, thunk in methods(task, ratio, search):
-            start = time.perf_counter()
-            compressed = _block(thunk())
-            seconds = time.perf_counter() - start
-            if label.startswith("ASVD +"):
-                seconds += search["seconds"]
-            params = metrics.param_count(compressed)
-            kept = (selected - (dense_params - params)) / selected
-            scores = task.evaluate(compressed)
-            results[(ratio, label)] = scores
-            rows.append([f"{ratio:g}", label, kept, params, *(scores[c] for c in task.columns), f"{seconds:.1f}"])
-            say(f"{task.name} {ratio:g} {label}: {scores} kept {kept:.3f}, factorized in {seconds:.1f} s")
-            del compressed
-    return rows, results
+    todo = [(ratio, label, thunk) for ratio in budgets for label, thunk in methods(task, ratio, search)]
+    todo.sort(key=lambda t: t[1] == "ours: nkp")  # stable: budgets and methods in order otherwise
+    for ratio, label, thunk in todo:
+        start = time.perf_counter()
+        compressed = _block(thunk())
+        seconds = time.perf_counter() - start
+        if label.startswith("ASVD +"):
+            seconds += search["seconds"]
+        params = metrics.param_count(compressed)
+        kept = (selected - (dense_params - params)) / selected
+        scores = task.evaluate(compressed)
+        results[(ratio, label)] = {**scores, "kept": kept, "params": params, "seconds": seconds}
+        say(f"{task.name} {ratio:g} {label}: {scores} kept {kept:.3f}, factorized in {seconds:.1f} s")
+        del compressed
+        report(results)
+    return results
+
+
+def table(task: Task, results: dict, budgets) -> str:
+    """The markdown table of the rows measured so far, by budget then method."""
+    labels = ["plain SVD", "SVD-LLM (W)", "ASVD", "ASVD + sensitivity ranks", *(f"ours: {i}" for i in OURS)]
+    header = ["budget", "method", "selected params kept", "model params", *task.columns, "factorize s"]
+    rows = []
+    for key in [(1.0, "dense")] + [(b, l) for b in budgets for l in labels]:
+        if key in results:
+            r = results[key]
+            seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+            rows.append([f"{key[0]:g}", key[1], r["kept"], r["params"], *(r[c] for c in task.columns), seconds])
+    return markdown_table(header, rows)
 
 
 def verdicts(task: Task, results: dict, budgets) -> list[str]:
     """The acceptance targets, met or missed, per budget."""
     lines = []
     ours = [f"ours: {i}" for i in OURS]
-    peer_labels = sorted({label for (_, label) in results} - set(ours) - {"dense"})
     for ratio in budgets:
+        peer_labels = sorted({l for (b, l) in results if b == ratio} - set(ours))
+        if not all((ratio, l) in results for l in ours) or (ratio, "SVD-LLM (W)") not in results:
+            lines.append(f"- {ratio:g}: not measured (yet)")
+            continue
         if task.name == "smollm2":
             dense = results[(1.0, "dense")]["perplexity"]
             svdllm = results[(ratio, "SVD-LLM (W)")]["perplexity"] - dense
@@ -423,10 +449,28 @@ def verdicts(task: Task, results: dict, budgets) -> list[str]:
     return lines
 
 
+def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> str:
+    """One model's part of RESULTS.md: notes, table, targets."""
+    heading = "Comparison (the issue sets no target for MiniLM):" if task.name == "minilm" else "Targets:"
+    body = "\n\n".join([
+        *task.notes,
+        (
+            "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
+            "Budget(params=...) and sequential calibration. 'factorize s' is the wall time "
+            f"of lowrank.factorize, calibration included (load average {load:.1f} on "
+            f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
+        ),
+        table(task, results, budgets),
+        heading + "\n" + "\n".join(verdicts(task, results, budgets)),
+    ])  # fmt: skip
+    return body if done else body + "\n\n(run in progress: the rows so far)"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    parser.add_argument("--budgets", default=None,
+                        help=f"parameter fractions kept (default {','.join(map(str, BUDGETS))}; --quick: 0.6)")  # fmt: skip
     parser.add_argument("--asvd-search", default=",".join(SEARCHED),
                         help="models that also get ASVD's sensitivity-searched ranks ('' for none)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
@@ -436,6 +480,8 @@ def main(argv=None) -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    if args.budgets is None:
+        args.budgets = "0.6" if args.quick else ",".join(map(str, BUDGETS))
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b]
     except ValueError:
@@ -452,21 +498,18 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
         say(f"{name}: loading (load average {load:.1f} on {os.cpu_count()} cores)")
         task = build[name](sizes) if name in build else cnn_task(name, sizes)
-        rows, results = run_task(task, budgets, name in searched)
-        header = ["budget", "method", "selected params kept", "model params", *task.columns, "factorize s"]
-        body = "\n\n".join([
-            *task.notes,
-            ("Peers use the papers' uniform ranks and the dense model's inputs; ours use "
-            "Budget(params=...) and sequential calibration. 'factorize s' is the wall time of "
-            f"lowrank.factorize, calibration included (load average {load:.1f} on "
-            f"{os.cpu_count()} cores at the start; other jobs shared the machine)."),
-            markdown_table(header, rows),
-            ("Comparison (the issue sets no target for MiniLM):\n" if name == "minilm" else "Targets:\n")
-            + "\n".join(verdicts(task, results, budgets)),
-        ])  # fmt: skip
-        print(body, flush=True)
+
+        title = task.title + (" (--quick)" if args.quick else "")
+
+        def report(results, done=False, *, task=task, load=load, title=title):
+            body = section(task, results, budgets, load, done=done)
+            if done:
+                print(body, flush=True)
+            if out:
+                write_section(f"compress_real-{task.name}", title, body, path=out)
+
+        report(run_task(task, budgets, name in searched, report), done=True)
         if out:
-            write_section(f"compress_real-{name}", task.title + (" (--quick)" if args.quick else ""), body, path=out)
             say(f"{name}: written to {out}")
 
 
