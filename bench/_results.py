@@ -61,4 +61,4 @@ def write_section(name: str, title: str, body: str, *, path: str | Path = RESULT
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a file

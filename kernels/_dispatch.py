@@ -3,7 +3,8 @@
 `impl="auto"` consults `MEASURED`: a small table, filled by hand from
 `bench/kernels.py` runs, of the shape classes where the fused Pallas kernel was
 measured faster than XLA's `(x @ a) @ b` on a device. Anything not in the table runs
-XLA, so auto is never a path measured slower than XLA.
+XLA, so auto is never a path measured slower than XLA. Nor does auto take Pallas where
+a `pallas_call` cannot run: on arrays sharded over Explicit mesh axes.
 """
 
 from typing import NamedTuple
@@ -63,13 +64,29 @@ def auto_may_use_pallas() -> bool:
     return bool(_measured_for_device())
 
 
-def use_pallas(op: str, impl: str, m: int, k: int, n: int, r: int, dtype) -> bool:
-    """Whether `op` ("fwd" or "bwd") runs as a Pallas kernel for this shape."""
-    if m == 0:
+def explicitly_sharded(arrays) -> list[str]:
+    """The shardings of those `arrays` that are split over Explicit mesh axes (a
+    `pallas_call` takes only unsharded arrays, or the per-device blocks of a shard_map)."""
+    specs = [jax.typeof(a).sharding.spec for a in arrays]
+    return [str(spec) for spec in specs if any(p is not None for p in spec)]
+
+
+def use_pallas(op: str, impl: str, m: int, k: int, n: int, r: int, dtype, *arrays) -> bool:
+    """Whether `op` ("fwd" or "bwd") runs as a Pallas kernel for this shape and for
+    these `arrays` (the kernel's operands: XLA if any is explicitly sharded)."""
+    if m == 0 or impl == "xla":
         return False
+    sharded = explicitly_sharded(arrays)
+    if impl == "pallas" and sharded:
+        raise ValueError(
+            f"impl='pallas' cannot run on arrays sharded over Explicit mesh axes (got "
+            f"{', '.join(sharded)}): a pallas_call needs whole arrays; use impl='xla' (or "
+            "'auto', which takes XLA there), or run it per shard inside "
+            "jax.shard_map(..., check_vma=False)"
+        )
     if impl == "pallas":
         return True
-    if impl == "xla":
+    if sharded:
         return False
     key = (jnp.dtype(dtype).name, *shape_class(m, k, n, r))
     return op in _measured_for_device().get(key, frozenset())

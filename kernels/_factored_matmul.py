@@ -4,7 +4,9 @@ The fused path is a `jax.custom_vjp` whose forward and backward are row-wise ops
 (`_batching.rowwise`), each dispatching per shape to a Pallas kernel or its XLA twin:
 forward = `_forward.fused_forward` (also saving t = x @ a, M × r), backward =
 `_backward.fused_epilogue_grad` for gz = g * act'(z) and dt = gz @ bᵀ, then XLA for
-dx = dt @ aᵀ, da = xᵀ @ dt, db = tᵀ @ gz, dbias = Σ gz.
+dx = dt @ aᵀ, da = xᵀ @ dt, db = tᵀ @ gz, dbias = Σ gz. Both kernels carry their XLA
+twin's derivatives (`_xla_derivatives`), so grad-of-grad and `jax.hessian` run through
+the fused path too (the kernels compute values, XLA the higher-order terms).
 """
 
 import functools
@@ -33,10 +35,13 @@ def factored_matmul(
     `jax.nn.gelu`'s default) or "silu". `impl="pallas"` forces the fused kernels
     (interpret mode on CPU), `"xla"` the two XLA matmuls, and `"auto"` picks per
     backend and shape from measurements (`_dispatch.MEASURED`), XLA where none
-    favours Pallas. Inputs are promoted to one dtype; Pallas takes float32 and
-    bfloat16, with float32 accumulation. A vmapped call runs the kernel on the whole
-    batch; leading batch dims of x are flattened into rows. The fused path has a
-    custom VJP, so forward-mode autodiff (`jax.jvp`) works on the XLA path only.
+    favours Pallas or where a kernel cannot run (arrays sharded over Explicit mesh
+    axes: `impl="pallas"` raises there). Inputs are promoted to one dtype; Pallas
+    takes float32 and bfloat16, with float32 accumulation. A vmapped call runs the
+    kernel on the whole batch; leading batch dims of x are flattened into rows. The
+    fused path has a custom VJP: reverse mode to any order (grad of grad,
+    `jax.hessian`) works on it, plain forward mode (`jax.jvp`, `jax.jacfwd` of the
+    op itself) on the XLA path only.
     """
     x, a, b, bias = _checked(x, a, b, bias, activation, impl)
     k, n = a.shape[0], b.shape[1]
@@ -44,7 +49,16 @@ def factored_matmul(
     if impl == "xla" or (impl == "auto" and not _dispatch.auto_may_use_pallas()):
         y = _xla_forward(rows, a, b, bias, activation=activation)
     else:
-        y = _fused(rows, a, b, bias, activation, impl)
+        try:
+            y = _fused(rows, a, b, bias, activation, impl)
+        except TypeError as e:
+            if "forward-mode autodiff" not in str(e):
+                raise
+            raise TypeError(
+                f"factored_matmul(impl={impl!r}): forward-mode autodiff (jax.jvp, jax.jacfwd) "
+                "does not run through the fused Pallas path (it has a custom VJP); use "
+                "impl='xla', or reverse mode (jax.grad, jax.jacrev, jax.hessian)"
+            ) from None
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -98,6 +112,19 @@ def _unmaybe(bias: tuple):
     return bias[0] if bias else None
 
 
+def _xla_derivatives(op, xla):
+    """`op` whose values come from `op` (a Pallas kernel or XLA) and whose derivatives
+    from its XLA twin `xla`: a `pallas_call` has no usable JVP of its own, and without
+    this the fused forward and backward could not be differentiated again."""
+    wrapped = jax.custom_jvp(op)
+
+    @wrapped.defjvp
+    def _(primals, tangents):
+        return op(*primals), jax.jvp(xla, primals, tangents)[1]
+
+    return wrapped
+
+
 @functools.cache
 def _forward_op(activation, save_t, impl):
     def xla(x, a, b, *bias):
@@ -105,11 +132,11 @@ def _forward_op(activation, save_t, impl):
 
     def op(x, a, b, *bias):
         (m, k), (r, n) = x.shape, b.shape
-        if _dispatch.use_pallas("fwd", impl, m, k, n, r, x.dtype):
+        if _dispatch.use_pallas("fwd", impl, m, k, n, r, x.dtype, x, a, b, *bias):
             return _forward.fused_forward(x, a, b, _unmaybe(bias), activation=activation, save_t=save_t)
         return xla(x, a, b, *bias)
 
-    return _batching.rowwise(op, n_rows=1, fallback=xla)
+    return _xla_derivatives(_batching.rowwise(op, n_rows=1, fallback=xla), xla)
 
 
 @functools.cache
@@ -119,11 +146,11 @@ def _epilogue_grad_op(activation, impl, k):
 
     def op(g, t, b, *bias):
         (m, n), r = g.shape, b.shape[0]
-        if _dispatch.use_pallas("bwd", impl, m, k, n, r, g.dtype):
+        if _dispatch.use_pallas("bwd", impl, m, k, n, r, g.dtype, g, t, b, *bias):
             return _backward.fused_epilogue_grad(g, t, b, _unmaybe(bias), activation=activation)
         return xla(g, t, b, *bias)
 
-    return _batching.rowwise(op, n_rows=2, fallback=xla)
+    return _xla_derivatives(_batching.rowwise(op, n_rows=2, fallback=xla), xla)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax._src import core as jax_core
 from jax.extend import core as jex_core
 
 from ._initializers import Factors
+from ._select import attribute_path
 from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
 
 # fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
@@ -68,13 +69,14 @@ def calibrate(
     """
     (closed, leaves), data = trace_for(model, calibration, batched=True, argument="calibration")
     _check_finite(data)
+    data = [_sharded(x) for x in data]
     index = {p: i for i, p in enumerate(leaf_paths(model))}
     watches = {}
     for path, layer in list(layers.items()) + (list(correct.items()) if sequential else []):
-        w = index.get(f"{path}.weight" if path else "weight")
+        w = index.get(attribute_path(path, "weight"))
         if w is None:
             raise ValueError(f"layer {path}: its weight is not an array of the model")
-        b = index.get(f"{path}.bias" if path else "bias")
+        b = index.get(attribute_path(path, "bias"))
         watches[w] = Watch(path, layer, w, b, fit=path in layers)
     state = _Pass(watches, fit, sequential, max_rows, leaves)
     state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
@@ -97,6 +99,16 @@ def _check_finite(data) -> None:
                 f"calibration contains NaN/inf ({bad} of {x.size} values); clean the "
                 "calibration data (e.g. jnp.nan_to_num or drop the bad samples)"
             )
+
+
+def _sharded(batch):
+    """The calibration batch split over all local devices along its leading axis (where it
+    divides evenly), so that every equation of the pass runs data-parallel."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch.shape[0] % len(devices):
+        return batch
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    return jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
 
 class _Scope:
@@ -300,13 +312,14 @@ class _Pass:
 
     def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
         x = eqn.invars[1 - use.weight]
-        rows = _rows(eqn, view, use, scope.read(x, "current"))
+        seed = watch.weight * 1009 + (key or 0)
+        pick = _sample(_row_count(eqn, use), self.max_rows, seed=seed)
+        rows = _rows(eqn, view, use, scope.read(x, "current"), pick)
         if not self.sequential:  # every call's inputs count; fitted after the pass
             self.pending.setdefault((watch.path, key), []).append(rows)
             return
-        pick = _sample(len(rows), self.max_rows, seed=watch.weight * 1009 + (key or 0))
-        dense = _rows(eqn, view, use, scope.read(x, "dense"))[pick] if changed else None
-        factors = self.fit(watch.path, key, rows[pick], dense)
+        dense = _rows(eqn, view, use, scope.read(x, "dense"), pick) if changed else None
+        factors = self.fit(watch.path, key, rows, dense)
         weight = self.leaves[watch.weight]
         shape = weight.shape if key is None else weight.shape[1:]
         merged = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
@@ -320,7 +333,7 @@ class _Pass:
     def fit_pending(self) -> None:
         """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
         for (path, key), chunks in self.pending.items():
-            rows = np.concatenate(chunks)
+            rows = np.concatenate(chunks)  # each call's rows already at most max_rows
             seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (key or 0)
             self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
         self.pending = {}
@@ -363,12 +376,18 @@ def _sample(n: int, max_rows: int, *, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
 
 
-def _rows(eqn, view: View, use, x) -> np.ndarray:
-    """The data operand of a weight use as (rows, fan_in) in the order of the weight's
-    `reshape(out, -1)`: input vectors for a matmul, image patches for a convolution."""
-    x = jnp.asarray(x)
+def _row_count(eqn, use) -> int:
+    """How many input rows a weight use has: output vectors (matmul), or positions (conv)."""
+    out = eqn.outvars[0].aval.shape
+    return math.prod(out) // out[use.out_axis]
+
+
+def _rows(eqn, view: View, use, x, pick: np.ndarray) -> np.ndarray:
+    """Rows `pick` of the data operand of a weight use, as (rows, fan_in) in the order of
+    the weight's `reshape(out, -1)`: input vectors for a matmul, image patches for a
+    convolution (in the order of the output positions)."""
     if eqn.primitive.name == "conv_general_dilated":
-        return _patches(eqn, x)
+        return _patches(eqn, np.asarray(x, np.float32), pick)
     if view.perm is None:
         raise ValueError("a layer's weight reaches its matmul through a reshape; unsupported")
     (contract, _) = eqn.params["dimension_numbers"]
@@ -376,30 +395,42 @@ def _rows(eqn, view: View, use, x) -> np.ndarray:
     # Pair the data's contracted axes with the weight axes they multiply, in weight order.
     pairs = sorted(zip((view.perm[a] for a in contract[w]), contract[d]))
     data_axes = [a for _, a in pairs]
-    rest = [a for a in range(x.ndim) if a not in data_axes]
-    x = jnp.transpose(x, rest + data_axes)
+    rest = [a for a in range(np.ndim(x)) if a not in data_axes]
+    x = np.asarray(x, np.float32).transpose(rest + data_axes)
     fan_in = math.prod(x.shape[len(rest) :])
-    return np.asarray(x.reshape(-1, fan_in), np.float32)
+    return x.reshape(-1, fan_in)[pick]
 
 
-def _patches(eqn, x) -> np.ndarray:
+def _patches(eqn, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The image patches a convolution multiplies at output positions `pick` (in the order
+    of its (batch, *spatial) outputs), features in (in, *kernel) order; gathered on the
+    host for the picked positions only."""
     p = eqn.params
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         raise ValueError("grouped convolutions are not factorized")
-    rhs_shape = eqn.invars[1].aval.shape
+    if any(d != 1 for d in p["lhs_dilation"]):
+        raise ValueError("transposed (input-dilated) convolutions are not supported")
     dn = p["dimension_numbers"]
-    spatial = tuple(rhs_shape[a] for a in dn.rhs_spec[2:])
+    rhs_shape = eqn.invars[1].aval.shape
     if tuple(dn.rhs_spec) != tuple(range(len(rhs_shape))):
         raise ValueError("convolution weights must be laid out (out, in, *kernel) (OIHW)")
-    lhs_spec = tuple(dn.lhs_spec)
-    x = jnp.transpose(x, lhs_spec)  # (N, C, *spatial)
-    patches = lax.conv_general_dilated_patches(
-        x,
-        filter_shape=spatial,
-        window_strides=p["window_strides"],
-        padding=p["padding"],
-        lhs_dilation=p["lhs_dilation"],
-        rhs_dilation=p["rhs_dilation"],
-    )  # (N, C * prod(kernel), *out_spatial), features ordered (C, *kernel)
-    patches = jnp.moveaxis(patches, 1, -1)
-    return np.asarray(patches.reshape(-1, patches.shape[-1]), np.float32)
+    kernel = rhs_shape[2:]
+    out_shape = eqn.outvars[0].aval.shape
+    out_spatial = [out_shape[a] for a in dn.out_spec[2:]]
+    x = x.transpose(dn.lhs_spec)  # (N, C, *spatial)
+    pads = [(0, 0), (0, 0)] + [tuple(max(q, 0) for q in pad) for pad in p["padding"]]
+    if any(q < 0 for pad in p["padding"] for q in pad):
+        raise ValueError("negative convolution padding is not supported in calibration")
+    x = np.pad(x, pads)
+    spatial = len(kernel)
+    where = np.unravel_index(pick, (x.shape[0], *out_spatial))
+    index = [where[0].reshape(-1, *([1] * spatial))]
+    for d in range(spatial):
+        start = where[1 + d] * p["window_strides"][d]
+        taps = np.arange(kernel[d]) * p["rhs_dilation"][d]
+        shape = [-1] + [1] * spatial
+        shape[1 + d] = kernel[d]
+        index.append((start[:, None] + taps[None, :]).reshape([len(pick)] + shape[1:]))
+    x = np.moveaxis(x, 1, -1)  # (N, *spatial, C)
+    patches = x[tuple(index)]  # (S, *kernel, C)
+    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1)

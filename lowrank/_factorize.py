@@ -1,13 +1,19 @@
 """The compiler's front door: plan -> initialize -> rewrite, and back with `densify`."""
 
 import dataclasses
+import functools
+import math
+import time
+import warnings
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from ._calibrate import calibrate
 from ._initializers import Factors, Initializer, LayerProblem, resolve_initializer
 from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, check_rank_fits, make_plan, per_slice_positions
@@ -18,10 +24,11 @@ from ._select import (
     slice_path,
     stack_shape,
     walk_layers,
+    walk_listed,
     weight_matrix,
 )
-from ._calibrate import calibrate
 from ._trace import Example, output_positions
+from ._whitened import whitened_spectrum
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -58,35 +65,53 @@ def factorize(
 ):
     """Replace selected dense layers of `model` by factorized low-rank twins.
 
-    Give `rank=` (see `lowrank.plan`) or a ready `plan=`. `init` names a registered
-    initializer ("spectral", "random", "nkp", "whitened", ...) or is an initializer
-    object. Data-aware initializers read `calibration=`: a batch of model inputs
-    (the model is vmapped over it) or a callable fn(model) that runs it on real data.
-    With `sequential=True` layers are fitted in the order the model runs them, each on
-    the inputs it sees once the layers before it are factorized, to reproduce the dense
-    layer's outputs (one calibration run per layer group); `sequential=False` fits every
-    layer on the dense model's inputs (one run, as SVD-LLM/ASVD do). Sequential
-    calibration also corrects the bias of each dense layer left unfactorized downstream
-    so that its mean output stays the dense model's (two more runs, plus one per
-    corrected layer after the first).
-    Function-aware initializers (nkp, whitened) use the activation after each layer:
-    detected for `eqx.nn.MLP`, otherwise unknown (NKP then assumes ReLU) unless
-    `activations={pattern: fn or None}` says (None: no activation follows).
-    The input model is never modified. With `return_plan=True` returns
-    (model, plan), the plan carrying each layer's measured weight/function error.
-    A stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
-    stacked factors (L, out, r) and (L, r, in) at one rank, the initializer called once
-    per slice; calibration does not support stacked layers yet.
+    Args:
+        model: an Equinox model (never modified).
+        rank: a rank rule, as for `lowrank.plan` (int, fraction, "energy:x", dict or
+            `Budget`). With calibration data a `Budget` allocates ranks from the data
+            (`Budget(by=...)` chooses).
+        plan: a ready (possibly edited) `Plan`, instead of rank/target/exclude/where.
+        init: a registered initializer name ("spectral", "random", "nkp", "whitened",
+            ...) or an initializer object.
+        target, exclude, where: which layers (see `lowrank.select`).
+        calibration: for data-aware initializers: a batch of model inputs (the model
+            is vmapped over its leading axis) or a callable fn(model) that runs the
+            model on real data. The data flows through the model once: the model is
+            traced to a jaxpr and evaluated in order, and each layer is fitted when its
+            weight is first used, on the inputs the already-factorized layers before it
+            produce, to reproduce the dense layer's outputs; dense layers with a bias
+            left unfactorized downstream get their bias corrected so that their mean
+            output stays the dense model's. A data-aware `Budget` costs one more pass.
+        sequential: False fits every layer on the dense model's inputs instead (as
+            SVD-LLM/ASVD do), without bias correction.
+        example: an unbatched input (or fn(model)) to count FLOPs per output position.
+        activations: {pattern: fn or None} saying what follows each layer, for the
+            function-aware inits; detected for `eqx.nn.MLP`, otherwise unknown (NKP
+            then assumes ReLU, with a warning naming the layers); None: no activation.
+        key: PRNG key for random inits.
+        return_plan: also return the plan, with each layer's measured weight/function
+            error and fit time.
+
+    Returns:
+        The factorized model (or (model, plan)). When the plan factorizes no layer, a
+        UserWarning lists each layer's reason and the model comes back unchanged. A
+        stacked layer (weights (L, out, in) from `eqx.filter_vmap`, run by a scan) gets
+        stacked factors (L, out, r) and (L, r, in) at one rank, each slice fitted on
+        its own (with calibration, on its own scan iteration's inputs).
     """
     check_is_model(model, "factorize")
     initializer = resolve_initializer(init)
     init_name = init if isinstance(init, str) else repr(init)
+    _check_calibration(initializer, init_name, calibration)
+    layers = dict(walk_layers(model))
     if plan is None:
         if rank is None:
             raise ValueError("factorize needs rank= (e.g. rank=16 or Budget(params=0.3)) or plan=")
         plan = make_plan(
             model, rank=rank, target=target, exclude=exclude, where=where, init=init_name,
             positions=_positions(model, example), fn_name="factorize",
+            data_spectra=None if calibration is None else functools.partial(
+                _data_spectra, model, layers, calibration),
         )  # fmt: skip
     else:
         if rank is not None or target is not None or exclude is not None or where is not None:
@@ -95,13 +120,18 @@ def factorize(
         plan = dataclasses.replace(
             plan, layers=[dataclasses.replace(l, init=init_name) for l in plan.layers]
         )
-    _check_calibration(initializer, init_name, calibration)
     todo = {l.path: l for l in plan.factorized}
-    layers = dict(walk_layers(model))
     activations = resolve_activations(model, activations)
+    if not todo:
+        _warn_nothing_to_factorize(plan)
+        return (model, plan) if return_plan else model
+    plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
     key = jax.random.key(0) if key is None else key
     index_of = {path: i for i, path in enumerate(todo)}
     solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {path: {} for path in todo}
+    seconds = dict.fromkeys(todo, 0.0)
+    slices = sum(math.prod(stack_shape(layers[p])) for p in todo)
+    progress = tqdm(total=slices, desc="factorize", unit="layer", disable=None, leave=False)
 
     def fit(path, index=None, inputs=None, dense_inputs=None) -> Factors:
         """Factors for layer `path` (its slice `index` if stacked) from `inputs`."""
@@ -124,9 +154,13 @@ def factorize(
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
         )  # fmt: skip
+        start = time.perf_counter()
         factors = initializer(problem, key=layer_key)
         _check_factors(factors, problem, init_name)
+        seconds[path] += time.perf_counter() - start
         solved[path][at] = (problem, factors)
+        progress.set_postfix_str(problem.path, refresh=False)
+        progress.update()
         return factors
 
     replacements = {}
@@ -149,11 +183,14 @@ def factorize(
             lead = stack_shape(layers[path])
             for at in np.ndindex(lead) if lead else [None]:
                 fit(path, at)
+    progress.close()
     done = {}
     for path, parts in solved.items():
         layer = layers[path]
         problems, factors = zip(*(parts[at] for at in sorted(parts)))
-        done[path] = _measured(todo[path], problems, factors)
+        done[path] = dataclasses.replace(
+            _measured(todo[path], problems, factors), fit_seconds=round(seconds[path], 4)
+        )
         twin = stacked_twin(layer, factors) if stack_shape(layer) else _lowrank_twin(layer, factors[0])
         replacements[path] = twin
     out = replace_layers(model, replacements)
@@ -183,10 +220,62 @@ def _positions(model, example) -> dict[str, int] | None:
     return per_slice_positions(output_positions(model, layers, example), layers)
 
 
+def _warn_nothing_to_factorize(plan: Plan) -> None:
+    reasons = [f"{l.path}: {l.skipped or 'kept dense'}" for l in plan.layers]
+    more = f"; ... ({len(reasons) - 8} more)" if len(reasons) > 8 else ""
+    warnings.warn(
+        f"lowrank.factorize: nothing to factorize (rank={plan.rule}), the model is returned "
+        f"unchanged. {'; '.join(reasons[:8])}{more}. Lower the rank or budget, or change "
+        "target/exclude/where; print(lowrank.plan(model, ...)) shows the plan",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _note_assumed_activations(plan: Plan, initializer, name: str, todo, activations) -> Plan:
+    """Warn (and note in the plan) where the initializer assumes an activation it was not told.
+
+    An initializer declares what it assumes after a layer of unknown activation by a
+    `fallback_activation` attribute (NKP: "ReLU"); None or absent: it assumes nothing.
+    """
+    fallback = getattr(initializer, "fallback_activation", None)
+    unknown = [path for path in todo if activations.get(path) is None]
+    if fallback is None or not unknown:
+        return plan
+    listed = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+    text = (
+        f"init {name!r} assumes {fallback} after {listed}: their activation is unknown. "
+        "Say what follows each layer with activations={pattern: fn, or None when none "
+        "does}, e.g. activations={'head': None}"
+    )
+    warnings.warn(text, UserWarning, stacklevel=3)
+    return dataclasses.replace(plan, notes=[*plan.notes, text])
+
+
+def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[str, np.ndarray]:
+    """Each layer's spectrum in its input-whitened basis (`whitened_spectrum`) on the dense
+    model's inputs, from one pass over the calibration data; stacks combine their slices."""
+    found: dict[str, list[np.ndarray]] = {}
+
+    def fit(path, index, inputs, dense_inputs):
+        layer = layers[path]
+        weight = np.asarray(weight_matrix(layer))
+        weight = weight if index is None else weight[index]
+        found.setdefault(path, []).append(
+            whitened_spectrum(weight, inputs, centre=getattr(layer, "bias", None) is not None)
+        )
+
+    calibrate(
+        model, {p: layers[p] for p in paths}, fit, calibration, sequential=False, correct={},
+        max_rows=MAX_CALIBRATION_ROWS,
+    )  # fmt: skip
+    return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
+
+
 def _check_plan_fits(plan: Plan, model) -> Plan:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}")
-    layers = dict(walk_layers(model))
+    layers = dict(walk_listed(model))
     for lp in plan.layers:
         layer = layers.get(lp.path)
         if layer is None:
@@ -233,14 +322,17 @@ def _check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
     arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
     if not all(np.isfinite(np.asarray(a)).all() for a in arrays):
-        if not np.isfinite(np.asarray(problem.weight)).all():
-            raise ValueError(
-                f"layer {problem.path} has non-finite weights (NaN/inf); fix or re-initialize "
-                "the dense model before factorizing"
-            )
+        for array, what in ((problem.weight, "non-finite weights"), (problem.bias, "a non-finite bias")):
+            if array is not None and not np.isfinite(np.asarray(array)).all():
+                raise ValueError(
+                    f"layer {problem.path} has {what} (NaN/inf); fix or re-initialize the "
+                    "dense model before factorizing"
+                )
+        fixes = ["check the calibration data for NaN/inf"] if problem.inputs is not None else []
+        fixes += ["try init='spectral'"] if name != "spectral" else []
         raise ValueError(
-            f"init {name!r} produced non-finite factors for {problem.path}; check the "
-            "calibration data for NaN/inf or try init='spectral'"
+            f"init {name!r} produced non-finite factors for {problem.path} from finite "
+            f"weights and bias; {' or '.join(fixes) or 'please report it'}"
         )
 
 
@@ -256,7 +348,8 @@ def _measured(lp, problems: Sequence[LayerProblem], factors: Sequence[Factors]):
     err = np.sqrt(sq_err) / max(np.sqrt(sq_norm), 1e-30)
     f_errs = [float(f.function_error) for f in factors if f.function_error is not None]
     f_err = float(np.mean(f_errs)) if f_errs else None
-    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err)
+    assumes = next((f.assumes for f in factors if f.assumes), None) if f_err is not None else None
+    return dataclasses.replace(lp, weight_error=float(err), function_error=f_err, assumes=assumes)
 
 
 def stacked_twin(layer, factors: Sequence[Factors]):

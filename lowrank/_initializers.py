@@ -40,16 +40,26 @@ class LayerProblem:
 
 
 class Factors(NamedTuple):
-    """W ~= u @ v, plus the bias to use and (optionally) a function-space error."""
+    """W ~= u @ v, plus the bias to use and (optionally) a function-space error.
+
+    `assumes` says what `function_error` rests on when it is not measured on the
+    layer's real inputs and activation (e.g. "inputs x ~ N(0, I)"); plans show it.
+    """
 
     u: Float[Array, "m r"]
     v: Float[Array, "r n"]
     bias: Float[Array, " m"] | None
     function_error: float | None = None
+    assumes: str | None = None
 
 
 class Initializer(Protocol):
-    """What `factorize` calls. `calibration` says whether it uses calibration inputs."""
+    """What `factorize` calls. `calibration` says whether it uses calibration inputs.
+
+    An initializer that assumes an activation after layers whose activation is
+    unknown (`problem.activation` None) names it in an optional `fallback_activation`
+    attribute (NKP: "ReLU"), so that `factorize` can warn about those layers.
+    """
 
     calibration: Literal["never", "optional", "required"]
 

@@ -27,6 +27,7 @@ sees one row per image, often fewer than its inputs): each regression is pulled 
 the dense weight by a ridge, and the number of alternations is chosen on held-out rows.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class NKP(eqx.Module):
     the mean input variance times inputs per row (guards against fitting few
     calibration rows exactly; see `reduced_rank_regression`).
     `function_error` is the relative function-space error: closed form under the
-    Gaussian, empirical on calibration inputs.
+    Gaussian, empirical on calibration inputs; `Factors.assumes` says what it rests on
+    (the Gaussian inputs, ReLU where the activation is unknown), and plans show it.
     """
 
     activation: Callable[[Array], Array] | None = eqx.field(default=None, static=True)
@@ -87,16 +89,35 @@ class NKP(eqx.Module):
             )
         check_ridge(self.ridge, "NKP")
 
+    @property
+    def fallback_activation(self) -> str | None:
+        """What NKP assumes after a layer of unknown activation: ReLU, unless `activation`
+        is given (then it applies to every layer)."""
+        return "ReLU" if self.activation is None else None
+
     def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
         del key
         check_problem(problem, "nkp")
         activation = self.activation or problem.activation or jax.nn.relu
+        assumed = []
+        if problem.inputs is None:
+            assumed.append(f"inputs x ~ N(0, {self.input_scale:g}²·I)")
+        if self.activation is None and problem.activation is None:
+            assumed.append("ReLU after the layer (its activation is unknown)")
         weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
         fit_bias = self.fit_bias and problem.bias is not None
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         if problem.inputs is not None:
-            bias = jnp.zeros(weight.shape[0], weight.dtype) if bias is None else bias
-            u, v, new_bias, num, den = self._calibrated(problem, weight, bias, activation, fit_bias)
+            with jax.enable_x64(True):  # moments of real activations are ill-conditioned
+                f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+                bias = jnp.zeros(weight.shape[0], jnp.float64) if bias is None else f64(bias)
+                problem64 = dataclasses.replace(
+                    problem, inputs=f64(problem.inputs),
+                    dense_inputs=None if problem.dense_inputs is None else f64(problem.dense_inputs),
+                )  # fmt: skip
+                out = self._calibrated(problem64, f64(weight), bias, activation, fit_bias)
+                u, v, new_bias, num, den = (np.asarray(a) for a in out)
+            u, v, new_bias = (jnp.asarray(a, weight.dtype) for a in (u, v, new_bias))
         else:
             m, n = weight.shape
             steps = affordable_iterations(self.iterations, m, n, problem.rank)
@@ -111,7 +132,7 @@ class NKP(eqx.Module):
                 iterations=steps,
             )
         new_bias = new_bias if problem.bias is not None else None
-        return Factors(u, v, new_bias, relative_error(num, den))
+        return Factors(u, v, new_bias, relative_error(num, den), ", ".join(assumed) or None)
 
     def _calibrated(self, problem, weight, bias, activation, fit_bias):
         """Calibrated NKP, its alternations stopped early where they stop generalizing:

@@ -9,16 +9,31 @@ import dataclasses
 import heapq
 import json
 import math
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._initializers import singular_values
-from ._select import matches_key, select, skip_reason, stack_shape, weight_matrix
+from ._layers import LowRankConv
+from ._select import (
+    LOWRANK_TYPES,
+    UNSUPPORTED_MODULES,
+    check_keys,
+    matches_key,
+    select,
+    skip_reason,
+    stack_shape,
+    weight_matrix,
+)
 
 PLAN_FORMAT = 1
+BUDGET_SPECTRA = ("auto", "data", "weights", "uniform")
 
 
 @dataclass(frozen=True)
@@ -27,12 +42,22 @@ class Budget:
 
     Ranks are allocated across layers from their spectra, maximizing the product of
     the fractions of squared singular values the layers retain (see `_allocate_budget`).
+    `by` says which spectra: "weights" (of the weight matrices), "data" (of W·S, S the
+    square root of the layer's input second moment on the calibration data: in that
+    basis dropping a component costs its squared singular value of output error; needs
+    `calibration=`), "auto" (data when calibration is given, else weights), or
+    "uniform" (no allocation: every layer keeps the same fraction, as SVD-LLM does).
     """
 
     params: float | None = None
     flops: float | None = None
+    by: str = "auto"
 
     def __post_init__(self):
+        if self.by not in BUDGET_SPECTRA:
+            raise ValueError(f"Budget(by={self.by!r}): choose one of {BUDGET_SPECTRA}")
+        for kind in ("params", "flops"):
+            object.__setattr__(self, kind, python_number(getattr(self, kind)))
         given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
         if len(given) != 1:
             raise ValueError("Budget takes exactly one of params= or flops=, e.g. Budget(params=0.3)")
@@ -75,6 +100,8 @@ class LayerPlan:
     function_error: float | None = None
     factorizable: bool = True
     stack_dims: int = 0
+    assumes: str | None = None  # what function_error assumes when not measured on data
+    fit_seconds: float | None = None  # time the initializer took on this layer
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -145,8 +172,11 @@ class Plan:
         above full rank, or past break-even.
         """
         old = self[path]
+        rank = python_number(rank)
         if rank is not None and not old.factorizable:
             raise ValueError(f"layer {path} cannot be factorized: {old.skipped}")
+        if not old.factorizable:
+            return dataclasses.replace(self, layers=list(self.layers))  # stays as it is
         if rank is not None:
             _check_rank_value(path, old.matrix_shape, rank)
         m, n = old.matrix_shape
@@ -164,6 +194,7 @@ class Plan:
             skipped=None if rank is not None else "kept dense by edit",
             weight_error=None,
             function_error=None,
+            assumes=None,
         )
         layers = [new if l.path == path else l for l in self.layers]
         return dataclasses.replace(self, layers=layers, budget=None)
@@ -173,11 +204,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
-        if data.pop("format", None) != PLAN_FORMAT:
-            raise ValueError(f"not a lowrank plan (format {PLAN_FORMAT} expected)")
-        layers = [LayerPlan(**{**l, "shape": tuple(l["shape"])}) for l in data.pop("layers")]
-        return cls(layers=layers, **data)
+        """The plan `to_json` wrote; raises a ValueError saying what is wrong with `text`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a lowrank plan: invalid JSON ({e})") from None
+        return plan_from_data(data)
 
     def __str__(self) -> str:
         header = ["path", "type", "shape", "rank", "params", "FLOPs", "init", "w-err", "f-err", "note"]
@@ -188,12 +220,12 @@ class Plan:
                     l.path,
                     l.kind,
                     shape_str(l.shape, l.stack_dims),
-                    "dense" if l.rank is None else str(l.rank),
+                    _rank_cell(l),
                     f"{_human(l.params_before)}->{_human(l.params_after)}",
                     f"{_human(l.flops_before)}->{_human(l.flops_after)}",
                     l.init if l.rank is not None else "-",
                     _fmt_err(l.weight_error),
-                    _fmt_err(l.function_error),
+                    _fmt_err(l.function_error) + ("*" if l.assumes else ""),
                     l.skipped or "",
                 ]
             )
@@ -222,6 +254,12 @@ class Plan:
             b = self.budget
             lines.append(f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}")
         lines.extend(f"note: {n}" for n in self.notes)
+        assumed: dict[str, list[str]] = {}
+        for l in self.layers:
+            if l.assumes:
+                assumed.setdefault(l.assumes, []).append(l.path)
+        for text, paths in assumed.items():
+            lines.append(f"* f-err assumes {text}, not measured: {_listing(paths)}")
         return "\n".join(lines)
 
 
@@ -236,6 +274,113 @@ def shape_str(shape: tuple[int, ...], stack_dims: int) -> str:
     """`128x32`, or `[4]128x32` for a stack of 4 such layers."""
     stack = "".join(f"[{d}]" for d in shape[:stack_dims])
     return stack + "x".join(map(str, shape[stack_dims:]))
+
+
+def _rank_cell(l: LayerPlan) -> str:
+    if l.rank is not None:
+        return str(l.rank)
+    return "-" if l.kind in _NOT_DENSE_KINDS else "dense"
+
+
+_NOT_DENSE_KINDS = {t.__name__ for t in LOWRANK_TYPES + UNSUPPORTED_MODULES}
+
+
+def _listing(paths: list[str], limit: int = 6) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+# ---------------------------------------------------------------- reading plans back
+
+_LAYER_FIELDS = {f.name: f for f in dataclasses.fields(LayerPlan)}
+_PLAN_FIELDS = {f.name for f in dataclasses.fields(Plan)}
+
+
+def _json_types(hint) -> tuple[type, ...]:
+    """The JSON value types a LayerPlan field of type `hint` may hold (a float also takes ints)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in args)
+    return allowed + ((int,) if float in allowed else ())
+
+
+_FIELD_TYPES = {name: _json_types(hint) for name, hint in typing.get_type_hints(LayerPlan).items()}
+
+
+def plan_from_data(data) -> Plan:
+    """A `Plan` from its JSON data (`Plan.to_json`), every field checked.
+
+    Raises a ValueError naming the first layer and field that is missing, unknown or
+    of the wrong type, so that a corrupted or hand-edited plan never half-loads.
+    """
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a lowrank plan (a JSON object with format {PLAN_FORMAT} expected)")
+    data = dict(data)
+    del data["format"]
+    if set(data) - _PLAN_FIELDS or "layers" not in data or "rule" not in data:
+        raise ValueError(
+            f"not a lowrank plan: keys {sorted(data)}, expected {sorted(_PLAN_FIELDS)} and format"
+        )
+    layers = data.pop("layers")
+    if not isinstance(layers, list):
+        raise ValueError(f"plan 'layers' must be a list, got {type(layers).__name__}")
+    notes = data.get("notes", [])
+    if not isinstance(data["rule"], str) or not (
+        isinstance(notes, list) and all(isinstance(n, str) for n in notes)
+    ):
+        raise ValueError("plan 'rule' must be a string and 'notes' a list of strings")
+    budget = data.get("budget")
+    if budget is not None and not (
+        isinstance(budget, dict) and set(budget) == {"kind", "asked", "achieved"}
+        and budget["kind"] in ("params", "flops")
+        and all(isinstance(budget[k], (int, float)) for k in ("asked", "achieved"))
+    ):  # fmt: skip
+        raise ValueError(
+            "plan 'budget' must be null or {'kind': 'params' or 'flops', 'asked': number, "
+            f"'achieved': number}}, got {budget!r}"
+        )
+    return Plan(layers=[_layer_from_data(i, l) for i, l in enumerate(layers)], **data)
+
+
+def _layer_from_data(index: int, data) -> LayerPlan:
+    where = f"plan layer {index}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    where += f" ({data.get('path')!r})" if "path" in data else ""
+    unknown = sorted(set(data) - set(_LAYER_FIELDS))
+    missing = sorted(
+        name for name, f in _LAYER_FIELDS.items()
+        if name not in data and f.default is dataclasses.MISSING
+    )  # fmt: skip
+    if unknown or missing:
+        raise ValueError(f"{where} has unknown fields {unknown} / lacks fields {missing}")
+    for name, value in data.items():
+        if _FIELD_TYPES[name] == (tuple,):  # a shape
+            ok = isinstance(value, list) and all(_is_int(d) and d > 0 for d in value)
+            allowed = "a list of positive ints"
+        else:
+            kinds = _FIELD_TYPES[name]
+            ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+            shown = [t for t in kinds if t is not int or float not in kinds]
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in shown)
+        if not ok:
+            raise ValueError(f"{where} field {name!r} must be {allowed}, got {value!r}")
+    return LayerPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def python_number(x):
+    """A NumPy/JAX scalar (np.int64(4), np.float32(0.5), jnp.array(4)) as the Python
+    int or float it holds; anything else (bools included) passes through unchanged."""
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)) and np.ndim(x) == 0:
+        value = np.asarray(x)
+        if np.issubdtype(value.dtype, np.integer):
+            return int(value)
+        if np.issubdtype(value.dtype, np.floating):
+            return float(value)
+    return x
 
 
 def _check_rank_value(path: str, matrix_shape: tuple[int, int], rank) -> None:
@@ -256,7 +401,22 @@ def check_rank_fits(path: str, layer, rank) -> None:
     reason = skip_reason(layer)
     if reason is not None:
         raise ValueError(f"layer {path} cannot be factorized: {reason}")
+    check_weight(path, layer.weight)
     _check_rank_value(path, tuple(weight_matrix(layer).shape[-2:]), rank)
+
+
+def check_weight(path: str, weight) -> None:
+    """Raise unless a layer's weight is finite floating point (what factorizing needs)."""
+    if not jnp.issubdtype(weight.dtype, jnp.inexact):
+        raise ValueError(
+            f"layer {path} has {weight.dtype} weights; low-rank factors need floating-point "
+            f"weights: cast the model to float (e.g. float32) or exclude=[{path!r}]"
+        )
+    if not np.isfinite(np.asarray(weight)).all():
+        raise ValueError(
+            f"layer {path} has non-finite weights (NaN/inf); fix or re-initialize "
+            "the dense model before factorizing"
+        )
 
 
 def _human(x: int) -> str:
@@ -277,6 +437,13 @@ def _ratio(a: int, b: int) -> str:
 # ---------------------------------------------------------------- rank rules
 
 
+def _python_rule(rank):
+    """The rank rule with NumPy/JAX scalars (also dict values) as Python numbers."""
+    if isinstance(rank, Mapping):
+        return {key: python_number(value) for key, value in rank.items()}
+    return python_number(rank)
+
+
 def _validate_rank_rule(rank, where: str = "rank") -> None:
     if isinstance(rank, bool):
         raise TypeError(f"{where} must be an int, float, 'energy:x', dict or Budget, got {rank!r}")
@@ -291,6 +458,12 @@ def _validate_rank_rule(rank, where: str = "rank") -> None:
     elif isinstance(rank, str):
         _energy_fraction(rank, where)
     elif isinstance(rank, Mapping):
+        if not rank and where == "rank":
+            raise ValueError(
+                "rank={} has no rules: give {pattern: rank} entries, e.g. "
+                "rank={'attn': 0.5}, or one rank for every layer, e.g. rank=0.5"
+            )
+        check_keys(rank, "rank")
         for pattern, value in rank.items():
             if isinstance(value, (Mapping, Budget)):
                 raise TypeError(f"{where}[{pattern!r}] must be an int, float or 'energy:x'")
@@ -364,7 +537,8 @@ def _kind(layer) -> str:
 
 def _rule_str(rank) -> str:
     if isinstance(rank, Budget):
-        return f"Budget({rank.kind}={rank.fraction})"
+        by = "" if rank.by == "auto" else f", by={rank.by!r}"
+        return f"Budget({rank.kind}={rank.fraction}{by})"
     return repr(rank) if not isinstance(rank, Mapping) else json.dumps(dict(rank))
 
 
@@ -378,10 +552,14 @@ def make_plan(
     init: str = "spectral",
     positions: Mapping[str, int] | None = None,
     fn_name: str = "plan",
+    data_spectra: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
 ) -> Plan:
-    """Select layers and decide their ranks; see `lowrank.plan`."""
+    """Select layers and decide their ranks; see `lowrank.plan`. `data_spectra(paths)`,
+    given calibration data, returns each layer's spectrum in its input-whitened basis
+    for a data-aware Budget."""
     if rank is None:
         raise ValueError(f"lowrank.{fn_name} needs rank= (int, float, 'energy:x', dict or Budget)")
+    rank = _python_rule(rank)
     _validate_rank_rule(rank)
     candidates = select(model, target=target, exclude=exclude, where=where, fn_name=fn_name)
     if not candidates:
@@ -393,43 +571,36 @@ def make_plan(
     if isinstance(rank, Mapping):
         _check_dict_patterns(rank, [c.path for c in candidates])
     if isinstance(rank, Budget) and rank.kind == "flops":
-        unknown = [c.path for c in candidates if isinstance(c.layer, eqx.nn.Conv) and c.path not in positions]
+        convs = (eqx.nn.Conv, LowRankConv)
+        unknown = [c.path for c in candidates if isinstance(c.layer, convs) and c.path not in positions]
         if unknown:
             raise ValueError(
                 f"Budget(flops=...) needs conv output sizes, unknown for {unknown[:3]}; "
                 "pass example= (an input array or a callable fn(model)) so they can be traced"
             )
-    layers = []
+    layers = [_layer_plan(c, init, positions.get(c.path)) for c in candidates]
     spectra = {}
     for c in candidates:
-        w = c.layer.weight
-        layers.append(
-            LayerPlan(
-                path=c.path,
-                kind=_kind(c.layer),
-                shape=tuple(int(d) for d in w.shape) if eqx.is_array(w) else (),
-                rank=None,
-                params_before=0,
-                params_after=0,
-                flops_before=0,
-                flops_after=0,
-                init=init,
-                skipped=c.skipped,
-                positions=positions.get(c.path),
-                factorizable=c.skipped is None,
-                stack_dims=len(stack_shape(c.layer)),
-            )
-        )
         if c.skipped is None:
-            if not np.isfinite(np.asarray(w)).all():
-                raise ValueError(
-                    f"layer {c.path} has non-finite weights (NaN/inf); fix or re-initialize "
-                    "the dense model before factorizing"
-                )
+            check_weight(c.path, c.layer.weight)
             spectra[c.path] = spectrum(c.layer)
     by_path = {c.path: c for c in candidates}
-    if isinstance(rank, Budget):
-        ranks, budget = _allocate_budget(rank, layers, by_path, spectra)
+    notes = []
+    if isinstance(rank, Budget) and rank.by == "uniform":
+        ranks, budget = _uniform_ranks(rank, layers), {"kind": rank.kind, "asked": rank.fraction}
+        notes.append("uniform ranks: every layer keeps the same fraction (Budget(by='uniform'))")
+    elif isinstance(rank, Budget):
+        from_data = rank.by == "data" or (rank.by == "auto" and data_spectra is not None)
+        if from_data and data_spectra is None:
+            raise ValueError(
+                "Budget(by='data') allocates ranks from calibration data: pass calibration= "
+                "to factorize, or use Budget(by='weights')"
+            )
+        allocation = spectra
+        if from_data:
+            allocation = data_spectra([lp.path for lp in layers if lp.skipped is None])
+            notes.append("ranks allocated from calibration data (spectra of W·S, S whitening the inputs)")
+        ranks, budget = _allocate_budget(rank, layers, by_path, allocation)
     else:
         ranks, budget = {}, None
         for lp in layers:
@@ -455,25 +626,71 @@ def make_plan(
                 lp.skipped = f"break-even: rank {r} needs {r * (m + n)} >= {m * n} dense params"
                 r = None
         lp.rank = r
-        has_bias = getattr(by_path[lp.path].layer, "bias", None) is not None
-        lp.params_before, lp.params_after, lp.flops_before, lp.flops_after = layer_costs(
-            lp.shape, r, bias=has_bias, positions=lp.positions, stack_dims=lp.stack_dims
-        )
+        if lp.factorizable:  # the others keep the costs of what they are
+            has_bias = by_path[lp.path].layer.bias is not None
+            lp.params_before, lp.params_after, lp.flops_before, lp.flops_after = layer_costs(
+                lp.shape, r, bias=has_bias, positions=lp.positions, stack_dims=lp.stack_dims
+            )
         if r is not None:
             s = spectra[lp.path]
             lp.weight_error = float(np.sqrt(np.sum(s[r:] ** 2) / max(np.sum(s**2), 1e-30)))
-    plan = Plan(layers=layers, rule=_rule_str(rank))
+    plan = Plan(layers=layers, rule=_rule_str(rank), notes=notes)
     if budget is not None:
         kind = budget["kind"]
         t = plan.totals()
         budget["achieved"] = t[f"{kind}_after"] / t[f"{kind}_before"]
         plan.budget = budget
-    if any(lp.positions is None for lp in layers):
+    if any(lp.positions is None and lp.flops_before for lp in layers):
         plan.notes.append(
             "FLOPs count each layer once (a conv: per output position); pass example= "
             "to count positions and tokens"
         )
+    if not plan.factorized:
+        plan.notes.append("no layer is factorized: the note column says why for each")
     return plan
+
+
+def _layer_plan(c, init: str, positions: int | None) -> LayerPlan:
+    """A candidate's row, rank None, with the costs of the layer as it is.
+
+    A low-rank layer costs what its factors cost; an unsupported module (GRUCell,
+    LSTMCell, Embedding) is listed but not counted: it is no Linear/Conv layer.
+    """
+    layer = c.layer
+    stack_dims = 0
+    if isinstance(layer, UNSUPPORTED_MODULES):
+        w = layer.weight if isinstance(layer, eqx.nn.Embedding) else layer.weight_ih
+        shape, costs = tuple(int(d) for d in w.shape), (0, 0, 0, 0)
+    else:
+        lowrank = isinstance(layer, LOWRANK_TYPES)
+        w = layer.weight
+        stack_dims = len(stack_shape(layer))
+        if lowrank:
+            shape = tuple(layer.stack_shape) + tuple(layer.dense_shape)
+        else:
+            shape = tuple(int(d) for d in w.shape) if eqx.is_array(w) else ()
+        r = layer.rank if lowrank else None
+        costs = layer_costs(
+            shape, r, bias=layer.bias is not None, positions=positions, stack_dims=stack_dims
+        )
+        costs = (costs[1], costs[1], costs[3], costs[3]) if lowrank else costs
+    return LayerPlan(
+        path=c.path, kind=_kind(layer), shape=shape, rank=None,
+        params_before=costs[0], params_after=costs[1], flops_before=costs[2],
+        flops_after=costs[3], init=init, skipped=c.skipped, positions=positions,
+        factorizable=c.skipped is None, stack_dims=stack_dims,
+    )  # fmt: skip
+
+
+def _uniform_ranks(budget: Budget, layers) -> dict[str, int]:
+    """Every factorizable layer at the rank that keeps `budget.fraction` of its own
+    parameters (and so of its FLOPs): r = floor(fraction · m·n / (m + n)), at least 1."""
+    ranks = {}
+    for lp in layers:
+        if lp.skipped is None:
+            m, n = lp.matrix_shape
+            ranks[lp.path] = max(1, int(budget.fraction * m * n / (m + n)))
+    return ranks
 
 
 def _allocate_budget(budget: Budget, layers, by_path, spectra):
@@ -502,12 +719,17 @@ def _allocate_budget(budget: Budget, layers, by_path, spectra):
         m, n = lp.matrix_shape
         return (m + n) * scale[lp.path]
 
-    total_before = sum(dense_cost(lp) + bias_cost(lp) for lp in layers)
+    def as_is(lp):  # the layer's cost as it is (dense, or already low-rank)
+        return lp.params_before if kind == "params" else lp.flops_before
+
+    total_before = sum(as_is(lp) for lp in layers)
     allowed = budget.fraction * total_before
     tiny = [lp for lp in layers if lp.skipped is None and unit_cost(lp) >= dense_cost(lp)]
     active = [lp for lp in layers if lp.skipped is None and lp not in tiny]
-    spent = sum(bias_cost(lp) + (dense_cost(lp) if lp.skipped or lp in tiny else 0) for lp in layers)
-    spent += sum(unit_cost(lp) for lp in active)
+    spent = sum(as_is(lp) for lp in layers if lp.skipped or lp in tiny)
+    spent += sum(bias_cost(lp) + unit_cost(lp) for lp in active)
+    if not active and not tiny:  # nothing can be factorized: the plan says why per layer
+        return {}, {"kind": kind, "asked": budget.fraction}
     if spent > allowed:
         floor = spent / total_before
         raise ValueError(

@@ -1,9 +1,12 @@
 """Selection: find the layers of a model, name them by dotted path, and filter them.
 
 Paths are built from the pytree key path: attributes, sequence indices and dict
-keys joined by dots (`blocks.3.attn.query_proj`). `target` and `exclude` follow
-peft: a string is a regex that must match the whole path; a list holds exact
-paths or dotted suffixes (`"query_proj"` matches `blocks.0.attn.query_proj`).
+keys joined by dots (`blocks.3.attn.query_proj`); a model that is itself a layer is
+called `ROOT` ("<root>"). `target` and `exclude` follow peft: a string is a regex
+that must match the whole path; a list holds names, each an exact path or dotted
+suffix of a layer or of a module above layers (`"query_proj"` matches
+`blocks.0.attn.query_proj`, `"attn"` and `"blocks.0"` cover every layer below them).
+Dict keys (rank rules, activations) are either.
 """
 
 import difflib
@@ -23,7 +26,10 @@ from ._layers import LowRankConv, LowRankLinear
 Pattern = str | Sequence[str]
 DENSE_TYPES = (eqx.nn.Linear, eqx.nn.Conv)
 UNSUPPORTED_TYPES = (eqx.nn.ConvTranspose,)  # listed in plans as skipped, never factorized
+# Listed in plans as unsupported too, but not walked as layers (they are no Linear/Conv).
+UNSUPPORTED_MODULES = (eqx.nn.GRUCell, eqx.nn.LSTMCell, eqx.nn.Embedding)
 LOWRANK_TYPES = (LowRankLinear, LowRankConv)
+ROOT = "<root>"  # the path of a model that is itself a layer
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,16 @@ class Candidate:
     skipped: str | None = None
 
 
+def attribute_path(layer_path: str, name: str) -> str:
+    """The dotted path of a layer's array attribute (`weight`, `u`...), as `key_path_to_str`
+    gives it among the model's leaves: a root layer's attributes have no prefix."""
+    return name if layer_path == ROOT else f"{layer_path}.{name}"
+
+
 def key_path_to_str(key_path) -> str:
+    """The dotted path of a layer's key path; `ROOT` for the model itself."""
+    if not key_path:
+        return ROOT
     parts = []
     for key in key_path:
         if isinstance(key, jax.tree_util.GetAttrKey):
@@ -70,8 +85,21 @@ def is_layer(x) -> bool:
 
 def walk_layers(model) -> list[tuple[str, eqx.Module]]:
     """Every dense or factorized layer in the model, in pytree order, with its path."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_layer)
-    layers = [(key_path_to_str(kp), leaf) for kp, leaf in flat if is_layer(leaf)]
+    return _walk(model, is_layer)
+
+
+def _is_listed(x) -> bool:
+    return is_layer(x) or isinstance(x, UNSUPPORTED_MODULES)
+
+
+def walk_listed(model) -> list[tuple[str, eqx.Module]]:
+    """The layers of `walk_layers` and the unsupported modules plans list, in pytree order."""
+    return _walk(model, _is_listed)
+
+
+def _walk(model, leaf_test) -> list[tuple[str, eqx.Module]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=leaf_test)
+    layers = [(key_path_to_str(kp), leaf) for kp, leaf in flat if leaf_test(leaf)]
     paths = [p for p, _ in layers]
     clashes = sorted({p for p in paths if paths.count(p) > 1})
     if clashes:
@@ -108,8 +136,7 @@ def known_activations(model) -> dict[str, Callable | None]:
     for kp, leaf in flat:
         if not isinstance(leaf, eqx.nn.MLP):
             continue
-        prefix = key_path_to_str(kp)
-        prefix = prefix + "." if prefix else ""
+        prefix = key_path_to_str(kp) + "." if kp else ""
         hidden, final = leaf.activation, leaf.final_activation
         if jax.tree_util.tree_leaves(eqx.filter((hidden, final), eqx.is_array)):
             continue  # learnt per-unit activations: not a single elementwise function
@@ -123,9 +150,11 @@ def known_activations(model) -> dict[str, Callable | None]:
 def skip_reason(layer) -> str | None:
     """Why a dense layer cannot be factorized, or None if it can."""
     if isinstance(layer, LOWRANK_TYPES):
-        return "already low-rank"
+        return f"already low-rank (rank {layer.rank}); lowrank.densify(model) first to re-factorize it"
     if isinstance(layer, UNSUPPORTED_TYPES):
         return f"{type(layer).__name__} is not supported yet"
+    if isinstance(layer, UNSUPPORTED_MODULES):
+        return f"{type(layer).__name__} is not supported yet (not counted in params/FLOPs)"
     if not eqx.is_array(layer.weight):
         return "weight is tied to another layer (eqx.nn.Shared)"
     if isinstance(layer, eqx.nn.Linear):
@@ -159,10 +188,19 @@ def slice_path(path: str, index: tuple[int, ...]) -> str:
 
 
 def matches(pattern: Pattern, path: str) -> bool:
-    """peft-style match: regex fullmatch for a string, exact-or-suffix for a list."""
+    """peft-style match: regex fullmatch for a string; for a list, any entry `covers` it."""
     if isinstance(pattern, str):
         return re.fullmatch(pattern, path) is not None
-    return any(path == p or path.endswith("." + p) for p in pattern)
+    return any(covers(name, path) for name in pattern)
+
+
+def covers(name: str, path: str) -> bool:
+    """Whether `name` is the layer path, or a dotted suffix of it or of a module above it.
+
+    So the parts of `name` appear as consecutive parts of `path`: "attn", "0.attn" and
+    "blocks.0" all cover "blocks.0.attn.q_proj"; "attn" does not cover "attn_out.fc".
+    """
+    return f".{path}.".find(f".{name}.") >= 0
 
 
 def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) -> dict:
@@ -174,6 +212,7 @@ def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) 
         raise TypeError("activations must be a dict {path pattern: activation function or None}")
     paths = [p for p, _ in walk_layers(model)]
     hit = matches_key
+    check_keys(overrides, "activations")
     for pattern, fn in overrides.items():
         if fn is not None and not callable(fn):
             raise TypeError(f"activations[{pattern!r}] must be a function or None, got {fn!r}")
@@ -190,12 +229,33 @@ _UNSET = object()
 
 
 def matches_key(key: str, path: str) -> bool:
-    """A dict key (rank rules, activations): a regex fullmatch, or an exact/suffix path."""
-    return matches(key, path) or matches([key], path)
+    """A dict key (rank rules, activations): a regex fullmatch, or a name that `covers` it."""
+    return matches(key, path) or covers(key, path)
+
+
+def check_keys(mapping: Mapping, name: str) -> None:
+    """Raise unless every key of a {pattern: value} dict is a string and a valid regex."""
+    for key in mapping:
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be path strings or regexes, got {key!r}")
+        _check_regex(key, f"{name} key {key!r}")
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{what} is not a valid regex ({e}); escape literal characters with "
+            "re.escape(...), or give a list of layer/module names instead"
+        ) from None
 
 
 def _check_pattern(pattern, name: str) -> None:
-    if pattern is None or isinstance(pattern, str):
+    if pattern is None:
+        return
+    if isinstance(pattern, str):
+        _check_regex(pattern, f"{name}={pattern!r}")
         return
     if not isinstance(pattern, Sequence) or not all(isinstance(p, str) for p in pattern):
         raise TypeError(
@@ -211,27 +271,30 @@ def select(
     where: Callable[[str, eqx.Module], bool] | None = None,
     fn_name: str = "factorize",
 ) -> list[Candidate]:
-    """The candidate layers: dense Linear/Conv layers passing exclude, target and where.
+    """The candidate layers passing exclude, target and where, in pytree order.
 
-    A `target` (or list entry of it) that matches no layer raises, listing the
-    nearest available paths, since a silent no-op is the worst outcome of a typo.
+    Candidates are the dense Linear/Conv layers, plus what plans list as skipped with
+    the reason: layers already low-rank, and unsupported layers and modules
+    (ConvTranspose, GRUCell, LSTMCell, Embedding; `where` is not asked about the
+    latter three, which have no Linear/Conv attributes). A `target` (or list entry
+    of it) that matches no layer raises, listing the nearest available paths, since
+    a silent no-op is the worst outcome of a typo.
     """
     check_is_model(model, fn_name)
     _check_pattern(target, "target")
     _check_pattern(exclude, "exclude")
-    layers = walk_layers(model)
+    layers = walk_listed(model)
     paths = [p for p, _ in layers]
     _check_matches_something(target, paths, "target")
     _check_matches_something(exclude, paths, "exclude")
     chosen = []
     for path, layer in layers:
-        if isinstance(layer, LOWRANK_TYPES):
-            continue
         if exclude is not None and matches(exclude, path):
             continue
         if target is not None and not matches(target, path):
             continue
-        if where is not None and not where(path, layer):
+        asked = where is not None and not isinstance(layer, UNSUPPORTED_MODULES)
+        if asked and not where(path, layer):
             continue
         chosen.append(Candidate(path, layer, skip_reason(layer)))
     return chosen
@@ -249,7 +312,7 @@ def _check_matches_something(pattern, paths: list[str], name: str) -> None:
         raise ValueError(
             f"{name} {entry!r} matches no layer; nearest available paths: {near}. "
             "A string is a regex matched against the whole path; a list entry "
-            "must be an exact path or a dotted suffix of one."
+            "must be a layer or module path, or a dotted suffix of one."
         )
 
 

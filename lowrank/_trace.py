@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from ._select import key_path_to_str
+from ._select import attribute_path, key_path_to_str
 
 Example = Callable | jax.Array | jax.ShapeDtypeStruct | np.ndarray
 
@@ -204,7 +204,7 @@ def output_positions(model, layers: dict[str, eqx.Module], example: Example) -> 
     watched = {}
     for path, layer in layers.items():
         name = "u" if hasattr(layer, "u") else "weight"
-        leaf = index.get(f"{path}.{name}" if path else name)
+        leaf = index.get(attribute_path(path, name))
         if leaf is not None:
             watched[leaf] = path
     counts = dict.fromkeys(layers, 0)

@@ -22,9 +22,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._initializers import Factors, LayerProblem, register_initializer
+from ._initializers import Factors, LayerProblem, register_initializer, singular_values
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
@@ -49,6 +50,18 @@ def whitening(
     top = jnp.max(eig)
     floor = jnp.where(top > 0, _EIGEN_FLOOR * top, 1.0)
     return mean, basis, jnp.maximum(eig, floor)
+
+
+def whitened_spectrum(weight, inputs, *, centre: bool) -> np.ndarray:
+    """Singular values of W·S, S Sᵀ the inputs' (centred if `centre`) second moment:
+    in that basis dropping a component costs its squared singular value of output error
+    on the inputs. Float64, on the host."""
+    x = np.asarray(inputs, np.float64)
+    x = x - x.mean(0) if centre else x
+    eig, basis = np.linalg.eigh(x.T @ x / len(x))
+    top = eig.max(initial=0.0)
+    eig = np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+    return singular_values((np.asarray(weight, np.float64) @ basis) * np.sqrt(eig))
 
 
 def whitened_truncation(
@@ -140,18 +153,22 @@ class Whitened(eqx.Module):
                 f"init 'whitened' needs calibration inputs for {problem.path}; pass "
                 "calibration= to factorize (or use init='spectral')"
             )
-        weight = problem.weight.astype(jnp.promote_types(problem.weight.dtype, jnp.float32))
-        inputs = problem.inputs.astype(weight.dtype)
-        dense = None if problem.dense_inputs is None else problem.dense_inputs.astype(weight.dtype)
-        bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
-        centre = bias is not None
-        u, v, bias = _whitened(
-            weight, bias, inputs, dense, rank=problem.rank, centre=centre, ridge=self.ridge
-        )
-        num, den = calibration_error(
-            problem.activation, weight, problem.bias, u, v, bias, inputs, dense
-        )
-        return Factors(u, v, bias, relative_error(num, den))
+        dtype = jnp.promote_types(problem.weight.dtype, jnp.float32)
+        with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
+            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+            weight, bias = f64(problem.weight), f64(problem.bias)
+            inputs, dense = f64(problem.inputs), f64(problem.dense_inputs)
+            u, v, new_bias = _whitened(
+                weight, bias, inputs, dense, rank=problem.rank, centre=bias is not None,
+                ridge=self.ridge,
+            )  # fmt: skip
+            num, den = calibration_error(
+                problem.activation, weight, bias, u, v, new_bias, inputs, dense
+            )
+            error = relative_error(num, den)
+            u, v, new_bias = (None if a is None else np.asarray(a) for a in (u, v, new_bias))
+        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+        return Factors(cast(u), cast(v), cast(new_bias), error)
 
     def __repr__(self):
         return "whitened"

@@ -60,6 +60,12 @@ POLICY_ACTIVATIONS = {
 }
 
 STABLE_RULES = ("stable", "stable:scaled")
+RANK_FORMS = (
+    "an int (16), a fraction of full rank (0.25), 'energy:0.9' (the rank keeping that "
+    "share of the spectral energy), 'params:0.3' or 'flops:0.3' (a global budget), "
+    "'stable' or 'stable:scaled'"
+)
+"""Every form `factorize.rank` takes, for error messages."""
 
 
 def _module_at(model: PyTree, path: str):
@@ -207,18 +213,33 @@ def check_policy(config: Config) -> None:
             f"factorize.init={f.init!r} does not use calibration images; set "
             "factorize.calibration=0 or choose init nkp or whitened."
         )
-    if isinstance(f.rank, str) and f.rank.startswith("stable"):
-        if f.rank not in STABLE_RULES:
-            raise ConfigError(
-                f"factorize.rank={f.rank!r} is not a stable rank rule; use 'stable' or "
-                "'stable:scaled'."
-            )
-        if f.rank == "stable:scaled" and f.warmup_steps == 0:
-            raise ConfigError(
-                "factorize.rank='stable:scaled' is the full rank at initialization; set "
-                "factorize.warmup_steps > 0 so the ranks come from trained weights."
-            )
+    if isinstance(f.rank, str):
+        _check_rank_text(f.rank)
+    if f.rank == "stable:scaled" and f.warmup_steps == 0:
+        raise ConfigError(
+            "factorize.rank='stable:scaled' is the full rank at initialization; set "
+            "factorize.warmup_steps > 0 so the ranks come from trained weights."
+        )
     _rank_rule(f.rank)
+
+
+def _check_rank_text(rank: str) -> None:
+    """Raise a `ConfigError` listing every accepted form unless `rank` is one."""
+    kind, colon, value = rank.partition(":")
+    if rank in STABLE_RULES:
+        return
+    if kind == "stable":
+        raise ConfigError(
+            f"factorize.rank={rank!r} is not a stable rank rule; use 'stable' or "
+            "'stable:scaled'."
+        )
+    if colon and kind in ("energy", "params", "flops"):
+        try:
+            float(value)
+            return
+        except ValueError:
+            pass
+    raise ConfigError(f"factorize.rank={rank!r} is not a rank rule; use {RANK_FORMS}.")
 
 
 def check_rank(model: PyTree, config: Config, *, example=None) -> None:

@@ -7,16 +7,15 @@ Two tasks for the config system (`Config.task`):
 - "text_student": build a student of a saved teacher (model section
   `StudentModelConfig`) and train it under a `distill` section (`StudentRunConfig`).
 
-`python -m recipes.student CONFIG [--set key=value]` builds the task, checks every
-setting before any compute, trains with `recipes.train.train`, saves the model to
-`<out_dir>/model.eqx` (`recipes.student.load_lm` reads it back) and prints a report:
-validation loss and bits per byte on the unseen works, latent-list accuracy, inference
-tokens/s and the train step time.
+`recipes.run` registers both (`TASKS`): `python -m recipes.run CONFIG` (or
+`python -m recipes.student CONFIG`, which takes only these tasks) checks every setting
+before any compute, trains with `recipes.train.train`, saves the model to
+`<out_dir>/model.eqx` (`recipes.student.load_lm` reads it back) and reports validation
+loss and bits per byte on the unseen works, latent-list accuracy, inference tokens/s
+and the train step time.
 """
 
-import argparse
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -26,22 +25,23 @@ import jax.random as jr
 import numpy as np
 
 from . import student as st
-from .config import Config, ConfigError, load_config
+from ._task import Task
+from .config import Config, ConfigError, bounded
 from .models import Transformer
 from .text import eval_windows, load_corpus
-from .train import check_batch_size, default_mesh, make_optimizer, train
+from .train import TrainResult
 
 
 @dataclasses.dataclass
 class TextModelConfig:
     """A dense byte-level `recipes.models.Transformer`."""
 
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: int = 4
-    context: int = 128
-    dropout: float = 0.0
+    d_model: int = bounded(128, gt=0)
+    n_layers: int = bounded(4, gt=0)
+    n_heads: int = bounded(4, gt=0)
+    mlp_ratio: int = bounded(4, gt=0)
+    context: int = bounded(128, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
     vocab_size: int = 256
 
 
@@ -52,11 +52,11 @@ class TextDataConfig:
 
     path: str = ""
     edition: Literal["modern", "folio"] = "modern"
-    val_fraction: float = 0.1
-    length: int = 128
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    eval_windows: int = 256
+    val_fraction: float = bounded(0.1, gt=0, lt=1)
+    length: int = bounded(128, gt=0)
+    batch_size: int = bounded(16, gt=0)
+    eval_batch_size: int = bounded(32, gt=0)
+    eval_windows: int = bounded(256, gt=0)
 
 
 @dataclasses.dataclass
@@ -68,9 +68,9 @@ class StudentModelConfig:
 
     teacher: str = "out/shakespeare_teacher/model.eqx"
     kind: Literal["factorized", "dense"] = "factorized"
-    params: float = 0.25
+    params: float = bounded(0.25, gt=0, le=1)
     init: Literal["spectral", "whitened", "nkp", "random"] = "whitened"
-    calibration_windows: int = 32
+    calibration_windows: int = bounded(32, gt=0)
 
 
 @dataclasses.dataclass
@@ -78,15 +78,6 @@ class StudentRunConfig(Config):
     """A `Config` with a `distill` section (how the student learns from the teacher)."""
 
     distill: st.DistillConfig = dataclasses.field(default_factory=st.DistillConfig)
-
-
-@dataclasses.dataclass
-class Built:
-    """A text task ready to train, and what saving its model needs."""
-
-    task: object  # recipes.run.Task
-    plan: object  # lowrank.Plan of a factorized student, else None
-    batch_size: int
 
 
 def _corpus(data: TextDataConfig):
@@ -114,15 +105,18 @@ def _check_length(data: TextDataConfig, context: int, where: str) -> None:
         )
 
 
-def _task(model, state, loss_fn, train_data, corpus, data: TextDataConfig):
-    from .run import Task  # run.py registers these tasks: import it lazily
-
+def _task(model, state, loss_fn, train_data, corpus, data: TextDataConfig, plan=None) -> Task:
     windows = eval_windows(corpus.validation, data.length, max_windows=data.eval_windows)
+
+    def finish(result: TrainResult, out_dir: Path) -> dict:
+        st.save_lm(out_dir / "model.eqx", result.model, plan)
+        return report(result.model, result.history, data.batch_size, data.length)
+
     return Task(model, state, loss_fn, st.lm_eval, train_data,
-                st.eval_batches(windows, data.eval_batch_size))  # fmt: skip
+                st.eval_batches(windows, data.eval_batch_size), finish)  # fmt: skip
 
 
-def build_text_lm(config: Config) -> Built:
+def build_text_lm(config: Config) -> Task:
     """The "text_lm" task: a dense Transformer trained with next-byte cross-entropy."""
     m, d = config.model, config.data
     _check_length(d, m.context, "model")
@@ -140,10 +134,10 @@ def build_text_lm(config: Config) -> Built:
         raise ConfigError(f"model: {e}") from e
     stream = st.train_batches(corpus.train, batch_size=d.batch_size, length=d.length,
                               seed=config.train.seed)  # fmt: skip
-    return Built(_task(model, None, st.lm_loss, stream, corpus, d), None, d.batch_size)
+    return _task(model, None, st.lm_loss, stream, corpus, d)
 
 
-def build_text_student(config: StudentRunConfig) -> Built:
+def build_text_student(config: StudentRunConfig) -> Task:
     """The "text_student" task: a student of the saved teacher, trained under `distill`."""
     m, d, distill, seed = config.model, config.data, config.distill, config.train.seed
     if not 0 < m.params <= 1:
@@ -172,31 +166,22 @@ def build_text_student(config: StudentRunConfig) -> Built:
         teacher, student, distill, data=corpus.train, batch_size=d.batch_size,
         length=d.length, steps=config.train.steps, seed=seed,
     )  # fmt: skip
-    return Built(_task(student, state, loss_fn, stream, corpus, d), plan, d.batch_size)
+    return _task(student, state, loss_fn, stream, corpus, d, plan)
 
 
-BUILDERS = {"text_lm": build_text_lm, "text_student": build_text_student}
-
-
-def text_lm(config: Config):
-    """`recipes.run` task builder for "text_lm"."""
-    return build_text_lm(config).task
-
-
-def text_student(config: StudentRunConfig):
-    """`recipes.run` task builder for "text_student"."""
-    return build_text_student(config).task
-
-
-TASKS = {"text_lm": text_lm, "text_student": text_student}
-"""What `recipes.run.TASKS` needs to run these recipes (without saving the model)."""
+TASKS = {"text_lm": build_text_lm, "text_student": build_text_student}
+"""The text task builders, by `Config.task`; `recipes.run.TASKS` includes them. Their
+tasks' `finish` saves the model to `<out_dir>/model.eqx` and returns `report`."""
 
 
 def report(model, history: list[dict], batch_size: int, length: int) -> dict:
-    """Validation loss / bits per byte (last eval), latent-list accuracy, inference
-    tokens/s and the mean train step time."""
+    """Validation loss / bits per byte (last eval), latent-list accuracy (None when no
+    task fits the model's context), inference tokens/s and the mean train step time."""
     last = [r for r in history if r["split"] == "eval"][-1]
-    accuracy, n_tasks = st.latent_list_accuracy(model)
+    try:
+        accuracy, n_tasks = st.latent_list_accuracy(model)
+    except ValueError:  # a context too short for any latent-list question
+        accuracy, n_tasks = None, 0
     return {
         "val_loss": last["loss"],
         "val_bits_per_byte": last["loss"] / math.log(2),
@@ -207,45 +192,3 @@ def report(model, history: list[dict], batch_size: int, length: int) -> dict:
         "train_step_s": st.step_seconds(history, batch_size),
         "non_embedding_params": st.non_embedding_params(model),
     }
-
-
-def run_text(config: Config) -> dict:
-    """Build, train, save to `<out_dir>/model.eqx`, score; returns the report."""
-    if config.task not in BUILDERS:
-        raise ConfigError(f"task={config.task!r} is not a text task; use one of {list(BUILDERS)}.")
-    mesh = default_mesh()
-    for key in ("batch_size", "eval_batch_size"):
-        check_batch_size(getattr(config.data, key), mesh, f"data.{key}")
-    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
-    built = BUILDERS[config.task](config)
-    train_config = config.train
-    if not train_config.out_dir:
-        train_config = dataclasses.replace(train_config, out_dir=str(Path("out") / config.name))
-    out_dir = Path(train_config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    task = built.task
-    result = train(task.model, task.state, loss_fn=task.loss_fn, optimizer=optimizer,
-                   schedule=schedule, train_data=task.train_data, eval_fn=task.eval_fn,
-                   eval_data=task.eval_data, config=train_config, mesh=mesh)  # fmt: skip
-    st.save_lm(out_dir / "model.eqx", result.model, built.plan)
-    scores = report(result.model, result.history, built.batch_size, config.data.length)
-    (out_dir / "report.json").write_text(json.dumps(scores, indent=1) + "\n")
-    return scores
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.student", description="Train a byte-level teacher or student."
-    )
-    parser.add_argument("config", help="shakespeare_teacher, shakespeare_student, or a .py path")
-    parser.add_argument(
-        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=100 distill.mode=salt",
-    )
-    args = parser.parse_args(argv)
-    try:
-        scores = run_text(load_config(args.config, args.overrides))
-    except ConfigError as e:
-        parser.exit(2, f"error: {e}\n")
-    print(json.dumps(scores))

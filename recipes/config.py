@@ -5,12 +5,15 @@ A recipe is a Python file in recipes/configs/ whose `config()` returns a `Config
 the overrides (parsed by each field's type), and validates everything before any
 compute, with errors that name the offending key. Sections are plain dataclasses, so
 a task may bring its own `model`/`data` sections: keys are looked up on the instance.
+Numbers must be finite; fields declared with `bounded` must lie within their bounds,
+other integers must not be negative.
 """
 
 import dataclasses
 import difflib
 import importlib
 import importlib.util
+import math
 import pkgutil
 import types
 import typing
@@ -22,6 +25,37 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and the fix."""
 
 
+def bounded(default, *, gt=None, ge=None, lt=None, le=None):
+    """A section field whose numeric value `validate` keeps within these bounds
+    (greater than, greater or equal, less than, less or equal); None passes where
+    the field's type allows it."""
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le}
+    bounds = {k: v for k, v in bounds.items() if v is not None}
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def _bounds_text(bounds: dict) -> str:
+    """'positive', 'in (0, 1]', '>= 1', ... for the bounds of `bounded`."""
+    low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low == ("(", 0):
+        return "positive"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {low[1]}"
+    return f"{'<' if high[0] == ')' else '<='} {high[1]}"
+
+
+def _within(value, bounds: dict) -> bool:
+    return (
+        ("gt" not in bounds or value > bounds["gt"])
+        and ("ge" not in bounds or value >= bounds["ge"])
+        and ("lt" not in bounds or value < bounds["lt"])
+        and ("le" not in bounds or value <= bounds["le"])
+    )
+
+
 @dataclasses.dataclass
 class ImageModelConfig:
     """An image classifier from recipes.models (`width` applies to ResNets;
@@ -29,9 +63,9 @@ class ImageModelConfig:
 
     name: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = "resnet18"
     stem: Literal["imagenet", "cifar"] = "cifar"
-    width: int = 64
-    dropout: float = 0.2
-    stochastic_depth: float = 0.2
+    width: int = bounded(64, gt=0)
+    dropout: float = bounded(0.2, ge=0, lt=1)
+    stochastic_depth: float = bounded(0.2, ge=0, lt=1)
 
 
 @dataclasses.dataclass
@@ -41,9 +75,9 @@ class ImageDataConfig:
 
     name: str = "digits"
     data_dir: str | None = None
-    image_size: int = 32
-    batch_size: int = 128
-    eval_batch_size: int = 256
+    image_size: int = bounded(32, gt=0)
+    batch_size: int = bounded(128, gt=0)
+    eval_batch_size: int = bounded(256, gt=0)
     augment: Literal["none", "crop", "crop_flip", "inception"] = "crop"
     train_split: str = "train"
     eval_split: str = "test"
@@ -55,13 +89,13 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (linear warm-up, then cosine or constant)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = bounded(0.1, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, ge=0)
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float | None = None
+    grad_clip: float | None = bounded(None, gt=0)
 
 
 @dataclasses.dataclass
@@ -69,11 +103,11 @@ class TrainConfig:
     """Trainer knobs. `eval_every`/`checkpoint_every` of 0 mean "after the last step
     only"; `out_dir` "" means out/<config name>."""
 
-    steps: int = 1000
+    steps: int = bounded(1000, gt=0)
     log_every: int = 50
     eval_every: int = 0
     checkpoint_every: int = 0
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = bounded(1, gt=0)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     out_dir: str = ""
@@ -97,7 +131,7 @@ class FactorizeConfig:
     rank: int | float | str = 0.25
     init: str = "spectral"
     warmup_steps: int = 0
-    frobenius_decay: float | None = None
+    frobenius_decay: float | None = bounded(None, ge=0)
     calibration: int = 0
 
 
@@ -215,12 +249,13 @@ def override(config: Config, assignment: str) -> Config:
 
 
 def validate(config: Config) -> Config:
-    """Check every field's value against its declared type and basic ranges; return it."""
+    """Check every field's value against its declared type and range; return it."""
 
     def walk(section, prefix: str):
         hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
             value, key = getattr(section, f.name), prefix + f.name
+            bounds = f.metadata.get("bounds")
             if dataclasses.is_dataclass(value):
                 walk(value, key + ".")
             elif not _matches(value, hints[f.name]):
@@ -228,15 +263,16 @@ def validate(config: Config) -> Config:
                     f"{key}={value!r} has type {type(value).__name__}; "
                     f"expected {_type_name(hints[f.name])}."
                 )
-            elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            elif not math.isfinite(value):
+                raise ConfigError(f"{key}={value} must be a finite number.")
+            elif bounds and not _within(value, bounds):
+                raise ConfigError(f"{key}={value} must be {_bounds_text(bounds)}.")
+            elif not bounds and isinstance(value, int) and value < 0:
                 raise ConfigError(f"{key}={value} must not be negative.")
 
     walk(config, "")
-    for key in ("train.steps", "data.batch_size", "data.eval_batch_size"):
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name, 1)
-        if value == 0:
-            raise ConfigError(f"{key}=0 must be positive.")
     return config
 
 

@@ -1,7 +1,8 @@
-"""`make demo`: train a small CNN on scikit-learn's digits, factorize it, fine-tune, and report.
+"""A standalone example: a small CNN on scikit-learn's digits, factorized, fine-tuned, reported.
 
-Everything is offline (the 1,797 real 8x8 digits ship with scikit-learn) and runs in
-a couple of minutes on two CPU cores:
+Plain `lowrank` calls without the recipe machinery (`make demo` runs the digits_demo
+recipe instead: `python -m recipes.run digits_demo`). Everything is offline (the 1,797
+real 8x8 digits ship with scikit-learn) and runs in a couple of minutes on two CPU cores:
 
     python -m recipes.demo [--budget 0.3] [--steps 400] [--finetune-steps 150]
 """

@@ -1,18 +1,23 @@
 """Run a recipe: `python -m recipes.run CONFIG [--set key=value ...]`.
 
 CONFIG names a file in recipes/configs/ (or is a path to a .py file) whose `config()`
-returns a `Config`; `--set` overrides any field by its dotted key. Bad keys and values
-are reported before any compute. Outputs go to `train.out_dir` (default out/<name>):
-config.json, metrics.jsonl, curves.png and checkpoints/ (a rerun resumes), and for
-factorized runs report.json: params, FLOPs, inference and train step times against
-the dense model, and the eval metrics around the factorization.
+returns a `Config`; `--set` overrides any field by its dotted key. Every task in `TASKS`
+runs: image classification here, the byte-level text tasks of recipes/_text_task.py.
+Bad keys and values are reported before any compute (one `error:` line, exit status 2);
+a run whose loss becomes non-finite stops with exit status 1. Outputs go to
+`train.out_dir` (default out/<name>): config.json, metrics.jsonl, curves.png and
+checkpoints/ (a rerun resumes; the command says so, and when nothing was left to do),
+and report.json: for factorized image runs params, FLOPs, inference and train step
+times against the dense model and the eval metrics around the factorization; for text
+tasks their scores (and the model, model.eqx). The command ends by listing them.
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,32 +28,21 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from . import models
+from . import _text_task, models
 from ._factorize_policy import apply_policy, check_policy, check_rank
 from ._hybrid import HybridWarmup
 from ._report import factorization_report, format_report
+from ._task import Task
 from .config import Config, ConfigError, load_config
 from .train import (
     Batch,
-    EvalFn,
-    LossFn,
+    TrainingDiverged,
     TrainResult,
     check_batch_size,
     default_mesh,
     make_optimizer,
     train,
 )
-
-
-class Task(NamedTuple):
-    """Everything a recipe trains: model, state, losses and data streams."""
-
-    model: PyTree
-    state: PyTree
-    loss_fn: LossFn
-    eval_fn: EvalFn
-    train_data: Callable[[int], Iterator[Batch]]
-    eval_data: Callable[[], Iterable[Batch]]
 
 
 def classification_loss(
@@ -89,13 +83,18 @@ def image_classification(config: Config) -> Task:
     from . import data as image_data
 
     d, m = config.data, config.model
-    dataset = image_data.image_dataset(
-        d.name,
-        image_size=d.image_size,
-        data_dir=d.data_dir,
-        train_split=d.train_split,
-        eval_split=d.eval_split,
-    )
+    try:
+        dataset = image_data.image_dataset(
+            d.name,
+            image_size=d.image_size,
+            data_dir=d.data_dir,
+            train_split=d.train_split,
+            eval_split=d.eval_split,
+        )
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data.name={d.name!r}, data.image_size={d.image_size}: {e}") from e
     key = jax.random.key(config.train.seed)
     if m.name.startswith("resnet"):
         make = getattr(models, m.name)
@@ -127,16 +126,32 @@ def image_classification(config: Config) -> Task:
     )
 
 
-TASKS: dict[str, Callable[[Config], Task]] = {"image_classification": image_classification}
+TASKS: dict[str, Callable[[Config], Task]] = {
+    "image_classification": image_classification,
+    **_text_task.TASKS,
+}
 """Task builders by `Config.task`."""
 
 
 class RunResult(NamedTuple):
-    """A finished recipe: the trainer's result and, for factorized runs, the report
-    of recipes/_report.py (also written to `<out_dir>/report.json`)."""
+    """A finished recipe: the trainer's result and the report (also written to
+    `<out_dir>/report.json`): the task's own (`Task.finish`), else for factorized runs
+    that of recipes/_report.py, else None."""
 
     train: TrainResult
     report: dict[str, Any] | None
+
+
+def out_dir(config: Config) -> Path:
+    """Where a recipe writes: `train.out_dir`, or out/<config name> when it is ""."""
+    return Path(config.train.out_dir or Path("out") / config.name)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file, then a rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _take(batches: Iterator[Batch], n: int) -> Batch:
@@ -163,9 +178,7 @@ def run(config: Config) -> RunResult:
     optimizer, schedule = make_optimizer(
         config.optim, config.train.steps, frobenius_decay=f.frobenius_decay
     )
-    train_config = config.train
-    if not train_config.out_dir:
-        train_config = dataclasses.replace(train_config, out_dir=str(Path("out") / config.name))
+    train_config = dataclasses.replace(config.train, out_dir=str(out_dir(config)))
     task = TASKS[config.task](config)
     is_main = jax.process_index() == 0
     log = tqdm.write if is_main else lambda *_: None
@@ -196,11 +209,10 @@ def run(config: Config) -> RunResult:
     elif f.policy != "none":
         hooks.append(HybridWarmup(f.warmup_steps, factorize))
 
+    folder = out_dir(config)
     if is_main:
-        out_dir = Path(train_config.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(dataclasses.asdict(config), indent=2)
-        (out_dir / "config.json").write_text(text + "\n")
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     result = train(
         model,
         task.state,
@@ -214,23 +226,55 @@ def run(config: Config) -> RunResult:
         mesh=mesh,
         hooks=hooks,
     )
-    if f.policy == "none" or not is_main:
+    if not is_main or (f.policy == "none" and task.finish is None):
         return RunResult(result, None)
-    eval_batch = next(iter(task.eval_data()))
-    report = factorization_report(
-        task.model, result.model, result.state, eval_fn=task.eval_fn, eval_batch=eval_batch,
-        example=example, history=result.history, batch_size=config.data.batch_size,
-        factorized_at=f.warmup_steps,
-    )  # fmt: skip
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
+    if task.finish is not None:
+        report = task.finish(result, folder)
+        log(json.dumps(report))
+    else:
+        eval_batch = next(iter(task.eval_data()))
+        report = factorization_report(
+            task.model, result.model, result.state, eval_fn=task.eval_fn, eval_batch=eval_batch,
+            example=example, history=result.history, batch_size=config.data.batch_size,
+            factorized_at=f.warmup_steps,
+        )  # fmt: skip
+        log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
+    _write(folder / "report.json", json.dumps(report, indent=1) + "\n")
     return RunResult(result, report)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.run", description=__doc__.split("\n")[0]
-    )
+def _summary(config: Config, result: TrainResult) -> str:
+    """What a finished command tells the user: whether it resumed (and found nothing
+    left to do), and where the outputs are."""
+    folder, steps, resumed = out_dir(config), config.train.steps, result.resumed_from
+    lines = []
+    if resumed is not None and resumed >= steps:
+        lines.append(
+            f"resumed from the checkpoint at step {resumed} in {folder / 'checkpoints'}: "
+            f"train.steps={steps} were already done, nothing left to train. To train again, "
+            "set train.resume=false or another train.out_dir."
+        )
+    elif resumed is not None:
+        lines.append(
+            f"resumed from the checkpoint at step {resumed} in {folder / 'checkpoints'} "
+            f"and trained steps {resumed + 1}-{steps}."
+        )
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    lines.append(f"outputs in {folder}/: {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str = "python -m recipes.run",
+    description: str = __doc__.split("\n")[0],
+    tasks: tuple[str, ...] | None = None,
+) -> None:
+    """The command line: run a recipe, print where its outputs went, then the last
+    train and eval records as JSON. `tasks` limits which `Config.task`s it accepts
+    (`python -m recipes.student` takes only the text tasks)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
     parser.add_argument(
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -238,9 +282,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        result = run(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        if tasks is not None and config.task not in tasks:
+            raise ConfigError(
+                f"task={config.task!r} is not one of {prog}'s tasks ({', '.join(tasks)}); "
+                f"run it with python -m recipes.run {args.config}."
+            )
+        result = run(config)
     except (ConfigError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
+    except TrainingDiverged as e:
+        parser.exit(1, f"error: {e}\n")
+    if jax.process_index() == 0:
+        print(_summary(config, result.train))
     last = {r["split"]: r for r in result.train.history}
     print(json.dumps(last))
 

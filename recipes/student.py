@@ -490,10 +490,12 @@ def step_seconds(history: list[dict], batch_size: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m recipes.student CONFIG [--set key=value ...]`: train, save, score."""
-    from ._text_task import main as text_main
+    """`python -m recipes.student CONFIG [--set key=value ...]`: `recipes.run`'s command
+    line for the text tasks only (train, save the model, score)."""
+    from . import run  # run.py imports the text tasks, which import this module
 
-    text_main(argv)
+    run.main(argv, prog="python -m recipes.student", tasks=("text_lm", "text_student"),
+             description="Train a byte-level teacher or student.")  # fmt: skip
 
 
 if __name__ == "__main__":

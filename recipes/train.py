@@ -8,8 +8,11 @@ vmap axis), optional bf16 compute over float32 master weights, a learning-rate
 schedule indexed by the global step, periodic evaluation, orbax checkpoints that
 resume to the identical next step, metrics as JSON lines, a progress bar, and a PNG of
 the curves. Hooks run between steps and may replace the model (e.g. factorize it in
-place) and ask for a fresh optimizer state. Multi-host: call `jax.distributed.initialize()`
-first and let every process feed its own share of each batch.
+place) and ask for a fresh optimizer state. A run whose training loss becomes NaN or
+infinite stops with `TrainingDiverged` (checked whenever the losses are fetched: at
+every log and before every checkpoint, so no diverged state is saved). Multi-host: call
+`jax.distributed.initialize()` first and let every process feed its own share of each
+batch.
 """
 
 import dataclasses
@@ -70,9 +73,19 @@ class Hook(Protocol):
 
 @dataclasses.dataclass
 class TrainResult:
+    """The trained model and state, the history (metrics.jsonl's records), and the
+    step the run resumed from (None for a fresh start; `config.steps` when a rerun
+    found the run finished and had nothing left to do)."""
+
     model: PyTree
     state: PyTree
     history: list[dict[str, Any]]
+    resumed_from: int | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message says at which step and
+    what to change."""
 
 
 def make_optimizer(
@@ -176,8 +189,31 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+_PARTS = ("model", "state", "opt_state")
+
+
+def _array_signature(ts: TrainState) -> list[list[str]]:
+    """[path, "dtype[shape]"] of every array a checkpoint of `ts` holds, in order."""
+    arrays = eqx.filter((ts.model, ts.state, ts.opt_state), eqx.is_array)
+    return [
+        [_PARTS[path[0].idx] + jax.tree_util.keystr(path[1:]), f"{x.dtype}{list(x.shape)}"]
+        for path, x in jax.tree_util.tree_leaves_with_path(arrays)
+    ]
+
+
+def _signature_mismatch(saved: list[list[str]], here: list[list[str]]) -> str | None:
+    """How the arrays of a checkpoint differ from those of this run, or None."""
+    for (saved_path, saved_type), (path, kind) in zip(saved, here):
+        if (saved_path, saved_type) != (path, kind):
+            return f"the checkpoint has {saved_path} {saved_type} where this run has {path} {kind}"
+    if len(saved) != len(here):
+        return f"the checkpoint holds {len(saved)} arrays, this run {len(here)}"
+    return None
+
+
 class _Checkpoints:
-    """orbax checkpoints of (model, state, opt_state) arrays plus JSON metadata."""
+    """orbax checkpoints of (model, state, opt_state) arrays plus JSON metadata (which
+    also lists the arrays, so resuming another model's checkpoint says what differs)."""
 
     def __init__(self, directory: Path, keep: int):
         import orbax.checkpoint as ocp
@@ -192,16 +228,31 @@ class _Checkpoints:
 
     def save(self, ts: TrainState, meta: dict[str, Any]) -> None:
         leaves = jax.tree.leaves(eqx.filter((ts.model, ts.state, ts.opt_state), eqx.is_array))
+        meta = {**meta, "arrays": _array_signature(ts)}
         args = self._ocp.args
         self.manager.save(
             ts.step, args=args.Composite(arrays=args.StandardSave(leaves), meta=args.JsonSave(meta))
+        )
+
+    def mismatch(self, step: int, why: str) -> ConfigError:
+        """The error for a checkpoint at `step` that is not this run's, saying `why`."""
+        return ConfigError(
+            f"train.out_dir holds a checkpoint of another run: at step {step} in "
+            f"{self.manager.directory}, {why}; set train.out_dir to a fresh folder, or "
+            "train.resume=false to train from scratch there."
         )
 
     def meta(self, step: int) -> dict[str, Any]:
         args = self._ocp.args
         return self.manager.restore(step, args=args.Composite(meta=args.JsonRestore()))["meta"]
 
-    def restore(self, ts: TrainState, sharding: NamedSharding) -> TrainState:
+    def restore(self, ts: TrainState, sharding: NamedSharding, meta: dict[str, Any]) -> TrainState:
+        """`ts` with the arrays of the checkpoint at `ts.step` (whose metadata is `meta`);
+        a `ConfigError` if they are not this run's arrays."""
+        saved = meta.get("arrays")
+        why = None if saved is None else _signature_mismatch(saved, _array_signature(ts))
+        if why is not None:
+            raise self.mismatch(ts.step, why)
         arrays, static = eqx.partition((ts.model, ts.state, ts.opt_state), eqx.is_array)
         leaves, treedef = jax.tree.flatten(arrays)
         target = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in leaves]
@@ -210,11 +261,9 @@ class _Checkpoints:
             restored = self.manager.restore(
                 ts.step, args=args.Composite(arrays=args.StandardRestore(target))
             )["arrays"]
-        except Exception as e:
-            raise ValueError(
-                f"the checkpoint at step {ts.step} in {self.manager.directory} does not fit "
-                f"this model ({e}); start a fresh out_dir or set train.resume=false."
-            ) from e
+        except Exception as e:  # a checkpoint written before the array list was kept
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise self.mismatch(ts.step, f"its arrays do not fit this run ({first_line})") from e
         model, state, opt_state = eqx.combine(jax.tree.unflatten(treedef, restored), static)
         return TrainState(ts.step, model, state, opt_state)
 
@@ -333,8 +382,12 @@ def train(
         ts = ts._replace(step=latest)
         for hook, saved in zip(hooks, meta["hooks"]):
             if hasattr(hook, "restore"):
-                ts = hook.restore(ts, saved)
-        ts = checkpoints.restore(fresh_opt_state(ts), replicated)
+                try:
+                    ts = hook.restore(ts, saved)
+                except ValueError as e:
+                    raise checkpoints.mismatch(latest, f"its {type(hook).__name__} state does "
+                                                f"not fit this model ({e})") from e  # fmt: skip
+        ts = checkpoints.restore(fresh_opt_state(ts), replicated, meta)
         if (out_dir / "metrics.jsonl").exists():
             lines = (out_dir / "metrics.jsonl").read_text().splitlines()
             history = [
@@ -362,9 +415,25 @@ def train(
     def due(every: int, step: int) -> bool:
         return step == config.steps or (every > 0 and step % every == 0)
 
+    def finite(pending: list[dict[str, Array]]) -> list[dict[str, Any]]:
+        """The pending steps' metrics on the host; `TrainingDiverged` at a non-finite loss."""
+        fetched = jax.device_get(pending)
+        for step, metrics in enumerate(fetched, start=ts.step - len(fetched) + 1):
+            if not np.isfinite(metrics["loss"]):
+                record({"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}})
+                saved = checkpoints.latest() if checkpoints is not None else None
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {float(metrics['loss'])} at step {step}. "
+                    "Lower optim.lr, clip the gradients (optim.grad_clip=1.0), train in fp32 "
+                    "(train.precision=fp32) or check the data"
+                    + (f"; the last checkpoint is from step {saved}." if saved else ".")
+                )
+        return fetched
+
     base_key = jax.random.key(config.seed)
     batches = train_data(ts.step)
-    pending: list[dict[str, Array]] = []
+    pending: list[dict[str, Array]] = []  # this logging window's metrics, on device
+    window: list[dict[str, Any]] = []  # ... and those already fetched and checked
     examples, tick = 0, time.perf_counter()
     show = config.progress and is_main
     bar = tqdm(total=config.steps, initial=ts.step, unit="step", disable=not show)
@@ -392,13 +461,15 @@ def train(
             pending.append(metrics)
             examples += batch_size
             bar.update(1)
-            if due(config.log_every, ts.step):
-                fetched = jax.device_get(pending)
-                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            log = due(config.log_every, ts.step)
+            if log or (checkpoints is not None and due(config.checkpoint_every, ts.step)):
+                window, pending = window + finite(pending), []
+            if log:
+                means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 rate = examples / (time.perf_counter() - tick)
                 record({"step": ts.step, "split": "train", **means, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{rate:.0f}")
-                pending, examples, tick = [], 0, time.perf_counter()
+                window, examples, tick = [], 0, time.perf_counter()
             if eval_fn is not None and due(config.eval_every, ts.step):
                 record({"step": ts.step, "split": "eval", **evaluate(ts)})
             if checkpoints is not None and due(config.checkpoint_every, ts.step):
@@ -412,4 +483,4 @@ def train(
             checkpoints.close()
     if is_main and out_dir is not None:
         plot_history(history, out_dir / "curves.png")
-    return TrainResult(ts.model, ts.state, history)
+    return TrainResult(ts.model, ts.state, history, latest)

@@ -2,8 +2,10 @@
 quarter of its attention/MLP parameters (whitened init from calibration text), trained
 with KD from the teacher; validation bits per byte on unseen plays.
 
-    python -m recipes.student shakespeare_student --set distill.mode=salt distill.n_kd=150
-    python -m recipes.student shakespeare_student --set model.kind=dense distill.mode=ce
+    python -m recipes.run shakespeare_student --set distill.mode=salt distill.n_kd=150
+    python -m recipes.run shakespeare_student --set model.kind=dense distill.mode=ce
+
+(`python -m recipes.student` takes the same arguments.)
 
 model.kind: factorized | dense (from scratch, same parameter fraction);
 model.init: spectral | whitened | nkp | random; distill.mode: ce | kd | salt | salt_ds.

@@ -1,6 +1,8 @@
 """Dense byte-level teacher on Shakespeare's works (train plays only), on CPU.
 
-    python -m recipes.student shakespeare_teacher [--set train.steps=300 model.d_model=96]
+    python -m recipes.run shakespeare_teacher [--set train.steps=300 model.d_model=96]
+
+(`python -m recipes.student shakespeare_teacher` does the same.)
 
 Saves out/shakespeare_teacher/model.eqx (read by `recipes.student.load_lm` and the
 shakespeare_student recipe) and prints validation bits per byte on unseen plays.

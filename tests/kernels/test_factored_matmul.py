@@ -205,3 +205,55 @@ X, A, B, BIAS = (jnp.zeros(s) for s in [(4, 6), (6, 2), (2, 5), (5,)])
 def test_bad_inputs_name_the_argument(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         kernels.factored_matmul(*args, **kwargs)
+
+
+def _loss64(x, a, b, c, w):
+    return jnp.sum(jax.nn.gelu((x @ a) @ b + c) * w)
+
+
+def test_grad_of_grad_and_hessian_run_through_the_kernels():
+    x, a, b, c = factors(5, 6, 2, 4)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((5, 4)), jnp.float32)
+    loss = lambda x, a: jnp.sum(kernels.factored_matmul(x, a, b, c, "gelu", "pallas") * w)
+    grad_of_grad = jax.grad(lambda a: jnp.sum(jax.grad(loss)(x, a) ** 2))
+    hessian = jax.hessian(loss)
+    # the kernels still compute the values; XLA only adds the higher-order terms
+    assert find_eqns(jax.make_jaxpr(grad_of_grad)(a), "pallas_call")
+    assert find_eqns(jax.make_jaxpr(hessian)(x, a), "pallas_call")
+    with jax.enable_x64(True):
+        to64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+        x64, a64, b64, c64, w64 = map(to64, (x, a, b, c, w))
+        ref = lambda x, a: _loss64(x, a, b64, c64, w64)
+        want_gg = jax.grad(lambda a: jnp.sum(jax.grad(ref)(x64, a) ** 2))(a64)
+        want_h = jax.hessian(ref)(x64, a64)
+    assert_close(jax.jit(grad_of_grad)(a), np.asarray(want_gg), 1e-5)
+    assert_close(jax.jit(hessian)(x, a), np.asarray(want_h), 1e-5)
+
+
+def test_forward_mode_on_the_fused_path_names_the_fallback():
+    x, a, b, c = factors(3, 4, 2, 5)
+    f = lambda x: kernels.factored_matmul(x, a, b, c, "relu", "pallas")
+    with pytest.raises(TypeError, match=r"impl='pallas'\): forward-mode autodiff .* use impl='xla'"):
+        jax.jvp(f, (x,), (x,))
+    with pytest.raises(TypeError, match=r"forward-mode autodiff \(jax.jvp, jax.jacfwd\)"):
+        jax.jacfwd(f)(x)
+    _, got = jax.jvp(lambda x: kernels.factored_matmul(x, a, b, c, "relu", "xla"), (x,), (x,))
+    z = (np.asarray(x, np.float64) @ np.asarray(a, np.float64)) @ np.asarray(b, np.float64)
+    assert_close(got, (z + np.asarray(c, np.float64) > 0) * z, 1e-5)  # relu'(z + c) · (x @ a @ b)
+
+
+def test_explicitly_sharded_arrays_take_xla_or_say_why(monkeypatch):
+    x, a, b, c = factors(4, 8, 2, 6)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    want, _ = forward_and_vjp(x, a, b, c, "gelu", np.zeros((4, 6)))
+    kind = jax.devices()[0].device_kind
+    monkeypatch.setitem(_dispatch.MEASURED, kind, {("float32", "m<=16", "kn<=1024", "r<=64"): frozenset({"fwd"})})
+    f = lambda x, impl: kernels.factored_matmul(x, a, b, c, "gelu", impl)
+    assert find_eqns(jax.make_jaxpr(f, static_argnums=1)(x, "auto"), "pallas_call")  # unsharded: measured
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, sharded)
+        with pytest.raises(ValueError, match=r"impl='pallas' cannot run on arrays sharded over Explicit mesh axes \(got P\('data', None\)\).* use impl='xla'"):
+            f(xs, "pallas")
+        assert not find_eqns(jax.make_jaxpr(f, static_argnums=1)(xs, "auto"), "pallas_call")
+        assert_close(jax.jit(f, static_argnums=1)(xs, "auto"), want, 1e-5)

@@ -194,3 +194,88 @@ def test_bad_calibration_is_named_with_the_fix(model, calibration, pattern):
 def test_bad_example_is_named_with_the_fix(example, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         lowrank.plan(eqx.nn.MLP(32, 3, 16, 1, key=KEY), rank=2, example=example)
+
+
+class TwoBranches(eqx.Module):
+    """Two equal-sized layers on the two halves of the input."""
+
+    a: eqx.nn.Linear
+    b: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        ka, kb = jax.random.split(key)
+        self.a = eqx.nn.Linear(16, 16, use_bias=False, key=ka)
+        self.b = eqx.nn.Linear(16, 16, use_bias=False, key=kb)
+
+    def __call__(self, x):
+        return self.a(x[:16]) + self.b(x[16:])
+
+
+def test_data_aware_budget_follows_the_inputs_and_runs_the_data_twice():
+    """Layer a's inputs span 2 directions, b's all 16: with the same weight spectra, the
+    data-aware allocation gives a almost nothing and b the rest; weight spectra split
+    evenly. One pass for the allocation, one for the fit."""
+    model = TwoBranches(key=KEY)
+    rng = np.random.default_rng(0)
+    low_dim = rng.normal(size=(256, 2)) @ rng.normal(size=(2, 16))
+    xs = jnp.asarray(np.concatenate([low_dim, rng.normal(size=(256, 16))], 1), jnp.float32)
+    runs = []
+
+    def calibrate(m):
+        jax.debug.callback(lambda: runs.append(1))
+        return jax.vmap(m)(xs)
+
+    budget = lowrank.Budget(params=0.4)
+    _, plan = lowrank.factorize(model, rank=budget, init="whitened", calibration=calibrate, return_plan=True)
+    assert len(runs) == 2
+    assert plan["a"].rank <= 2 < plan["b"].rank
+    assert any("calibration data" in n for n in plan.notes)
+    assert all(l.fit_seconds is not None and l.fit_seconds >= 0 for l in plan.factorized)
+    by_weights = lowrank.plan(model, rank=lowrank.Budget(params=0.4, by="weights"))
+    assert abs(by_weights["a"].rank - by_weights["b"].rank) <= 1
+
+
+def test_uniform_budget_keeps_the_same_fraction_per_layer():
+    model = eqx.nn.MLP(64, 32, 48, 2, key=KEY)
+    plan = lowrank.plan(model, rank=lowrank.Budget(params=0.3, by="uniform"))
+    for lp in plan.factorized:
+        m, n = lp.matrix_shape
+        assert lp.rank == max(1, int(0.3 * m * n / (m + n)))
+    assert "by='uniform'" in plan.rule
+
+
+def test_budget_by_is_checked():
+    with pytest.raises(ValueError, match=r"Budget\(by='spectral'\): choose one of"):
+        lowrank.Budget(params=0.5, by="spectral")
+    with pytest.raises(ValueError, match=r"Budget\(by='data'\) allocates ranks from calibration data: pass calibration="):
+        lowrank.plan(eqx.nn.MLP(8, 3, 16, 1, key=KEY), rank=lowrank.Budget(params=0.5, by="data"))
+
+
+_SHARDED_RUN = """
+import jax, jax.numpy as jnp, numpy as np, equinox as eqx, lowrank
+from lowrank._calibrate import _sharded
+assert len(jax.devices()) == {devices}
+model = eqx.nn.MLP(12, 5, 24, 2, key=jax.random.key(0))
+xs = jax.random.normal(jax.random.key(1), (64, 12))
+assert len(_sharded(xs).sharding.device_set) == {devices}
+low = lowrank.factorize(model, rank=3, init="whitened", calibration=xs)
+np.save("{out}", np.concatenate([np.asarray(l.weight).ravel() for l in lowrank.densify(low).layers]))
+"""
+
+
+def test_calibration_is_sharded_over_local_devices_with_the_same_result(tmp_path):
+    """4 forced CPU devices: the calibration batch is split over them, and the factors are
+    those of the single-device run."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for devices in (1, 4):
+        out = tmp_path / f"{devices}.npy"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        code = _SHARDED_RUN.format(devices=devices, out=out)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+        results[devices] = np.load(out)
+    np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-5)
+

@@ -123,23 +123,6 @@ def test_plan_from_another_model_is_rejected():
         lowrank.factorize(other, plan=plan)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model = CNN(key=KEY)
-    low, plan = lowrank.factorize(model, rank=lowrank.Budget(params=0.5), return_plan=True)
-    lowrank.save(tmp_path / "model.eqx", low, plan)
-    fresh_dense = CNN(key=jax.random.key(7))  # same constructor, other weights
-    loaded = lowrank.load(tmp_path / "model.eqx", fresh_dense)
-    x = jax.random.normal(KEY, (3, 9, 9))
-    np.testing.assert_array_equal(loaded(x), low(x))
-    with pytest.raises(FileNotFoundError, match="written by lowrank.save"):
-        lowrank.load(tmp_path / "missing.eqx", fresh_dense)
-    with pytest.raises(TypeError, match="save needs the Plan"):
-        lowrank.save(tmp_path / "x.eqx", low, None)
-    other_plan = lowrank.plan(model, rank=1)
-    with pytest.raises(ValueError, match="the plan does not describe this model"):
-        lowrank.save(tmp_path / "x.eqx", low, other_plan)
-
-
 def test_random_init_matches_dense_entry_variance():
     dense = eqx.nn.Linear(256, 512, key=KEY)
     low = lowrank.factorize(dense, rank=64, init="random", key=KEY)
@@ -342,7 +325,7 @@ def test_initializer_contract_is_enforced():
         calibration = "never"
 
         def __call__(self, problem, *, key):
-            u, v, b, _ = lowrank.Spectral()(problem, key=key)
+            u, v, b = lowrank.Spectral()(problem, key=key)[:3]
             return lowrank.Factors(u * jnp.nan, v, b)
 
     class NeedsData:
@@ -363,3 +346,43 @@ def test_initializer_contract_is_enforced():
         lowrank.register_initializer("bad", object())
     with pytest.raises(ValueError, match="no layer selected"):
         lowrank.plan(mlp(key=KEY), rank=2, where=lambda p, l: False)
+
+
+class _TiedAndTransposed(eqx.Module):
+    shared: eqx.nn.Shared
+    up: eqx.nn.ConvTranspose2d
+
+    def __init__(self):
+        a, b = eqx.nn.Linear(16, 16, key=KEY), eqx.nn.Linear(16, 16, key=jax.random.key(1))
+        self.shared = eqx.nn.Shared((a, b), lambda p: p[1].weight, lambda p: p[0].weight)
+        self.up = eqx.nn.ConvTranspose2d(4, 4, 3, key=KEY)
+
+
+@pytest.mark.parametrize(
+    "build,kwargs,reason",
+    [
+        (lambda: mlp(key=KEY), {"rank": 10**9}, r"layers.0: rank 1000000000 >= full rank 20: nothing to save"),
+        (lambda: mlp(key=KEY), {"rank": 1.0}, r"layers.1: rank 32 >= full rank 32"),
+        (lambda: mlp(key=KEY), {"rank": lowrank.Budget(params=1.0)}, r"budget affords the exact dense layer"),
+        (lambda: [eqx.nn.ConvTranspose2d(4, 4, 3, key=KEY)], {"rank": 2}, r"0: ConvTranspose2d is not supported yet"),
+        (_TiedAndTransposed, {"rank": 2, "target": ["shared.pytree.1"]}, r"shared.pytree.1: weight is tied"),
+    ],
+)
+def test_nothing_to_factorize_warns_with_each_reason_and_returns_the_model(build, kwargs, reason):
+    model = build()
+    with pytest.warns(UserWarning, match=r"nothing to factorize \(rank=.*\), the model is returned unchanged\. .*" + reason):
+        out = lowrank.factorize(model, **kwargs)
+    assert out is model
+    plan = lowrank.plan(model, **kwargs)
+    with pytest.warns(UserWarning, match="Lower the rank or budget"):
+        out, returned = lowrank.factorize(model, plan=plan, return_plan=True)
+    assert out is model and returned.factorized == []
+    assert "no layer is factorized" in str(plan)
+
+
+def test_nan_bias_is_named_not_blamed_on_calibration():
+    model = mlp(key=KEY)
+    bad = eqx.tree_at(lambda m: m.layers[1].bias, model, model.layers[1].bias.at[3].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"layer layers.1 has a non-finite bias \(NaN/inf\); fix or re-initialize") as info:
+        lowrank.factorize(bad, rank=2, init="spectral")
+    assert "calibration" not in str(info.value) and "try init='spectral'" not in str(info.value)

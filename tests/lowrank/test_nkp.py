@@ -3,6 +3,9 @@ spectral, the calibrated variant vs whitened, and bad inputs.
 
 References are float64 (numpy, scipy, or jax under `jax.enable_x64`)."""
 
+import warnings
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
 
+import lowrank
 from lowrank._gaussian_expectations import (
     arccos_kernel,
     expected_sq_diff,
@@ -376,3 +380,52 @@ def test_bad_settings_raise():
         NKP(iterations=-2)
     with pytest.raises(ValueError, match="NKP ridge must be a finite number >= 0, got nan"):
         NKP(ridge=float("nan"))
+
+
+class _TwoFC(eqx.Module):
+    """Two Linears in a custom module: the activation after each is unknown to lowrank.
+    (One shape for both, so that NKP compiles once per activation.)"""
+
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+
+    def __init__(self):
+        k1, k2 = jax.random.split(jax.random.key(0))
+        self.fc1, self.fc2 = eqx.nn.Linear(16, 16, key=k1), eqx.nn.Linear(16, 16, key=k2)
+
+    def __call__(self, x):
+        return self.fc2(jnp.tanh(self.fc1(x)))
+
+
+def test_nkp_warns_when_it_assumes_relu_and_labels_the_f_err():
+    with pytest.warns(UserWarning, match=r"init 'nkp' assumes ReLU after fc1, fc2: their activation is unknown\. .*activations="):
+        _, plan = lowrank.factorize(_TwoFC(), rank=3, init="nkp", return_plan=True)
+    assumed = "inputs x ~ N(0, 1²·I), ReLU after the layer (its activation is unknown)"
+    assert plan["fc1"].assumes == assumed and plan["fc2"].assumes == assumed
+    assert any("assumes ReLU after fc1, fc2" in n for n in plan.notes)
+    text = str(plan)
+    assert f"{plan['fc1'].function_error:.3f}*" in text
+    assert f"* f-err assumes {assumed}, not measured: fc1, fc2" in text
+    assert lowrank.Plan.from_json(plan.to_json()) == plan
+
+
+def test_nkp_told_the_activations_does_not_warn_and_labels_only_the_gaussian():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, plan = lowrank.factorize(
+            _TwoFC(), rank=3, init="nkp", activations={"fc1": jnp.tanh, "fc2": None}, return_plan=True
+        )
+        lowrank.factorize(_TwoFC(), rank=3, init=NKP(activation=jnp.tanh, input_scale=2.0))
+    assert plan["fc1"].assumes == "inputs x ~ N(0, 1²·I)"
+    assert not any("ReLU" in n for n in plan.notes)
+    mlp_plan = lowrank.factorize(eqx.nn.MLP(16, 16, 16, 1, key=jax.random.key(0)), rank=3, init="nkp", return_plan=True)[1]
+    assert mlp_plan["layers.0"].assumes == "inputs x ~ N(0, 1²·I)"  # eqx.nn.MLP: activations known
+    spectral = lowrank.factorize(_TwoFC(), rank=3, return_plan=True)[1]
+    assert spectral["fc1"].assumes is None and "f-err assumes" not in str(spectral)
+
+
+def test_calibrated_nkp_with_unknown_activation_warns_and_says_so():
+    xs = jax.random.normal(jax.random.key(1), (64, 16))
+    with pytest.warns(UserWarning, match=r"init 'nkp' assumes ReLU after fc1, fc2"):
+        _, plan = lowrank.factorize(_TwoFC(), rank=3, init="nkp", calibration=xs, return_plan=True)
+    assert plan["fc1"].assumes == "ReLU after the layer (its activation is unknown)"

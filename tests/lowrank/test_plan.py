@@ -199,3 +199,78 @@ def test_budget_floor_keeps_layers_where_dense_beats_rank_one():
     plan = lowrank.plan(model, rank=lowrank.Budget(params=0.5))
     assert plan["0"].rank is None and plan["1"].rank is not None
     assert plan.budget["achieved"] <= 0.5
+
+
+@pytest.mark.parametrize(
+    "rank,want",
+    [
+        (np.int64(4), 4),
+        (jnp.array(4), 4),
+        (np.float32(0.25), 8),
+        (jnp.array(0.25), 8),
+        ({"layers.1": np.int32(3)}, 3),
+        ({"layers": jnp.array(0.125)}, 4),
+    ],
+)
+def test_numpy_and_jax_scalar_ranks_are_accepted(rank, want):
+    assert lowrank.plan(mlp(key=KEY), rank=rank)["layers.1"].rank == want
+
+
+def test_numpy_scalars_in_budgets_and_edits_bools_rejected():
+    budget = lowrank.Budget(params=np.float32(0.5))
+    assert isinstance(budget.params, float) and lowrank.plan(mlp(key=KEY), rank=budget).budget["asked"] == 0.5
+    plan = lowrank.plan(mlp(key=KEY), rank=2).with_rank("layers.1", np.int64(5))
+    assert plan["layers.1"].rank == 5 and type(plan["layers.1"].rank) is int
+    assert lowrank.Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(TypeError, match="rank must be an int"):
+        lowrank.plan(mlp(key=KEY), rank=np.bool_(True))
+    with pytest.raises(TypeError, match="rank must be an int"):
+        lowrank.plan(mlp(key=KEY), rank=jnp.array(True))
+    with pytest.raises(ValueError, match=r"the fraction must be a number in \(0, 1\]"):
+        lowrank.Budget(flops=np.bool_(True))
+
+
+def test_empty_rank_dict_is_an_error():
+    with pytest.raises(ValueError, match=r"rank=\{\} has no rules: give \{pattern: rank\} entries"):
+        lowrank.plan(mlp(key=KEY), rank={})
+
+
+def test_integer_weights_are_rejected_naming_layer_and_dtype():
+    model = mlp(key=KEY)
+    ints = eqx.tree_at(lambda m: m.layers[1].weight, model, jnp.round(model.layers[1].weight * 100).astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"layer layers.1 has int32 weights; .*cast the model to float .* exclude=\['layers.1'\]"):
+        lowrank.factorize(ints, rank=2)
+    plan = lowrank.plan(model, rank=2)
+    with pytest.raises(ValueError, match="layer layers.1 has int32 weights"):
+        lowrank.factorize(ints, plan=plan)
+    assert lowrank.plan(ints, rank=2, exclude=["layers.1"])["layers.0"].rank == 2
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d["layers"][0].update(rank="abc"), r"plan layer 0 \('layers.0'\) field 'rank' must be int or null, got 'abc'"),
+        (lambda d: d["layers"][1].pop("shape"), r"plan layer 1 \('layers.1'\) has unknown fields \[\] / lacks fields \['shape'\]"),
+        (lambda d: d["layers"][2].update(colour=1), r"plan layer 2 \('layers.2'\) has unknown fields \['colour'\]"),
+        (lambda d: d["layers"][0].update(shape=[32, -1]), r"field 'shape' must be a list of positive ints"),
+        (lambda d: d["layers"][0].update(factorizable=1), r"field 'factorizable' must be bool, got 1"),
+        (lambda d: d["layers"][0].update(params_before=True), r"field 'params_before' must be int, got True"),
+        (lambda d: d.update(layers={}), r"plan 'layers' must be a list"),
+        (lambda d: d.update(extra=1), r"not a lowrank plan: keys \['budget', 'extra'"),
+        (lambda d: d.update(budget={"kind": "params"}), r"plan 'budget' must be null or \{'kind'"),
+        (lambda d: d["layers"][0].update(weight_error="0.1"), r"field 'weight_error' must be float or null, got '0.1'"),
+    ],
+)
+def test_edited_plan_json_names_the_broken_field(edit, match):
+    import json
+
+    data = json.loads(lowrank.plan(mlp(key=KEY), rank=2).to_json())
+    edit(data)
+    with pytest.raises(ValueError, match=match):
+        lowrank.Plan.from_json(json.dumps(data))
+
+
+def test_truncated_plan_json_is_reported_as_invalid_json():
+    text = lowrank.plan(mlp(key=KEY), rank=2).to_json()
+    with pytest.raises(ValueError, match=r"not a lowrank plan: invalid JSON \(.* line \d+ column"):
+        lowrank.Plan.from_json(text[: len(text) // 2])

@@ -67,9 +67,24 @@ def test_task_specific_sections_are_read_from_the_instance():
         ("train=3", "config key 'train' is a section; set one of its keys: train.steps,"),
         ("train.steps.max=3", "config key 'train.steps' is a value, not a section"),
         ("train.steps", "override 'train.steps' is not of the form key=value"),
-        ("train.steps=-1", "train.steps=-1 must not be negative."),
+        ("train.steps=-1", "train.steps=-1 must be positive."),
+        ("train.seed=-1", "train.seed=-1 must not be negative."),
         ("train.steps=0", "train.steps=0 must be positive."),
         ("data.batch_size=0", "data.batch_size=0 must be positive."),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number."),
+        ("optim.lr=inf", "optim.lr=inf must be a finite number."),
+        ("optim.lr=-1", "optim.lr=-1.0 must be positive."),
+        ("optim.lr=0", "optim.lr=0.0 must be positive."),
+        ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be positive."),
+        ("optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number."),
+        ("optim.momentum=1", "optim.momentum=1.0 must be in [0, 1)."),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0."),
+        ("model.width=0", "model.width=0 must be positive."),
+        ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)."),
+        ("data.image_size=0", "data.image_size=0 must be positive."),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be positive."),
+        ("factorize.frobenius_decay=-1", "factorize.frobenius_decay=-1.0 must be >= 0."),
+        ("factorize.rank=nan", "factorize.rank=nan must be a finite number."),
         ("factorize.warmup=3", "unknown config key 'factorize.warmup'. Did you mean 'factorize.warmup_steps'?"),
         ("factorize.calibration=some", "factorize.calibration='some' cannot be read as int."),
     ],
@@ -77,6 +92,15 @@ def test_task_specific_sections_are_read_from_the_instance():
 def test_bad_overrides_name_the_key(assignment, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("resnet18_digits", [assignment])
+
+
+def test_text_sections_are_bounded_too():
+    with pytest.raises(ConfigError, match=re.escape("model.d_model=0 must be positive.")):
+        load_config("shakespeare_teacher", ["model.d_model=0"])
+    with pytest.raises(ConfigError, match=re.escape("model.params=1.5 must be in (0, 1].")):
+        load_config("shakespeare_student", ["model.params=1.5"])
+    with pytest.raises(ConfigError, match=re.escape("distill.alpha=nan must be a finite number.")):
+        load_config("shakespeare_student", ["distill.alpha=nan"])
 
 
 def test_configs_written_with_wrong_types_are_rejected(tmp_path):

@@ -118,9 +118,11 @@ def test_stable_rule_gives_each_layer_its_stable_rank():
     for path, layer in selected_layers("pufferfish", model).items():
         w = np.asarray(layer.weight, np.float64).reshape(layer.weight.shape[0], -1)
         s = np.linalg.svd(w, compute_uv=False)
-        expected = int(np.ceil(np.sum(s**2) / s[0] ** 2))
+        stable = np.sum(s**2) / s[0] ** 2
+        # the library's float32 stable rank may round across an integer: either ceil is right
+        expected = {int(np.ceil(stable * (1 - 1e-5))), int(np.ceil(stable * (1 + 1e-5)))}
         lp = plan[path]
-        assert lp.rank == expected or (lp.rank is None and expected * sum(w.shape) >= w.size)
+        assert lp.rank in expected or (lp.rank is None and max(expected) * sum(w.shape) >= w.size)
 
 
 def selected_layers(policy, model):

@@ -100,5 +100,7 @@ def test_resumed_hybrid_run_restores_the_factorized_structure(tmp_path):
 def test_frobenius_decay_in_the_optimizer_changes_only_low_rank_training(tmp_path):
     plain = fit("", 4, hooks=[HybridWarmup(2, factorize)])
     decayed = fit("", 4, hooks=[HybridWarmup(2, factorize)], frobenius_decay=1.0)
-    np.testing.assert_array_equal(train_losses(decayed)[:3], train_losses(plain)[:3])
-    assert train_losses(decayed)[3] != train_losses(plain)[3]
+    # Two optimizer chains that agree on dense layers (compiled differently: equal up
+    # to float32 rounding), until the factors exist.
+    np.testing.assert_allclose(train_losses(decayed)[:3], train_losses(plain)[:3], rtol=1e-6)
+    assert abs(train_losses(decayed)[3] - train_losses(plain)[3]) > 1e-4 * train_losses(plain)[3]

@@ -123,14 +123,17 @@ def test_generate_greedy_counts_up():
 def test_generate_sliding_window_matches_naive_loop():
     model = Transformer(context=8, d_model=16, n_layers=1, n_heads=2, key=jr.key(1))
     prompt = jnp.asarray([1, 2, 3], jnp.int32)
-    out = lc.generate(model, prompt, 9, temperature=0.0)
+    out = [int(t) for t in lc.generate(model, prompt, 9, temperature=0.0)]
     forward = eqx.filter_jit(model)
     seq = [1, 2, 3]
-    for _ in range(9):
+    for token in out:
         window = seq[-8:]  # the model's context; zero-padded to one shape (causal)
-        logits = forward(jnp.asarray(window + [0] * (8 - len(window)), jnp.int32))
-        seq.append(int(jnp.argmax(logits[len(window) - 1])))
-    np.testing.assert_array_equal(out, seq[3:])
+        logits = np.asarray(forward(jnp.asarray(window + [0] * (8 - len(window)), jnp.int32)))
+        row = logits[len(window) - 1]
+        # generate's token is the naive loop's argmax, up to float32 near-ties (the two
+        # compute the logits differently); then follow generate's choice
+        assert row[token] >= row.max() - 1e-5 * np.abs(row).max(), (len(seq), token, row.argmax())
+        seq.append(token)
 
 
 @pytest.mark.parametrize("temperature,p0", [(1.0, 0.7), (0.5, 0.49 / 0.58)])

@@ -13,7 +13,13 @@ import optax
 import pytest
 
 from recipes.config import ConfigError, OptimConfig, TrainConfig
-from recipes.train import check_batch_size, default_mesh, make_optimizer, train
+from recipes.train import (
+    TrainingDiverged,
+    check_batch_size,
+    default_mesh,
+    make_optimizer,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,8 +189,43 @@ def test_hook_replaces_model_and_resume_restores_its_structure(tmp_path):
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     run(tmp_path, 3, hooks=[FactorizeAt(2)])
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ConfigError, match=(
+        r"train.out_dir holds a checkpoint of another run: at step 3 in .*checkpoints, the "
+        r"checkpoint has model.fc2.u float32\[3, \d\] where this run has model.fc2.weight "
+        r"float32\[3, 16\]; set train.out_dir to a fresh folder, or train.resume=false")):
         run(tmp_path, 4)
+
+
+def test_checkpoint_without_an_array_list_is_rejected_in_one_line(tmp_path):
+    run(tmp_path, 3, hooks=[FactorizeAt(2)])
+    meta_file = tmp_path / "checkpoints/3/meta/metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "arrays"}))
+    with pytest.raises(ConfigError, match=r"at step 3 in .*, its arrays do not fit this run \(") as e:
+        run(tmp_path, 4)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_loss_stops_the_run_and_says_where(tmp_path):
+    def poisoned(step):
+        while True:
+            batch = make_batch(step)
+            if step == 2:  # the third step's batch
+                batch["x"][0, 0] = np.nan
+            yield batch
+            step += 1
+
+    model, state = tiny_model()
+    config = TrainConfig(steps=6, log_every=5, checkpoint_every=1, out_dir=str(tmp_path),
+                         progress=False)  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=(
+        r"training diverged: the loss is nan at step 3\. Lower optim.lr, clip the gradients "
+        r"\(optim.grad_clip=1.0\).*; the last checkpoint is from step 2\.")):
+        train(model, state, loss_fn=loss_fn, optimizer=OPTIMIZER, schedule=SCHEDULE,
+              train_data=poisoned, config=config)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and np.isnan(last["loss"])
 
 
 def float_dtypes(tree):

@@ -1,0 +1,154 @@
+"""Cost of sequential calibrated factorization against one dense forward pass.
+
+For each model, in its own process (so that peak memory is that job's alone): the wall
+time of one jitted dense forward pass over the calibration data (compiled first, then
+timed), and of `lowrank.factorize(..., init=whitened|nkp, calibration=..., rank=
+Budget(params=0.8))` with the default one-pass sequential calibration, and the process's
+peak resident memory (getrusage, what `/usr/bin/time -v` reports).
+
+    python -m bench.calibration_cost                     # every model
+    python -m bench.calibration_cost --models smollm2 --tokens 128x256
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench._results import markdown_table, write_section
+
+MODELS = ("digits_cnn", "resnet18", "mobilenet_v2", "smollm2")
+INITS = ("whitened", "nkp")
+
+
+def _smollm2(tokens: str):
+    from recipes.data import bbc_split, token_windows
+    from recipes.pretrained import smollm2
+
+    count, length = (int(v) for v in tokens.split("x"))
+    model, tokenizer = smollm2()
+    ids = token_windows(tokenizer, bbc_split().calibration, length, count, seed=0)
+    run = lambda m: jax.vmap(m)(ids)  # noqa: E731
+    return model, run, r".*_proj", f"{count}x{length} BBC tokens"
+
+
+def _mobilenet_v2(_):
+    from recipes.data import photo_crops, photo_split
+    from recipes.pretrained import MOBILENET_V2_NORMALIZATION, mobilenet_v2
+
+    model, state = mobilenet_v2()
+    crops = photo_crops(photo_split(seed=0).calibration, 64, normalization=MOBILENET_V2_NORMALIZATION, seed=0)
+    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(crops)  # noqa: E731
+    return model, run, r".*(project|expand)\.conv|classifier", "64 photo crops at 224px"
+
+
+def _resnet18(_):
+    from recipes.models import resnet18
+
+    model, state = resnet18(10, stem="cifar", key=jax.random.key(0))
+    images = _digit_images(256, 32)
+    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(images)  # noqa: E731
+    return model, run, r"layer\d\..*conv\d", "256 digits at 32x32 (random init)"
+
+
+def _digits_cnn(_):
+    import equinox as eqx
+
+    class CNN(eqx.Module):
+        convs: list
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k = jax.random.split(key, 4)
+            self.convs = [eqx.nn.Conv2d(3, 32, 3, padding=1, key=k[0]),
+                          eqx.nn.Conv2d(32, 64, 3, padding=1, key=k[1]),
+                          eqx.nn.Conv2d(64, 64, 3, padding=1, key=k[2])]  # fmt: skip
+            self.head = eqx.nn.Linear(64, 10, key=k[3])
+
+        def __call__(self, x):
+            for conv in self.convs:
+                x = jax.nn.relu(conv(x))
+            return self.head(x.mean((1, 2)))
+
+    images = _digit_images(512, 16)
+    run = lambda m: jax.vmap(m)(images)  # noqa: E731
+    return CNN(jax.random.key(0)), run, None, "512 digits at 16x16 (random init)"
+
+
+def _digit_images(n: int, size: int):
+    from recipes.data import digits
+
+    train, _ = digits(image_size=size, channels=3)
+    x = np.stack([train[i]["image"] for i in range(n)]).astype(np.float32) / 255.0
+    return jnp.asarray(np.moveaxis(x, -1, 1))
+
+
+def measure(model_name: str, init: str, tokens: str) -> dict:
+    """One job: dense forward time, then the factorization's time and peak memory."""
+    import lowrank
+
+    model, run, target, data = globals()[f"_{model_name}"](tokens)
+    forward = eqx.filter_jit(run)
+    jax.block_until_ready(forward(model))  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(forward(model))
+    dense_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    _, plan = lowrank.factorize(
+        model, rank=lowrank.Budget(params=0.8), init=init, calibration=run, target=target,
+        return_plan=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    fit = sum(l.fit_seconds or 0.0 for l in plan.factorized)
+    return {
+        "model": model_name, "init": init, "data": data, "layers": len(plan.factorized),
+        "dense_s": dense_seconds, "factorize_s": seconds, "fit_s": fit,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--inits", default=",".join(INITS))
+    parser.add_argument("--tokens", default="128x256", help="SmolLM2 calibration windows x length")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        model_name, init = args.job.split(":")
+        print(json.dumps(measure(model_name, init, args.tokens)))
+        return
+    rows = []
+    for model_name in args.models.split(","):
+        for init in args.inits.split(","):
+            cmd = [sys.executable, "-m", "bench.calibration_cost", "--job", f"{model_name}:{init}",
+                   "--tokens", args.tokens]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                rows.append([model_name, init, "failed", "", "", "", "", "", ""])
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            ratio = r["factorize_s"] / r["dense_s"]
+            rows.append([r["model"], r["init"], r["data"], r["layers"], r["dense_s"], r["factorize_s"],
+                         r["fit_s"], ratio, r["peak_rss_gb"]])  # fmt: skip
+            print(rows[-1], flush=True)
+    header = ["model", "init", "calibration data", "layers", "dense fwd s", "factorize s",
+              "of which fits s", "factorize / fwd", "peak RSS GB"]  # fmt: skip
+    body = (
+        "Sequential calibrated factorize at Budget(params=0.8) of the selected layers, one "
+        "pass over the data; each row its own process. Targets (issue 13, SmolLM2): "
+        "factorize <= 4x one dense forward pass, peak RSS <= 6 GB.\n\n" + markdown_table(header, rows)
+    )
+    write_section("calibration_cost", "Calibration cost (one-pass engine)", body)
+
+
+if __name__ == "__main__":
+    main()
