@@ -228,7 +228,8 @@ def write_folding(repeats):
         "factorized conv's 1x1 stage). Four variants timed in alternating rounds of 5 (median of "
         "the round medians). Time ratios compare with the dense model with the same folding; "
         "FLOP ratios are conv/linear FLOPs (`lowrank.summary`). Old vision target: "
-        "time/FLOP <= 1.25 at 25% params.\n\n" + table
+        "time/FLOP <= 1.25 at 25% params. Load average at the end: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + ".\n\n" + table
     )
     write_section("model_speed_fold", "Model speed with folded BatchNorm (bench/model_speed.py --only fold)", body)
 
