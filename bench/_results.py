@@ -58,7 +58,11 @@ def write_section(name: str, title: str, body: str, *, path: str | Path = RESULT
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)  # atomic: a crash never leaves half a file

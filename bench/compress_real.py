@@ -191,10 +191,12 @@ def smollm2_task(sizes: Sizes) -> Task:
         search_candidates=sizes.search_candidates,
         columns=["perplexity", "bits/byte"],
         notes=[
-            (f"Calibration: {n_cal} windows x {t_cal} tokens from BBC {', '.join(split.calibration_from)}; "
-            f"evaluation: {n_eval} windows x {t_eval} next-token predictions ({n_bytes:,} bytes) "
-            f"from {', '.join(split.evaluation_from)} (BBC News: research use only). "
-            "Selected: q/k/v/o/gate/up/down of every block; embeddings (tied head) and norms dense."),
+            (
+                f"Calibration: {n_cal} windows x {t_cal} tokens from BBC {', '.join(split.calibration_from)}; "
+                f"evaluation: {n_eval} windows x {t_eval} next-token predictions ({n_bytes:,} bytes) "
+                f"from {', '.join(split.evaluation_from)} (BBC News: research use only). "
+                "Selected: q/k/v/o/gate/up/down of every block; embeddings (tied head) and norms dense."
+            ),
         ],
     )
 
@@ -207,10 +209,16 @@ def cnn_task(name: str, sizes: Sizes) -> Task:
 
     if name == "mobilenet_v2":
         model, state = pretrained.mobilenet_v2(blocks_per_stage=sizes.blocks_per_stage)
-        normalization, title = pretrained.MOBILENET_V2_NORMALIZATION, "MobileNetV2 (torchvision ImageNet)"
+        normalization, title = (
+            pretrained.MOBILENET_V2_NORMALIZATION,
+            "MobileNetV2 (torchvision ImageNet)",
+        )
     else:
         model, state = pretrained.efficientnet_lite0(blocks_per_stage=sizes.blocks_per_stage)
-        normalization, title = pretrained.EFFICIENTNET_LITE0_NORMALIZATION, "EfficientNet-Lite0 (ImageNet)"
+        normalization, title = (
+            pretrained.EFFICIENTNET_LITE0_NORMALIZATION,
+            "EfficientNet-Lite0 (ImageNet)",
+        )
     split = photo_split(seed=0)
     crops = functools.partial(photo_crops, normalization=normalization, size=sizes.image_size)
     calibration = jnp.asarray(crops(split.calibration, sizes.calibration_crops, seed=0))
@@ -224,7 +232,9 @@ def cnn_task(name: str, sizes: Sizes) -> Task:
         return jax.vmap(lambda x: m(x, state, inference=True)[0], axis_name=BATCH_AXIS)(images)
 
     def all_logits(m, images):
-        return jnp.concatenate([logits(m, images[s]) for s in _chunks(len(images), 16 * sizes.chunk)])
+        return jnp.concatenate(
+            [logits(m, images[s]) for s in _chunks(len(images), 16 * sizes.chunk)]
+        )
 
     dense = all_logits(model, evaluation)
     dense_search = all_logits(model, search)
@@ -236,7 +246,11 @@ def cnn_task(name: str, sizes: Sizes) -> Task:
             "top-1 agreement": float(metrics.top1_agreement(dense, out)),
         }
 
-    blocks = "" if sizes.blocks_per_stage is None else f", first {sizes.blocks_per_stage} block(s) per stage"
+    blocks = (
+        ""
+        if sizes.blocks_per_stage is None
+        else f", first {sizes.blocks_per_stage} block(s) per stage"
+    )
     return Task(
         name=name,
         title=f"{title} on photo crops{blocks}",
@@ -249,12 +263,14 @@ def cnn_task(name: str, sizes: Sizes) -> Task:
         search_candidates=sizes.search_candidates,
         columns=["KL", "top-1 agreement"],
         notes=[
-            (f"Calibration: {len(calibration)} crops of {', '.join(split.calibration)}; evaluation: "
-            f"{len(evaluation)} crops of {', '.join(split.evaluation)} ({sizes.image_size}x"
-            f"{sizes.image_size}). Selected: 1x1 expand/project convs, the head conv and the "
-            "classifier; stem and depthwise convs dense. ASVD's sensitivity uses KL to dense on "
-            f"{len(search)} calibration crops (no labels: the paper's perplexity has no "
-            "counterpart here)."),
+            (
+                f"Calibration: {len(calibration)} crops of {', '.join(split.calibration)}; evaluation: "
+                f"{len(evaluation)} crops of {', '.join(split.evaluation)} ({sizes.image_size}x"
+                f"{sizes.image_size}). Selected: 1x1 expand/project convs, the head conv and the "
+                "classifier; stem and depthwise convs dense. ASVD's sensitivity uses KL to dense on "
+                f"{len(search)} calibration crops (no labels: the paper's perplexity has no "
+                "counterpart here)."
+            ),
         ],
     )
 
@@ -273,15 +289,21 @@ def minilm_task(sizes: Sizes) -> Task:
 
     model, tokenizer = minilm(num_layers=sizes.encoder_layers, max_length=sizes.text_tokens)
     split = bbc_split()
-    cal_ids, cal_mask = map(jnp.asarray, tokenize(tokenizer, _paragraphs(split.calibration, sizes.calibration_texts, 0)))
-    ev_ids, ev_mask = map(jnp.asarray, tokenize(tokenizer, _paragraphs(split.evaluation, sizes.evaluation_texts, 1)))
+    cal_ids, cal_mask = map(
+        jnp.asarray, tokenize(tokenizer, _paragraphs(split.calibration, sizes.calibration_texts, 0))
+    )
+    ev_ids, ev_mask = map(
+        jnp.asarray, tokenize(tokenizer, _paragraphs(split.evaluation, sizes.evaluation_texts, 1))
+    )
 
     @eqx.filter_jit
     def embed(m, ids, mask):
         return jax.vmap(m)(ids, mask)
 
     def all_embed(m, ids, mask):
-        return jnp.concatenate([embed(m, ids[s], mask[s]) for s in _chunks(len(ids), 16 * sizes.chunk)])
+        return jnp.concatenate(
+            [embed(m, ids[s], mask[s]) for s in _chunks(len(ids), 16 * sizes.chunk)]
+        )
 
     dense = all_embed(model, ev_ids, ev_mask)
     n_search = sizes.search_texts
@@ -314,11 +336,13 @@ def minilm_task(sizes: Sizes) -> Task:
         search_candidates=sizes.search_candidates,
         columns=["cosine to dense", "NN agreement"],
         notes=[
-            (f"Calibration: {len(cal_ids)} paragraphs (>= 30 words) from BBC "
-            f"{', '.join(split.calibration_from)}; evaluation: {len(ev_ids)} from "
-            f"{', '.join(split.evaluation_from)}; {sizes.text_tokens} tokens (padded/truncated). "
-            "Selected: every linear of every layer. ASVD's sensitivity uses 1 - cosine to dense "
-            f"on {n_search} calibration paragraphs."),
+            (
+                f"Calibration: {len(cal_ids)} paragraphs (>= 30 words) from BBC "
+                f"{', '.join(split.calibration_from)}; evaluation: {len(ev_ids)} from "
+                f"{', '.join(split.evaluation_from)}; {sizes.text_tokens} tokens (padded/truncated). "
+                "Selected: every linear of every layer. ASVD's sensitivity uses 1 - cosine to dense "
+                f"on {n_search} calibration paragraphs."
+            ),
         ],
     )
 
@@ -343,19 +367,28 @@ def methods(task: Task, ratio: float, search: dict | None):
     if search is not None:
 
         def searched():
-            plan = peers.asvd_sensitivity_plan(task.model, ratio, target=task.target, sensitivity=search["sensitivity"])
+            plan = peers.asvd_sensitivity_plan(
+                task.model, ratio, target=task.target, sensitivity=search["sensitivity"]
+            )
             return lowrank.factorize(task.model, plan=plan, init=peers.ScaledASVD(search["scales"]))
 
         rows.append(("ASVD + sensitivity ranks", searched))
     for init in OURS:
-        rows.append((
-            f"ours: {init}",
-            functools.partial(
-                lowrank.factorize, task.model, rank=lowrank.Budget(params=ratio), target=task.target,
-                init=init, calibration=task.calibration, activations=task.activations,
-                key=jax.random.key(0),
-            ),
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"ours: {init}",
+                functools.partial(
+                    lowrank.factorize,
+                    task.model,
+                    rank=lowrank.Budget(params=ratio),
+                    target=task.target,
+                    init=init,
+                    calibration=task.calibration,
+                    activations=task.activations,
+                    key=jax.random.key(0),
+                ),
+            )
+        )
     return rows
 
 
@@ -383,7 +416,9 @@ def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]
     results = {(1.0, "dense"): {**dense, "kept": 1.0, "params": dense_params, "seconds": None}}
     report(results)
     search = asvd_search(task) if searched else None
-    todo = [(ratio, label, thunk) for ratio in budgets for label, thunk in methods(task, ratio, search)]
+    todo = [
+        (ratio, label, thunk) for ratio in budgets for label, thunk in methods(task, ratio, search)
+    ]
     todo.sort(key=lambda t: t[1] == "ours: nkp")  # stable: budgets and methods in order otherwise
     for ratio, label, thunk in todo:
         start = time.perf_counter()
@@ -395,7 +430,9 @@ def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]
         kept = (selected - (dense_params - params)) / selected
         scores = task.evaluate(compressed)
         results[(ratio, label)] = {**scores, "kept": kept, "params": params, "seconds": seconds}
-        say(f"{task.name} {ratio:g} {label}: {scores} kept {kept:.3f}, factorized in {seconds:.1f} s")
+        say(
+            f"{task.name} {ratio:g} {label}: {scores} kept {kept:.3f}, factorized in {seconds:.1f} s"
+        )
         del compressed
         report(results)
     return results
@@ -403,14 +440,36 @@ def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]
 
 def table(task: Task, results: dict, budgets) -> str:
     """The markdown table of the rows measured so far, by budget then method."""
-    labels = ["plain SVD", "SVD-LLM (W)", "ASVD", "ASVD + sensitivity ranks", *(f"ours: {i}" for i in OURS)]
-    header = ["budget", "method", "selected params kept", "model params", *task.columns, "factorize s"]
+    labels = [
+        "plain SVD",
+        "SVD-LLM (W)",
+        "ASVD",
+        "ASVD + sensitivity ranks",
+        *(f"ours: {i}" for i in OURS),
+    ]
+    header = [
+        "budget",
+        "method",
+        "selected params kept",
+        "model params",
+        *task.columns,
+        "factorize s",
+    ]
     rows = []
     for key in [(1.0, "dense")] + [(b, l) for b in budgets for l in labels]:
         if key in results:
             r = results[key]
             seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-            rows.append([f"{key[0]:g}", key[1], r["kept"], r["params"], *(r[c] for c in task.columns), seconds])
+            rows.append(
+                [
+                    f"{key[0]:g}",
+                    key[1],
+                    r["kept"],
+                    r["params"],
+                    *(r[c] for c in task.columns),
+                    seconds,
+                ]
+            )
     return markdown_table(header, rows)
 
 
@@ -439,9 +498,16 @@ def verdicts(task: Task, results: dict, budgets) -> list[str]:
             choose = min if column in LOWER_IS_BETTER else max
             best_label = choose(ours, key=lambda l: results[(ratio, l)][column])
             best_peer = choose(peer_labels, key=lambda l: results[(ratio, l)][column])
-            ours_v, peer_v = results[(ratio, best_label)][column], results[(ratio, best_peer)][column]
+            ours_v, peer_v = (
+                results[(ratio, best_label)][column],
+                results[(ratio, best_peer)][column],
+            )
             ok = choose(ours_v, peer_v) == ours_v
-            verdict = ("met" if ok else "MISSED") if task.name != "minilm" else ("ahead" if ok else "behind")
+            verdict = (
+                ("met" if ok else "MISSED")
+                if task.name != "minilm"
+                else ("ahead" if ok else "behind")
+            )
             lines.append(
                 f"- {ratio:g}, {column}: our best {ours_v:.4g} ({best_label}), best peer {peer_v:.4g} "
                 f"({best_peer}): **{verdict}**"
@@ -451,30 +517,42 @@ def verdicts(task: Task, results: dict, budgets) -> list[str]:
 
 def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> str:
     """One model's part of RESULTS.md: notes, table, targets."""
-    heading = "Comparison (the issue sets no target for MiniLM):" if task.name == "minilm" else "Targets:"
-    body = "\n\n".join([
-        *task.notes,
-        (
-            "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
-            "Budget(params=...) and sequential calibration. 'factorize s' is the wall time "
-            f"of lowrank.factorize, calibration included (load average {load:.1f} on "
-            f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
-        ),
-        table(task, results, budgets),
-        heading + "\n" + "\n".join(verdicts(task, results, budgets)),
-    ])  # fmt: skip
+    heading = (
+        "Comparison (the issue sets no target for MiniLM):" if task.name == "minilm" else "Targets:"
+    )
+    body = "\n\n".join(
+        [
+            *task.notes,
+            (
+                "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
+                "Budget(params=...) and sequential calibration. 'factorize s' is the wall time "
+                f"of lowrank.factorize, calibration included (load average {load:.1f} on "
+                f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
+            ),
+            table(task, results, budgets),
+            heading + "\n" + "\n".join(verdicts(task, results, budgets)),
+        ]
+    )
     return body if done else body + "\n\n(run in progress: the rows so far)"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--budgets", default=None,
-                        help=f"parameter fractions kept (default {','.join(map(str, BUDGETS))}; --quick: 0.6)")  # fmt: skip
-    parser.add_argument("--asvd-search", default=",".join(SEARCHED),
-                        help="models that also get ASVD's sensitivity-searched ranks ('' for none)")  # fmt: skip
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        help=f"parameter fractions kept (default {','.join(map(str, BUDGETS))}; --quick: 0.6)",
+    )
+    parser.add_argument(
+        "--asvd-search",
+        default=",".join(SEARCHED),
+        help="models that also get ASVD's sensitivity-searched ranks ('' for none)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
-    parser.add_argument("--out", default=None, help=f"results file (default {RESULTS}; --quick: none)")
+    parser.add_argument(
+        "--out", default=None, help=f"results file (default {RESULTS}; --quick: none)"
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -490,7 +568,9 @@ def main(argv=None) -> None:
         parser.error(f"--budgets must be comma-separated numbers in (0, 1), got {args.budgets!r}")
     searched = {m for m in args.asvd_search.split(",") if m}
     if searched - set(MODELS):
-        parser.error(f"--asvd-search: unknown {sorted(searched - set(MODELS))}; choose from {', '.join(MODELS)}")
+        parser.error(
+            f"--asvd-search: unknown {sorted(searched - set(MODELS))}; choose from {', '.join(MODELS)}"
+        )
     out = args.out if args.out is not None else (None if args.quick else str(RESULTS))
     sizes = QUICK if args.quick else Sizes()
     build = {"smollm2": smollm2_task, "minilm": minilm_task}

@@ -51,7 +51,9 @@ def _child(rounds: int, layers: int | None) -> dict:
     dense, _ = smollm2(layers)
     models = {"dense": dense}
     for budget in BUDGETS:
-        models[f"params={budget}"] = lowrank.factorize(dense, rank=lowrank.Budget(params=budget), init="spectral")
+        models[f"params={budget}"] = lowrank.factorize(
+            dense, rank=lowrank.Budget(params=budget), init="spectral"
+        )
 
     batch, seq = PREFILL
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, dense.config.vocab_size, jnp.int32)
@@ -86,7 +88,7 @@ def _child(rounds: int, layers: int | None) -> dict:
             cost = cost[0] if isinstance(cost, list) else cost
             out["flops"][f"{name}/{bench}"] = float(cost.get("flops", float("nan")))
             runs[(name, bench)] = (compiled, model, arg)
-    for (name, bench), (compiled, model, arg) in runs.items():
+    for compiled, model, arg in runs.values():
         jax.block_until_ready(compiled(model, arg))  # warm-up
     times = {f"{n}/{b}": [] for n, b in runs}
     for _ in range(rounds):
@@ -104,14 +106,30 @@ def _child(rounds: int, layers: int | None) -> dict:
 
 
 def _run_option(name: str, rounds: int, layers: int | None) -> dict:
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + OPTIONS[name]).strip())
+    env = dict(
+        os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + OPTIONS[name]).strip()
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.llm_speed", "--child", "--rounds", str(rounds),
-         *([] if layers is None else ["--layers", str(layers)])],
-        env=env, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "bench.llm_speed",
+            "--child",
+            "--rounds",
+            str(rounds),
+            *([] if layers is None else ["--layers", str(layers)]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:200]}
+        return {
+            "error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][
+                :200
+            ]
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -126,27 +144,50 @@ def _rows(name: str, res: dict) -> list[list]:
         f_ratio = res["flops"][f"{model}/prefill"] / res["flops"]["dense/prefill"]
         t_pre = prefill / med["dense/prefill"]
         t_dec = decode / med["dense/decode"]
-        rows.append([
-            name, model, batch * seq / prefill, NEW_TOKENS / decode, p_ratio, f_ratio, t_pre,
-            t_pre / f_ratio, t_dec, t_dec / p_ratio,
-            "" if model == "dense" else ("yes" if t_pre <= 1.15 * f_ratio else "MISS"),
-            "" if model == "dense" else ("yes" if t_dec <= 1.1 * p_ratio else "MISS"),
-        ])
+        rows.append(
+            [
+                name,
+                model,
+                batch * seq / prefill,
+                NEW_TOKENS / decode,
+                p_ratio,
+                f_ratio,
+                t_pre,
+                t_pre / f_ratio,
+                t_dec,
+                t_dec / p_ratio,
+                "" if model == "dense" else ("yes" if t_pre <= 1.15 * f_ratio else "MISS"),
+                "" if model == "dense" else ("yes" if t_dec <= 1.1 * p_ratio else "MISS"),
+            ]
+        )
     return rows
 
 
 HEADER = [
-    "XLA options", "model", "prefill tok/s", "decode tok/s", "param ratio", "prefill FLOP ratio",
-    "prefill time ratio", "prefill time/FLOP", "decode time ratio", "decode time/param",
-    "prefill <= 1.15 x FLOP", "decode <= 1.1 x param",
+    "XLA options",
+    "model",
+    "prefill tok/s",
+    "decode tok/s",
+    "param ratio",
+    "prefill FLOP ratio",
+    "prefill time ratio",
+    "prefill time/FLOP",
+    "decode time ratio",
+    "decode time/param",
+    "prefill <= 1.15 x FLOP",
+    "decode <= 1.1 x param",
 ]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--options", default=",".join(OPTIONS))
-    parser.add_argument("--layers", type=int, default=None, help="first N blocks only (a smoke run)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="first N blocks only (a smoke run)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md")
     args = parser.parse_args()
@@ -157,7 +198,9 @@ def main():
 
     rows, notes = [], []
     for name in args.options.split(","):
-        print(f"[llm_speed] options {name}: {OPTIONS[name] or '(none)'}", file=sys.stderr, flush=True)
+        print(
+            f"[llm_speed] options {name}: {OPTIONS[name] or '(none)'}", file=sys.stderr, flush=True
+        )
         res = _run_option(name, args.rounds, args.layers)
         if "error" in res:
             notes.append(f"- `{name}` ({OPTIONS[name]}): not run, {res['error']}")
@@ -165,9 +208,11 @@ def main():
             rows += _rows(name, res)
             platform = res["platform"]
             load = ", ".join(f"{x:.1f}" for x in res["load"])
-            notes.append(f"- `{name}`: XLA_FLAGS=`{OPTIONS[name]}`; load average at the end {load}; "
-                         f"compile s (dense prefill/decode) {res['compile_s']['dense/prefill']:.0f}/"
-                         f"{res['compile_s']['dense/decode']:.0f}")
+            notes.append(
+                f"- `{name}`: XLA_FLAGS=`{OPTIONS[name]}`; load average at the end {load}; "
+                f"compile s (dense prefill/decode) {res['compile_s']['dense/prefill']:.0f}/"
+                f"{res['compile_s']['dense/decode']:.0f}"
+            )
         _report(args, platform, rows, notes)  # after each option set
 
 
@@ -179,13 +224,18 @@ def _report(args, platform, rows, notes):
         f"token, as one lax.scan. Median of {args.rounds} alternating rounds; param ratio over all arrays "
         "(the tied embedding included), FLOP ratio from XLA's cost analysis of the compiled prefill. "
         "Targets: decode time ratio <= 1.1 x param ratio, prefill time ratio <= 1.15 x FLOP ratio.\n\n"
-        + markdown_table(HEADER, rows) + "\n\n" + "\n".join(notes)
+        + markdown_table(HEADER, rows)
+        + "\n\n"
+        + "\n".join(notes)
     )
     print(body, file=sys.stderr, flush=True)
     if not args.no_write:
         section = "llm_speed" if platform == "cpu" else f"llm_speed-{platform}"
-        write_section(section, f"SmolLM2-135M inference ({platform}): dense vs factorized (bench/llm_speed.py)",
-                      body)
+        write_section(
+            section,
+            f"SmolLM2-135M inference ({platform}): dense vs factorized (bench/llm_speed.py)",
+            body,
+        )
 
 
 if __name__ == "__main__":

@@ -252,8 +252,9 @@ def activation_scales(model, calibration, *, target, alpha: float = 0.5) -> dict
         {path: s}.
     """
     recorder = _ScaleRecorder(alpha)
-    plan = plan_with_ranks(model, dict.fromkeys(uniform_ranks(model, 0.5, target=target), 1),
-                           target=target)  # fmt: skip
+    plan = plan_with_ranks(
+        model, dict.fromkeys(uniform_ranks(model, 0.5, target=target), 1), target=target
+    )
     lowrank.factorize(model, plan=plan, init=recorder, calibration=calibration, sequential=False)
     return recorder.scales
 
@@ -270,7 +271,7 @@ def _merged(model, path: str, factors: lowrank.Factors):
     """`model` with the layer at `path` given weight u @ v: the low-rank function in the
     dense structure, so that trial models share one compilation."""
     layer = _module_at(model, path)
-    weight = (np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64))
+    weight = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
     weight = jnp.asarray(weight.reshape(layer.weight.shape), layer.weight.dtype)
     return eqx.tree_at(lambda m: _module_at(m, path).weight, model, weight)
 

@@ -21,10 +21,11 @@ from . import _activations, _dispatch, _tiling
 _CONTRACT_COLS = (((1,), (1,)), ((), ()))  # p @ qᵀ for p (m, n), q (r, n)
 
 
-def _epilogue_grad_kernel(g_ref, t_ref, b_ref, *refs, m, n, r, tiles, activation,
-                          inner_activation, has_bias, masked_ops):
+def _epilogue_grad_kernel(
+    g_ref, t_ref, b_ref, *refs, m, n, r, tiles, activation, inner_activation, has_bias, masked_ops
+):
     bias_ref = refs[0] if has_bias else None
-    gz_ref, dt_ref = refs[int(has_bias):]
+    gz_ref, dt_ref = refs[int(has_bias) :]
     bm, bn, r_pad = tiles.bm, tiles.bn, tiles.r_pad
     rows_ok = (pl.program_id(0) * bm + jnp.arange(bm) < m)[:, None]
     rank_ok = rows_ok & (jnp.arange(r_pad) < r)[None, :]
@@ -82,16 +83,25 @@ def fused_epilogue_grad(
         weights.append(_tiling.pad_to(bias[None, :], (1, n_pad)))
         in_specs.append(pl.BlockSpec((1, n_pad), lambda i: (0, 0)))
     kernel = functools.partial(
-        _epilogue_grad_kernel, m=m, n=n, r=r, tiles=tiles, activation=activation,
-        inner_activation=inner_activation, has_bias=bias is not None, masked_ops=masked_ops,
+        _epilogue_grad_kernel,
+        m=m,
+        n=n,
+        r=r,
+        tiles=tiles,
+        activation=activation,
+        inner_activation=inner_activation,
+        has_bias=bias is not None,
+        masked_ops=masked_ops,
     )
     gz, dt = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((m, n), g.dtype), jax.ShapeDtypeStruct((m, r), g.dtype)],
         grid=(pl.cdiv(m, bm),),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((bm, n_pad), lambda i: (i, 0)),
-                   pl.BlockSpec((bm, r_pad), lambda i: (i, 0))],
+        out_specs=[
+            pl.BlockSpec((bm, n_pad), lambda i: (i, 0)),
+            pl.BlockSpec((bm, r_pad), lambda i: (i, 0)),
+        ],
         cost_estimate=pl.CostEstimate(
             flops=4 * m * n * r,
             transcendentals=(m * n if activation in ("gelu", "silu") else 0)

@@ -63,7 +63,8 @@ def factored_matmul(
     x, a, b, bias = _checked(x, a, b, bias, activation, impl)
     if inner_activation not in _activations.NAMES:
         raise ValueError(
-            f"inner_activation must be one of {_activations.NAMES}, got {inner_activation!r}")
+            f"inner_activation must be one of {_activations.NAMES}, got {inner_activation!r}"
+        )
     k, n = a.shape[0], b.shape[1]
     rows = x.reshape(math.prod(x.shape[:-1]), k)
     if impl == "xla" or (impl == "auto" and not _dispatch.auto_may_use_pallas()):
@@ -94,20 +95,30 @@ def _checked(x, a, b, bias, activation, impl):
         raise ValueError(f"x must have shape (..., K) with at least one axis, got shape {x.shape}")
     k = x.shape[-1]
     if a.ndim != 2 or a.shape[0] != k:
-        raise ValueError(f"a must have shape (K, r) = ({k}, r) to match x of shape {x.shape}, got shape {a.shape}")
+        raise ValueError(
+            f"a must have shape (K, r) = ({k}, r) to match x of shape {x.shape}, got shape {a.shape}"
+        )
     r = a.shape[1]
     if b.ndim != 2 or b.shape[0] != r:
-        raise ValueError(f"b must have shape (r, N) = ({r}, N) to match a of shape {a.shape}, got shape {b.shape}")
+        raise ValueError(
+            f"b must have shape (r, N) = ({r}, N) to match a of shape {a.shape}, got shape {b.shape}"
+        )
     n = b.shape[1]
     if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape (N,) = ({n},) to match b of shape {b.shape}, got shape {bias.shape}")
+        raise ValueError(
+            f"bias must have shape (N,) = ({n},) to match b of shape {b.shape}, got shape {bias.shape}"
+        )
     named = {"x": x, "a": a, "b": b} | ({} if bias is None else {"bias": bias})
     for name, array in named.items():
         if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"{name} must have a floating dtype (float32 or bfloat16), got {array.dtype}")
+            raise ValueError(
+                f"{name} must have a floating dtype (float32 or bfloat16), got {array.dtype}"
+            )
     dtype = jnp.result_type(*named.values())
     if impl == "pallas" and dtype not in _dispatch.PALLAS_DTYPES:
-        raise ValueError(f"impl='pallas' takes float32 or bfloat16 inputs, got {dtype}; use impl='xla'")
+        raise ValueError(
+            f"impl='pallas' takes float32 or bfloat16 inputs, got {dtype}; use impl='xla'"
+        )
     return tuple(None if v is None else v.astype(dtype) for v in (x, a, b, bias))
 
 
@@ -122,7 +133,9 @@ def _xla_forward(x, a, b, bias, *, activation, inner, save_t=False):
 def _xla_epilogue_grad(g, t, b, bias, *, activation, inner):
     h = _activations.jax_nn(inner)(t)
     z = h @ b if bias is None else h @ b + bias
-    gz = (g.astype(jnp.float32) * _activations.derivative(activation, z.astype(jnp.float32))).astype(g.dtype)
+    gz = (
+        g.astype(jnp.float32) * _activations.derivative(activation, z.astype(jnp.float32))
+    ).astype(g.dtype)
     return gz, _times_derivative(gz @ b.T, inner, t)
 
 
@@ -130,7 +143,9 @@ def _times_derivative(dh, inner, t):
     """dh * σ'(t): the cotangent of the pre-activation intermediate (dh itself for no σ)."""
     if inner in (None, "none"):
         return dh
-    return (dh.astype(jnp.float32) * _activations.derivative(inner, t.astype(jnp.float32))).astype(dh.dtype)
+    return (dh.astype(jnp.float32) * _activations.derivative(inner, t.astype(jnp.float32))).astype(
+        dh.dtype
+    )
 
 
 def _maybe(bias):
@@ -157,13 +172,22 @@ def _xla_derivatives(op, xla):
 @functools.cache
 def _forward_op(activation, inner, save_t, impl):
     def xla(x, a, b, *bias):
-        return _xla_forward(x, a, b, _unmaybe(bias), activation=activation, inner=inner, save_t=save_t)
+        return _xla_forward(
+            x, a, b, _unmaybe(bias), activation=activation, inner=inner, save_t=save_t
+        )
 
     def op(x, a, b, *bias):
         (m, k), (r, n) = x.shape, b.shape
         if _dispatch.use_pallas("fwd", impl, m, k, n, r, x.dtype, x, a, b, *bias):
-            return _forward.fused_forward(x, a, b, _unmaybe(bias), activation=activation,
-                                          inner_activation=inner, save_t=save_t)
+            return _forward.fused_forward(
+                x,
+                a,
+                b,
+                _unmaybe(bias),
+                activation=activation,
+                inner_activation=inner,
+                save_t=save_t,
+            )
         return xla(x, a, b, *bias)
 
     return _xla_derivatives(_batching.rowwise(op, n_rows=1, fallback=xla), xla)
@@ -177,8 +201,9 @@ def _epilogue_grad_op(activation, inner, impl, k):
     def op(g, t, b, *bias):
         (m, n), r = g.shape, b.shape[0]
         if _dispatch.use_pallas("bwd", impl, m, k, n, r, g.dtype, g, t, b, *bias):
-            return _backward.fused_epilogue_grad(g, t, b, _unmaybe(bias), activation=activation,
-                                                 inner_activation=inner)
+            return _backward.fused_epilogue_grad(
+                g, t, b, _unmaybe(bias), activation=activation, inner_activation=inner
+            )
         return xla(g, t, b, *bias)
 
     return _xla_derivatives(_batching.rowwise(op, n_rows=2, fallback=xla), xla)
@@ -201,7 +226,11 @@ def _fused_bwd(activation, inner, impl, residuals, g):
     else:
         gz, dt = _epilogue_grad_op(activation, inner, impl, a.shape[0])(g, t, b, *_maybe(bias))
     dbias = None if bias is None else jnp.sum(gz, axis=0, dtype=jnp.float32).astype(bias.dtype)
-    h = _activations.apply(inner, t.astype(jnp.float32)).astype(t.dtype) if inner not in (None, "none") else t
+    h = (
+        _activations.apply(inner, t.astype(jnp.float32)).astype(t.dtype)
+        if inner not in (None, "none")
+        else t
+    )
     return dt @ a.T, x.T @ dt, h.T @ gz, dbias
 
 

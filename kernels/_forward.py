@@ -18,27 +18,46 @@ from jaxtyping import Array, Float
 from . import _activations, _dispatch, _tiling
 
 
-def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activation,
-                    inner_activation, has_bias, save_t, masked_ops):
+def _forward_kernel(
+    x_ref,
+    a_ref,
+    b_ref,
+    *refs,
+    m,
+    k,
+    n,
+    r,
+    tiles,
+    chunks,
+    activation,
+    inner_activation,
+    has_bias,
+    save_t,
+    masked_ops,
+):
     bias_ref = refs[0] if has_bias else None
-    y_ref, *t_ref = refs[int(has_bias):]
+    y_ref, *t_ref = refs[int(has_bias) :]
     bm, bk, bn, r_pad = tiles.bm, tiles.bk, tiles.bn, tiles.r_pad
     i, j = pl.program_id(0), pl.program_id(1)
     rows_ok = (i * bm + jnp.arange(bm) < m)[:, None]
 
     def k_step(s, acc):
         cols = s * bk + jnp.arange(bk)
-        xs = _tiling.load(x_ref.at[:, pl.ds(s * bk, bk)], rows_ok & (cols < k)[None, :],
-                          masked_ops=masked_ops)
+        xs = _tiling.load(
+            x_ref.at[:, pl.ds(s * bk, bk)], rows_ok & (cols < k)[None, :], masked_ops=masked_ops
+        )
         return acc + jnp.dot(xs, a_ref[pl.ds(s * bk, bk), :], preferred_element_type=jnp.float32)
 
     t = jax.lax.fori_loop(0, pl.cdiv(k, bk), k_step, jnp.zeros((bm, r_pad), jnp.float32))
     t = t.astype(b_ref.dtype)
     if save_t:
+
         @pl.when(j == 0)
         def _():
-            _tiling.store(t_ref[0], t, rows_ok & (jnp.arange(r_pad) < r)[None, :],
-                          masked_ops=masked_ops)
+            _tiling.store(
+                t_ref[0], t, rows_ok & (jnp.arange(r_pad) < r)[None, :], masked_ops=masked_ops
+            )
+
     if inner_activation not in (None, "none"):
         t = _activations.apply(inner_activation, t.astype(jnp.float32)).astype(b_ref.dtype)
 
@@ -48,8 +67,12 @@ def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activ
         if has_bias:
             z = z + bias_ref[:, pl.ds(start, bn)].astype(jnp.float32)
         cols_ok = (start + jnp.arange(bn) < n)[None, :]
-        _tiling.store(y_ref.at[:, pl.ds(c * bn, bn)], _activations.apply(activation, z),
-                      rows_ok & cols_ok, masked_ops=masked_ops)
+        _tiling.store(
+            y_ref.at[:, pl.ds(c * bn, bn)],
+            _activations.apply(activation, z),
+            rows_ok & cols_ok,
+            masked_ops=masked_ops,
+        )
         return carry
 
     jax.lax.fori_loop(0, chunks, n_step, 0)
@@ -95,8 +118,18 @@ def fused_forward(
         out_shape.append(jax.ShapeDtypeStruct((m, r), x.dtype))
         out_specs.append(pl.BlockSpec((bm, r_pad), lambda i, j: (i, 0)))
     kernel = functools.partial(
-        _forward_kernel, m=m, k=k, n=n, r=r, tiles=tiles, chunks=chunks,
-        activation=activation, inner_activation=inner_activation, has_bias=bias is not None, save_t=save_t, masked_ops=masked_ops,
+        _forward_kernel,
+        m=m,
+        k=k,
+        n=n,
+        r=r,
+        tiles=tiles,
+        chunks=chunks,
+        activation=activation,
+        inner_activation=inner_activation,
+        has_bias=bias is not None,
+        save_t=save_t,
+        masked_ops=masked_ops,
     )
     itemsize = x.dtype.itemsize
     outs = pl.pallas_call(

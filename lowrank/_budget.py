@@ -40,9 +40,13 @@ class Budget:
             raise ValueError(f"Budget(by={self.by!r}): choose one of {BUDGET_SPECTRA}")
         for kind in ("params", "flops"):
             object.__setattr__(self, kind, python_number(getattr(self, kind)))
-        given = [(k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None]
+        given = [
+            (k, v) for k, v in (("params", self.params), ("flops", self.flops)) if v is not None
+        ]
         if len(given) != 1:
-            raise ValueError("Budget takes exactly one of params= or flops=, e.g. Budget(params=0.3)")
+            raise ValueError(
+                "Budget takes exactly one of params= or flops=, e.g. Budget(params=0.3)"
+            )
         kind, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(
@@ -51,7 +55,7 @@ class Budget:
 
     @property
     def kind(self) -> str:
-        """"params" or "flops": what the budget counts."""
+        """ "params" or "flops": what the budget counts."""
         return "params" if self.params is not None else "flops"
 
     @property

@@ -108,7 +108,9 @@ def _sharded(batch):
     if len(devices) == 1 or batch.shape[0] % len(devices):
         return batch
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    return jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    return jax.device_put(
+        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
 
 
 class _Scope:
@@ -192,7 +194,9 @@ class _Pass:
             self.scopes.pop()
 
     def _eqn(self, scope: _Scope, eqn) -> None:
-        views = [None if isinstance(v, jex_core.Literal) else scope.views.get(v) for v in eqn.invars]
+        views = [
+            None if isinstance(v, jex_core.Literal) else scope.views.get(v) for v in eqn.invars
+        ]
         use = weight_use(eqn, views)
         if use is not None and views[use.weight].leaf in self.watches:
             self._weight_use(scope, eqn, views[use.weight], use)
@@ -246,9 +250,13 @@ class _Pass:
         body = p["jaxpr"]
         n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
         ins = list(eqn.invars)
-        consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
-        read_d = lambda v: scope.read(v, "dense")  # noqa: E731
-        read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None  # noqa: E731
+        consts, carry, xs = (
+            ins[:n_consts],
+            ins[n_consts : n_consts + n_carry],
+            ins[n_consts + n_carry :],
+        )
+        read_d = lambda v: scope.read(v, "dense")
+        read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None
         carry_d, carry_c = [read_d(v) for v in carry], [read_c(v) for v in carry]
         ys_d, ys_c = [], []
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
@@ -267,7 +275,12 @@ class _Pass:
                     leaf_vars[inner] = (scope.leaf_vars[v][0], i)
                 view = views[n_consts + n_carry + k]
                 sliced = None
-                if view is not None and view.perm is not None and view.perm[0] == 0 and not view.sliced:
+                if (
+                    view is not None
+                    and view.perm is not None
+                    and view.perm[0] == 0
+                    and not view.sliced
+                ):
                     sliced = View(view.leaf, tuple(q - 1 for q in view.perm[1:]), True, i)
                 arg_views.append(sliced)
             for k, v in enumerate(consts):
@@ -286,7 +299,9 @@ class _Pass:
             if all(c is None for c in col):
                 stacked_c.append(None)
             else:
-                stacked_c.append(jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)]))
+                stacked_c.append(
+                    jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)])
+                )
         self._write(scope, eqn.outvars, carry_d + stacked_d, carry_c + stacked_c)
 
     # ---------------------------------------------------------------- fitting
@@ -328,13 +343,17 @@ class _Pass:
         if watch.bias is not None and factors.bias is not None:
             bias = self.leaves[watch.bias]
             bshape = bias.shape if key is None else bias.shape[1:]
-            self._set_leaf(watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype))
+            self._set_leaf(
+                watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype)
+            )
 
     def fit_pending(self) -> None:
         """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
         for (path, key), chunks in self.pending.items():
             rows = np.concatenate(chunks)  # each call's rows already at most max_rows
-            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (key or 0)
+            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (
+                key or 0
+            )
             self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
         self.pending = {}
 
@@ -342,7 +361,9 @@ class _Pass:
         dense_out = _bind(eqn, [scope.read(v, "dense") for v in eqn.invars])[0]
         cur_out = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])[0]
         axes = tuple(a for a in range(dense_out.ndim) if a != use.out_axis)
-        shift = np.asarray(dense_out, np.float64).mean(axes) - np.asarray(cur_out, np.float64).mean(axes)
+        shift = np.asarray(dense_out, np.float64).mean(axes) - np.asarray(cur_out, np.float64).mean(
+            axes
+        )
         bias = self.leaves[watch.bias]
         old = bias if key is None else bias[key]
         new = np.asarray(old, np.float64) + shift.reshape(old.shape)

@@ -31,7 +31,9 @@ from ._whitened import whitened_spectrum
 MAX_CALIBRATION_ROWS = 16384
 
 
-def plan(model, *, rank, target=None, exclude=None, where=None, example: Example | None = None) -> Plan:
+def plan(
+    model, *, rank, target=None, exclude=None, where=None, example: Example | None = None
+) -> Plan:
     """Decide a rank for every selected layer without touching the model.
 
     Args:
@@ -50,9 +52,12 @@ def plan(model, *, rank, target=None, exclude=None, where=None, example: Example
     """
     index = select(model, target=target, exclude=exclude, where=where, fn_name="plan")
     return make_plan(
-        index, rank=rank, explicit=target is not None,
-        positions=_positions(model, index, example), fn_name="plan",
-    )  # fmt: skip
+        index,
+        rank=rank,
+        explicit=target is not None,
+        positions=_positions(model, index, example),
+        fn_name="plan",
+    )
 
 
 def factorize(
@@ -118,11 +123,16 @@ def factorize(
     index = select(model, target=target, exclude=exclude, where=where, fn_name="factorize")
     if plan is None:
         plan = make_plan(
-            index, rank=rank, explicit=target is not None, init=init_name,
-            positions=_positions(model, index, example), fn_name="factorize",
-            data_spectra=None if calibration is None else functools.partial(
-                _data_spectra, model, index.layers, calibration),
-        )  # fmt: skip
+            index,
+            rank=rank,
+            explicit=target is not None,
+            init=init_name,
+            positions=_positions(model, index, example),
+            fn_name="factorize",
+            data_spectra=None
+            if calibration is None
+            else functools.partial(_data_spectra, model, index.layers, calibration),
+        )
     else:
         plan = _check_plan_fits(plan, index)
         plan = dataclasses.replace(
@@ -144,7 +154,9 @@ def factorize(
     done = fitter.results()
     for path, (_, factors) in done.items():
         layer = index.layers[path]
-        twin = stacked_twin(layer, factors) if stack_shape(layer) else lowrank_twin(layer, factors[0])
+        twin = (
+            stacked_twin(layer, factors) if stack_shape(layer) else lowrank_twin(layer, factors[0])
+        )
         replacements[path] = twin
     out = replace_layers(model, replacements)
     if not return_plan:
@@ -153,19 +165,28 @@ def factorize(
     return out, dataclasses.replace(plan, layers=[measured.get(l.path, l) for l in plan.layers])
 
 
-def _calibrated(model, index: ModelIndex, fitter: LayerFitter, calibration, sequential: bool) -> dict:
+def _calibrated(
+    model, index: ModelIndex, fitter: LayerFitter, calibration, sequential: bool
+) -> dict:
     """Fit the planned layers in one calibration pass; the corrected biases of the dense
     layers left downstream, as replacement layers by path."""
     layers = index.layers
     correct = {
-        path: layer for path, layer in layers.items()
-        if path not in fitter.todo and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+        path: layer
+        for path, layer in layers.items()
+        if path not in fitter.todo
+        and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
         and getattr(layer, "bias", None) is not None
-    }  # fmt: skip
+    }
     biases = calibrate(
-        model, {p: layers[p] for p in fitter.todo}, fitter, calibration, sequential=sequential,
-        correct=correct, max_rows=MAX_CALIBRATION_ROWS,
-    )  # fmt: skip
+        model,
+        {p: layers[p] for p in fitter.todo},
+        fitter,
+        calibration,
+        sequential=sequential,
+        correct=correct,
+        max_rows=MAX_CALIBRATION_ROWS,
+    )
     return {
         path: eqx.tree_at(lambda l: l.bias, layers[path], jnp.asarray(b, layers[path].bias.dtype))
         for path, b in biases.items()
@@ -228,15 +249,22 @@ def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[st
         )
 
     calibrate(
-        model, {p: layers[p] for p in paths}, fit, calibration, sequential=False, correct={},
+        model,
+        {p: layers[p] for p in paths},
+        fit,
+        calibration,
+        sequential=False,
+        correct={},
         max_rows=MAX_CALIBRATION_ROWS,
-    )  # fmt: skip
+    )
     return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
 
 
 def _check_plan_fits(plan: Plan, index: ModelIndex) -> Plan:
     if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}"
+        )
     layers = index.layers
     for lp in plan.layers:
         layer = layers.get(lp.path)

@@ -39,7 +39,9 @@ class LayerFitter:
         self.solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {p: {} for p in todo}
         self.seconds = dict.fromkeys(todo, 0.0)
         slices = sum(math.prod(stack_shape(layers[p])) for p in todo)
-        self.progress = tqdm(total=slices, desc="factorize", unit="layer", disable=None, leave=False)
+        self.progress = tqdm(
+            total=slices, desc="factorize", unit="layer", disable=None, leave=False
+        )
 
     def __call__(self, path, index=None, inputs=None, dense_inputs=None) -> Factors:
         """Factors for layer `path` (its slice `index` if stacked) from `inputs`."""
@@ -61,7 +63,7 @@ class LayerFitter:
             activation=self.activations.get(path),
             inputs=None if inputs is None else jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
-        )  # fmt: skip
+        )
         start = time.perf_counter()
         factors = self.initializer(problem, key=layer_key)
         check_factors(factors, problem, self.init_name)
@@ -85,7 +87,10 @@ class LayerFitter:
         for path, parts in self.solved.items():
             problems, factors = zip(*(parts[at] for at in sorted(parts)))
             entry = measured(self.todo[path], problems, factors)
-            out[path] = dataclasses.replace(entry, fit_seconds=round(self.seconds[path], 4)), factors
+            out[path] = (
+                dataclasses.replace(entry, fit_seconds=round(self.seconds[path], 4)),
+                factors,
+            )
         return out
 
 
@@ -100,7 +105,10 @@ def check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
     arrays = [factors.u, factors.v] + ([] if factors.bias is None else [factors.bias])
     if not all(np.isfinite(np.asarray(a)).all() for a in arrays):
-        for array, what in ((problem.weight, "non-finite weights"), (problem.bias, "a non-finite bias")):
+        for array, what in (
+            (problem.weight, "non-finite weights"),
+            (problem.bias, "a non-finite bias"),
+        ):
             if array is not None and not np.isfinite(np.asarray(array)).all():
                 raise ValueError(
                     f"layer {problem.path} has {what} (NaN/inf); fix or re-initialize the "
@@ -114,7 +122,9 @@ def check_factors(factors: Factors, problem: LayerProblem, name: str) -> None:
         )
 
 
-def measured(lp: LayerPlan, problems: Sequence[LayerProblem], factors: Sequence[Factors]) -> LayerPlan:
+def measured(
+    lp: LayerPlan, problems: Sequence[LayerProblem], factors: Sequence[Factors]
+) -> LayerPlan:
     """The plan entry with its errors: the relative weight error over all the layer's
     slices (one unless stacked), and the slices' mean function error."""
     sq_err = sq_norm = 0.0

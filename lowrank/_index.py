@@ -76,7 +76,9 @@ class ModelIndex(Mapping):
         for entry in self.entries:
             if entry.path == path:
                 return entry
-        raise KeyError(f"no selected layer {path!r}; selected: {[e.path for e in self.entries][:8]}")
+        raise KeyError(
+            f"no selected layer {path!r}; selected: {[e.path for e in self.entries][:8]}"
+        )
 
     def __iter__(self) -> Iterator[str]:
         return (e.path for e in self.entries)
@@ -87,10 +89,16 @@ class ModelIndex(Mapping):
     def __str__(self) -> str:
         header = ["path", "type", "shape", "bias", "activation", "skipped"]
         rows = [
-            [e.path, e.kind, shape_str(e.shape, e.stack_dims), "yes" if e.bias else "no",
-             _activation_name(e.activation), e.skipped or ""]
+            [
+                e.path,
+                e.kind,
+                shape_str(e.shape, e.stack_dims),
+                "yes" if e.bias else "no",
+                _activation_name(e.activation),
+                e.skipped or "",
+            ]
             for e in self.entries
-        ]  # fmt: skip
+        ]
         title = f"lowrank index: {len(self.entries)} of {len(self.layers)} layers selected"
         return "\n".join([title, *render_table(header, rows)])
 
@@ -188,9 +196,13 @@ def resolve_activations(index: ModelIndex, overrides: Mapping[str, Callable | No
         if fn is not None and not callable(fn):
             raise TypeError(f"activations[{pattern!r}] must be a function or None, got {fn!r}")
         if not any(matches_key(pattern, p) for p in paths):
-            raise ValueError(f"activations pattern {pattern!r} matches no layer; paths: {paths[:8]}")
+            raise ValueError(
+                f"activations pattern {pattern!r} matches no layer; paths: {paths[:8]}"
+            )
     for path in paths:
-        fn = next((f for pat, f in overrides.items() if matches_key(pat, path)), found.get(path, _UNSET))
+        fn = next(
+            (f for pat, f in overrides.items() if matches_key(pat, path)), found.get(path, _UNSET)
+        )
         if fn is not _UNSET:
             found[path] = identity if fn is None else fn
     return found
@@ -206,9 +218,7 @@ def _check_pattern(pattern, name: str) -> None:
         check_regex(pattern, f"{name}={pattern!r}")
         return
     if not isinstance(pattern, Sequence) or not all(isinstance(p, str) for p in pattern):
-        raise TypeError(
-            f"{name} must be a regex string or a list of path strings, got {pattern!r}"
-        )
+        raise TypeError(f"{name} must be a regex string or a list of path strings, got {pattern!r}")
 
 
 def _check_matches_something(pattern, paths: list[str], name: str) -> None:

@@ -46,15 +46,25 @@ class LowRankLinear(eqx.Module):
     inner_activation: str | None = eqx.field(static=True, default=None)
 
     def __init__(
-        self, u, v, bias=None, *, impl: str = "auto", activation: str | None = None,
+        self,
+        u,
+        v,
+        bias=None,
+        *,
+        impl: str = "auto",
+        activation: str | None = None,
         inner_activation: str | None = None,
-    ):  # fmt: skip
+    ):
         if impl not in kernels.IMPLS:
             raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
         for name, value in (("activation", activation), ("inner_activation", inner_activation)):
             if value not in kernels.ACTIVATIONS:
-                raise ValueError(f"LowRankLinear: {name} must be one of {kernels.ACTIVATIONS}, got {value!r}")
-        paired = v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
+                raise ValueError(
+                    f"LowRankLinear: {name} must be one of {kernels.ACTIVATIONS}, got {value!r}"
+                )
+        paired = (
+            v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
+        )
         if u.ndim < 2 or not paired:
             raise ValueError(
                 f"LowRankLinear needs u (*stack, out, r) and v (*stack, r, in); got {u.shape} and {v.shape}"
@@ -70,8 +80,14 @@ class LowRankLinear(eqx.Module):
 
     def with_impl(self, impl: str) -> "LowRankLinear":
         """The same layer, run by another `kernels.factored_matmul` implementation."""
-        return LowRankLinear(self.u, self.v, self.bias, impl=impl, activation=self.activation,
-                             inner_activation=self.inner_activation)
+        return LowRankLinear(
+            self.u,
+            self.v,
+            self.bias,
+            impl=impl,
+            activation=self.activation,
+            inner_activation=self.inner_activation,
+        )
 
     @property
     def dense_shape(self) -> tuple[int, int]:
@@ -100,7 +116,12 @@ class LowRankLinear(eqx.Module):
                 f"got {x.shape}; use jax.vmap over the batch"
             )
         return kernels.factored_matmul(
-            x, self.v.T, self.u.T, self.bias, activation=self.activation, impl=self.impl,
+            x,
+            self.v.T,
+            self.u.T,
+            self.bias,
+            activation=self.activation,
+            impl=self.impl,
             inner_activation=self.inner_activation,
         )
 
@@ -148,7 +169,11 @@ class LowRankConv(eqx.Module):
         lowering: str = "conv",
     ):
         lead = u.ndim - 2  # stack axes, shared by u, v and bias
-        paired = v.ndim > u.ndim and u.shape[:-2] == v.shape[:lead] and u.shape[-1:] == v.shape[lead : lead + 1]
+        paired = (
+            v.ndim > u.ndim
+            and u.shape[:-2] == v.shape[:lead]
+            and u.shape[-1:] == v.shape[lead : lead + 1]
+        )
         if u.ndim < 2 or not paired:
             raise ValueError(
                 f"LowRankConv needs u (*stack, out, r) and v (*stack, r, in, *kernel); got {u.shape} and {v.shape}"
@@ -168,7 +193,9 @@ class LowRankConv(eqx.Module):
         self.padding = _padding(padding, spatial)
         self.padding_mode = padding_mode.upper()
         if self.padding_mode not in ("ZEROS", *_NUMPY_PAD_MODES):
-            raise ValueError(f"padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR, got {padding_mode!r}")
+            raise ValueError(
+                f"padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR, got {padding_mode!r}"
+            )
         self.lowering = lowering
 
     @property
@@ -191,9 +218,15 @@ class LowRankConv(eqx.Module):
     def with_lowering(self, lowering: str) -> "LowRankConv":
         """The same layer, running its 1×1 stage through another lowering."""
         return LowRankConv(
-            self.u, self.v, self.bias, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, padding_mode=self.padding_mode, lowering=lowering,
-        )  # fmt: skip
+            self.u,
+            self.v,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            lowering=lowering,
+        )
 
     def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
         del key
@@ -203,9 +236,7 @@ class LowRankConv(eqx.Module):
             y = jnp.einsum("or,r...->o...", self.u, h)
         else:
             kernel = self.u.reshape(self.u.shape + (1,) * self.num_spatial_dims)
-            y = lax.conv_general_dilated(
-                h[None], kernel, (1,) * self.num_spatial_dims, "VALID"
-            )[0]
+            y = lax.conv_general_dilated(h[None], kernel, (1,) * self.num_spatial_dims, "VALID")[0]
         if self.bias is not None:
             y = y + self.bias.reshape((-1,) + (1,) * self.num_spatial_dims)
         return y
@@ -298,5 +329,5 @@ def with_kernels(model, *, impl: str | None = None, lowering: str | None = None)
             return layer.with_lowering(lowering)
         return layer
 
-    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))  # noqa: E731
+    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))
     return jax.tree_util.tree_map(swap, model, is_leaf=is_lowrank)

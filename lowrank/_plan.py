@@ -160,20 +160,41 @@ class Plan:
         return plan_from_data(data)
 
     def __str__(self) -> str:
-        header = ["path", "type", "shape", "rank", "params", "FLOPs", "init", "w-err", "f-err", "note"]
+        header = [
+            "path",
+            "type",
+            "shape",
+            "rank",
+            "params",
+            "FLOPs",
+            "init",
+            "w-err",
+            "f-err",
+            "note",
+        ]
         rows = [_row(l) for l in self.layers]
         t = self.totals()
         total = [
-            "TOTAL", "", "", f"{len(self.factorized)}/{len(self.layers)}",
+            "TOTAL",
+            "",
+            "",
+            f"{len(self.factorized)}/{len(self.layers)}",
             f"{human(t['params_before'])}->{human(t['params_after'])}",
-            f"{human(t['flops_before'])}->{human(t['flops_after'])}", "", "", "",
-            (f"params x{_ratio(t['params_after'], t['params_before'])}, "
-             f"FLOPs x{_ratio(t['flops_after'], t['flops_before'])}"),
-        ]  # fmt: skip
+            f"{human(t['flops_before'])}->{human(t['flops_after'])}",
+            "",
+            "",
+            "",
+            (
+                f"params x{_ratio(t['params_after'], t['params_before'])}, "
+                f"FLOPs x{_ratio(t['flops_after'], t['flops_before'])}"
+            ),
+        ]
         lines = [f"lowrank plan: rank={self.rule}", *render_table(header, rows, [total])]
         if self.budget:
             b = self.budget
-            lines.append(f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}")
+            lines.append(
+                f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}"
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         assumed: dict[str, list[str]] = {}
         for l in self.layers:
@@ -186,12 +207,17 @@ class Plan:
 
 def _row(l: LayerPlan) -> list[str]:
     return [
-        l.path, l.kind, shape_str(l.shape, l.stack_dims), _rank_cell(l),
+        l.path,
+        l.kind,
+        shape_str(l.shape, l.stack_dims),
+        _rank_cell(l),
         f"{human(l.params_before)}->{human(l.params_after)}",
         f"{human(l.flops_before)}->{human(l.flops_after)}",
-        l.init if l.rank is not None else "-", _fmt_err(l.weight_error),
-        _fmt_err(l.function_error) + ("*" if l.assumes else ""), l.skipped or "",
-    ]  # fmt: skip
+        l.init if l.rank is not None else "-",
+        _fmt_err(l.weight_error),
+        _fmt_err(l.function_error) + ("*" if l.assumes else ""),
+        l.skipped or "",
+    ]
 
 
 def _rank_cell(l: LayerPlan) -> str:
@@ -243,10 +269,11 @@ def plan_from_data(data) -> Plan:
         raise ValueError("plan 'rule' must be a string and 'notes' a list of strings")
     budget = data.get("budget")
     if budget is not None and not (
-        isinstance(budget, dict) and set(budget) == {"kind", "asked", "achieved"}
+        isinstance(budget, dict)
+        and set(budget) == {"kind", "asked", "achieved"}
         and budget["kind"] in ("params", "flops")
         and all(isinstance(budget[k], (int, float)) for k in ("asked", "achieved"))
-    ):  # fmt: skip
+    ):
         raise ValueError(
             "plan 'budget' must be null or {'kind': 'params' or 'flops', 'asked': number, "
             f"'achieved': number}}, got {budget!r}"
@@ -261,9 +288,10 @@ def _layer_from_data(index: int, data) -> LayerPlan:
     where += f" ({data.get('path')!r})" if "path" in data else ""
     unknown = sorted(set(data) - set(_LAYER_FIELDS))
     missing = sorted(
-        name for name, f in _LAYER_FIELDS.items()
+        name
+        for name, f in _LAYER_FIELDS.items()
         if name not in data and f.default is dataclasses.MISSING
-    )  # fmt: skip
+    )
     if unknown or missing:
         raise ValueError(f"{where} has unknown fields {unknown} / lacks fields {missing}")
     for name, value in data.items():
@@ -290,5 +318,3 @@ def _fmt_err(x: float | None) -> str:
 
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}" if b else "-"
-
-

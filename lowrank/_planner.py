@@ -67,7 +67,9 @@ def make_plan(
     plan = Plan(layers=layers, rule=_rule_str(rank), notes=notes)
     if budget is not None:
         t = plan.totals()
-        plan.budget = budget | {"achieved": t[f"{budget['kind']}_after"] / t[f"{budget['kind']}_before"]}
+        plan.budget = budget | {
+            "achieved": t[f"{budget['kind']}_after"] / t[f"{budget['kind']}_before"]
+        }
     if any(lp.positions is None and lp.flops_before for lp in layers):
         plan.notes.append(
             "FLOPs count each layer once (a conv: per output position); pass example= "
@@ -89,7 +91,9 @@ def _checked_rule(rank, fn_name: str):
 
 def _check_conv_positions(index: ModelIndex, positions: Mapping[str, int]) -> None:
     convs = (eqx.nn.Conv, LowRankConv)
-    unknown = [e.path for e in index.entries if isinstance(e.layer, convs) and e.path not in positions]
+    unknown = [
+        e.path for e in index.entries if isinstance(e.layer, convs) and e.path not in positions
+    ]
     if unknown:
         raise ValueError(
             f"Budget(flops=...) needs conv output sizes, unknown for {unknown[:3]}; "
@@ -155,9 +159,18 @@ def _layer_plan(e: IndexEntry, init: str, positions: int | None) -> LayerPlan:
         costs = layer_costs(e.shape, r, bias=e.bias, positions=positions, stack_dims=e.stack_dims)
         costs = (costs[1], costs[1], costs[3], costs[3]) if lowrank else costs
     return LayerPlan(
-        path=e.path, kind=e.kind, shape=e.shape, rank=None,
-        params_before=costs[0], params_after=costs[1], flops_before=costs[2],
-        flops_after=costs[3], init=init, bias=e.bias, skipped=e.skipped, positions=positions,
-        factorizable=e.skipped is None, stack_dims=e.stack_dims,
-    )  # fmt: skip
-
+        path=e.path,
+        kind=e.kind,
+        shape=e.shape,
+        rank=None,
+        params_before=costs[0],
+        params_after=costs[1],
+        flops_before=costs[2],
+        flops_after=costs[3],
+        init=init,
+        bias=e.bias,
+        skipped=e.skipped,
+        positions=positions,
+        factorizable=e.skipped is None,
+        stack_dims=e.stack_dims,
+    )

@@ -44,28 +44,37 @@ def stacked_twin(layer, factors: Sequence[Factors]):
     v (*stack, r, in[, *kernel]), one rank for the whole stack."""
     lead = stack_shape(layer)
     if len(factors) != int(np.prod(lead)):
-        raise ValueError(f"a stack of shape {lead} needs {int(np.prod(lead))} Factors, got {len(factors)}")
+        raise ValueError(
+            f"a stack of shape {lead} needs {int(np.prod(lead))} Factors, got {len(factors)}"
+        )
 
     def stack(arrays):
         return np.stack([np.asarray(a) for a in arrays]).reshape(lead + np.shape(arrays[0]))
 
     bias = None if factors[0].bias is None else stack([f.bias for f in factors])
-    return lowrank_twin(layer, Factors(stack([f.u for f in factors]), stack([f.v for f in factors]), bias))
+    return lowrank_twin(
+        layer, Factors(stack([f.u for f in factors]), stack([f.v for f in factors]), bias)
+    )
 
 
 def lowrank_twin(layer, factors: Factors):
     """The factorized layer, in the dense layer's dtype (host-side casts: no per-shape compile)."""
     dtype = layer.weight.dtype
-    cast = lambda a, shape=None: jnp.asarray(np.asarray(a).reshape(shape or a.shape), dtype)  # noqa: E731
+    cast = lambda a, shape=None: jnp.asarray(np.asarray(a).reshape(shape or a.shape), dtype)
     u = cast(factors.u)
     bias = None if factors.bias is None else cast(factors.bias)
     if isinstance(layer, eqx.nn.Linear):
         return LowRankLinear(u, cast(factors.v), bias)
     v = cast(factors.v, factors.v.shape[:-1] + layer.weight.shape[factors.v.ndim - 1 :])
     return LowRankConv(
-        u, v, bias, stride=layer.stride, padding=layer.padding,
-        dilation=layer.dilation, padding_mode=layer.padding_mode,
-    )  # fmt: skip
+        u,
+        v,
+        bias,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
 
 
 _CONV_TYPES = {1: eqx.nn.Conv1d, 2: eqx.nn.Conv2d, 3: eqx.nn.Conv3d}
@@ -80,10 +89,17 @@ def dense_twin(layer):
         dense = eqx.nn.Linear(layer.in_features, layer.out_features, use_bias, dtype=dtype, key=key)
     else:
         dense = _CONV_TYPES[layer.num_spatial_dims](
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, use_bias=use_bias,
-            padding_mode=layer.padding_mode, dtype=dtype, key=key,
-        )  # fmt: skip
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            use_bias=use_bias,
+            padding_mode=layer.padding_mode,
+            dtype=dtype,
+            key=key,
+        )
     dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
     if use_bias:
         dense = eqx.tree_at(

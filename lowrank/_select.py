@@ -104,7 +104,7 @@ def walk_model(model) -> tuple[list[tuple[str, eqx.Module]], dict[str, Callable]
     eqx.nn.MLP; `identity` marks a layer known to feed none, an absent path an unknown
     activation). An MLP's own subtree is flattened when reached, so every node of the
     model is visited once."""
-    is_leaf = lambda x: is_listed(x) or isinstance(x, eqx.nn.MLP)  # noqa: E731
+    is_leaf = lambda x: is_listed(x) or isinstance(x, eqx.nn.MLP)
     flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_leaf)
     layers, activations = [], {}
     for kp, leaf in flat:
@@ -148,7 +148,9 @@ def _is_identity(fn: Callable) -> bool:
 def skip_reason(layer) -> str | None:
     """Why a dense layer cannot be factorized, or None if it can."""
     if isinstance(layer, LOWRANK_TYPES):
-        return f"already low-rank (rank {layer.rank}); lowrank.densify(model) first to re-factorize it"
+        return (
+            f"already low-rank (rank {layer.rank}); lowrank.densify(model) first to re-factorize it"
+        )
     if isinstance(layer, UNSUPPORTED_TYPES):
         return f"{type(layer).__name__} is not supported yet"
     if isinstance(layer, UNSUPPORTED_MODULES):
@@ -243,4 +245,3 @@ def replace_layers(model, replacements: dict):
         return replacements.get(key_path_to_str(key_path), leaf)
 
     return jax.tree_util.tree_map_with_path(swap, model, is_leaf=is_layer)
-

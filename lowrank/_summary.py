@@ -51,17 +51,25 @@ class Summary:
     def __str__(self) -> str:
         header = ["path", "type", "shape", "rank", "params", "FLOPs"]
         rows = [
-            [l.path, l.kind, shape_str(l.shape, l.stack_dims), "dense" if l.rank is None else str(l.rank),
-             f"{l.params:,}", f"{l.flops:,}"]
+            [
+                l.path,
+                l.kind,
+                shape_str(l.shape, l.stack_dims),
+                "dense" if l.rank is None else str(l.rank),
+                f"{l.params:,}",
+                f"{l.flops:,}",
+            ]
             for l in self.layers
-        ]  # fmt: skip
+        ]
         footer = [
             ["layers total", "", "", "", f"{self.layer_params:,}", f"{self.flops:,}"],
             ["model total", "", "", "", f"{self.total_params:,}", ""],
         ]
         lines = render_table(header, rows, footer)
         if self.flops_per_position:
-            lines.append("note: FLOPs count each layer once, a conv per output position (pass example= for totals)")
+            lines.append(
+                "note: FLOPs count each layer once, a conv per output position (pass example= for totals)"
+            )
         return "\n".join(lines)
 
 

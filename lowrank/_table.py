@@ -1,7 +1,9 @@
 """One plain-text table renderer, shared by `Plan`, `Summary` and `ModelIndex`."""
 
 
-def render_table(header: list[str], rows: list[list[str]], footer: list[list[str]] = ()) -> list[str]:
+def render_table(
+    header: list[str], rows: list[list[str]], footer: list[list[str]] = ()
+) -> list[str]:
     """Left-aligned columns two spaces apart, a rule under the header and above the footer.
 
     Args:

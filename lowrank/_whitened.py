@@ -167,19 +167,24 @@ class Whitened(Initializer):
             )
         dtype = jnp.promote_types(problem.weight.dtype, jnp.float32)
         with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
-            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))
             weight, bias = f64(problem.weight), f64(problem.bias)
             inputs, dense = f64(problem.inputs), f64(problem.dense_inputs)
             u, v, new_bias = _whitened(
-                weight, bias, inputs, dense, rank=problem.rank, centre=bias is not None,
+                weight,
+                bias,
+                inputs,
+                dense,
+                rank=problem.rank,
+                centre=bias is not None,
                 ridge=self.ridge,
-            )  # fmt: skip
+            )
             num, den = calibration_error(
                 problem.activation, weight, bias, u, v, new_bias, inputs, dense
             )
             error = relative_error(num, den)
             u, v, new_bias = (None if a is None else np.asarray(a) for a in (u, v, new_bias))
-        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+        cast = lambda a: None if a is None else jnp.asarray(a, dtype)
         return Factors(cast(u), cast(v), cast(new_bias), error)
 
     def __repr__(self):

@@ -28,9 +28,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lowrank
 import numpy as np
 from jaxtyping import PyTree
+
+import lowrank
 
 from .config import Config, ConfigError
 
@@ -111,6 +112,7 @@ def normalized_activations(model: PyTree, state: eqx.nn.State, pattern: str) -> 
         )
     return out
 
+
 def stable_rank(weight) -> float:
     """‖W‖²_F / ‖W‖²_2 of a weight seen as an (out, fan_in) matrix: a smooth lower
     bound on its rank that ignores small singular values."""
@@ -123,7 +125,9 @@ def _targets(model: PyTree, pattern: str) -> dict[str, eqx.Module]:
     """The Linear/Conv layers of `model` whose dotted path fullmatches `pattern`, read
     from the model index (`lowrank.select`); raises if the pattern matches no layer."""
     index = lowrank.select(model, target=pattern)
-    return {p: e.layer for p, e in index.items() if isinstance(e.layer, (eqx.nn.Linear, eqx.nn.Conv))}
+    return {
+        p: e.layer for p, e in index.items() if isinstance(e.layer, (eqx.nn.Linear, eqx.nn.Conv))
+    }
 
 
 def stable_ranks(model: PyTree, pattern: str, initial: PyTree | None = None) -> dict[str, int]:
@@ -221,8 +225,7 @@ def _check_rank_text(rank: str) -> None:
         return
     if kind == "stable":
         raise ConfigError(
-            f"factorize.rank={rank!r} is not a stable rank rule; use 'stable' or "
-            "'stable:scaled'."
+            f"factorize.rank={rank!r} is not a stable rank rule; use 'stable' or 'stable:scaled'."
         )
     if colon and kind in ("energy", "params", "flops"):
         try:

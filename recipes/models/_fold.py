@@ -62,7 +62,7 @@ def fold_batchnorm(model: eqx.Module, state: eqx.nn.State) -> eqx.Module:
             f"it folds the pairs of {', '.join(t.__name__ for t in PAIRS)} (recipes.models)"
         )
     convs = [_folded_conv(_get(model, c), _get(model, b), state, c) for c, b in pairs]
-    where = lambda m: [_get(m, p) for pair in pairs for p in pair]  # noqa: E731
+    where = lambda m: [_get(m, p) for pair in pairs for p in pair]
     return eqx.tree_at(where, model, [x for conv in convs for x in (conv, FoldedBatchNorm())])
 
 
@@ -82,7 +82,7 @@ def _pairs(node, path: tuple) -> list[tuple[tuple, tuple]]:
 
 
 def _get(tree, path: tuple):
-    step = lambda node, key: node[key] if isinstance(key, int) else getattr(node, key)  # noqa: E731
+    step = lambda node, key: node[key] if isinstance(key, int) else getattr(node, key)
     return functools.reduce(step, path, tree)
 
 
@@ -106,13 +106,27 @@ def _folded_conv(conv, bn, state, path):
     scale, shift = scale.astype(dtype), shift.astype(dtype)
     bias = shift if conv.bias is None else conv.bias.reshape(-1) * scale + shift
     if isinstance(conv, lowrank.LowRankConv):
-        return eqx.tree_at(lambda c: (c.u, c.bias), conv, (conv.u * scale[:, None], bias),
-                           is_leaf=lambda x: x is None)
+        return eqx.tree_at(
+            lambda c: (c.u, c.bias),
+            conv,
+            (conv.u * scale[:, None], bias),
+            is_leaf=lambda x: x is None,
+        )
     folded = eqx.nn.Conv(
-        conv.num_spatial_dims, conv.in_channels, conv.out_channels, conv.kernel_size,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        use_bias=True, padding_mode=conv.padding_mode, dtype=dtype, key=jax.random.key(0),
-    )  # fmt: skip
+        conv.num_spatial_dims,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        use_bias=True,
+        padding_mode=conv.padding_mode,
+        dtype=dtype,
+        key=jax.random.key(0),
+    )
     weight = conv.weight * scale.reshape((-1,) + (1,) * conv.num_spatial_dims + (1,))
-    return eqx.tree_at(lambda c: (c.weight, c.bias), folded,
-                       (weight, bias.reshape(folded.bias.shape)))
+    return eqx.tree_at(
+        lambda c: (c.weight, c.bias), folded, (weight, bias.reshape(folded.bias.shape))
+    )

@@ -75,7 +75,9 @@ def test_svdllm_falls_back_like_their_code_when_the_gram_is_singular():
     s = np.linalg.cholesky(shifted)
     reference = truncation(w @ s, 2) @ np.linalg.inv(s)
     assert np.all(np.isfinite(product(out)))
-    np.testing.assert_allclose(product(out), reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max())
+    np.testing.assert_allclose(
+        product(out), reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max()
+    )
     scale, inverse = svdllm_whitening(gram)
     np.testing.assert_allclose(scale @ inverse, np.eye(8), atol=1e-6)
 
@@ -83,7 +85,9 @@ def test_svdllm_falls_back_like_their_code_when_the_gram_is_singular():
 def test_asvd_with_alpha_zero_is_plain_svd():
     p = problem(np.random.default_rng(3))
     w = np.asarray(p.weight, np.float64)
-    np.testing.assert_allclose(product(ASVD(alpha=0)(p)), truncation(w, 3), atol=1e-5 * np.abs(w).max())
+    np.testing.assert_allclose(
+        product(ASVD(alpha=0)(p)), truncation(w, 3), atol=1e-5 * np.abs(w).max()
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
@@ -125,7 +129,9 @@ def test_peers_run_through_factorize_on_the_dense_inputs_with_uniform_ranks():
     w2 = np.asarray(model.fc2.weight, np.float64)
     reference = truncation(w2 @ s, plan["fc2"].rank) @ np.linalg.inv(s)
     np.testing.assert_allclose(
-        np.asarray(out.fc2.u @ out.fc2.v, np.float64), reference, atol=2e-4 * np.abs(reference).max()
+        np.asarray(out.fc2.u @ out.fc2.v, np.float64),
+        reference,
+        atol=2e-4 * np.abs(reference).max(),
     )
     np.testing.assert_array_equal(out.fc2.bias, model.fc2.bias)
     assert isinstance(model.fc2, eqx.nn.Linear)  # input model untouched
@@ -187,13 +193,17 @@ def test_asvd_sensitivity_search_refuses_an_unreachable_ratio():
 def test_bad_input_names_the_layer_or_argument_and_the_fix():
     p = problem(np.random.default_rng(5))
     no_data = lowrank.LayerProblem(p.path, p.weight, None, 3)
-    with pytest.raises(ValueError, match=r"SVD-LLM needs calibration inputs for blocks\.0\.fc; pass calibration="):
+    with pytest.raises(
+        ValueError, match=r"SVD-LLM needs calibration inputs for blocks\.0\.fc; pass calibration="
+    ):
         SVDLLM()(no_data)
     with pytest.raises(ValueError, match=r"ASVD needs calibration inputs for blocks\.0\.fc"):
         ASVD()(no_data)
     with pytest.raises(ValueError, match=r"alpha must be a finite number >= 0 \(paper: 0\.5\)"):
         ASVD(alpha=-1)
-    with pytest.raises(ValueError, match=r"no ASVD scale for blocks\.0\.fc; measure it with activation_scales"):
+    with pytest.raises(
+        ValueError, match=r"no ASVD scale for blocks\.0\.fc; measure it with activation_scales"
+    ):
         ScaledASVD({})(p)
     model = TwoLayers(key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\), got 1\.5"):

@@ -26,7 +26,9 @@ def _np_act(name, z):
         s = 1.0 / (1.0 + np.exp(-z))
         return z * s, s * (1.0 + z * (1.0 - s))
     th = np.tanh(_C * (z + _A * z**3))  # gelu, tanh approximation
-    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th**2) * _C * (1.0 + 3.0 * _A * z**2)
+    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th**2) * _C * (
+        1.0 + 3.0 * _A * z**2
+    )
 
 
 def _np_reference(x, a, b, bias, inner, activation, g):
@@ -58,7 +60,8 @@ def test_forward_and_gradients_match_float64_numpy(impl, shape, inner, activatio
     @jax.jit
     def run(x, a, b, c, g):
         f = lambda x, a, b, c: kernels.factored_matmul(
-            x, a, b, c, activation, impl, inner_activation=inner)
+            x, a, b, c, activation, impl, inner_activation=inner
+        )
         y, vjp = jax.vjp(f, x, a, b, c)
         return y, vjp(g)
 
@@ -73,8 +76,12 @@ def test_forward_and_gradients_match_float64_numpy(impl, shape, inner, activatio
 
 def test_pallas_path_runs_the_kernels_forward_and_backward():
     x, a, b, c = factors(8, 16, 4, 12)
-    loss = lambda x, a: jnp.sum(kernels.factored_matmul(x, a, b, c, None, "pallas", inner_activation="silu"))
-    names = {e.params["name"] for e in find_eqns(jax.make_jaxpr(jax.grad(loss))(x, a), "pallas_call")}
+    loss = lambda x, a: jnp.sum(
+        kernels.factored_matmul(x, a, b, c, None, "pallas", inner_activation="silu")
+    )
+    names = {
+        e.params["name"] for e in find_eqns(jax.make_jaxpr(jax.grad(loss))(x, a), "pallas_call")
+    }
     assert names == {"factored_matmul_fwd", "factored_matmul_epilogue_grad"}
 
 

@@ -32,7 +32,12 @@ def test_index_maps_paths_to_entries_and_prints_a_table():
     index = lowrank.select(Mixed(key=KEY), exclude=["gru"])
     assert list(index) == ["mlp.layers.0", "mlp.layers.1", "depthwise", "head"]
     first, last = index["mlp.layers.0"], index["mlp.layers.1"]
-    assert (first.kind, first.shape, first.bias, first.activation) == ("Linear", (16, 6), True, jax.nn.gelu)
+    assert (first.kind, first.shape, first.bias, first.activation) == (
+        "Linear",
+        (16, 6),
+        True,
+        jax.nn.gelu,
+    )
     assert last.activation is _select.identity and index["head"].activation is None
     assert index["head"].bias is False and index["head"].skipped is None
     assert index["depthwise"].skipped.startswith("depthwise conv (groups=4)")
@@ -72,9 +77,14 @@ def test_factorize_walks_the_model_once_for_selection(monkeypatch):
     calibration = jax.random.normal(KEY, (32, 20))
     calls = _count_walks(monkeypatch)
     low, plan = lowrank.factorize(
-        model, rank=lowrank.Budget(params=0.6), init="whitened", calibration=calibration,
-        example=jnp.zeros(20), activations={"layers.2": None}, return_plan=True,
-    )  # fmt: skip
+        model,
+        rank=lowrank.Budget(params=0.6),
+        init="whitened",
+        calibration=calibration,
+        example=jnp.zeros(20),
+        activations={"layers.2": None},
+        return_plan=True,
+    )
     assert len(calls) == 1
     lowrank.factorize(model, plan=plan, init="whitened", calibration=calibration)
     assert len(calls) == 2
@@ -83,7 +93,10 @@ def test_factorize_walks_the_model_once_for_selection(monkeypatch):
 
 
 def test_plan_entries_record_the_bias():
-    model = {"a": eqx.nn.Linear(12, 10, key=KEY), "b": eqx.nn.Linear(12, 10, use_bias=False, key=KEY)}
+    model = {
+        "a": eqx.nn.Linear(12, 10, key=KEY),
+        "b": eqx.nn.Linear(12, 10, use_bias=False, key=KEY),
+    }
     plan = lowrank.plan(model, rank=2)
     assert plan["a"].bias is True and plan["b"].bias is False
     # A hand-edited plan whose param counts disagree with the shape still costs the bias
@@ -101,4 +114,6 @@ def test_fits_is_the_break_even_rule():
             if fits(m, n, r):
                 assert r < min(m, n)
     plan = lowrank.plan({"fc": eqx.nn.Linear(8, 8, key=KEY)}, rank=4)
-    assert plan["fc"].rank is None and plan["fc"].skipped.startswith("break-even: rank 4 needs 64 >= 64")
+    assert plan["fc"].rank is None and plan["fc"].skipped.startswith(
+        "break-even: rank 4 needs 64 >= 64"
+    )
