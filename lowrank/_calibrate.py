@@ -32,7 +32,7 @@ from jax._src import core as jax_core
 from jax.extend import core as jex_core
 
 from ._initializers import Factors
-from ._select import attribute_path
+from ._select import attribute_path, stack_shape
 from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
 
 # fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
@@ -50,6 +50,17 @@ class Watch:
     fit: bool
     done: set = field(default_factory=set)  # slice indices (None: unstacked) handled
 
+    @property
+    def finished(self) -> bool:
+        """Every slice (or the layer) handled once."""
+        lead = stack_shape(self.layer)
+        return self.done >= (set(range(lead[0])) if len(lead) == 1 else {None})
+
+
+class _Finished(Exception):
+    """Raised by the pass once no watched layer is left: what follows (e.g. an LM head's
+    logits over the whole vocabulary) need not be computed."""
+
 
 def calibrate(
     model,
@@ -60,12 +71,16 @@ def calibrate(
     sequential: bool,
     correct: dict[str, eqx.Module],
     max_rows: int,
+    first_calls: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the model once on `calibration`, calling `fit` for every layer in `layers` (by
     path; per slice for stacked layers) at its first use, and (if `sequential`) correcting
     the biases of the `correct` layers, which are returned {path: new bias}.
 
-    Raises if a layer was never reached, naming it.
+    The pass stops once every watched layer has been handled (sequential, or
+    `first_calls`: only each layer's first call counts), so what follows the last one,
+    such as an LM head's logits, is never computed. Raises if a layer was never
+    reached, naming it.
     """
     (closed, leaves), data = trace_for(model, calibration, batched=True, argument="calibration")
     _check_finite(data)
@@ -78,8 +93,11 @@ def calibrate(
             raise ValueError(f"layer {path}: its weight is not an array of the model")
         b = index.get(attribute_path(path, "bias"))
         watches[w] = Watch(path, layer, w, b, fit=path in layers)
-    state = _Pass(watches, fit, sequential, max_rows, leaves)
-    state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
+    state = _Pass(watches, fit, sequential, max_rows, leaves, stop_early=sequential or first_calls)
+    try:
+        state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
+    except _Finished:  # every watched layer handled: the rest of the model is not needed
+        pass
     state.fit_pending()
     missing = [w.path for w in watches.values() if w.fit and not w.done]
     if missing:
@@ -145,7 +163,10 @@ def _bind(eqn, values):
 
 
 class _Pass:
-    def __init__(self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves):
+    def __init__(
+        self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves, *, stop_early
+    ):
+        self.stop_early = stop_early
         self.watches = watches
         self.fit = fit
         self.sequential = sequential
@@ -314,7 +335,7 @@ class _Pass:
                 f"layer {watch.path}: a stacked weight is used inside a scan that is not "
                 "unrolled; calibration cannot tell its slices apart"
             )
-        if key in watch.done and (self.sequential or not watch.fit):
+        if key in watch.done and (self.stop_early or not watch.fit):
             return  # fitted (or corrected) at its first call
         watch.done.add(key)
         x = 1 - use.weight
@@ -324,6 +345,8 @@ class _Pass:
             self._fit(scope, eqn, view, use, watch, key, changed)
         elif changed and watch.bias is not None:
             self._correct_bias(scope, eqn, use, watch, key)
+        if self.stop_early and all(w.finished for w in self.watches.values()):
+            raise _Finished
 
     def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
         x = eqn.invars[1 - use.weight]

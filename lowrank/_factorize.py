@@ -256,6 +256,7 @@ def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[st
         sequential=False,
         correct={},
         max_rows=MAX_CALIBRATION_ROWS,
+        first_calls=True,
     )
     return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
 

@@ -311,3 +311,28 @@ def test_calibration_is_sharded_over_local_devices_with_the_same_result(tmp_path
         subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
         results[devices] = np.load(out)
     np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-5)
+
+
+class HeavyHead(eqx.Module):
+    """A factorized layer, then an expensive head with no Linear in it (like an LM's tied
+    logits): the pass has no reason to compute the head."""
+
+    fc: eqx.nn.Linear
+
+    def __call__(self, x):
+        h = self.fc(x)
+        jax.debug.callback(lambda: HEAD_RUNS.append(1))
+        return jnp.sin(h)
+
+
+HEAD_RUNS = []
+
+
+def test_the_pass_stops_after_the_last_watched_layer():
+    model = HeavyHead(eqx.nn.Linear(12, 12, key=KEY))
+    xs = jax.random.normal(KEY, (32, 12))
+    HEAD_RUNS.clear()
+    low = lowrank.factorize(model, rank=2, init="whitened", calibration=xs)
+    assert isinstance(low.fc, lowrank.LowRankLinear) and HEAD_RUNS == []
+    lowrank.factorize(model, rank=2, init="whitened", calibration=xs, sequential=False)
+    assert HEAD_RUNS == [1]  # every call of a layer counts there: the pass runs to the end
