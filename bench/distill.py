@@ -39,20 +39,26 @@ OUT = Path(__file__).with_name("out")
 @functools.cache
 def adamw(lr: float, steps: int, warmup: int):
     """AdamW (warm-up + cosine, clip 1); cached so runs of one shape share a compiled step."""
-    optim = OptimConfig(name="adamw", lr=lr, weight_decay=0.01, warmup_steps=warmup,
-                        grad_clip=1.0)  # fmt: skip
+    optim = OptimConfig(name="adamw", lr=lr, weight_decay=0.01, warmup_steps=warmup, grad_clip=1.0)
     return make_optimizer(optim, steps)
 
 
 def fit(model, state, loss_fn, stream, *, steps, lr, warmup, eval_data, log_every):
     """Train with `adamw` and return (model, history, seconds)."""
     optimizer, schedule = adamw(lr, steps, warmup)
-    config = TrainConfig(steps=steps, log_every=log_every, eval_every=0, out_dir="",
-                         progress=False)  # fmt: skip
+    config = TrainConfig(steps=steps, log_every=log_every, eval_every=0, out_dir="", progress=False)
     start = time.perf_counter()
-    result = train(model, state, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
-                   train_data=stream, eval_fn=st.lm_eval, eval_data=eval_data,
-                   config=config)  # fmt: skip
+    result = train(
+        model,
+        state,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_data=stream,
+        eval_fn=st.lm_eval,
+        eval_data=eval_data,
+        config=config,
+    )
     return result.model, result.history, time.perf_counter() - start
 
 
@@ -70,8 +76,11 @@ def score(name, model, history, seconds, *, teacher_params, args, start_loss=Non
         "step_s": st.step_seconds(history, args.batch),
         "seconds": seconds,
     }
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-          f"(latent list: {n_tasks} tasks)", flush=True)  # fmt: skip
+    print(
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+        f"(latent list: {n_tasks} tasks)",
+        flush=True,
+    )
     return {**row, "trained": model}
 
 
@@ -94,8 +103,9 @@ def main():
     parser.add_argument("--length", type=int, default=128, help="context and window length")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
-    parser.add_argument("--student-lr", type=float, default=1e-3,
-                        help="for students initialized from the teacher")  # fmt: skip
+    parser.add_argument(
+        "--student-lr", type=float, default=1e-3, help="for students initialized from the teacher"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--init", default="whitened", choices=["spectral", "whitened", "nkp"])
     parser.add_argument("--n-kd", type=float, default=0.5, help="SALT KD phase, fraction of steps")
@@ -105,8 +115,11 @@ def main():
     parser.add_argument("--ds-fraction", type=float, default=0.5)
     parser.add_argument("--eval-windows", type=int, default=128)
     parser.add_argument("--list-tasks", type=int, default=32)
-    parser.add_argument("--reuse-teacher", action="store_true",
-                        help=f"load {OUT}/distill_teacher.eqx if present instead of training")
+    parser.add_argument(
+        "--reuse-teacher",
+        action="store_true",
+        help=f"load {OUT}/distill_teacher.eqx if present instead of training",
+    )
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -114,8 +127,11 @@ def main():
     corpus = load_corpus(val_fraction=0.1, seed=0)
     val = eval_windows(corpus.validation, args.length, max_windows=args.eval_windows)
     eval_data = st.eval_batches(val, 32)
-    print(f"corpus: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation "
-          f"bytes ({len(corpus.val_files)} unseen works); {len(val)} eval windows", flush=True)
+    print(
+        f"corpus: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation "
+        f"bytes ({len(corpus.val_files)} unseen works); {len(val)} eval windows",
+        flush=True,
+    )
     common = dict(batch_size=args.batch, length=args.length, seed=1)  # teacher: seed 0
     log_every = max(1, args.student_steps // 8)
     rows = []
@@ -124,84 +140,186 @@ def main():
     if args.reuse_teacher and saved.exists():
         teacher, history, seconds = st.load_lm(saved), None, 0.0
     else:
-        teacher = Transformer(context=args.length, d_model=args.d_model, n_layers=args.layers,
-                              n_heads=4, key=jr.key(0))  # fmt: skip
+        teacher = Transformer(
+            context=args.length,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=4,
+            key=jr.key(0),
+        )
         stream = st.train_batches(corpus.train, **{**common, "seed": 0})
         teacher, history, seconds = fit(
-            teacher, None, st.lm_loss, stream, steps=args.teacher_steps, lr=args.teacher_lr,
-            warmup=min(50, args.teacher_steps // 10), eval_data=eval_data,
+            teacher,
+            None,
+            st.lm_loss,
+            stream,
+            steps=args.teacher_steps,
+            lr=args.teacher_lr,
+            warmup=min(50, args.teacher_steps // 10),
+            eval_data=eval_data,
             log_every=max(1, args.teacher_steps // 8),
-        )  # fmt: skip
+        )
         st.save_lm(saved, teacher)
         teacher = eqx.nn.inference_mode(teacher)
     teacher_params = st.non_embedding_params(teacher)
     if history is None:  # reused: score it here, with no train time to report
-        history = [{"split": "eval", "loss": st.validation_loss(teacher, val)},
-                   {"split": "train", "examples_per_s": float("nan")}]  # fmt: skip
-    rows.append(score(f"teacher d{args.d_model} L{args.layers} ({args.teacher_steps} steps)",
-                      teacher, history, seconds, teacher_params=teacher_params, args=args))
+        history = [
+            {"split": "eval", "loss": st.validation_loss(teacher, val)},
+            {"split": "train", "examples_per_s": float("nan")},
+        ]
+    rows.append(
+        score(
+            f"teacher d{args.d_model} L{args.layers} ({args.teacher_steps} steps)",
+            teacher,
+            history,
+            seconds,
+            teacher_params=teacher_params,
+            args=args,
+        )
+    )
 
     steps = args.student_steps
     n_kd = max(1, round(args.n_kd * steps))
     recipes = {
         "ce": st.DistillConfig(mode="ce"),
         "kd": st.DistillConfig(mode="kd", alpha=args.alpha, temperature=args.temperature),
-        "salt": st.DistillConfig(mode="salt", alpha=args.alpha, temperature=args.temperature,
-                                 n_kd=n_kd),
-        "salt_ds": st.DistillConfig(mode="salt_ds", alpha=args.alpha,
-                                    temperature=args.temperature, n_kd=n_kd,
-                                    ds_pool=args.ds_pool, ds_fraction=args.ds_fraction),
-    }  # fmt: skip
+        "salt": st.DistillConfig(
+            mode="salt", alpha=args.alpha, temperature=args.temperature, n_kd=n_kd
+        ),
+        "salt_ds": st.DistillConfig(
+            mode="salt_ds",
+            alpha=args.alpha,
+            temperature=args.temperature,
+            n_kd=n_kd,
+            ds_pool=args.ds_pool,
+            ds_fraction=args.ds_fraction,
+        ),
+    }
     # Same-compute reference: the dense teacher trained for the students' steps more.
-    state, loss_fn, stream = st.student_training(teacher, teacher, recipes["ce"],
-                                                 data=corpus.train, steps=steps, **common)
-    model, history, seconds = fit(eqx.nn.inference_mode(teacher, value=False), state, loss_fn,
-                                  stream, steps=steps, lr=args.student_lr,
-                                  warmup=min(20, steps // 10), eval_data=eval_data,
-                                  log_every=log_every)  # fmt: skip
-    rows.append(score(f"teacher + {steps} steps CE", model, history, seconds,
-                      teacher_params=teacher_params, args=args))
+    state, loss_fn, stream = st.student_training(
+        teacher, teacher, recipes["ce"], data=corpus.train, steps=steps, **common
+    )
+    model, history, seconds = fit(
+        eqx.nn.inference_mode(teacher, value=False),
+        state,
+        loss_fn,
+        stream,
+        steps=steps,
+        lr=args.student_lr,
+        warmup=min(20, steps // 10),
+        eval_data=eval_data,
+        log_every=log_every,
+    )
+    rows.append(
+        score(
+            f"teacher + {steps} steps CE",
+            model,
+            history,
+            seconds,
+            teacher_params=teacher_params,
+            args=args,
+        )
+    )
     init_seconds = {}
     calibration = st.random_windows(corpus.train, np.random.default_rng([0, 3]), 32, args.length)
     for fraction in args.fractions:
         pct = f"{100 * fraction:g}%"
         scratch = st.dense_student(teacher, params=fraction, key=jr.key(1))
-        state, loss_fn, stream = st.student_training(teacher, scratch, recipes["ce"],
-                                                     data=corpus.train, steps=steps, **common)
-        model, history, seconds = fit(scratch, state, loss_fn, stream, steps=steps,
-                                      lr=args.teacher_lr, warmup=min(50, steps // 10),
-                                      eval_data=eval_data, log_every=log_every)  # fmt: skip
-        rows.append(score(f"{pct} scratch d{scratch.d_model} CE", model, history, seconds,
-                          teacher_params=teacher_params, args=args))
+        state, loss_fn, stream = st.student_training(
+            teacher, scratch, recipes["ce"], data=corpus.train, steps=steps, **common
+        )
+        model, history, seconds = fit(
+            scratch,
+            state,
+            loss_fn,
+            stream,
+            steps=steps,
+            lr=args.teacher_lr,
+            warmup=min(50, steps // 10),
+            eval_data=eval_data,
+            log_every=log_every,
+        )
+        rows.append(
+            score(
+                f"{pct} scratch d{scratch.d_model} CE",
+                model,
+                history,
+                seconds,
+                teacher_params=teacher_params,
+                args=args,
+            )
+        )
         t0 = time.perf_counter()
-        student, _ = st.factorized_student(teacher, params=fraction, init=args.init,
-                                           calibration=calibration[:, :-1], key=jr.key(2))
+        student, _ = st.factorized_student(
+            teacher, params=fraction, init=args.init, calibration=calibration[:, :-1], key=jr.key(2)
+        )
         init_seconds[pct] = time.perf_counter() - t0
         start_loss = st.validation_loss(student, val)
-        print(f"{pct} factorized ({args.init}): init {init_seconds[pct]:.1f} s, "
-              f"val bpb {start_loss / math.log(2):.3f} before training", flush=True)
+        print(
+            f"{pct} factorized ({args.init}): init {init_seconds[pct]:.1f} s, "
+            f"val bpb {start_loss / math.log(2):.3f} before training",
+            flush=True,
+        )
         for name, distill in recipes.items():
-            state, loss_fn, stream = st.student_training(teacher, student, distill,
-                                                         data=corpus.train, steps=steps, **common)
-            model, history, seconds = fit(student, state, loss_fn, stream, steps=steps,
-                                          lr=args.student_lr, warmup=min(20, steps // 10),
-                                          eval_data=eval_data, log_every=log_every)  # fmt: skip
-            rows.append(score(f"{pct} lowrank {args.init} {name.upper()}", model, history,
-                              seconds, teacher_params=teacher_params, args=args,
-                              start_loss=start_loss))  # fmt: skip
+            state, loss_fn, stream = st.student_training(
+                teacher, student, distill, data=corpus.train, steps=steps, **common
+            )
+            model, history, seconds = fit(
+                student,
+                state,
+                loss_fn,
+                stream,
+                steps=steps,
+                lr=args.student_lr,
+                warmup=min(20, steps // 10),
+                eval_data=eval_data,
+                log_every=log_every,
+            )
+            rows.append(
+                score(
+                    f"{pct} lowrank {args.init} {name.upper()}",
+                    model,
+                    history,
+                    seconds,
+                    teacher_params=teacher_params,
+                    args=args,
+                    start_loss=start_loss,
+                )
+            )
 
     tok_s = throughputs([r["trained"] for r in rows], batch=args.batch, length=args.length)
     for row, rate in zip(rows, tok_s, strict=True):
         row["tok_s"] = rate
-    header = ["model", "non-emb params", "bpb at init", "val loss", "val bits/byte",
-              "KL to teacher", "latent list acc", "train s/step", "infer tok/s", "train s"]
-    table = markdown_table(header, [
-        [r["model"], f"{r['params']:.3f}",
-         "-" if r["start_bpb"] is None else round(r["start_bpb"], 3), round(r["val_loss"], 4),
-         round(r["val_bpb"], 3), "-" if r["kl"] is None else round(r["kl"], 4),
-         round(r["list_acc"], 3), round(r["step_s"], 3), int(r["tok_s"]), round(r["seconds"], 1)]
-        for r in rows
-    ])  # fmt: skip
+    header = [
+        "model",
+        "non-emb params",
+        "bpb at init",
+        "val loss",
+        "val bits/byte",
+        "KL to teacher",
+        "latent list acc",
+        "train s/step",
+        "infer tok/s",
+        "train s",
+    ]
+    table = markdown_table(
+        header,
+        [
+            [
+                r["model"],
+                f"{r['params']:.3f}",
+                "-" if r["start_bpb"] is None else round(r["start_bpb"], 3),
+                round(r["val_loss"], 4),
+                round(r["val_bpb"], 3),
+                "-" if r["kl"] is None else round(r["kl"], 4),
+                round(r["list_acc"], 3),
+                round(r["step_s"], 3),
+                int(r["tok_s"]),
+                round(r["seconds"], 1),
+            ]
+            for r in rows
+        ],
+    )
     teacher_loss = rows[0]["val_loss"]
     continued = rows[1]["val_loss"]
     verdicts = []

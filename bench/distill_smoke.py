@@ -32,8 +32,9 @@ from recipes.models._transformer import Transformer
 from recipes.text import decode, encode, eval_windows, load_corpus, sample_windows
 
 
-def train(model, data, *, steps, key, batch, length, lr, teacher=None, n_kd=0, alpha=0.0,
-          temperature=2.0):
+def train(
+    model, data, *, steps, key, batch, length, lr, teacher=None, n_kd=0, alpha=0.0, temperature=2.0
+):
     """AdamW with warm-up + cosine decay; SALT distillation when `teacher` is given."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 5), steps, lr / 10)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -50,8 +51,13 @@ def train(model, data, *, steps, key, batch, length, lr, teacher=None, n_kd=0, a
 
         def loss_fn(m):
             s_logits = jax.vmap(m)(x)
-            return kd_loss(s_logits, s_logits if t_logits is None else t_logits, y,
-                           alpha=a, temperature=temperature)
+            return kd_loss(
+                s_logits,
+                s_logits if t_logits is None else t_logits,
+                y,
+                alpha=a,
+                temperature=temperature,
+            )
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
@@ -65,6 +71,7 @@ def train(model, data, *, steps, key, batch, length, lr, teacher=None, n_kd=0, a
 
 def bits_per_byte(model, windows, chunk=64):
     """Mean next-byte cross-entropy on the windows, in bits."""
+
     @eqx.filter_jit
     def nats(model, w):
         logp = jax.nn.log_softmax(jax.vmap(model)(w[:, :-1]), axis=-1)
@@ -87,15 +94,18 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=128)
-    parser.add_argument("--write-results", action="store_true",
-                        help="also write the table into bench/RESULTS.md")
+    parser.add_argument(
+        "--write-results", action="store_true", help="also write the table into bench/RESULTS.md"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
     corpus = load_corpus(val_fraction=0.1, seed=0)
     val = eval_windows(corpus.validation, args.length, max_windows=args.eval_windows)
-    print(f"corpus: {len(corpus.train):,} train bytes ({len(corpus.train_files)} works), "
-          f"{len(corpus.validation):,} validation bytes ({len(corpus.val_files)} unseen works)")
+    print(
+        f"corpus: {len(corpus.train):,} train bytes ({len(corpus.train_files)} works), "
+        f"{len(corpus.validation):,} validation bytes ({len(corpus.val_files)} unseen works)"
+    )
     shape = dict(context=args.length, n_heads=4)
     key_t, key_s, key_train = jr.split(jr.key(0), 3)
     teacher = Transformer(d_model=128, n_layers=3, **shape, key=key_t)
@@ -106,35 +116,47 @@ def main():
     t0 = time.perf_counter()
     teacher, _ = train(teacher, steps=args.steps, key=key_train, **common)
     teacher = eqx.nn.inference_mode(teacher)
-    rows.append(("teacher d128 L3", args.steps, bits_per_byte(teacher, val),
-                 time.perf_counter() - t0))
+    rows.append(
+        ("teacher d128 L3", args.steps, bits_per_byte(teacher, val), time.perf_counter() - t0)
+    )
 
-    for name, kd in [("student d64 L2 plain", {}),
-                     ("student d64 L2 SALT", dict(teacher=teacher, alpha=0.5,
-                                                  n_kd=args.student_steps // 2))]:
+    for name, kd in [
+        ("student d64 L2 plain", {}),
+        ("student d64 L2 SALT", dict(teacher=teacher, alpha=0.5, n_kd=args.student_steps // 2)),
+    ]:
         t0 = time.perf_counter()
         model, _ = train(student, steps=args.student_steps, key=key_train, **common, **kd)
-        rows.append((name, args.student_steps, bits_per_byte(model, val),
-                     time.perf_counter() - t0))
+        rows.append((name, args.student_steps, bits_per_byte(model, val), time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     low = lowrank.factorize(teacher, rank=0.25, init="spectral")
     ratio = _n_params(low) / _n_params(teacher)
-    rows.append((f"teacher low-rank x{ratio:.2f}", 0, bits_per_byte(low, val),
-                 time.perf_counter() - t0))
+    rows.append(
+        (f"teacher low-rank x{ratio:.2f}", 0, bits_per_byte(low, val), time.perf_counter() - t0)
+    )
     t0 = time.perf_counter()
-    low, _ = train(low, steps=args.lowrank_steps, key=key_train, teacher=teacher, alpha=0.5,
-                   n_kd=args.lowrank_steps, **{**common, "lr": 1e-3})
-    rows.append(("  + KD fine-tune", args.lowrank_steps, bits_per_byte(low, val),
-                 time.perf_counter() - t0))
+    low, _ = train(
+        low,
+        steps=args.lowrank_steps,
+        key=key_train,
+        teacher=teacher,
+        alpha=0.5,
+        n_kd=args.lowrank_steps,
+        **{**common, "lr": 1e-3},
+    )
+    rows.append(
+        ("  + KD fine-tune", args.lowrank_steps, bits_per_byte(low, val), time.perf_counter() - t0)
+    )
 
     print(f"\n{'model':26s} {'steps':>6s} {'val bits/byte':>14s} {'seconds':>8s}")
     for name, steps, bpb, secs in rows:
         print(f"{name:26s} {steps:6d} {bpb:14.3f} {secs:8.1f}")
     print("(uniform over 256 bytes = 8.000 bits/byte)")
     if args.write_results:
-        table = markdown_table(["model", "steps", "val bits/byte", "seconds"],
-                               [[n.strip(), st, round(b, 3), round(t, 1)] for n, st, b, t in rows])
+        table = markdown_table(
+            ["model", "steps", "val bits/byte", "seconds"],
+            [[n.strip(), st, round(b, 3), round(t, 1)] for n, st, b, t in rows],
+        )
         write_section("distill_smoke", "Distillation smoke (Shakespeare, byte level)", table)
 
     tasks = make_list_tasks(32, seed=0, n_ops=3, n_distractors=2)

@@ -20,8 +20,8 @@ re-times auto with them to confirm it is never slower than XLA.
 """
 
 import argparse
-import os
 import itertools
+import os
 import time
 
 import jax
@@ -139,8 +139,19 @@ def check(shapes, dtypes) -> tuple[str, bool]:
             e_x, e_p = _rel_err(got_x, w), _rel_err(got_p, w)
             good = e_p <= max(2 * e_x, floor)
             ok &= good
-            rows.append([f"{m}x{k}x{r}x{n}", jnp.dtype(dtype).name, name, e_x, e_p, "ok" if good else "FAIL"])
-    table = markdown_table(["M×K×r×N", "dtype", "output", "XLA rel. err", "Pallas rel. err", ""], rows)
+            rows.append(
+                [
+                    f"{m}x{k}x{r}x{n}",
+                    jnp.dtype(dtype).name,
+                    name,
+                    e_x,
+                    e_p,
+                    "ok" if good else "FAIL",
+                ]
+            )
+    table = markdown_table(
+        ["M×K×r×N", "dtype", "output", "XLA rel. err", "Pallas rel. err", ""], rows
+    )
     return table, ok
 
 
@@ -177,27 +188,63 @@ def time_grid(shapes, dtype, *, kernels_too, budget_s, repeats):
                 args = (x, w, bias) if path == "dense" else (x, a, b, bias)
                 fn = _with_vjp(f) if backward else jax.jit(f)
                 t[path] = median_time(fn, *args, *((g,) if backward else ()), repeats=repeats)
-            bound = roofline(m, kn, kn, r, itemsize, dense=False, backward=backward,
-                             peak_flops=peak_flops, peak_bw=peak_bw)
-            dense_bound = roofline(m, kn, kn, r, itemsize, dense=True, backward=backward,
-                                   peak_flops=peak_flops, peak_bw=peak_bw)
+            bound = roofline(
+                m,
+                kn,
+                kn,
+                r,
+                itemsize,
+                dense=False,
+                backward=backward,
+                peak_flops=peak_flops,
+                peak_bw=peak_bw,
+            )
+            dense_bound = roofline(
+                m,
+                kn,
+                kn,
+                r,
+                itemsize,
+                dense=True,
+                backward=backward,
+                peak_flops=peak_flops,
+                peak_bw=peak_bw,
+            )
             fused = t.get("pallas")
             records.append((m, kn, r, backward, t))
-            rows.append([
-                m, kn, r, "fwd+bwd" if backward else "fwd",
-                1e6 * t["dense"], 1e6 * t["xla"],
-                "-" if fused is None else 1e6 * fused,
-                "-" if fused is None else t["xla"] / fused,
-                "= XLA" if "auto" not in t else t["xla"] / t["auto"],
-                f"{1e6 * bound:.4g} ({100 * bound / t['xla']:.0f}% / "
-                + ("-" if fused is None else f"{100 * bound / fused:.0f}%")
-                + f"; dense {1e6 * dense_bound:.4g})",
-            ])
-    header = ["M", "K=N", "r", "pass", "dense µs", "XLA µs", "fused µs", "XLA/fused",
-              "XLA/auto", "roofline µs (% reached: XLA / fused; dense bound)"]
-    note = (f"dtype {jnp.dtype(dtype).name}, bias + {ACTIVATION}; peaks {peak_flops / 1e12:.3g} TFLOP/s, "
-            f"{peak_bw / 1e9:.4g} GB/s ({source}); medians of {repeats} runs; "
-            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start.")
+            rows.append(
+                [
+                    m,
+                    kn,
+                    r,
+                    "fwd+bwd" if backward else "fwd",
+                    1e6 * t["dense"],
+                    1e6 * t["xla"],
+                    "-" if fused is None else 1e6 * fused,
+                    "-" if fused is None else t["xla"] / fused,
+                    "= XLA" if "auto" not in t else t["xla"] / t["auto"],
+                    f"{1e6 * bound:.4g} ({100 * bound / t['xla']:.0f}% / "
+                    + ("-" if fused is None else f"{100 * bound / fused:.0f}%")
+                    + f"; dense {1e6 * dense_bound:.4g})",
+                ]
+            )
+    header = [
+        "M",
+        "K=N",
+        "r",
+        "pass",
+        "dense µs",
+        "XLA µs",
+        "fused µs",
+        "XLA/fused",
+        "XLA/auto",
+        "roofline µs (% reached: XLA / fused; dense bound)",
+    ]
+    note = (
+        f"dtype {jnp.dtype(dtype).name}, bias + {ACTIVATION}; peaks {peak_flops / 1e12:.3g} TFLOP/s, "
+        f"{peak_bw / 1e9:.4g} GB/s ({source}); medians of {repeats} runs; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start."
+    )
     return note + "\n\n" + markdown_table(header, rows), records
 
 
@@ -210,10 +257,15 @@ def tile_sweep(dtype, repeats) -> str:
         xla = median_time(jax.jit(_factored("xla")), x, a, b, bias, repeats=repeats)
         for bm, split in itertools.product((32, 64), (1, 2, 4)):
             tiles = default._replace(bm=bm, split=split)
-            fn = jax.jit(lambda *args, tiles=tiles: _forward.fused_forward(
-                *args, activation=ACTIVATION, tiles=tiles))
+            fn = jax.jit(
+                lambda *args, tiles=tiles: _forward.fused_forward(
+                    *args, activation=ACTIVATION, tiles=tiles
+                )
+            )
             t = median_time(fn, x, a, b, bias, repeats=repeats)
-            rows.append([m, kn, r, bm, split, "default" if tiles == default else "", 1e6 * t, xla / t])
+            rows.append(
+                [m, kn, r, bm, split, "default" if tiles == default else "", 1e6 * t, xla / t]
+            )
     return markdown_table(["M", "K=N", "r", "bm", "split", "", "fused fwd µs", "XLA/fused"], rows)
 
 
@@ -237,8 +289,18 @@ def verify_auto(records, dtype, suggested, repeats) -> str:
         x, a, b, _, bias, g = _inputs(m, kn, kn, r, dtype)
         fn = _with_vjp(_factored("auto")) if backward else jax.jit(_factored("auto"))
         auto = median_time(fn, x, a, b, bias, *((g,) if backward else ()), repeats=repeats)
-        rows.append([m, kn, r, "fwd+bwd" if backward else "fwd", 1e6 * t["xla"], 1e6 * auto,
-                     t["xla"] / auto, "ok" if auto <= 1.03 * t["xla"] else "SLOWER"])
+        rows.append(
+            [
+                m,
+                kn,
+                r,
+                "fwd+bwd" if backward else "fwd",
+                1e6 * t["xla"],
+                1e6 * auto,
+                t["xla"] / auto,
+                "ok" if auto <= 1.03 * t["xla"] else "SLOWER",
+            ]
+        )
     del _dispatch.MEASURED[kind]
     return markdown_table(["M", "K=N", "r", "pass", "XLA µs", "auto µs", "XLA/auto", ""], rows)
 
@@ -247,8 +309,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller grid")
     parser.add_argument("--check", action="store_true", help="correctness checks only")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="timing dtype (default: bfloat16 on accelerators, float32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="timing dtype (default: bfloat16 on accelerators, float32 on CPU)",
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="seconds for the timing grid")
     args = parser.parse_args()
     platform = _dispatch.platform()
@@ -260,21 +326,30 @@ def main():
         shapes += [(300, 1024, 64, 1000), (64, 512, 256, 384), (4096, 1024, 16, 1024)]
     t0 = time.perf_counter()
     check_table, ok = check(shapes, [jnp.float32, jnp.bfloat16])
-    print(check_table, f"\ncorrectness: {'ok' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        check_table,
+        f"\ncorrectness: {'ok' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     body = f"### Correctness (Pallas {'compiled' if accelerator else 'in interpret mode'} vs float64)\n\n{check_table}\n"
     if not args.check:
         dtype = jnp.dtype(args.dtype or ("bfloat16" if accelerator else "float32"))
         repeats = 20 if accelerator else 5
-        table, records = time_grid(_grid(args.quick), dtype, kernels_too=accelerator,
-                                   budget_s=args.budget, repeats=repeats)
+        table, records = time_grid(
+            _grid(args.quick), dtype, kernels_too=accelerator, budget_s=args.budget, repeats=repeats
+        )
         print(table, flush=True)
         body += f"\n### Timings{' (quick grid)' if args.quick else ''}\n\n{table}\n"
         if accelerator:
             sweep = tile_sweep(dtype, repeats)
             print(sweep, flush=True)
-            body += f"\n### Tile sweep (fused forward; default tiles: `_dispatch.tiles`)\n\n{sweep}\n"
+            body += (
+                f"\n### Tile sweep (fused forward; default tiles: `_dispatch.tiles`)\n\n{sweep}\n"
+            )
             suggested = suggest_table(records, dtype)
-            body += f"\n### Suggested `_dispatch.MEASURED[{kind!r}]`\n\n```python\n{suggested!r}\n```\n"
+            body += (
+                f"\n### Suggested `_dispatch.MEASURED[{kind!r}]`\n\n```python\n{suggested!r}\n```\n"
+            )
             print("suggested MEASURED entry:", repr(suggested), flush=True)
             if suggested:
                 verify = verify_auto(records, dtype, suggested, repeats)

@@ -79,7 +79,14 @@ def from_scratch(seeds: int, steps: int):
     train_set, test_set = load_split(0)
     setups = [
         ("MLP 64-256-256-10", _mlp, _flat(train_set), _flat(test_set), (4, 16), None),
-        ("CNN (width 32)", lambda k: DigitsCNN(32, key=k), train_set, test_set, (4, 16), CNN_ACTIVATIONS),
+        (
+            "CNN (width 32)",
+            lambda k: DigitsCNN(32, key=k),
+            train_set,
+            test_set,
+            (4, 16),
+            CNN_ACTIVATIONS,
+        ),
     ]
     rows, curves = [], {}
     for name, build, tr, te, ranks, activations in setups:
@@ -89,18 +96,37 @@ def from_scratch(seeds: int, steps: int):
                 for seed in range(seeds):
                     dense = build(jax.random.key(seed))
                     low = lowrank.factorize(
-                        dense, rank=rank, init=init, activations=activations, key=jax.random.key(100 + seed)
+                        dense,
+                        rank=rank,
+                        init=init,
+                        activations=activations,
+                        key=jax.random.key(100 + seed),
                     )
                     low, curve = _loss_curve(low, tr, steps=steps, lr=3e-3, seed=seed)
                     accs.append(accuracy(low, te))
                     finals.append(curve[-1])
                     curves.setdefault((name, rank, init), []).append(curve)
                 first = statistics.mean(c[0] for c in curves[(name, rank, init)])
-                rows.append([name, rank, init, f"{first:.3f}", f"{statistics.mean(finals):.4f}",
-                             f"{statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f}"])  # fmt: skip
+                rows.append(
+                    [
+                        name,
+                        rank,
+                        init,
+                        f"{first:.3f}",
+                        f"{statistics.mean(finals):.4f}",
+                        f"{statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f}",
+                    ]
+                )
                 print(rows[-1], flush=True)
     _plot(curves, steps)
-    header = ["model", "rank", "init", "train loss at step 0", f"train loss at {steps}", "test accuracy (mean ± sd)"]
+    header = [
+        "model",
+        "rank",
+        "init",
+        "train loss at step 0",
+        f"train loss at {steps}",
+        "test accuracy (mean ± sd)",
+    ]
     return markdown_table(header, rows)
 
 
@@ -142,9 +168,14 @@ def _compress(dense, ratio, calibration, activations, evaluate, **options):
     for label, init, calibrated, sequential in COMPRESSORS:
         start = time.perf_counter()
         low = lowrank.factorize(
-            dense, rank=lowrank.Budget(params=ratio), init=init, activations=activations,
-            calibration=calibration if calibrated else None, sequential=sequential, **options,
-        )  # fmt: skip
+            dense,
+            rank=lowrank.Budget(params=ratio),
+            init=init,
+            activations=activations,
+            calibration=calibration if calibrated else None,
+            sequential=sequential,
+            **options,
+        )
         seconds = time.perf_counter() - start
         out[label] = (*evaluate(low), seconds)
         print(ratio, label, out[label], flush=True)
@@ -166,7 +197,9 @@ def compress_cnn(steps: int, seeds: int):
     logits_of = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
     results, dense_rows = {}, []
     for seed in range(seeds):
-        dense = train(DigitsCNN(key=jax.random.key(seed)), train_set, steps=steps, lr=3e-3, seed=seed)
+        dense = train(
+            DigitsCNN(key=jax.random.key(seed)), train_set, steps=steps, lr=3e-3, seed=seed
+        )
         dense_logits = logits_of(dense, x_te)
 
         def evaluate(m):
@@ -178,13 +211,17 @@ def compress_cnn(steps: int, seeds: int):
         dense_rows.append(evaluate(dense)[:2])
         calibration = jnp.asarray(train_set[0][512 * seed : 512 * (seed + 1)])
         for ratio in RATIOS:
-            for label, value in _compress(dense, ratio, calibration, CNN_ACTIVATIONS, evaluate).items():
+            for label, value in _compress(
+                dense, ratio, calibration, CNN_ACTIVATIONS, evaluate
+            ).items():
                 results.setdefault((ratio, label), []).append(value)
     dense_acc, dense_loss = np.mean(dense_rows, axis=0)
     rows = [["digits CNN", "1.0 (dense)", "-", f"{dense_acc:.4f}", f"{dense_loss:.4f}", "0", "-"]]
     for (ratio, label), values in results.items():
         acc, loss, kl, seconds = np.mean(values, axis=0)
-        rows.append(["digits CNN", ratio, label, f"{acc:.4f}", f"{loss:.4f}", f"{kl:.3g}", f"{seconds:.1f}"])
+        rows.append(
+            ["digits CNN", ratio, label, f"{acc:.4f}", f"{loss:.4f}", f"{kl:.3g}", f"{seconds:.1f}"]
+        )
     return rows, {k: np.mean(v, axis=0)[1:3] for k, v in results.items()}, dense_loss
 
 
@@ -199,24 +236,46 @@ def compress_transformer(steps: int):
     corpus = load_corpus()
     length = 64
     dense = Transformer(d_model=128, n_layers=2, n_heads=4, context=length, key=jax.random.key(0))
-    dense, _ = train_lm(dense, corpus.train, steps=steps, key=jax.random.key(1), batch=32, length=length, lr=3e-3)
+    dense, _ = train_lm(
+        dense, corpus.train, steps=steps, key=jax.random.key(1), batch=32, length=length, lr=3e-3
+    )
     valid = eval_windows(corpus.validation, length, max_windows=512)
     logits_of = eqx.filter_jit(lambda m, w: jax.vmap(m)(w[:, :-1]))
-    dense_logits = [logits_of(dense, jnp.asarray(valid[i : i + 64])) for i in range(0, len(valid), 64)]
+    dense_logits = [
+        logits_of(dense, jnp.asarray(valid[i : i + 64])) for i in range(0, len(valid), 64)
+    ]
 
     def evaluate(m):
-        kl = np.mean([_kl(d, logits_of(m, jnp.asarray(valid[i * 64 : (i + 1) * 64])))
-                      for i, d in enumerate(dense_logits)])  # fmt: skip
+        kl = np.mean(
+            [
+                _kl(d, logits_of(m, jnp.asarray(valid[i * 64 : (i + 1) * 64])))
+                for i, d in enumerate(dense_logits)
+            ]
+        )
         return bits_per_byte(m, valid), float(kl) / math.log(2)
 
     dense_bpb = bits_per_byte(dense, valid)
     rows = [["byte transformer (2x128)", "1.0 (dense)", "-", "-", f"{dense_bpb:.4f} bpb", "0", "-"]]
-    calibration = sample_windows(jnp.asarray(corpus.train), key=jax.random.key(2), batch_size=32, length=length)[:, :-1]
+    calibration = sample_windows(
+        jnp.asarray(corpus.train), key=jax.random.key(2), batch_size=32, length=length
+    )[:, :-1]
     summary = {}
     for ratio in RATIOS:
-        results = _compress(dense, ratio, calibration, LM_ACTIVATIONS, evaluate, target=r"blocks\..*")
+        results = _compress(
+            dense, ratio, calibration, LM_ACTIVATIONS, evaluate, target=r"blocks\..*"
+        )
         for label, (bpb, kl, seconds) in results.items():
-            rows.append(["byte transformer (2x128)", ratio, label, "-", f"{bpb:.4f} bpb", f"{kl:.3g}", f"{seconds:.1f}"])
+            rows.append(
+                [
+                    "byte transformer (2x128)",
+                    ratio,
+                    label,
+                    "-",
+                    f"{bpb:.4f} bpb",
+                    f"{kl:.3g}",
+                    f"{seconds:.1f}",
+                ]
+            )
             summary[(ratio, label)] = (bpb, kl)
     return rows, summary, dense_bpb
 
@@ -232,8 +291,12 @@ def verdicts(model: str, summary: dict, dense_loss: float) -> list[str]:
             f"- {model}, {ratio:g} of the parameters: loss increase over dense {ours[0] - dense_loss:+.4f} "
             f"(best peer, {peer_name}: {peer_loss - dense_loss:+.4f}); KL to dense {ours[1]:.3g} "
             f"(best peer {peer_kl:.3g}): "
-            + ("loses less than the best peer" if ours[0] < peer_loss and ours[1] < peer_kl else "does NOT beat the best peer on both")
-        )  # fmt: skip
+            + (
+                "loses less than the best peer"
+                if ours[0] < peer_loss and ours[1] < peer_kl
+                else "does NOT beat the best peer on both"
+            )
+        )
     return lines
 
 
@@ -249,11 +312,15 @@ def main():
     if args.part in ("all", "scratch"):
         scratch = from_scratch(args.seeds, args.steps)
         print(scratch)
-        write_section("nkp_models", "NKP on whole models: training from scratch (bench/nkp_models.py)", (
-            f"Digits, {args.seeds} seeds, {args.steps} Adam steps, same for every init. Each model is "
-            "factorized before training at the given rank (every Linear/Conv), with the dense random "
-            f"init as the target of spectral/NKP. Curves: bench/nkp_training.png.\n\n{scratch}"
-        ))  # fmt: skip
+        write_section(
+            "nkp_models",
+            "NKP on whole models: training from scratch (bench/nkp_models.py)",
+            (
+                f"Digits, {args.seeds} seeds, {args.steps} Adam steps, same for every init. Each model is "
+                "factorized before training at the given rank (every Linear/Conv), with the dense random "
+                f"init as the target of spectral/NKP. Curves: bench/nkp_training.png.\n\n{scratch}"
+            ),
+        )
     if args.part in ("all", "compress"):
         rows, summary, dense_loss = compress_cnn(400, args.seeds)
         lines = verdicts("digits CNN", summary, dense_loss)
@@ -261,21 +328,34 @@ def main():
             lm_rows, lm_summary, dense_bpb = compress_transformer(args.lm_steps)
             rows += lm_rows
             lines += verdicts("byte transformer", lm_summary, dense_bpb)
-        header = ["model", "params kept", "init", "test accuracy", "test loss", "KL to dense", "factorize s"]
+        header = [
+            "model",
+            "params kept",
+            "init",
+            "test accuracy",
+            "test loss",
+            "KL to dense",
+            "factorize s",
+        ]
         table = markdown_table(header, rows)
         print(table, "\n".join(lines), sep="\n")
-        write_section("nkp_compression", "NKP compressing trained models, no fine-tuning (bench/nkp_models.py)", (
-            f"Budget(params=ratio) over the factorized layers (the digits CNN: its 3 convs and 2 "
-            f"Linears; the transformer: the blocks' attention and MLP projections, embeddings stay "
-            f"dense). The digits CNN is trained {args.seeds} times (seeds 0..{args.seeds - 1}, 400 Adam "
-            f"steps), each with its own 512 training images as calibration; its rows are means over the "
-            f"seeds. The transformer (one seed, {args.lm_steps} steps) calibrates on 32 training "
-            "windows of 64 bytes and is scored on 512 windows of unseen plays. KL to dense: mean "
-            "KL(dense ‖ factorized) of the predicted distributions (nats per image; bits per byte "
-            "for the transformer). Sequential: layers fitted in run order on the inputs the partly "
-            "factorized model gives them (lowrank's default with calibration); dense inputs: every "
-            f"layer fitted on the dense model's inputs, as SVD-LLM does.\n\n{table}\n\n" + "\n".join(lines)
-        ))  # fmt: skip
+        write_section(
+            "nkp_compression",
+            "NKP compressing trained models, no fine-tuning (bench/nkp_models.py)",
+            (
+                f"Budget(params=ratio) over the factorized layers (the digits CNN: its 3 convs and 2 "
+                f"Linears; the transformer: the blocks' attention and MLP projections, embeddings stay "
+                f"dense). The digits CNN is trained {args.seeds} times (seeds 0..{args.seeds - 1}, 400 Adam "
+                f"steps), each with its own 512 training images as calibration; its rows are means over the "
+                f"seeds. The transformer (one seed, {args.lm_steps} steps) calibrates on 32 training "
+                "windows of 64 bytes and is scored on 512 windows of unseen plays. KL to dense: mean "
+                "KL(dense ‖ factorized) of the predicted distributions (nats per image; bits per byte "
+                "for the transformer). Sequential: layers fitted in run order on the inputs the partly "
+                "factorized model gives them (lowrank's default with calibration); dense inputs: every "
+                f"layer fitted on the dense model's inputs, as SVD-LLM does.\n\n{table}\n\n"
+                + "\n".join(lines)
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def closed_form_error(activation, weight, u, v):
 def float64_error(activation, weight, u, v):
     """closed_form_error in float64 (float32 would floor errors near r = d at ~1e-7)."""
     with jax.enable_x64(True):
-        f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+        f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
         return float(closed_form_error(activation, f64(weight), f64(u), f64(v)))
 
 
@@ -71,7 +71,7 @@ def summary(rows):
 
 def oracle(activation, weight, starts, steps):
     """L-BFGS on the closed form over (u, v): the final float64 error from each start."""
-    loss = lambda p: closed_form_error(activation, weight, *p)  # noqa: E731
+    loss = lambda p: closed_form_error(activation, weight, *p)
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
@@ -80,9 +80,7 @@ def oracle(activation, weight, starts, steps):
         def step(carry, _):
             params, state = carry
             value, grad = value_and_grad(params, state=state)
-            updates, state = opt.update(
-                grad, state, params, value=value, grad=grad, value_fn=loss
-            )
+            updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
             return (optax.apply_updates(params, updates), state), None
 
         (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
@@ -135,10 +133,23 @@ def quality_rows(dims, ratios, oracle_steps, mc_samples, *, key):
                     mc_s, mc_n = ("-", "-") if mc is None else (mc[2 * i], mc[2 * i + 1])
                     best = min(from_spectral, from_nkp, e_n)
                     gap = e_n / best - 1 if best > ROUNDOFF else "exact"
-                    rows.append([
-                        name, d, m, r, e_s, mc_s, e_n, mc_n, from_spectral, best, steps, gap,
-                        "yes" if e_n <= e_s + ROUNDOFF else "NO",
-                    ])  # fmt: skip
+                    rows.append(
+                        [
+                            name,
+                            d,
+                            m,
+                            r,
+                            e_s,
+                            mc_s,
+                            e_n,
+                            mc_n,
+                            from_spectral,
+                            best,
+                            steps,
+                            gap,
+                            "yes" if e_n <= e_s + ROUNDOFF else "NO",
+                        ]
+                    )
                     print(*rows[-1], flush=True)
     return rows
 
@@ -180,9 +191,20 @@ def main():
         CACHE.write_text(json.dumps(quality))
     cost = cost_rows(args.cost_ranks, args.repeats, key=key)
     header = [
-        "σ", "d", "m", "r", "spectral", "spectral MC", "NKP", "NKP MC",
-        "GD from spectral", "oracle", "oracle steps", "NKP/oracle - 1", "NKP ≤ spectral",
-    ]  # fmt: skip
+        "σ",
+        "d",
+        "m",
+        "r",
+        "spectral",
+        "spectral MC",
+        "NKP",
+        "NKP MC",
+        "GD from spectral",
+        "oracle",
+        "oracle steps",
+        "NKP/oracle - 1",
+        "NKP ≤ spectral",
+    ]
     body = (
         "Relative function-space error E‖σ(Wx)-σ(W'x)‖²/E‖σ(Wx)‖², x ~ N(0, I), He-initialized "
         "W (m×d). Closed form recomputed from the factors; MC: "

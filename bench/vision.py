@@ -42,6 +42,7 @@ import lowrank
 from bench._results import markdown_table, write_section
 from recipes import models
 from recipes._factorize_policy import apply_policy
+from recipes._report import inference_seconds, seconds_in_turns
 from recipes.config import (
     Config,
     FactorizeConfig,
@@ -50,9 +51,8 @@ from recipes.config import (
     TrainConfig,
     load_config,
 )
-from recipes.run import classification_eval, classification_loss, run
-from recipes._report import inference_seconds, seconds_in_turns
 from recipes.data import DIGITS_TEST_SIZE
+from recipes.run import classification_eval, classification_loss, run
 from recipes.train import make_optimizer, train
 
 BUDGETS = (0.5, 0.25)
@@ -67,32 +67,54 @@ def grid(
     """(row label, recipes.run overrides) for every run of part A; dense first. `extras`:
     instead of the grid, Frobenius decay and stable-rank (Cuttlefish) variants."""
     base = [
-        f"model.width={width}", f"train.steps={steps}", f"data.batch_size={batch}",
-        "train.log_every=5", f"train.eval_every={steps}", "train.progress=false",
+        f"model.width={width}",
+        f"train.steps={steps}",
+        f"data.batch_size={batch}",
+        "train.log_every=5",
+        f"train.eval_every={steps}",
+        "train.progress=false",
         "optim.warmup_steps=5",
-    ]  # fmt: skip
+    ]
     warmup = f"factorize.warmup_steps={steps // 3}"
     runs = [("dense", [*base, "factorize.policy=none", "factorize.warmup_steps=0"])]
     if extras:
         return runs + [
-            ("25% params, nkp, warm-up on, Frobenius decay 5e-4",
-             [*base, "factorize.rank=params:0.25", "factorize.init=nkp", warmup,
-              "factorize.frobenius_decay=5e-4"]),
-            ("stable rank, spectral, warm-up on",
-             [*base, "factorize.rank=stable", "factorize.init=spectral", warmup]),
-            ("scaled stable rank, spectral, warm-up on",
-             [*base, "factorize.rank=stable:scaled", "factorize.init=spectral", warmup]),
-        ]  # fmt: skip
+            (
+                "25% params, nkp, warm-up on, Frobenius decay 5e-4",
+                [
+                    *base,
+                    "factorize.rank=params:0.25",
+                    "factorize.init=nkp",
+                    warmup,
+                    "factorize.frobenius_decay=5e-4",
+                ],
+            ),
+            (
+                "stable rank, spectral, warm-up on",
+                [*base, "factorize.rank=stable", "factorize.init=spectral", warmup],
+            ),
+            (
+                "scaled stable rank, spectral, warm-up on",
+                [*base, "factorize.rank=stable:scaled", "factorize.init=spectral", warmup],
+            ),
+        ]
     for budget in budgets:
         for init in inits:
             name, calibrated = init.removesuffix(CALIBRATED), init.endswith(CALIBRATED)
             for hybrid in warmups:
                 label = f"{budget:.0%} params, {init}, warm-up {'on' if hybrid else 'off'}"
-                runs.append((label, [
-                    *base, f"factorize.rank=params:{budget}", f"factorize.init={name}",
-                    f"factorize.calibration={CALIBRATION_IMAGES if calibrated else 0}",
-                    warmup if hybrid else "factorize.warmup_steps=0",
-                ]))  # fmt: skip
+                runs.append(
+                    (
+                        label,
+                        [
+                            *base,
+                            f"factorize.rank=params:{budget}",
+                            f"factorize.init={name}",
+                            f"factorize.calibration={CALIBRATION_IMAGES if calibrated else 0}",
+                            warmup if hybrid else "factorize.warmup_steps=0",
+                        ],
+                    )
+                )
     return runs
 
 
@@ -101,15 +123,22 @@ def _timings(dense, low, state, *, batch: int, rounds: int) -> tuple[float, floa
     (jitted loss + gradient on `batch` training images; inference-mode forward on 128
     test images)."""
     rng = np.random.default_rng(0)
-    train = {"image": rng.normal(size=(batch, 3, 32, 32)).astype(np.float32),
-             "label": rng.integers(0, 10, batch).astype(np.int32)}  # fmt: skip
-    test = {"image": rng.normal(size=(128, 3, 32, 32)).astype(np.float32),
-            "label": rng.integers(0, 10, 128).astype(np.int32)}  # fmt: skip
+    train = {
+        "image": rng.normal(size=(batch, 3, 32, 32)).astype(np.float32),
+        "label": rng.integers(0, 10, batch).astype(np.int32),
+    }
+    test = {
+        "image": rng.normal(size=(128, 3, 32, 32)).astype(np.float32),
+        "label": rng.integers(0, 10, 128).astype(np.int32),
+    }
     key = jax.random.key(0)
-    grad = eqx.filter_jit(lambda m, s, b: eqx.filter_value_and_grad(
-        lambda q: classification_loss(q, s, b, key)[0])(m))  # fmt: skip
+    grad = eqx.filter_jit(
+        lambda m, s, b: eqx.filter_value_and_grad(lambda q: classification_loss(q, s, b, key)[0])(m)
+    )
     t_dense, t_low = seconds_in_turns(grad, [dense, low], state, train, rounds=rounds)
-    i_dense, i_low = inference_seconds(classification_eval, [dense, low], state, test, rounds=rounds)
+    i_dense, i_low = inference_seconds(
+        classification_eval, [dense, low], state, test, rounds=rounds
+    )
     return t_low / t_dense, i_low / i_dense
 
 
@@ -118,14 +147,18 @@ def _one_run(overrides: list[str], seed: int, batch: int, rounds: int, timed: bo
     would exhaust the process's memory maps); its accuracy, report and, if `timed`,
     its time ratios against a dense model of the same config."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config("digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={tmp}"])
+        config = load_config(
+            "digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={tmp}"]
+        )
         result, report = run(config)
     record = {
         "accuracy": [r for r in result.history if r["split"] == "eval"][-1]["accuracy"],
         "report": report,
     }
     if timed and report is not None:
-        dense, state = models.resnet18(10, stem="cifar", width=config.model.width, key=jax.random.key(0))
+        dense, state = models.resnet18(
+            10, stem="cifar", width=config.model.width, key=jax.random.key(0)
+        )
         record["timings"] = _timings(dense, result.model, state, batch=batch, rounds=rounds)
     return record
 
@@ -137,9 +170,15 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def part_a(
-    width: int, steps: int, batch: int, runs: list, seeds: int, rounds: int, extras: bool,
+    width: int,
+    steps: int,
+    batch: int,
+    runs: list,
+    seeds: int,
+    rounds: int,
+    extras: bool,
     resume: bool,
-) -> str:  # fmt: skip
+) -> str:
     """Every run of `runs` for every seed, each in its own process. Finished runs are
     logged to bench/out/vision_runs.jsonl; `resume` reuses the logged ones (same
     overrides and seed) instead of starting the log afresh."""
@@ -160,19 +199,38 @@ def part_a(
             if (key, seed) not in known:
                 start = time.perf_counter()
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                    record = pool.submit(_one_run, overrides, seed, batch, rounds, seed == 0).result()
+                    record = pool.submit(
+                        _one_run, overrides, seed, batch, rounds, seed == 0
+                    ).result()
                 known[(key, seed)] = {"key": key, "seed": seed, **record}
                 with cache.open("a") as f:
                     f.write(json.dumps(known[(key, seed)]) + "\n")
-                print(f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy "
-                      f"{record['accuracy']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+                print(
+                    f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy "
+                    f"{record['accuracy']:.4f} ({time.perf_counter() - start:.0f}s)",
+                    flush=True,
+                )
             done.setdefault(label, []).append(known[(key, seed)])
     dense_runs, *_ = done.values()
     dense, state = models.resnet18(10, stem="cifar", width=width, key=jax.random.key(0))
     summary = lowrank.summary(dense, example=_example(state))
     dense_accs = [r["accuracy"] for r in dense_runs]
-    rows = [["dense", _mean_sd(dense_accs), "", "", "", f"{summary.total_params:,}",
-             f"{summary.flops / 1e6:.1f}M", 1.0, 1.0, 1.0, 1.0, ""]]  # fmt: skip
+    rows = [
+        [
+            "dense",
+            _mean_sd(dense_accs),
+            "",
+            "",
+            "",
+            f"{summary.total_params:,}",
+            f"{summary.flops / 1e6:.1f}M",
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            "",
+        ]
+    ]
     for label, seeded in list(done.items())[1:]:
         report = seeded[0]["report"]
         accs = [r["accuracy"] for r in seeded]
@@ -183,19 +241,37 @@ def part_a(
             for k in ("before", "after")
         )
         train_ratio, time_ratio = seeded[0]["timings"]
-        rows.append([
-            label, _mean_sd(accs), f"{gap:+.2f}", before, after,
-            f"{report['params_low']:,} (x{report['params_ratio']:.3f})",
-            f"{report['flops_low'] / 1e6:.1f}M", report["flops_ratio"], train_ratio, time_ratio,
-            time_ratio / report["flops_ratio"],
-            "yes" if time_ratio <= 1.25 * report["flops_ratio"] else "no",
-        ])  # fmt: skip
+        rows.append(
+            [
+                label,
+                _mean_sd(accs),
+                f"{gap:+.2f}",
+                before,
+                after,
+                f"{report['params_low']:,} (x{report['params_ratio']:.3f})",
+                f"{report['flops_low'] / 1e6:.1f}M",
+                report["flops_ratio"],
+                train_ratio,
+                time_ratio,
+                time_ratio / report["flops_ratio"],
+                "yes" if time_ratio <= 1.25 * report["flops_ratio"] else "no",
+            ]
+        )
     verdicts = "" if extras else "\n\n" + _verdicts(done, dense_accs)
     header = [
-        "run", "final acc.", "points below dense", "dense acc. at warm-up end",
-        "acc. right after factorizing", "params", "FLOPs", "FLOP ratio", "train step ratio",
-        "inference time ratio", "time / FLOP ratio", "time <= 1.25 x FLOPs",
-    ]  # fmt: skip
+        "run",
+        "final acc.",
+        "points below dense",
+        "dense acc. at warm-up end",
+        "acc. right after factorizing",
+        "params",
+        "FLOPs",
+        "FLOP ratio",
+        "train step ratio",
+        "inference time ratio",
+        "time / FLOP ratio",
+        "time <= 1.25 x FLOPs",
+    ]
     runs_text = "one run each" if seeds == 1 else f"seeds 0..{seeds - 1} (mean ± sd over seeds)"
     return (
         f"ResNet-18, CIFAR stem, **width {width}** (64 is the published network), "
@@ -213,10 +289,16 @@ def part_a(
         "factorized structure, so their time ratios differ by measurement noise only "
         "(bench/model_speed.py times the 25% model layer by layer). Accuracy is on the test "
         f"images (one image = {100 / DIGITS_TEST_SIZE:.2f} points)."
-        + (" Frobenius decay replaces plain weight decay on the factors (Khodak et al.); "
-           "stable-rank runs give each layer the (scaled) stable rank of its warmed-up "
-           "weights, with no budget (Cuttlefish)." if extras else "")
-        + "\n\n" + markdown_table(header, rows) + verdicts
+        + (
+            " Frobenius decay replaces plain weight decay on the factors (Khodak et al.); "
+            "stable-rank runs give each layer the (scaled) stable rank of its warmed-up "
+            "weights, with no budget (Cuttlefish)."
+            if extras
+            else ""
+        )
+        + "\n\n"
+        + markdown_table(header, rows)
+        + verdicts
     )
 
 
@@ -268,7 +350,7 @@ def part_b() -> str:
             factorize=FactorizeConfig(policy=policy, rank="params:0.5", init=init),
         )
         one = {k: v[:1] for k, v in batch.items()}
-        example = lambda m: classification_loss(m, state, one, jax.random.key(0))  # noqa: E731
+        example = lambda m: classification_loss(m, state, one, jax.random.key(0))
         start = time.perf_counter()
         low, plan = apply_policy(model, config, example=example)
         factorize_s = time.perf_counter() - start
@@ -277,29 +359,53 @@ def part_b() -> str:
         optimizer, schedule = make_optimizer(OptimConfig(), 1)
         start = time.perf_counter()
         result = train(
-            low, state, loss_fn=classification_loss, optimizer=optimizer, schedule=schedule,
+            low,
+            state,
+            loss_fn=classification_loss,
+            optimizer=optimizer,
+            schedule=schedule,
             train_data=lambda step: iter(lambda: batch, None),
             config=TrainConfig(steps=1, log_every=1, out_dir="", progress=False),
-        )  # fmt: skip
+        )
         step_s = time.perf_counter() - start
         loss = result.history[-1]["loss"]
         totals = plan.totals()
-        print(f"{name}: {len(plan.factorized)} layers factorized, params x"
-              f"{low_sum.total_params / dense_sum.total_params:.3f}, FLOPs x"
-              f"{low_sum.flops / dense_sum.flops:.3f}, loss {loss:.3f}", flush=True)  # fmt: skip
-        rows.append([
-            name, policy, init, f"{len(plan.factorized)}/{len(plan.layers)}",
-            totals["params_after"] / totals["params_before"],
-            f"{dense_sum.total_params:,} -> {low_sum.total_params:,}",
-            low_sum.total_params / dense_sum.total_params,
-            f"{dense_sum.flops / 1e9:.2f}G -> {low_sum.flops / 1e9:.2f}G",
-            low_sum.flops / dense_sum.flops, f"{loss:.3f}", f"{factorize_s:.1f}", f"{step_s:.1f}",
-        ])  # fmt: skip
+        print(
+            f"{name}: {len(plan.factorized)} layers factorized, params x"
+            f"{low_sum.total_params / dense_sum.total_params:.3f}, FLOPs x"
+            f"{low_sum.flops / dense_sum.flops:.3f}, loss {loss:.3f}",
+            flush=True,
+        )
+        rows.append(
+            [
+                name,
+                policy,
+                init,
+                f"{len(plan.factorized)}/{len(plan.layers)}",
+                totals["params_after"] / totals["params_before"],
+                f"{dense_sum.total_params:,} -> {low_sum.total_params:,}",
+                low_sum.total_params / dense_sum.total_params,
+                f"{dense_sum.flops / 1e9:.2f}G -> {low_sum.flops / 1e9:.2f}G",
+                low_sum.flops / dense_sum.flops,
+                f"{loss:.3f}",
+                f"{factorize_s:.1f}",
+                f"{step_s:.1f}",
+            ]
+        )
     header = [
-        "model", "policy", "init", "factorized", "selected params ratio", "model params",
-        "params ratio", "FLOPs (one image)", "FLOP ratio", "train loss of the step",
-        "factorize s", "1 step s (incl. compile)",
-    ]  # fmt: skip
+        "model",
+        "policy",
+        "init",
+        "factorized",
+        "selected params ratio",
+        "model params",
+        "params ratio",
+        "FLOPs (one image)",
+        "FLOP ratio",
+        "train loss of the step",
+        "factorize s",
+        "1 step s (incl. compile)",
+    ]
     return (
         "224x224, 1000 classes, Budget(params=0.5) of each policy's layers, one SGD step "
         "on 2 synthetic images (a smoke test that the factorized models train, not a "
@@ -313,19 +419,23 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=1, help="train every run with seeds 0..N-1")
-    parser.add_argument("--budgets", default="0.5,0.25", help="parameter fractions, comma-separated")
+    parser.add_argument(
+        "--budgets", default="0.5,0.25", help="parameter fractions, comma-separated"
+    )
     parser.add_argument("--inits", default=",".join(INITS), help="initializers, comma-separated")
     parser.add_argument("--warmup", default="off,on", help="hybrid warm-up settings: off, on")
     parser.add_argument("--quick", action="store_true", help="25%% budget, spectral, no warm-up")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per structure")
     parser.add_argument(
-        "--extras", action="store_true",
+        "--extras",
+        action="store_true",
         help="Frobenius decay and stable-rank runs (own dense reference) instead of the grid",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="reuse the runs logged in bench/out/vision_runs.jsonl by an interrupted call",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args(argv)
@@ -333,10 +443,25 @@ def main(argv=None):
         budgets = (0.25,) if args.quick else tuple(float(b) for b in args.budgets.split(","))
         inits = ("spectral",) if args.quick else tuple(args.inits.split(","))
         warmups = (False,) if args.quick else tuple(w == "on" for w in args.warmup.split(","))
-        runs = grid(args.width, args.steps, args.batch, budgets=budgets, inits=inits,
-                    warmups=warmups, extras=args.extras)  # fmt: skip
-        body = part_a(args.width, args.steps, args.batch, runs, args.seeds, args.rounds,
-                      args.extras, args.resume)  # fmt: skip
+        runs = grid(
+            args.width,
+            args.steps,
+            args.batch,
+            budgets=budgets,
+            inits=inits,
+            warmups=warmups,
+            extras=args.extras,
+        )
+        body = part_a(
+            args.width,
+            args.steps,
+            args.batch,
+            runs,
+            args.seeds,
+            args.rounds,
+            args.extras,
+            args.resume,
+        )
         if args.extras:
             name, title = "vision-extras", "Vision recipes: Frobenius decay and stable ranks"
         else:

@@ -41,7 +41,9 @@ def derivative(name: str | None, z):
         return jnp.where(z > 0.0, 1.0, 0.0).astype(z.dtype)
     if name == "gelu":
         th = jnp.tanh(_GELU_C * (z + _GELU_A * z * z * z))
-        return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * _GELU_C * (1.0 + 3.0 * _GELU_A * z * z)
+        return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * _GELU_C * (
+            1.0 + 3.0 * _GELU_A * z * z
+        )
     if name == "silu":
         s = _sigmoid(z)
         return s * (1.0 + z * (1.0 - s))

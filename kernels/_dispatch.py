@@ -116,7 +116,9 @@ def launch_options(t: Tiles) -> dict:
     """`pallas_call` options: Triton on GPU, Mosaic on TPU, interpret mode elsewhere."""
     p = platform()
     if p == "gpu":
-        return {"compiler_params": plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)}
+        return {
+            "compiler_params": plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+        }
     if p == "tpu":
         return {}
     return {"interpret": True}

@@ -1,10 +1,11 @@
-"""The fused forward kernel: act((x @ a) @ b + bias) with x @ a kept on chip.
+"""The fused forward kernel: act(σ(x @ a) @ b + bias) with x @ a kept on chip.
 
 Each program owns `bm` rows of x. It accumulates t = x @ a over K in float32
-(bm × r stays in registers / VMEM), casts t to the compute dtype, then walks its share
-of the N columns: z = t @ b + bias, y = act(z), one `bn`-wide tile at a time. Only x,
-the weights and y touch main memory; with `save_t` the kernel also writes t (M × r,
-small) for the backward pass.
+(bm × r stays in registers / VMEM), casts t to the compute dtype, applies the inner
+activation h = σ(t) there (CoLA; h = t without one), then walks its share of the N
+columns: z = h @ b + bias, y = act(z), one `bn`-wide tile at a time. Only x,
+the weights and y touch main memory; with `save_t` the kernel also writes the
+pre-activation t (M × r, small) for the backward pass.
 """
 
 import functools
@@ -17,27 +18,48 @@ from jaxtyping import Array, Float
 from . import _activations, _dispatch, _tiling
 
 
-def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activation,
-                    has_bias, save_t, masked_ops):
+def _forward_kernel(
+    x_ref,
+    a_ref,
+    b_ref,
+    *refs,
+    m,
+    k,
+    n,
+    r,
+    tiles,
+    chunks,
+    activation,
+    inner_activation,
+    has_bias,
+    save_t,
+    masked_ops,
+):
     bias_ref = refs[0] if has_bias else None
-    y_ref, *t_ref = refs[int(has_bias):]
+    y_ref, *t_ref = refs[int(has_bias) :]
     bm, bk, bn, r_pad = tiles.bm, tiles.bk, tiles.bn, tiles.r_pad
     i, j = pl.program_id(0), pl.program_id(1)
     rows_ok = (i * bm + jnp.arange(bm) < m)[:, None]
 
     def k_step(s, acc):
         cols = s * bk + jnp.arange(bk)
-        xs = _tiling.load(x_ref.at[:, pl.ds(s * bk, bk)], rows_ok & (cols < k)[None, :],
-                          masked_ops=masked_ops)
+        xs = _tiling.load(
+            x_ref.at[:, pl.ds(s * bk, bk)], rows_ok & (cols < k)[None, :], masked_ops=masked_ops
+        )
         return acc + jnp.dot(xs, a_ref[pl.ds(s * bk, bk), :], preferred_element_type=jnp.float32)
 
     t = jax.lax.fori_loop(0, pl.cdiv(k, bk), k_step, jnp.zeros((bm, r_pad), jnp.float32))
     t = t.astype(b_ref.dtype)
     if save_t:
+
         @pl.when(j == 0)
         def _():
-            _tiling.store(t_ref[0], t, rows_ok & (jnp.arange(r_pad) < r)[None, :],
-                          masked_ops=masked_ops)
+            _tiling.store(
+                t_ref[0], t, rows_ok & (jnp.arange(r_pad) < r)[None, :], masked_ops=masked_ops
+            )
+
+    if inner_activation not in (None, "none"):
+        t = _activations.apply(inner_activation, t.astype(jnp.float32)).astype(b_ref.dtype)
 
     def n_step(c, carry):
         start = (j * chunks + c) * bn
@@ -45,8 +67,12 @@ def _forward_kernel(x_ref, a_ref, b_ref, *refs, m, k, n, r, tiles, chunks, activ
         if has_bias:
             z = z + bias_ref[:, pl.ds(start, bn)].astype(jnp.float32)
         cols_ok = (start + jnp.arange(bn) < n)[None, :]
-        _tiling.store(y_ref.at[:, pl.ds(c * bn, bn)], _activations.apply(activation, z),
-                      rows_ok & cols_ok, masked_ops=masked_ops)
+        _tiling.store(
+            y_ref.at[:, pl.ds(c * bn, bn)],
+            _activations.apply(activation, z),
+            rows_ok & cols_ok,
+            masked_ops=masked_ops,
+        )
         return carry
 
     jax.lax.fori_loop(0, chunks, n_step, 0)
@@ -59,11 +85,14 @@ def fused_forward(
     bias: Float[Array, " N"] | None,
     *,
     activation: str | None,
+    inner_activation: str | None = None,
     save_t: bool = False,
     tiles: _dispatch.Tiles | None = None,
     masked_ops: bool | None = None,
 ) -> Float[Array, "M N"] | tuple[Float[Array, "M N"], Float[Array, "M r"]]:
-    """act((x @ a) @ b + bias) in one Pallas kernel; with `save_t` also t = x @ a.
+    """act(σ(x @ a) @ b + bias) in one Pallas kernel; with `save_t` also t = x @ a.
+
+    σ is `inner_activation` (None for none); the saved t is its input.
 
     All inputs share one dtype (float32 or bfloat16); accumulation is float32.
     `tiles` and `masked_ops` default to the backend's choice (tests override them).
@@ -89,8 +118,18 @@ def fused_forward(
         out_shape.append(jax.ShapeDtypeStruct((m, r), x.dtype))
         out_specs.append(pl.BlockSpec((bm, r_pad), lambda i, j: (i, 0)))
     kernel = functools.partial(
-        _forward_kernel, m=m, k=k, n=n, r=r, tiles=tiles, chunks=chunks,
-        activation=activation, has_bias=bias is not None, save_t=save_t, masked_ops=masked_ops,
+        _forward_kernel,
+        m=m,
+        k=k,
+        n=n,
+        r=r,
+        tiles=tiles,
+        chunks=chunks,
+        activation=activation,
+        inner_activation=inner_activation,
+        has_bias=bias is not None,
+        save_t=save_t,
+        masked_ops=masked_ops,
     )
     itemsize = x.dtype.itemsize
     outs = pl.pallas_call(
@@ -101,7 +140,8 @@ def fused_forward(
         out_specs=out_specs,
         cost_estimate=pl.CostEstimate(
             flops=2 * m * r * (k + n),
-            transcendentals=m * n if activation in ("gelu", "silu") else 0,
+            transcendentals=(m * n if activation in ("gelu", "silu") else 0)
+            + (m * r if inner_activation in ("gelu", "silu") else 0),
             bytes_accessed=itemsize * (m * k + r * (k + n) + m * n + (m * r if save_t else 0)),
         ),
         name="factored_matmul_fwd",

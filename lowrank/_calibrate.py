@@ -25,14 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax._src import core as jax_core
 from jax.extend import core as jex_core
 
 from ._initializers import Factors
-from ._select import attribute_path
+from ._select import attribute_path, stack_shape
 from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
 
 # fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
@@ -50,6 +50,17 @@ class Watch:
     fit: bool
     done: set = field(default_factory=set)  # slice indices (None: unstacked) handled
 
+    @property
+    def finished(self) -> bool:
+        """Every slice (or the layer) handled once."""
+        lead = stack_shape(self.layer)
+        return self.done >= (set(range(lead[0])) if len(lead) == 1 else {None})
+
+
+class _Finished(Exception):
+    """Raised by the pass once no watched layer is left: what follows (e.g. an LM head's
+    logits over the whole vocabulary) need not be computed."""
+
 
 def calibrate(
     model,
@@ -60,15 +71,20 @@ def calibrate(
     sequential: bool,
     correct: dict[str, eqx.Module],
     max_rows: int,
+    first_calls: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the model once on `calibration`, calling `fit` for every layer in `layers` (by
     path; per slice for stacked layers) at its first use, and (if `sequential`) correcting
     the biases of the `correct` layers, which are returned {path: new bias}.
 
-    Raises if a layer was never reached, naming it.
+    The pass stops once every watched layer has been handled (sequential, or
+    `first_calls`: only each layer's first call counts), so what follows the last one,
+    such as an LM head's logits, is never computed. Raises if a layer was never
+    reached, naming it.
     """
     (closed, leaves), data = trace_for(model, calibration, batched=True, argument="calibration")
     _check_finite(data)
+    data = [_sharded(x) for x in data]
     index = {p: i for i, p in enumerate(leaf_paths(model))}
     watches = {}
     for path, layer in list(layers.items()) + (list(correct.items()) if sequential else []):
@@ -77,8 +93,11 @@ def calibrate(
             raise ValueError(f"layer {path}: its weight is not an array of the model")
         b = index.get(attribute_path(path, "bias"))
         watches[w] = Watch(path, layer, w, b, fit=path in layers)
-    state = _Pass(watches, fit, sequential, max_rows, leaves)
-    state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
+    state = _Pass(watches, fit, sequential, max_rows, leaves, stop_early=sequential or first_calls)
+    try:
+        state.run(closed.jaxpr, closed.consts, list(leaves) + list(data))
+    except _Finished:  # every watched layer handled: the rest of the model is not needed
+        pass
     state.fit_pending()
     missing = [w.path for w in watches.values() if w.fit and not w.done]
     if missing:
@@ -98,6 +117,18 @@ def _check_finite(data) -> None:
                 f"calibration contains NaN/inf ({bad} of {x.size} values); clean the "
                 "calibration data (e.g. jnp.nan_to_num or drop the bad samples)"
             )
+
+
+def _sharded(batch):
+    """The calibration batch split over all local devices along its leading axis (where it
+    divides evenly), so that every equation of the pass runs data-parallel."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch.shape[0] % len(devices):
+        return batch
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    return jax.device_put(
+        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
 
 
 class _Scope:
@@ -132,7 +163,10 @@ def _bind(eqn, values):
 
 
 class _Pass:
-    def __init__(self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves):
+    def __init__(
+        self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves, *, stop_early
+    ):
+        self.stop_early = stop_early
         self.watches = watches
         self.fit = fit
         self.sequential = sequential
@@ -181,7 +215,9 @@ class _Pass:
             self.scopes.pop()
 
     def _eqn(self, scope: _Scope, eqn) -> None:
-        views = [None if isinstance(v, jex_core.Literal) else scope.views.get(v) for v in eqn.invars]
+        views = [
+            None if isinstance(v, jex_core.Literal) else scope.views.get(v) for v in eqn.invars
+        ]
         use = weight_use(eqn, views)
         if use is not None and views[use.weight].leaf in self.watches:
             self._weight_use(scope, eqn, views[use.weight], use)
@@ -235,9 +271,13 @@ class _Pass:
         body = p["jaxpr"]
         n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
         ins = list(eqn.invars)
-        consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
-        read_d = lambda v: scope.read(v, "dense")  # noqa: E731
-        read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None  # noqa: E731
+        consts, carry, xs = (
+            ins[:n_consts],
+            ins[n_consts : n_consts + n_carry],
+            ins[n_consts + n_carry :],
+        )
+        read_d = lambda v: scope.read(v, "dense")
+        read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None
         carry_d, carry_c = [read_d(v) for v in carry], [read_c(v) for v in carry]
         ys_d, ys_c = [], []
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
@@ -256,7 +296,12 @@ class _Pass:
                     leaf_vars[inner] = (scope.leaf_vars[v][0], i)
                 view = views[n_consts + n_carry + k]
                 sliced = None
-                if view is not None and view.perm is not None and view.perm[0] == 0 and not view.sliced:
+                if (
+                    view is not None
+                    and view.perm is not None
+                    and view.perm[0] == 0
+                    and not view.sliced
+                ):
                     sliced = View(view.leaf, tuple(q - 1 for q in view.perm[1:]), True, i)
                 arg_views.append(sliced)
             for k, v in enumerate(consts):
@@ -275,7 +320,9 @@ class _Pass:
             if all(c is None for c in col):
                 stacked_c.append(None)
             else:
-                stacked_c.append(jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)]))
+                stacked_c.append(
+                    jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)])
+                )
         self._write(scope, eqn.outvars, carry_d + stacked_d, carry_c + stacked_c)
 
     # ---------------------------------------------------------------- fitting
@@ -288,7 +335,7 @@ class _Pass:
                 f"layer {watch.path}: a stacked weight is used inside a scan that is not "
                 "unrolled; calibration cannot tell its slices apart"
             )
-        if key in watch.done and (self.sequential or not watch.fit):
+        if key in watch.done and (self.stop_early or not watch.fit):
             return  # fitted (or corrected) at its first call
         watch.done.add(key)
         x = 1 - use.weight
@@ -298,16 +345,19 @@ class _Pass:
             self._fit(scope, eqn, view, use, watch, key, changed)
         elif changed and watch.bias is not None:
             self._correct_bias(scope, eqn, use, watch, key)
+        if self.stop_early and all(w.finished for w in self.watches.values()):
+            raise _Finished
 
     def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
         x = eqn.invars[1 - use.weight]
-        rows = _rows(eqn, view, use, scope.read(x, "current"))
+        seed = watch.weight * 1009 + (key or 0)
+        pick = _sample(_row_count(eqn, use), self.max_rows, seed=seed)
+        rows = _rows(eqn, view, use, scope.read(x, "current"), pick)
         if not self.sequential:  # every call's inputs count; fitted after the pass
             self.pending.setdefault((watch.path, key), []).append(rows)
             return
-        pick = _sample(len(rows), self.max_rows, seed=watch.weight * 1009 + (key or 0))
-        dense = _rows(eqn, view, use, scope.read(x, "dense"))[pick] if changed else None
-        factors = self.fit(watch.path, key, rows[pick], dense)
+        dense = _rows(eqn, view, use, scope.read(x, "dense"), pick) if changed else None
+        factors = self.fit(watch.path, key, rows, dense)
         weight = self.leaves[watch.weight]
         shape = weight.shape if key is None else weight.shape[1:]
         merged = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
@@ -316,13 +366,17 @@ class _Pass:
         if watch.bias is not None and factors.bias is not None:
             bias = self.leaves[watch.bias]
             bshape = bias.shape if key is None else bias.shape[1:]
-            self._set_leaf(watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype))
+            self._set_leaf(
+                watch.bias, key, jnp.asarray(np.asarray(factors.bias).reshape(bshape), bias.dtype)
+            )
 
     def fit_pending(self) -> None:
         """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
         for (path, key), chunks in self.pending.items():
-            rows = np.concatenate(chunks)
-            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (key or 0)
+            rows = np.concatenate(chunks)  # each call's rows already at most max_rows
+            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (
+                key or 0
+            )
             self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
         self.pending = {}
 
@@ -330,7 +384,9 @@ class _Pass:
         dense_out = _bind(eqn, [scope.read(v, "dense") for v in eqn.invars])[0]
         cur_out = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])[0]
         axes = tuple(a for a in range(dense_out.ndim) if a != use.out_axis)
-        shift = np.asarray(dense_out, np.float64).mean(axes) - np.asarray(cur_out, np.float64).mean(axes)
+        shift = np.asarray(dense_out, np.float64).mean(axes) - np.asarray(cur_out, np.float64).mean(
+            axes
+        )
         bias = self.leaves[watch.bias]
         old = bias if key is None else bias[key]
         new = np.asarray(old, np.float64) + shift.reshape(old.shape)
@@ -364,12 +420,18 @@ def _sample(n: int, max_rows: int, *, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
 
 
-def _rows(eqn, view: View, use, x) -> np.ndarray:
-    """The data operand of a weight use as (rows, fan_in) in the order of the weight's
-    `reshape(out, -1)`: input vectors for a matmul, image patches for a convolution."""
-    x = jnp.asarray(x)
+def _row_count(eqn, use) -> int:
+    """How many input rows a weight use has: output vectors (matmul), or positions (conv)."""
+    out = eqn.outvars[0].aval.shape
+    return math.prod(out) // out[use.out_axis]
+
+
+def _rows(eqn, view: View, use, x, pick: np.ndarray) -> np.ndarray:
+    """Rows `pick` of the data operand of a weight use, as (rows, fan_in) in the order of
+    the weight's `reshape(out, -1)`: input vectors for a matmul, image patches for a
+    convolution (in the order of the output positions)."""
     if eqn.primitive.name == "conv_general_dilated":
-        return _patches(eqn, x)
+        return _patches(eqn, np.asarray(x, np.float32), pick)
     if view.perm is None:
         raise ValueError("a layer's weight reaches its matmul through a reshape; unsupported")
     (contract, _) = eqn.params["dimension_numbers"]
@@ -377,30 +439,42 @@ def _rows(eqn, view: View, use, x) -> np.ndarray:
     # Pair the data's contracted axes with the weight axes they multiply, in weight order.
     pairs = sorted(zip((view.perm[a] for a in contract[w]), contract[d]))
     data_axes = [a for _, a in pairs]
-    rest = [a for a in range(x.ndim) if a not in data_axes]
-    x = jnp.transpose(x, rest + data_axes)
+    rest = [a for a in range(np.ndim(x)) if a not in data_axes]
+    x = np.asarray(x, np.float32).transpose(rest + data_axes)
     fan_in = math.prod(x.shape[len(rest) :])
-    return np.asarray(x.reshape(-1, fan_in), np.float32)
+    return x.reshape(-1, fan_in)[pick]
 
 
-def _patches(eqn, x) -> np.ndarray:
+def _patches(eqn, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The image patches a convolution multiplies at output positions `pick` (in the order
+    of its (batch, *spatial) outputs), features in (in, *kernel) order; gathered on the
+    host for the picked positions only."""
     p = eqn.params
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         raise ValueError("grouped convolutions are not factorized")
-    rhs_shape = eqn.invars[1].aval.shape
+    if any(d != 1 for d in p["lhs_dilation"]):
+        raise ValueError("transposed (input-dilated) convolutions are not supported")
     dn = p["dimension_numbers"]
-    spatial = tuple(rhs_shape[a] for a in dn.rhs_spec[2:])
+    rhs_shape = eqn.invars[1].aval.shape
     if tuple(dn.rhs_spec) != tuple(range(len(rhs_shape))):
         raise ValueError("convolution weights must be laid out (out, in, *kernel) (OIHW)")
-    lhs_spec = tuple(dn.lhs_spec)
-    x = jnp.transpose(x, lhs_spec)  # (N, C, *spatial)
-    patches = lax.conv_general_dilated_patches(
-        x,
-        filter_shape=spatial,
-        window_strides=p["window_strides"],
-        padding=p["padding"],
-        lhs_dilation=p["lhs_dilation"],
-        rhs_dilation=p["rhs_dilation"],
-    )  # (N, C * prod(kernel), *out_spatial), features ordered (C, *kernel)
-    patches = jnp.moveaxis(patches, 1, -1)
-    return np.asarray(patches.reshape(-1, patches.shape[-1]), np.float32)
+    kernel = rhs_shape[2:]
+    out_shape = eqn.outvars[0].aval.shape
+    out_spatial = [out_shape[a] for a in dn.out_spec[2:]]
+    x = x.transpose(dn.lhs_spec)  # (N, C, *spatial)
+    pads = [(0, 0), (0, 0)] + [tuple(max(q, 0) for q in pad) for pad in p["padding"]]
+    if any(q < 0 for pad in p["padding"] for q in pad):
+        raise ValueError("negative convolution padding is not supported in calibration")
+    x = np.pad(x, pads)
+    spatial = len(kernel)
+    where = np.unravel_index(pick, (x.shape[0], *out_spatial))
+    index = [where[0].reshape(-1, *([1] * spatial))]
+    for d in range(spatial):
+        start = where[1 + d] * p["window_strides"][d]
+        taps = np.arange(kernel[d]) * p["rhs_dilation"][d]
+        shape = [-1] + [1] * spatial
+        shape[1 + d] = kernel[d]
+        index.append((start[:, None] + taps[None, :]).reshape([len(pick)] + shape[1:]))
+    x = np.moveaxis(x, 1, -1)  # (N, *spatial, C)
+    patches = x[tuple(index)]  # (S, *kernel, C)
+    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1)

@@ -6,10 +6,12 @@ layer saw on calibration data, if any) and returns `Factors`. Initializers regis
 by name, so `factorize(init="nkp")` and `factorize(init=NKP(...))` both work.
 """
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,15 @@ class LayerProblem:
     already factorized, and `dense_inputs` holds what the dense model fed this layer on
     the same rows: the factors should map `inputs` to the dense layer's outputs on
     `dense_inputs`. None when the two are the same.
+
+    Attributes:
+        path: the layer's dotted path (`blocks.fc[3]` for a slice of a stack).
+        weight: the dense weight matrix (m, n).
+        bias: its bias (m,), or None.
+        rank: the target rank r.
+        activation: the function after the layer, or None when unknown.
+        inputs: calibration inputs (N, n), or None.
+        dense_inputs: the dense model's inputs on the same rows, or None.
     """
 
     path: str
@@ -44,6 +55,13 @@ class Factors(NamedTuple):
 
     `assumes` says what `function_error` rests on when it is not measured on the
     layer's real inputs and activation (e.g. "inputs x ~ N(0, I)"); plans show it.
+
+    Attributes:
+        u: the left factor (m, r).
+        v: the right factor (r, n).
+        bias: the bias the factorized layer uses (m,), or None.
+        function_error: the relative error of the layer's function, if measured.
+        assumes: what `function_error` rests on when not measured on data, or None.
     """
 
     u: Float[Array, "m r"]
@@ -53,34 +71,96 @@ class Factors(NamedTuple):
     assumes: str | None = None
 
 
-class Initializer(Protocol):
-    """What `factorize` calls. `calibration` says whether it uses calibration inputs.
+CALIBRATION_MODES = ("never", "optional", "required")
 
-    An initializer that assumes an activation after layers whose activation is
-    unknown (`problem.activation` None) names it in an optional `fallback_activation`
+
+class Initializer(eqx.Module):
+    """The base of every initializer: maps one layer's `LayerProblem` to `Factors`.
+
+    Subclasses declare `calibration` as a class attribute: "never" (calibration data
+    is refused), "optional" (used when given) or "required"; factorize and the recipes
+    read it. An initializer that assumes an activation after layers whose activation
+    is unknown (`problem.activation` None) names it in a `fallback_activation`
     attribute (NKP: "ReLU"), so that `factorize` can warn about those layers.
+
+    Attributes:
+        calibration: "never", "optional" or "required" (a class attribute).
+
+    Example:
+        class Half(lowrank.Initializer):
+            calibration = "never"
+
+            def __call__(self, problem, *, key):
+                u, v = ...  # (m, r) and (r, n)
+                return lowrank.Factors(u, v, problem.bias)
     """
 
-    calibration: Literal["never", "optional", "required"]
+    calibration: eqx.AbstractClassVar[Literal["never", "optional", "required"]]
 
-    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors: ...
+    @abc.abstractmethod
+    def __call__(self, problem: LayerProblem, *, key: PRNGKeyArray) -> Factors:
+        """Factors for one layer.
+
+        Args:
+            problem: the layer's weight matrix, bias, rank, activation and inputs.
+            key: a PRNG key for this layer (slice).
+
+        Returns:
+            `Factors` u (m, r), v (r, n) and the bias to use.
+        """
 
 
 _REGISTRY: dict[str, Initializer] = {}
 
 
 def register_initializer(name: str, initializer: Initializer) -> None:
-    """Make `initializer` available as `factorize(init=name)`."""
-    if not callable(initializer) or not hasattr(initializer, "calibration"):
-        raise TypeError(
-            f"initializer {name!r} must be callable as init(problem, *, key) and "
-            "have a `calibration` attribute ('never', 'optional' or 'required')"
-        )
+    """Make `initializer` available as `factorize(init=name)`.
+
+    Args:
+        name: the name `factorize(init=...)` will take.
+        initializer: an instance of a `lowrank.Initializer` subclass. Other callables
+            with a `calibration` class attribute are still accepted (initializers
+            written before the base existed).
+
+    Returns:
+        None; raises TypeError/ValueError if `initializer` is not one.
+    """
+    _check_initializer(initializer, f"initializer {name!r}")
     _REGISTRY[name] = initializer
 
 
+def _check_initializer(init, what: str) -> None:
+    if not isinstance(init, Initializer) and not (callable(init) and hasattr(init, "calibration")):
+        raise TypeError(
+            f"{what} must be callable as init(problem, *, key) and declare `calibration` "
+            "('never', 'optional' or 'required'): subclass lowrank.Initializer, set "
+            f"`calibration = ...` and define __call__; got {type(init).__name__}"
+        )
+    if init.calibration not in CALIBRATION_MODES:
+        raise ValueError(
+            f"{what} has calibration={init.calibration!r}; set it to one of {CALIBRATION_MODES}"
+        )
+
+
 def available_initializers() -> list[str]:
+    """The registered initializer names.
+
+    Returns:
+        The names `factorize(init=...)` accepts, sorted.
+    """
     return sorted(_REGISTRY)
+
+
+def get_initializer(name: str) -> Initializer:
+    """The initializer registered as `name`.
+
+    Args:
+        name: a registered name ("spectral", "random", "nkp", "whitened", ...).
+
+    Returns:
+        The initializer object, whose `calibration` says whether it needs data.
+    """
+    return resolve_initializer(name)
 
 
 def resolve_initializer(init: "str | Initializer") -> Initializer:
@@ -93,7 +173,8 @@ def resolve_initializer(init: "str | Initializer") -> Initializer:
                 f"unknown init {init!r}; available: {', '.join(available_initializers())}. "
                 "Register new ones with lowrank.register_initializer(name, fn)."
             ) from None
-    if callable(init) and hasattr(init, "calibration"):
+    if isinstance(init, Initializer) or (callable(init) and hasattr(init, "calibration")):
+        _check_initializer(init, "init")
         return init
     raise TypeError(
         f"init must be a registered name or an initializer object, got {type(init).__name__}"
@@ -139,8 +220,11 @@ def truncated_svd_factors(
     return jnp.asarray(U * root, dtype), jnp.asarray(root[:, None] * Vt, dtype)
 
 
-class Spectral:
-    """Truncated SVD of the dense weight (Khodak et al. 2021)."""
+class Spectral(Initializer):
+    """Truncated SVD of the dense weight (Khodak et al. 2021), sqrt(S) split to both sides.
+
+    Takes no arguments; `Spectral()(problem, key=key)` returns the `Factors`.
+    """
 
     calibration = "never"
 
@@ -153,12 +237,13 @@ class Spectral:
         return "spectral"
 
 
-class Random:
+class Random(Initializer):
     """Independent Gaussian factors with Var[(u @ v)_ij] equal to the dense weight's.
 
     For training from scratch: the product has the per-entry variance of whatever
     initializer produced the dense weight (measured from the weight itself), split
-    evenly between the two factors.
+    evenly between the two factors. Takes no arguments; `Random()(problem, key=key)`
+    returns the `Factors`.
     """
 
     calibration = "never"

@@ -16,9 +16,23 @@ import kernels
 
 
 class LowRankLinear(eqx.Module):
-    """y = u @ (v @ x) + bias, the rank-r replacement of an `eqx.nn.Linear`.
+    """y = act(u @ σ(v @ x) + bias), the rank-r replacement of an `eqx.nn.Linear`.
 
-    Runs through `kernels.factored_matmul`, which fuses both matmuls and the bias.
+    Runs through `kernels.factored_matmul`, which fuses both matmuls, the bias and the
+    activations. `activation` (act, default None) is an epilogue: the layer then computes
+    act(layer(x)) in one op, for a layer that an activation follows. `inner_activation`
+    (σ, default None) acts on the rank-r intermediate, CoLA's u·σ(v·x)
+    (arXiv:2502.10940), a layer for training from scratch: with it the layer is no
+    longer linear, and `weight` no longer its function. Each is None, "relu", "gelu"
+    (tanh approximation) or "silu".
+
+    Args:
+        u: the left factor (*stack, out, rank).
+        v: the right factor (*stack, rank, in).
+        bias: (*stack, out), or None.
+        impl: the `kernels.factored_matmul` implementation ("auto", "pallas", "xla").
+        activation: the fused epilogue, or None.
+        inner_activation: σ on the rank-r intermediate (CoLA), or None.
     """
 
     u: Float[Array, "*stack out rank"]
@@ -28,11 +42,29 @@ class LowRankLinear(eqx.Module):
     out_features: int = eqx.field(static=True)
     rank: int = eqx.field(static=True)
     impl: str = eqx.field(static=True, default="auto")
+    activation: str | None = eqx.field(static=True, default=None)
+    inner_activation: str | None = eqx.field(static=True, default=None)
 
-    def __init__(self, u, v, bias=None, *, impl: str = "auto"):
+    def __init__(
+        self,
+        u,
+        v,
+        bias=None,
+        *,
+        impl: str = "auto",
+        activation: str | None = None,
+        inner_activation: str | None = None,
+    ):
         if impl not in kernels.IMPLS:
             raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
-        paired = v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
+        for name, value in (("activation", activation), ("inner_activation", inner_activation)):
+            if value not in kernels.ACTIVATIONS:
+                raise ValueError(
+                    f"LowRankLinear: {name} must be one of {kernels.ACTIVATIONS}, got {value!r}"
+                )
+        paired = (
+            v.ndim == u.ndim and u.shape[:-2] == v.shape[:-2] and u.shape[-1:] == v.shape[-2:-1]
+        )
         if u.ndim < 2 or not paired:
             raise ValueError(
                 f"LowRankLinear needs u (*stack, out, r) and v (*stack, r, in); got {u.shape} and {v.shape}"
@@ -43,10 +75,19 @@ class LowRankLinear(eqx.Module):
         self.out_features, self.rank = u.shape[-2:]
         self.in_features = v.shape[-1]
         self.impl = impl
+        self.activation = None if activation == "none" else activation
+        self.inner_activation = None if inner_activation == "none" else inner_activation
 
     def with_impl(self, impl: str) -> "LowRankLinear":
         """The same layer, run by another `kernels.factored_matmul` implementation."""
-        return LowRankLinear(self.u, self.v, self.bias, impl=impl)
+        return LowRankLinear(
+            self.u,
+            self.v,
+            self.bias,
+            impl=impl,
+            activation=self.activation,
+            inner_activation=self.inner_activation,
+        )
 
     @property
     def dense_shape(self) -> tuple[int, int]:
@@ -60,7 +101,8 @@ class LowRankLinear(eqx.Module):
 
     @property
     def weight(self) -> Float[Array, "*stack out in"]:
-        """The dense weight u @ v this layer represents."""
+        """The dense weight u @ v this layer represents (its function only without
+        `inner_activation`; `activation` applies after it)."""
         return self.u @ self.v
 
     def __call__(
@@ -73,7 +115,15 @@ class LowRankLinear(eqx.Module):
                 f"LowRankLinear expects an unbatched input of shape ({self.in_features},), "
                 f"got {x.shape}; use jax.vmap over the batch"
             )
-        return kernels.factored_matmul(x, self.v.T, self.u.T, self.bias, impl=self.impl)
+        return kernels.factored_matmul(
+            x,
+            self.v.T,
+            self.u.T,
+            self.bias,
+            activation=self.activation,
+            impl=self.impl,
+            inner_activation=self.inner_activation,
+        )
 
 
 class LowRankConv(eqx.Module):
@@ -83,6 +133,13 @@ class LowRankConv(eqx.Module):
     stride, padding, dilation and padding mode; `u` (out, rank) is the 1×1 conv.
     `lowering` picks how the 1×1 stage runs: "conv" (a second `lax.conv`, the
     default: fastest in bench/model_speed.py) or "einsum" (a channel matmul).
+
+    Args:
+        u: the 1×1 conv (*stack, out, rank).
+        v: the k×k conv kernel (*stack, rank, in, *kernel).
+        bias: (*stack, out), or None.
+        stride, padding, dilation, padding_mode: those of the dense conv.
+        lowering: "conv" or "einsum".
     """
 
     u: Float[Array, "*stack out rank"]
@@ -112,7 +169,11 @@ class LowRankConv(eqx.Module):
         lowering: str = "conv",
     ):
         lead = u.ndim - 2  # stack axes, shared by u, v and bias
-        paired = v.ndim > u.ndim and u.shape[:-2] == v.shape[:lead] and u.shape[-1:] == v.shape[lead : lead + 1]
+        paired = (
+            v.ndim > u.ndim
+            and u.shape[:-2] == v.shape[:lead]
+            and u.shape[-1:] == v.shape[lead : lead + 1]
+        )
         if u.ndim < 2 or not paired:
             raise ValueError(
                 f"LowRankConv needs u (*stack, out, r) and v (*stack, r, in, *kernel); got {u.shape} and {v.shape}"
@@ -132,7 +193,9 @@ class LowRankConv(eqx.Module):
         self.padding = _padding(padding, spatial)
         self.padding_mode = padding_mode.upper()
         if self.padding_mode not in ("ZEROS", *_NUMPY_PAD_MODES):
-            raise ValueError(f"padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR, got {padding_mode!r}")
+            raise ValueError(
+                f"padding_mode must be ZEROS, REFLECT, REPLICATE or CIRCULAR, got {padding_mode!r}"
+            )
         self.lowering = lowering
 
     @property
@@ -155,9 +218,15 @@ class LowRankConv(eqx.Module):
     def with_lowering(self, lowering: str) -> "LowRankConv":
         """The same layer, running its 1×1 stage through another lowering."""
         return LowRankConv(
-            self.u, self.v, self.bias, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, padding_mode=self.padding_mode, lowering=lowering,
-        )  # fmt: skip
+            self.u,
+            self.v,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            lowering=lowering,
+        )
 
     def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
         del key
@@ -167,9 +236,7 @@ class LowRankConv(eqx.Module):
             y = jnp.einsum("or,r...->o...", self.u, h)
         else:
             kernel = self.u.reshape(self.u.shape + (1,) * self.num_spatial_dims)
-            y = lax.conv_general_dilated(
-                h[None], kernel, (1,) * self.num_spatial_dims, "VALID"
-            )[0]
+            y = lax.conv_general_dilated(h[None], kernel, (1,) * self.num_spatial_dims, "VALID")[0]
         if self.bias is not None:
             y = y + self.bias.reshape((-1,) + (1,) * self.num_spatial_dims)
         return y
@@ -243,7 +310,17 @@ def conv_matrix_shape(kernel_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def with_kernels(model, *, impl: str | None = None, lowering: str | None = None):
-    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`."""
+    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`.
+
+    Args:
+        model: a model with `LowRankLinear` / `LowRankConv` layers (never modified).
+        impl: the `kernels.factored_matmul` implementation of every LowRankLinear
+            ("auto", "pallas", "xla"); None keeps each layer's.
+        lowering: the 1×1 stage of every LowRankConv ("conv" or "einsum"); None keeps it.
+
+    Returns:
+        The model with those layers swapped; everything else shared.
+    """
 
     def swap(layer):
         if impl is not None and isinstance(layer, LowRankLinear):
@@ -252,5 +329,5 @@ def with_kernels(model, *, impl: str | None = None, lowering: str | None = None)
             return layer.with_lowering(lowering)
         return layer
 
-    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))  # noqa: E731
+    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))
     return jax.tree_util.tree_map(swap, model, is_leaf=is_lowrank)

@@ -39,7 +39,13 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._gaussian_expectations import expected_sq_diff, expected_square, relu_centred_sq_diff
-from ._initializers import Factors, LayerProblem, register_initializer, top_singular_triplets
+from ._initializers import (
+    Factors,
+    Initializer,
+    LayerProblem,
+    register_initializer,
+    top_singular_triplets,
+)
 from ._problem_checks import check_problem, relative_error
 from ._whitened import (
     DEFAULT_RIDGE,
@@ -54,20 +60,26 @@ _RELAXATION = 0.1  # λ of the calibrated alternation (best of 0.01-10 on synthe
 _MIN_ROWS_TO_HOLD_OUT = 40  # fewer calibration rows: no early stopping on held-out rows
 
 
-class NKP(eqx.Module):
+class NKP(Initializer):
     """Function-space initializer: rank-r W' minimizing E‖σ(Wx+b) - σ(W'x+b')‖².
 
-    `activation`: σ after the layer; default `problem.activation`, else ReLU.
-    `input_scale`: s in x ~ N(0, s²I) when no calibration inputs are given.
-    `iterations`: subspace steps, capped at 1.5·min(m, n)/rank (cost ≈ 2 spectral inits).
-    `calibration_iterations`: alternations on calibration inputs.
-    `fit_bias`: also fit b' when the layer has a bias.
-    `ridge`: pull of the calibrated regressions towards the dense weight, in units of
-    the mean input variance times inputs per row (guards against fitting few
-    calibration rows exactly; see `reduced_rank_regression`).
     `function_error` is the relative function-space error: closed form under the
     Gaussian, empirical on calibration inputs; `Factors.assumes` says what it rests on
     (the Gaussian inputs, ReLU where the activation is unknown), and plans show it.
+
+    Args:
+        activation: σ after the layer; default `problem.activation`, else ReLU.
+        input_scale: s in x ~ N(0, s²I) when no calibration inputs are given.
+        iterations: subspace steps, capped at 1.5·min(m, n)/rank (cost ≈ 2 spectral
+            inits).
+        calibration_iterations: alternations on calibration inputs.
+        fit_bias: also fit b' when the layer has a bias.
+        ridge: pull of the calibrated regressions towards the dense weight, in units
+            of the mean input variance times inputs per row (guards against fitting
+            few calibration rows exactly; see `reduced_rank_regression`).
+
+    Returns:
+        Called on a `LayerProblem` (`nkp(problem, key=key)`), the layer's `Factors`.
     """
 
     activation: Callable[[Array], Array] | None = eqx.field(default=None, static=True)
@@ -109,12 +121,15 @@ class NKP(eqx.Module):
         bias = None if problem.bias is None else problem.bias.astype(weight.dtype)
         if problem.inputs is not None:
             with jax.enable_x64(True):  # moments of real activations are ill-conditioned
-                f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+                f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
                 bias = jnp.zeros(weight.shape[0], jnp.float64) if bias is None else f64(bias)
                 problem64 = dataclasses.replace(
-                    problem, inputs=f64(problem.inputs),
-                    dense_inputs=None if problem.dense_inputs is None else f64(problem.dense_inputs),
-                )  # fmt: skip
+                    problem,
+                    inputs=f64(problem.inputs),
+                    dense_inputs=None
+                    if problem.dense_inputs is None
+                    else f64(problem.dense_inputs),
+                )
                 out = self._calibrated(problem64, f64(weight), bias, activation, fit_bias)
                 u, v, new_bias, num, den = (np.asarray(a) for a in out)
             u, v, new_bias = (jnp.asarray(a, weight.dtype) for a in (u, v, new_bias))
@@ -141,13 +156,19 @@ class NKP(eqx.Module):
         inputs = problem.inputs.astype(weight.dtype)
         dense = None if problem.dense_inputs is None else problem.dense_inputs.astype(weight.dtype)
         solve = functools.partial(
-            _calibrated_nkp, weight, bias, rank=problem.rank, activation=activation,
-            fit_bias=fit_bias, iterations=self.calibration_iterations, ridge=self.ridge,
-        )  # fmt: skip
+            _calibrated_nkp,
+            weight,
+            bias,
+            rank=problem.rank,
+            activation=activation,
+            fit_bias=fit_bias,
+            iterations=self.calibration_iterations,
+            ridge=self.ridge,
+        )
         stop = self.calibration_iterations
         held = held_out_rows(inputs.shape[0])
         if held is not None and stop > 0:
-            rows = lambda mask: (inputs[mask], None if dense is None else dense[mask])  # noqa: E731
+            rows = lambda mask: (inputs[mask], None if dense is None else dense[mask])
             held_losses = solve(rows(~held), rows(held), jnp.int32(stop))[-1]
             stop = int(jnp.argmin(held_losses))
         return solve((inputs, dense), None, jnp.int32(stop))[:5]
@@ -206,7 +227,7 @@ def fit_rows(
     move_tau = (cosine > _TINY_COSINE).astype(tau.dtype)
     move_beta = jnp.full_like(tau, 1.0 if fit_bias else 0.0)
     tau = tau * move_tau
-    errors = lambda t, b: errors_of(t, b, mean, std, cosine)  # noqa: E731
+    errors = lambda t, b: errors_of(t, b, mean, std, cosine)
     grad = jax.grad(lambda t, b: jnp.sum(errors(t, b)), argnums=(0, 1))
     ones, zeros = jnp.ones_like(tau), jnp.zeros_like(tau)
     radius = 0.5 * jnp.sqrt(std**2 + mean**2) + 1e-30
@@ -235,7 +256,7 @@ def fit_rows(
         # errors differ by less than float precision, while the Newton step is exact.
         noise = 16 * jnp.finfo(e.dtype).eps * jnp.abs(e) + jnp.finfo(e.dtype).tiny
         pick = jnp.argmax(ce <= jnp.min(ce, axis=0) + noise, axis=0)
-        take = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]  # noqa: E731
+        take = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]
         better = take(ce) <= e + noise
         return tuple(jnp.where(better, take(c), x) for c, x in ((ct, t), (cb, b), (ce, e))), None
 
@@ -288,14 +309,14 @@ def _gaussian_nkp(weight, bias, spectral, input_scale, *, activation, fit_bias, 
     def step(carry, move):
         # move=False: polish (τ, b') on the current subspace; move=True: a subspace step.
         q, wq, tau, beta, cosine, errors, lr = carry
-        stay = lambda *_: (q, wq, cosine, lr)  # noqa: E731
+        stay = lambda *_: (q, wq, cosine, lr)
         candidate, cwq, ccos, lr = jax.lax.cond(move, propose, stay, q, wq, tau, beta, cosine, lr)
         ctau, cbeta, cerrors = fit_rows(
             errors_of, tau, beta, bias, std, ccos, fit_bias=fit_bias, steps=2
         )
         # Polishing only lowers each row's error; a subspace step must lower the total.
         better = jnp.logical_or(~move, _improves(jnp.sum(cerrors), jnp.sum(errors)))
-        keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(better, new, old)
         state = (candidate, cwq, ctau, cbeta, ccos, cerrors)
         state = tuple(map(keep, state, (q, wq, tau, beta, cosine, errors)))
         lr = jnp.where(move, jnp.where(better, lr * 1.5, lr * 0.3), lr)
@@ -408,7 +429,7 @@ def _calibrated_nkp(
 
     loss = loss_on(inputs, y)
     if held is None:
-        held_loss = lambda u, v, b: jnp.zeros((), weight.dtype)  # noqa: E731
+        held_loss = lambda u, v, b: jnp.zeros((), weight.dtype)
     else:
         held_x, held_dense = held
         held_y = activation((held_x if held_dense is None else held_dense) @ weight.T + bias)

@@ -31,11 +31,20 @@ def check_problem(problem: LayerProblem, init: str) -> None:
         )
     path = problem.path
     for array, what in (
-        (problem.weight, f"layer {path} has non-finite weights (NaN/inf); fix or re-initialize the dense model"),
+        (
+            problem.weight,
+            f"layer {path} has non-finite weights (NaN/inf); fix or re-initialize the dense model",
+        ),
         (problem.bias, f"layer {path} has a non-finite bias (NaN/inf); fix the dense model"),
-        (problem.inputs, f"calibration inputs for {path} contain NaN/inf; clean the calibration data"),
-        (problem.dense_inputs, f"dense-model inputs for {path} contain NaN/inf; clean the calibration data"),
-    ):  # fmt: skip
+        (
+            problem.inputs,
+            f"calibration inputs for {path} contain NaN/inf; clean the calibration data",
+        ),
+        (
+            problem.dense_inputs,
+            f"dense-model inputs for {path} contain NaN/inf; clean the calibration data",
+        ),
+    ):
         if array is not None and not bool(jnp.all(jnp.isfinite(array))):
             raise ValueError(f"{what} before init={init!r}")
 

@@ -9,11 +9,9 @@ suffix of a layer or of a module above layers (`"query_proj"` matches
 Dict keys (rank rules, activations) are either.
 """
 
-import difflib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import equinox as eqx
 import jax
@@ -30,15 +28,6 @@ UNSUPPORTED_TYPES = (eqx.nn.ConvTranspose,)  # listed in plans as skipped, never
 UNSUPPORTED_MODULES = (eqx.nn.GRUCell, eqx.nn.LSTMCell, eqx.nn.Embedding)
 LOWRANK_TYPES = (LowRankLinear, LowRankConv)
 ROOT = "<root>"  # the path of a model that is itself a layer
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One layer found in the model: where it is, and why it can't be factorized (if so)."""
-
-    path: str
-    layer: eqx.Module
-    skipped: str | None = None
 
 
 def attribute_path(layer_path: str, name: str) -> str:
@@ -88,26 +77,59 @@ def walk_layers(model) -> list[tuple[str, eqx.Module]]:
     return _walk(model, is_layer)
 
 
-def _is_listed(x) -> bool:
+def is_listed(x) -> bool:
+    """A layer of `walk_layers`, or an unsupported module that plans list (GRUCell...)."""
     return is_layer(x) or isinstance(x, UNSUPPORTED_MODULES)
-
-
-def walk_listed(model) -> list[tuple[str, eqx.Module]]:
-    """The layers of `walk_layers` and the unsupported modules plans list, in pytree order."""
-    return _walk(model, _is_listed)
 
 
 def _walk(model, leaf_test) -> list[tuple[str, eqx.Module]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=leaf_test)
     layers = [(key_path_to_str(kp), leaf) for kp, leaf in flat if leaf_test(leaf)]
-    paths = [p for p, _ in layers]
+    _check_unique([p for p, _ in layers])
+    return layers
+
+
+def _check_unique(paths: list[str]) -> None:
     clashes = sorted({p for p in paths if paths.count(p) > 1})
     if clashes:
         raise ValueError(
             f"two layers share the dotted path(s) {clashes} (a dict key containing '.'?); "
             "rename the keys so every layer has its own path"
         )
-    return layers
+
+
+def walk_model(model) -> tuple[list[tuple[str, eqx.Module]], dict[str, Callable]]:
+    """One traversal of the model: every listed layer (`is_listed`) in pytree order with
+    its path, and the activations that follow layers whose parent says so (today:
+    eqx.nn.MLP; `identity` marks a layer known to feed none, an absent path an unknown
+    activation). An MLP's own subtree is flattened when reached, so every node of the
+    model is visited once."""
+    is_leaf = lambda x: is_listed(x) or isinstance(x, eqx.nn.MLP)
+    flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_leaf)
+    layers, activations = [], {}
+    for kp, leaf in flat:
+        if not isinstance(leaf, eqx.nn.MLP):
+            if is_listed(leaf):
+                layers.append((key_path_to_str(kp), leaf))
+            continue
+        prefix = key_path_to_str(kp) + "." if kp else ""
+        inner, _ = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_listed)
+        layers += [(prefix + key_path_to_str(k), l) for k, l in inner if is_listed(l)]
+        activations |= {prefix + p: fn for p, fn in _mlp_activations(leaf).items()}
+    _check_unique([p for p, _ in layers])
+    return layers, activations
+
+
+def _mlp_activations(mlp: eqx.nn.MLP) -> dict[str, Callable]:
+    hidden, final = mlp.activation, mlp.final_activation
+    if jax.tree_util.tree_leaves(eqx.filter((hidden, final), eqx.is_array)):
+        return {}  # learnt per-unit activations: not a single elementwise function
+    last = len(mlp.layers) - 1
+    found = {}
+    for i in range(len(mlp.layers)):
+        act = final if i == last else hidden
+        found[f"layers.{i}"] = identity if _is_identity(act) else act
+    return found
 
 
 def identity(x):
@@ -123,34 +145,12 @@ def _is_identity(fn: Callable) -> bool:
         return False
 
 
-def known_activations(model) -> dict[str, Callable | None]:
-    """Activations that follow layers whose parent says so (today: eqx.nn.MLP).
-
-    Layers absent from the result have an unknown activation; `identity` marks a
-    layer known to feed none.
-    """
-    found: dict[str, Callable | None] = {}
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        model, is_leaf=lambda x: isinstance(x, eqx.nn.MLP)
-    )
-    for kp, leaf in flat:
-        if not isinstance(leaf, eqx.nn.MLP):
-            continue
-        prefix = key_path_to_str(kp) + "." if kp else ""
-        hidden, final = leaf.activation, leaf.final_activation
-        if jax.tree_util.tree_leaves(eqx.filter((hidden, final), eqx.is_array)):
-            continue  # learnt per-unit activations: not a single elementwise function
-        last = len(leaf.layers) - 1
-        for i in range(len(leaf.layers)):
-            act = final if i == last else hidden
-            found[f"{prefix}layers.{i}"] = identity if _is_identity(act) else act
-    return found
-
-
 def skip_reason(layer) -> str | None:
     """Why a dense layer cannot be factorized, or None if it can."""
     if isinstance(layer, LOWRANK_TYPES):
-        return f"already low-rank (rank {layer.rank}); lowrank.densify(model) first to re-factorize it"
+        return (
+            f"already low-rank (rank {layer.rank}); lowrank.densify(model) first to re-factorize it"
+        )
     if isinstance(layer, UNSUPPORTED_TYPES):
         return f"{type(layer).__name__} is not supported yet"
     if isinstance(layer, UNSUPPORTED_MODULES):
@@ -203,31 +203,6 @@ def covers(name: str, path: str) -> bool:
     return f".{path}.".find(f".{name}.") >= 0
 
 
-def resolve_activations(model, overrides: Mapping[str, Callable | None] | None) -> dict:
-    """Detected activations, overridden by {pattern: fn, or None for identity}; first match wins."""
-    found = known_activations(model)
-    if not overrides:
-        return found
-    if not isinstance(overrides, Mapping):
-        raise TypeError("activations must be a dict {path pattern: activation function or None}")
-    paths = [p for p, _ in walk_layers(model)]
-    hit = matches_key
-    check_keys(overrides, "activations")
-    for pattern, fn in overrides.items():
-        if fn is not None and not callable(fn):
-            raise TypeError(f"activations[{pattern!r}] must be a function or None, got {fn!r}")
-        if not any(hit(pattern, p) for p in paths):
-            raise ValueError(f"activations pattern {pattern!r} matches no layer; paths: {paths[:8]}")
-    for path in paths:
-        fn = next((f for pat, f in overrides.items() if hit(pat, path)), found.get(path, _UNSET))
-        if fn is not _UNSET:
-            found[path] = identity if fn is None else fn
-    return found
-
-
-_UNSET = object()
-
-
 def matches_key(key: str, path: str) -> bool:
     """A dict key (rank rules, activations): a regex fullmatch, or a name that `covers` it."""
     return matches(key, path) or covers(key, path)
@@ -238,10 +213,11 @@ def check_keys(mapping: Mapping, name: str) -> None:
     for key in mapping:
         if not isinstance(key, str):
             raise TypeError(f"{name} keys must be path strings or regexes, got {key!r}")
-        _check_regex(key, f"{name} key {key!r}")
+        check_regex(key, f"{name} key {key!r}")
 
 
-def _check_regex(pattern: str, what: str) -> None:
+def check_regex(pattern: str, what: str) -> None:
+    """Raise a ValueError naming `what` unless `pattern` compiles as a regex."""
     try:
         re.compile(pattern)
     except re.error as e:
@@ -249,71 +225,6 @@ def _check_regex(pattern: str, what: str) -> None:
             f"{what} is not a valid regex ({e}); escape literal characters with "
             "re.escape(...), or give a list of layer/module names instead"
         ) from None
-
-
-def _check_pattern(pattern, name: str) -> None:
-    if pattern is None:
-        return
-    if isinstance(pattern, str):
-        _check_regex(pattern, f"{name}={pattern!r}")
-        return
-    if not isinstance(pattern, Sequence) or not all(isinstance(p, str) for p in pattern):
-        raise TypeError(
-            f"{name} must be a regex string or a list of path strings, got {pattern!r}"
-        )
-
-
-def select(
-    model,
-    *,
-    target: Pattern | None = None,
-    exclude: Pattern | None = None,
-    where: Callable[[str, eqx.Module], bool] | None = None,
-    fn_name: str = "factorize",
-) -> list[Candidate]:
-    """The candidate layers passing exclude, target and where, in pytree order.
-
-    Candidates are the dense Linear/Conv layers, plus what plans list as skipped with
-    the reason: layers already low-rank, and unsupported layers and modules
-    (ConvTranspose, GRUCell, LSTMCell, Embedding; `where` is not asked about the
-    latter three, which have no Linear/Conv attributes). A `target` (or list entry
-    of it) that matches no layer raises, listing the nearest available paths, since
-    a silent no-op is the worst outcome of a typo.
-    """
-    check_is_model(model, fn_name)
-    _check_pattern(target, "target")
-    _check_pattern(exclude, "exclude")
-    layers = walk_listed(model)
-    paths = [p for p, _ in layers]
-    _check_matches_something(target, paths, "target")
-    _check_matches_something(exclude, paths, "exclude")
-    chosen = []
-    for path, layer in layers:
-        if exclude is not None and matches(exclude, path):
-            continue
-        if target is not None and not matches(target, path):
-            continue
-        asked = where is not None and not isinstance(layer, UNSUPPORTED_MODULES)
-        if asked and not where(path, layer):
-            continue
-        chosen.append(Candidate(path, layer, skip_reason(layer)))
-    return chosen
-
-
-def _check_matches_something(pattern, paths: list[str], name: str) -> None:
-    if pattern is None:
-        return
-    wanted = [pattern] if isinstance(pattern, str) else list(pattern)
-    for entry in wanted:
-        probe = entry if isinstance(pattern, str) else [entry]
-        if any(matches(probe, p) for p in paths):
-            continue
-        near = difflib.get_close_matches(entry, paths, n=5, cutoff=0.3) or paths[:5]
-        raise ValueError(
-            f"{name} {entry!r} matches no layer; nearest available paths: {near}. "
-            "A string is a regex matched against the whole path; a list entry "
-            "must be a layer or module path, or a dotted suffix of one."
-        )
 
 
 def weight_matrix(layer) -> Float[Array, "*stack out fan_in"]:
@@ -334,4 +245,3 @@ def replace_layers(model, replacements: dict):
         return replacements.get(key_path_to_str(key_path), leaf)
 
     return jax.tree_util.tree_map_with_path(swap, model, is_leaf=is_layer)
-

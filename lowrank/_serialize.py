@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._factorize import factorize
-from ._initializers import Factors, LayerProblem
+from ._initializers import Factors, Initializer, LayerProblem
 from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan, plan_from_data
 from ._select import key_path_to_str, walk_layers
@@ -50,12 +50,26 @@ def save(path, model, plan: Plan) -> None:
             directories are created.
         model: the factorized model.
         plan: the plan it was factorized with (`factorize(..., return_plan=True)`).
+
+    Returns:
+        None; both files are replaced together or not at all.
     """
     if not isinstance(plan, Plan):
-        raise TypeError("save needs the Plan the model was factorized with (factorize(..., return_plan=True))")
+        raise TypeError(
+            "save needs the Plan the model was factorized with (factorize(..., return_plan=True))"
+        )
     in_model = {
-        p: layer.rank for p, layer in walk_layers(model) if isinstance(layer, (LowRankLinear, LowRankConv))
+        p: layer.rank
+        for p, layer in walk_layers(model)
+        if isinstance(layer, (LowRankLinear, LowRankConv))
     }
+    for p, layer in walk_layers(model):
+        if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
+            raise ValueError(
+                f"lowrank.save: layer {p} carries activation={layer.activation!r}, "
+                f"inner_activation={layer.inner_activation!r}, which the save format does not "
+                "record; save the model without them (LowRankLinear(u, v, bias))"
+            )
     in_plan = {l.path: l.rank for l in plan.factorized}
     if in_model != in_plan:
         raise ValueError(
@@ -127,7 +141,7 @@ def _manifest(model) -> dict[str, str]:
     return rows
 
 
-class _Skeleton:
+class _Skeleton(Initializer):
     """Zero factors of the right shapes: placeholders that `load` overwrites at once."""
 
     calibration = "never"
@@ -166,7 +180,9 @@ def load(path, dense_model):
         raise ValueError(f"{plan_file} holds a broken plan: {e}; {resave}") from None
     _check_weights_file(weights, plan_file, record["weights"])
     try:
-        skeleton = factorize(dense_model, plan=plan, init=_Skeleton()) if plan.factorized else dense_model
+        skeleton = (
+            factorize(dense_model, plan=plan, init=_Skeleton()) if plan.factorized else dense_model
+        )
     except ValueError as e:
         raise ValueError(
             f"the plan in {plan_file} does not fit dense_model: {e}. Build dense_model with "
@@ -183,16 +199,20 @@ def _read_record(plan_file: Path) -> dict:
     try:
         record = json.loads(plan_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{broken}: it is not valid JSON ({e}), so it is truncated or corrupted; {fix}") from None
+        raise ValueError(
+            f"{broken}: it is not valid JSON ({e}), so it is truncated or corrupted; {fix}"
+        ) from None
     keys = {"lowrank_save", "weights", "leaves", "plan"}
     if not isinstance(record, dict) or set(record) != keys or record["lowrank_save"] != SAVE_FORMAT:
         got = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{broken} (format {SAVE_FORMAT}, keys {sorted(keys)}; got {got}); {fix}")
     info, leaves = record["weights"], record["leaves"]
     if not (
-        isinstance(info, dict) and isinstance(info.get("bytes"), int)
-        and isinstance(info.get("sha256"), str) and isinstance(leaves, dict)
-    ):  # fmt: skip
+        isinstance(info, dict)
+        and isinstance(info.get("bytes"), int)
+        and isinstance(info.get("sha256"), str)
+        and isinstance(leaves, dict)
+    ):
         raise ValueError(f"{broken}: its 'weights' or 'leaves' entry was edited; {fix}")
     return record
 
@@ -204,7 +224,13 @@ def _check_weights_file(weights: Path, plan_file: Path, info: dict) -> None:
             size += len(chunk)
             digest.update(chunk)
     if size != info["bytes"] or digest.hexdigest() != info["sha256"]:
-        what = "shorter (truncated?)" if size < info["bytes"] else "longer" if size > info["bytes"] else "changed"
+        what = (
+            "shorter (truncated?)"
+            if size < info["bytes"]
+            else "longer"
+            if size > info["bytes"]
+            else "changed"
+        )
         raise ValueError(
             f"{weights} does not match {plan_file}: it has {size} bytes where the save wrote "
             f"{info['bytes']} ({what}; SHA-256 differs), so it is corrupted, edited, or from "
@@ -219,11 +245,14 @@ def _check_manifest(saved: dict, expected: dict, weights: Path, plan_file: Path)
         return
     problems = [
         f"{path} is {saved[path]} in the file but {kind} in the model"
-        if path in saved else f"{path} ({kind}) is in the model but not in the file"
+        if path in saved
+        else f"{path} ({kind}) is in the model but not in the file"
         for path, kind in expected.items()
         if saved.get(path) != kind
-    ]  # fmt: skip
-    problems += [f"{path} is in the file but not in the model" for path in saved if path not in expected]
+    ]
+    problems += [
+        f"{path} is in the file but not in the model" for path in saved if path not in expected
+    ]
     problems = problems or ["the leaves come in another order"]
     raise ValueError(
         f"{weights} does not fit the model rebuilt from dense_model and {plan_file}: "

@@ -6,9 +6,10 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ._layers import LowRankConv, LowRankLinear
-from ._plan import layer_costs, per_slice_positions, shape_str
-from ._select import check_is_model, stack_shape, walk_layers
+from ._cost import layer_costs
+from ._index import select
+from ._select import LOWRANK_TYPES, is_layer
+from ._table import render_table, shape_str
 from ._trace import Example, output_positions
 
 
@@ -27,7 +28,13 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class Summary:
-    """What `lowrank.summary` returns: per-layer rows plus totals; prints as a table."""
+    """What `lowrank.summary` returns: per-layer rows plus totals; prints as a table.
+
+    Attributes:
+        layers: one `LayerSummary` (path, kind, shape, rank, params, flops) per layer.
+        total_params: every inexact array of the model, layers or not.
+        flops_per_position: True when no example was given (FLOPs count each layer once).
+    """
 
     layers: list[LayerSummary]
     total_params: int
@@ -42,18 +49,27 @@ class Summary:
         return sum(l.flops for l in self.layers)
 
     def __str__(self) -> str:
-        rows = [["path", "type", "shape", "rank", "params", "FLOPs"]]
-        for l in self.layers:
-            rank = "dense" if l.rank is None else str(l.rank)
-            shape = shape_str(l.shape, l.stack_dims)
-            rows.append([l.path, l.kind, shape, rank, f"{l.params:,}", f"{l.flops:,}"])
-        rows.append(["layers total", "", "", "", f"{self.layer_params:,}", f"{self.flops:,}"])
-        rows.append(["model total", "", "", "", f"{self.total_params:,}", ""])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        header = ["path", "type", "shape", "rank", "params", "FLOPs"]
+        rows = [
+            [
+                l.path,
+                l.kind,
+                shape_str(l.shape, l.stack_dims),
+                "dense" if l.rank is None else str(l.rank),
+                f"{l.params:,}",
+                f"{l.flops:,}",
+            ]
+            for l in self.layers
+        ]
+        footer = [
+            ["layers total", "", "", "", f"{self.layer_params:,}", f"{self.flops:,}"],
+            ["model total", "", "", "", f"{self.total_params:,}", ""],
+        ]
+        lines = render_table(header, rows, footer)
         if self.flops_per_position:
-            lines.append("note: FLOPs count each layer once, a conv per output position (pass example= for totals)")
+            lines.append(
+                "note: FLOPs count each layer once, a conv per output position (pass example= for totals)"
+            )
         return "\n".join(lines)
 
 
@@ -65,26 +81,29 @@ def summary(model, *, example: Example | None = None) -> Summary:
     ShapeDtypeStruct, or a callable fn(model) running one example) to count them;
     without it each layer counts once (a conv: per output position). A stacked layer
     (weights (L, out, in) run by a scan) counts all L slices.
+
+    Args:
+        model: an Equinox model, dense or factorized (never modified).
+        example: one unbatched input (array or ShapeDtypeStruct), or a callable
+            fn(model) running one example, to count every position; None: count once.
+
+    Returns:
+        A `Summary`: per-layer rows, the layers' and the model's totals; prints as a table.
     """
-    check_is_model(model, "summary")
-    layers = walk_layers(model)
+    index = select(model, fn_name="summary")
+    layers = {p: l for p, l in index.layers.items() if is_layer(l)}
     positions = {}
     if example is not None:
-        by_path = dict(layers)
-        positions = per_slice_positions(output_positions(model, by_path, example), by_path)
+        positions = output_positions(model, layers, example)  # per slice of a stacked layer
     rows = []
-    for path, layer in layers:
-        if not (isinstance(layer, (LowRankLinear, LowRankConv)) or eqx.is_array(layer.weight)):
-            continue  # a tied weight (eqx.nn.Shared) is counted where it lives
-        lowrank = isinstance(layer, (LowRankLinear, LowRankConv))
-        lead = stack_shape(layer)
-        shape = lead + layer.dense_shape if lowrank else tuple(int(d) for d in layer.weight.shape)
-        rank = layer.rank if lowrank else None
+    for e in index.entries:
+        if not is_layer(e.layer) or not e.shape:
+            continue  # unsupported modules are not counted; a tied weight counts where it lives
+        rank = e.layer.rank if isinstance(e.layer, LOWRANK_TYPES) else None
         _, params, _, flops = layer_costs(
-            shape, rank, bias=layer.bias is not None, positions=positions.get(path),
-            stack_dims=len(lead),
-        )  # fmt: skip
-        rows.append(LayerSummary(path, type(layer).__name__, shape, rank, params, flops, len(lead)))
+            e.shape, rank, bias=e.bias, positions=positions.get(e.path), stack_dims=e.stack_dims
+        )
+        rows.append(LayerSummary(e.path, e.kind, e.shape, rank, params, flops, e.stack_dims))
     arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
     total = int(sum(np.prod(a.shape) for a in arrays))
     return Summary(rows, total, flops_per_position=example is None)

@@ -23,7 +23,13 @@ from ._select import attribute_path, key_path_to_str
 Example = Callable | jax.Array | jax.ShapeDtypeStruct | np.ndarray
 
 # Primitives that only change how a weight is laid out or typed.
-_SAME_LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
+_SAME_LAYOUT = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "optimization_barrier",
+}
 # Primitives that call a sub-jaxpr on their operands one to one.
 CALLS = {
     "pjit": "jaxpr",
@@ -208,11 +214,17 @@ def output_positions(model, layers: dict[str, eqx.Module], example: Example) -> 
         if leaf is not None:
             watched[leaf] = path
     counts = dict.fromkeys(layers, 0)
-    views = {v: View(i, tuple(range(len(v.aval.shape)))) for i, v in enumerate(closed.jaxpr.invars) if i in watched}
+    views = {
+        v: View(i, tuple(range(len(v.aval.shape))))
+        for i, v in enumerate(closed.jaxpr.invars)
+        if i in watched
+    }
 
     def walk(jaxpr, views):
         for eqn in jaxpr.eqns:
-            ins = [views.get(v) if not isinstance(v, jex_core.Literal) else None for v in eqn.invars]
+            ins = [
+                views.get(v) if not isinstance(v, jex_core.Literal) else None for v in eqn.invars
+            ]
             use = weight_use(eqn, ins)
             if use is not None:
                 out = eqn.outvars[0].aval.shape

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._initializers import Factors, LayerProblem, register_initializer, singular_values
+from ._initializers import (
+    Factors,
+    Initializer,
+    LayerProblem,
+    register_initializer,
+    singular_values,
+)
 from ._problem_checks import check_problem, relative_error
 
 _EIGEN_FLOOR = 1e-6
@@ -127,15 +133,21 @@ def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_in
     return jnp.sum((target - approx) ** 2), jnp.sum(target**2)
 
 
-class Whitened(eqx.Module):
+class Whitened(Initializer):
     """Activation-aware SVD from calibration inputs (SVD-LLM whitening), bias-corrected.
 
-    `ridge`: with sequential calibration, how strongly the regression onto the dense
-    outputs is pulled towards the dense weight, in units of the mean input variance
-    times inputs per row (see `reduced_rank_regression`); unused on the dense model's
-    own inputs.
     `function_error` is the relative error of the layer's output σ(Wx + b) on the
     calibration inputs (σ = `problem.activation`, the identity when unknown).
+
+    Args:
+        ridge: with sequential calibration, how strongly the regression onto the
+            dense outputs is pulled towards the dense weight, in units of the mean
+            input variance times inputs per row (see `reduced_rank_regression`);
+            unused on the dense model's own inputs.
+
+    Returns:
+        Called on a `LayerProblem` (`whitened(problem, key=key)`), the layer's
+        `Factors`; the problem must carry calibration inputs.
     """
 
     ridge: float = eqx.field(default=DEFAULT_RIDGE, static=True)
@@ -155,19 +167,24 @@ class Whitened(eqx.Module):
             )
         dtype = jnp.promote_types(problem.weight.dtype, jnp.float32)
         with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
-            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))
             weight, bias = f64(problem.weight), f64(problem.bias)
             inputs, dense = f64(problem.inputs), f64(problem.dense_inputs)
             u, v, new_bias = _whitened(
-                weight, bias, inputs, dense, rank=problem.rank, centre=bias is not None,
+                weight,
+                bias,
+                inputs,
+                dense,
+                rank=problem.rank,
+                centre=bias is not None,
                 ridge=self.ridge,
-            )  # fmt: skip
+            )
             num, den = calibration_error(
                 problem.activation, weight, bias, u, v, new_bias, inputs, dense
             )
             error = relative_error(num, den)
             u, v, new_bias = (None if a is None else np.asarray(a) for a in (u, v, new_bias))
-        cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+        cast = lambda a: None if a is None else jnp.asarray(a, dtype)
         return Factors(cast(u), cast(v), cast(new_bias), error)
 
     def __repr__(self):

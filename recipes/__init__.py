@@ -7,11 +7,25 @@ the config types are re-exported here.
 
 from .config import (
     Config as Config,
+)
+from .config import (
     ConfigError as ConfigError,
+)
+from .config import (
     FactorizeConfig as FactorizeConfig,
+)
+from .config import (
     ImageDataConfig as ImageDataConfig,
+)
+from .config import (
     ImageModelConfig as ImageModelConfig,
+)
+from .config import (
     OptimConfig as OptimConfig,
+)
+from .config import (
     TrainConfig as TrainConfig,
+)
+from .config import (
     load_config as load_config,
 )

@@ -11,7 +11,7 @@ from typing import Literal
 
 import lowrank
 
-from ._factorize_policy import _BUILT_IN_INITS, _rank_rule
+from ._factorize_policy import _rank_rule
 from .config import ConfigError, OptimConfig, bounded
 
 LANGUAGE_MODELS = ("smollm2",)
@@ -121,7 +121,7 @@ class CompressConfig:
 
 def uses_calibration(init: str) -> bool:
     """Whether `lowrank.factorize` takes calibration data for this registered init."""
-    return getattr(_BUILT_IN_INITS.get(init), "calibration", "optional") != "never"
+    return lowrank.get_initializer(init).calibration != "never"
 
 
 def _not_for(key: str, value, default, name: str, applies_to: tuple[str, ...]) -> None:

@@ -28,9 +28,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lowrank
 import numpy as np
 from jaxtyping import PyTree
+
+import lowrank
 
 from .config import Config, ConfigError
 
@@ -111,14 +112,6 @@ def normalized_activations(model: PyTree, state: eqx.nn.State, pattern: str) -> 
         )
     return out
 
-# Whether each built-in init uses calibration data ("never" / "optional" / "required").
-_BUILT_IN_INITS = {
-    "random": lowrank.Random,
-    "spectral": lowrank.Spectral,
-    "nkp": lowrank.NKP,
-    "whitened": lowrank.Whitened,
-}
-
 
 def stable_rank(weight) -> float:
     """‖W‖²_F / ‖W‖²_2 of a weight seen as an (out, fan_in) matrix: a smooth lower
@@ -129,11 +122,12 @@ def stable_rank(weight) -> float:
 
 
 def _targets(model: PyTree, pattern: str) -> dict[str, eqx.Module]:
-    """The Linear/Conv layers of `model` whose dotted path fullmatches `pattern`."""
-    is_layer = lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.Conv))  # noqa: E731
-    leaves = jax.tree_util.tree_leaves_with_path(model, is_leaf=is_layer)
-    paths = {jax.tree_util.keystr(p, simple=True, separator="."): l for p, l in leaves}
-    return {p: l for p, l in paths.items() if is_layer(l) and re.fullmatch(pattern, p)}
+    """The Linear/Conv layers of `model` whose dotted path fullmatches `pattern`, read
+    from the model index (`lowrank.select`); raises if the pattern matches no layer."""
+    index = lowrank.select(model, target=pattern)
+    return {
+        p: e.layer for p, e in index.items() if isinstance(e.layer, (eqx.nn.Linear, eqx.nn.Conv))
+    }
 
 
 def stable_ranks(model: PyTree, pattern: str, initial: PyTree | None = None) -> dict[str, int]:
@@ -202,7 +196,7 @@ def check_policy(config: Config) -> None:
             f"factorize.frobenius_decay={f.frobenius_decay} must not be negative; "
             "use a coefficient like optim.weight_decay, or none to turn it off."
         )
-    needs = getattr(_BUILT_IN_INITS.get(f.init), "calibration", "optional")
+    needs = lowrank.get_initializer(f.init).calibration
     if needs == "required" and f.calibration == 0:
         raise ConfigError(
             f"factorize.init={f.init!r} needs calibration images; set factorize.calibration "
@@ -220,7 +214,8 @@ def check_policy(config: Config) -> None:
             "factorize.rank='stable:scaled' is the full rank at initialization; set "
             "factorize.warmup_steps > 0 so the ranks come from trained weights."
         )
-    _rank_rule(f.rank)
+    if f.rank not in STABLE_RULES:  # stable rules: computed from the weights at apply time
+        _rank_rule(f.rank)
 
 
 def _check_rank_text(rank: str) -> None:
@@ -230,8 +225,7 @@ def _check_rank_text(rank: str) -> None:
         return
     if kind == "stable":
         raise ConfigError(
-            f"factorize.rank={rank!r} is not a stable rank rule; use 'stable' or "
-            "'stable:scaled'."
+            f"factorize.rank={rank!r} is not a stable rank rule; use 'stable' or 'stable:scaled'."
         )
     if colon and kind in ("energy", "params", "flops"):
         try:

@@ -47,7 +47,10 @@ def frobenius_decay(weight_decay: float) -> optax.GradientTransformation:
             if not _is_factorized(update):
                 return update
             grad_u, grad_v = frobenius_decay_grads(param.u, param.v, weight_decay)
-            u, v = update.u + grad_u.astype(update.u.dtype), update.v + grad_v.astype(update.v.dtype)
+            u, v = (
+                update.u + grad_u.astype(update.u.dtype),
+                update.v + grad_v.astype(update.v.dtype),
+            )
             return eqx.tree_at(lambda layer: (layer.u, layer.v), update, (u, v))
 
         return jax.tree.map(add, updates, params, is_leaf=_is_factorized), state
@@ -66,4 +69,3 @@ def not_factors(params: PyTree) -> PyTree[bool]:
         return flags
 
     return jax.tree.map(mask, params, is_leaf=_is_factorized)
-

@@ -10,8 +10,9 @@ checkpoint, so a resumed run rebuilds the factorized structure before loading va
 from collections.abc import Callable
 
 import jax
-import lowrank
 from jaxtyping import PyTree
+
+import lowrank
 
 from .train import TrainState
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import lowrank
 from jaxtyping import PyTree
+
+import lowrank
 
 from .train import REPLACED
 

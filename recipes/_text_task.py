@@ -84,8 +84,9 @@ def _corpus(data: TextDataConfig):
     if not 0.0 < data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must be in (0, 1).")
     try:
-        corpus = load_corpus(data.path or None, val_fraction=data.val_fraction,
-                             edition=data.edition)  # fmt: skip
+        corpus = load_corpus(
+            data.path or None, val_fraction=data.val_fraction, edition=data.edition
+        )
     except ValueError as e:
         raise ConfigError(f"data.path={data.path!r}: {e}") from e
     for split in ("train", "validation"):
@@ -112,8 +113,15 @@ def _task(model, state, loss_fn, train_data, corpus, data: TextDataConfig, plan=
         st.save_lm(out_dir / "model.eqx", result.model, plan)
         return report(result.model, result.history, data.batch_size, data.length)
 
-    return Task(model, state, loss_fn, st.lm_eval, train_data,
-                st.eval_batches(windows, data.eval_batch_size), finish)  # fmt: skip
+    return Task(
+        model,
+        state,
+        loss_fn,
+        st.lm_eval,
+        train_data,
+        st.eval_batches(windows, data.eval_batch_size),
+        finish,
+    )
 
 
 def build_text_lm(config: Config) -> Task:
@@ -127,13 +135,21 @@ def build_text_lm(config: Config) -> Task:
         )
     corpus = _corpus(d)
     try:
-        model = Transformer(vocab_size=m.vocab_size, context=m.context, d_model=m.d_model,
-                            n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
-                            dropout=m.dropout, key=jr.key(config.train.seed))  # fmt: skip
+        model = Transformer(
+            vocab_size=m.vocab_size,
+            context=m.context,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            mlp_ratio=m.mlp_ratio,
+            dropout=m.dropout,
+            key=jr.key(config.train.seed),
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
-    stream = st.train_batches(corpus.train, batch_size=d.batch_size, length=d.length,
-                              seed=config.train.seed)  # fmt: skip
+    stream = st.train_batches(
+        corpus.train, batch_size=d.batch_size, length=d.length, seed=config.train.seed
+    )
     return _task(model, None, st.lm_loss, stream, corpus, d)
 
 
@@ -163,9 +179,15 @@ def build_text_student(config: StudentRunConfig) -> Task:
         raise ConfigError(f"model.params={m.params}: {e}") from e
     student = eqx.nn.inference_mode(student, value=False)  # the teacher was loaded for inference
     state, loss_fn, stream = st.student_training(
-        teacher, student, distill, data=corpus.train, batch_size=d.batch_size,
-        length=d.length, steps=config.train.steps, seed=seed,
-    )  # fmt: skip
+        teacher,
+        student,
+        distill,
+        data=corpus.train,
+        batch_size=d.batch_size,
+        length=d.length,
+        steps=config.train.steps,
+        seed=seed,
+    )
     return _task(student, state, loss_fn, stream, corpus, d, plan)
 
 

@@ -31,17 +31,30 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import lowrank
 from jaxtyping import PyTree
 from tqdm.auto import tqdm
 
+import lowrank
+
 from ._compress_config import (
     CompressConfig as CompressConfig,
+)
+from ._compress_config import (
     CompressDataConfig as CompressDataConfig,
+)
+from ._compress_config import (
     CompressFactorizeConfig as CompressFactorizeConfig,
+)
+from ._compress_config import (
     GenerateConfig as GenerateConfig,
+)
+from ._compress_config import (
     HealConfig as HealConfig,
+)
+from ._compress_config import (
     PretrainedModelConfig as PretrainedModelConfig,
+)
+from ._compress_config import (
     check,
     uses_calibration,
 )

@@ -37,7 +37,9 @@ def bounded(default, *, gt=None, ge=None, lt=None, le=None):
 def _bounds_text(bounds: dict) -> str:
     """'positive', 'in (0, 1]', '>= 1', ... for the bounds of `bounded`."""
     low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
-    high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    high = (
+        (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    )
     if low and high:
         return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
     if low == ("(", 0):

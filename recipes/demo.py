@@ -113,14 +113,19 @@ def main(argv=None):
     t0 = time.perf_counter()
     dense = train(dense, train_set, steps=args.steps, lr=3e-3, seed=args.seed)
     dense_acc = accuracy(dense, test_set)
-    print(f"trained dense CNN for {args.steps} steps ({time.perf_counter() - t0:.0f}s): "
-          f"test accuracy {dense_acc:.4f}")  # fmt: skip
+    print(
+        f"trained dense CNN for {args.steps} steps ({time.perf_counter() - t0:.0f}s): "
+        f"test accuracy {dense_acc:.4f}"
+    )
 
     example = jnp.zeros((1, 8, 8))
     low, plan = lowrank.factorize(
-        dense, rank=lowrank.Budget(params=args.budget), init=args.init,
-        example=example, return_plan=True,
-    )  # fmt: skip
+        dense,
+        rank=lowrank.Budget(params=args.budget),
+        init=args.init,
+        example=example,
+        return_plan=True,
+    )
     print()
     print(plan)
     print()
@@ -128,18 +133,27 @@ def main(argv=None):
     tuned = train(low, train_set, steps=args.finetune_steps, lr=3e-4, seed=args.seed + 1)
     tuned_acc = accuracy(tuned, test_set)
 
-    dense_sum, low_sum = lowrank.summary(dense, example=example), lowrank.summary(tuned, example=example)
+    dense_sum, low_sum = (
+        lowrank.summary(dense, example=example),
+        lowrank.summary(tuned, example=example),
+    )
     flop_ratio = low_sum.flops / dense_sum.flops
     param_ratio = low_sum.total_params / dense_sum.total_params
     x_test = jnp.asarray(test_set[0])
     t_dense = median_inference_seconds(dense, x_test)
     t_low = median_inference_seconds(tuned, x_test)
-    print(f"parameters: {dense_sum.total_params:,} -> {low_sum.total_params:,} (x{param_ratio:.3f})")
-    print(f"accuracy: dense {dense_acc:.4f} | factorized, before fine-tune {low_acc:.4f} | "
-          f"after {args.finetune_steps} fine-tune steps {tuned_acc:.4f}")  # fmt: skip
-    print(f"inference on {len(x_test)} images (median of 30): dense {t_dense * 1e3:.2f} ms, "
-          f"factorized {t_low * 1e3:.2f} ms -> time ratio {t_low / t_dense:.3f} "
-          f"vs FLOP ratio {flop_ratio:.3f}")  # fmt: skip
+    print(
+        f"parameters: {dense_sum.total_params:,} -> {low_sum.total_params:,} (x{param_ratio:.3f})"
+    )
+    print(
+        f"accuracy: dense {dense_acc:.4f} | factorized, before fine-tune {low_acc:.4f} | "
+        f"after {args.finetune_steps} fine-tune steps {tuned_acc:.4f}"
+    )
+    print(
+        f"inference on {len(x_test)} images (median of 30): dense {t_dense * 1e3:.2f} ms, "
+        f"factorized {t_low * 1e3:.2f} ms -> time ratio {t_low / t_dense:.3f} "
+        f"vs FLOP ratio {flop_ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

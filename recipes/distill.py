@@ -272,8 +272,12 @@ def save_topk_logits(path, logits: Float[ArrayLike, "... vocab"], *, k: int) -> 
         raise ValueError(f"k must be in [1, vocab={logits.shape[-1]}], got {k}")
     idx = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
     values = np.take_along_axis(logits, idx, axis=-1)
-    np.savez(path, values=values.astype(np.float32), indices=idx.astype(np.int32),
-             vocab=np.int64(logits.shape[-1]))
+    np.savez(
+        path,
+        values=values.astype(np.float32),
+        indices=idx.astype(np.int32),
+        vocab=np.int64(logits.shape[-1]),
+    )
 
 
 def load_topk_logits(path) -> tuple[Float[np.ndarray, "... k"], Int[np.ndarray, "... k"], int]:

@@ -190,8 +190,12 @@ def candidate_logprobs(
         ids[row, : len(s)] = s
         mask[row, len(p) - 1 : len(s) - 1] = True  # targets are the answer bytes
     scores = [
-        _candidate_logprob(model, ids[i : i + batch_size, :-1], ids[i : i + batch_size, 1:],
-                           mask[i : i + batch_size])
+        _candidate_logprob(
+            model,
+            ids[i : i + batch_size, :-1],
+            ids[i : i + batch_size, 1:],
+            mask[i : i + batch_size],
+        )
         for i in range(0, len(ids), batch_size)
     ]
     flat = np.concatenate([np.asarray(s) for s in scores])[: len(seqs)]

@@ -185,9 +185,7 @@ def nearest_neighbour_agreement(
     def nearest(x):
         u = _unit_rows(x)
         sim = u @ u.T
-        return jnp.argmax(
-            jnp.where(jnp.eye(x.shape[0], dtype=bool), -jnp.inf, sim), axis=1
-        )
+        return jnp.argmax(jnp.where(jnp.eye(x.shape[0], dtype=bool), -jnp.inf, sim), axis=1)
 
     return jnp.mean(nearest(a) == nearest(b))
 
@@ -220,6 +218,4 @@ def wall_time(fn, *args, repeats: int = 5) -> float:
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    return seconds_in_turns(
-        lambda _, *a: fn(*a), [None], *args, rounds=1, repeats=repeats
-    )[0]
+    return seconds_in_turns(lambda _, *a: fn(*a), [None], *args, rounds=1, repeats=repeats)[0]

@@ -55,9 +55,7 @@ def classification_loss(
         return model(x, state, key=key)
 
     keys = jax.random.split(key, len(batch["label"]))
-    batched = jax.vmap(
-        apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None)
-    )
+    batched = jax.vmap(apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None))
     logits, state = batched(batch["image"], state, keys)
     logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
@@ -202,18 +200,22 @@ def run(config: Config) -> RunResult:
     key, example = jax.random.key(config.train.seed), None
     if f.policy != "none":
         one = _take(task.train_data(0), 1)
-        example = lambda m: task.loss_fn(m, task.state, one, key)  # noqa: E731
+        example = lambda m: task.loss_fn(m, task.state, one, key)
     check_rank(task.model, config, example=example)
 
     def factorize(model, state):
         calibration = None
         if f.calibration:  # this process's first training examples
             images = _take(task.train_data(0), f.calibration)
-            calibration = lambda m: task.loss_fn(m, state, images, key)  # noqa: E731
+            calibration = lambda m: task.loss_fn(m, state, images, key)
         model, plan = apply_policy(
-            model, config, example=example, calibration=calibration, initial=task.model,
+            model,
+            config,
+            example=example,
+            calibration=calibration,
+            initial=task.model,
             state=state,
-        )  # fmt: skip
+        )
         log(f"factorized by policy {f.policy!r} (rank={f.rank!r}, init={f.init!r}):\n{plan}")
         return model, plan
 
@@ -248,10 +250,16 @@ def run(config: Config) -> RunResult:
     else:
         eval_batch = next(iter(task.eval_data()))
         report = factorization_report(
-            task.model, result.model, result.state, eval_fn=task.eval_fn, eval_batch=eval_batch,
-            example=example, history=result.history, batch_size=config.data.batch_size,
+            task.model,
+            result.model,
+            result.state,
+            eval_fn=task.eval_fn,
+            eval_batch=eval_batch,
+            example=example,
+            history=result.history,
+            batch_size=config.data.batch_size,
             factorized_at=f.warmup_steps,
-        )  # fmt: skip
+        )
         log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
     _write(folder / "report.json", json.dumps(report, indent=1) + "\n")
     return RunResult(result, report)
@@ -291,7 +299,12 @@ def main(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
     parser.add_argument(
-        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.steps=100 optim.lr=0.05",
     )
     args = parser.parse_args(argv)

@@ -139,19 +139,28 @@ def factorized_student(
     if init in ("spectral", "random"):
         return lowrank.factorize(teacher, plan=plan, init=init, key=key, return_plan=True)
     if init == "whitened":
-        return lowrank.factorize(teacher, plan=plan, init="whitened", calibration=calibration,
-                                 key=key, return_plan=True)  # fmt: skip
+        return lowrank.factorize(
+            teacher, plan=plan, init="whitened", calibration=calibration, key=key, return_plan=True
+        )
     mlp_in = {lp.path for lp in plan.factorized if _MLP_IN.fullmatch(lp.path)}
     rest = {lp.path for lp in plan.factorized} - mlp_in
     k1, k2 = jr.split(key)
     model, first = lowrank.factorize(
-        teacher, plan=_keep_only(plan, mlp_in), init=lowrank.NKP(activation=jax.nn.gelu),
-        calibration=calibration, key=k1, return_plan=True,
-    )  # fmt: skip
+        teacher,
+        plan=_keep_only(plan, mlp_in),
+        init=lowrank.NKP(activation=jax.nn.gelu),
+        calibration=calibration,
+        key=k1,
+        return_plan=True,
+    )
     model, second = lowrank.factorize(
-        model, plan=_keep_only(plan, rest), init="spectral" if calibration is None else "whitened",
-        calibration=calibration, key=k2, return_plan=True,
-    )  # fmt: skip
+        model,
+        plan=_keep_only(plan, rest),
+        init="spectral" if calibration is None else "whitened",
+        calibration=calibration,
+        key=k2,
+        return_plan=True,
+    )
     layers = [first[lp.path] if lp.path in mlp_in else second[lp.path] for lp in plan.layers]
     return model, dataclasses.replace(plan, layers=layers)
 
@@ -319,8 +328,10 @@ def eval_batches(windows: np.ndarray, batch_size: int) -> Callable[[], Iterator[
             ids = windows[i : i + batch_size]
             pad = batch_size - len(ids)
             mask = np.concatenate([np.ones(len(ids), np.float32), np.zeros(pad, np.float32)])
-            yield {"ids": np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]),
-                   "mask": mask}  # fmt: skip
+            yield {
+                "ids": np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]),
+                "mask": mask,
+            }
 
     return batches
 
@@ -331,16 +342,23 @@ def _ds_scores(teacher, ids, k: int):
 
 
 def hard_learnable_windows(
-    teacher: Transformer, data: np.ndarray, distill: DistillConfig, *, length: int,
-    seed: int, batch_size: int = 64,
-) -> Int[np.ndarray, "n length_plus_1"]:  # fmt: skip
+    teacher: Transformer,
+    data: np.ndarray,
+    distill: DistillConfig,
+    *,
+    length: int,
+    seed: int,
+    batch_size: int = 64,
+) -> Int[np.ndarray, "n length_plus_1"]:
     """SALT_DS: `distill.ds_pool` random windows scored by the teacher (`salt_ds_scores`),
     the `ds_fraction` with the highest median loss over learnable tokens kept."""
     pool = random_windows(data, np.random.default_rng([seed, 2]), distill.ds_pool, length)
-    scores = np.concatenate([
-        np.asarray(_ds_scores(teacher, jnp.asarray(pool[i : i + batch_size]), distill.ds_k))
-        for i in range(0, len(pool), batch_size)
-    ])  # fmt: skip
+    scores = np.concatenate(
+        [
+            np.asarray(_ds_scores(teacher, jnp.asarray(pool[i : i + batch_size]), distill.ds_k))
+            for i in range(0, len(pool), batch_size)
+        ]
+    )
     keep = select_hard_learnable(scores, distill.ds_fraction)
     if len(keep) == 0:
         raise ValueError(
@@ -407,9 +425,16 @@ def lm_eval(model, state, batch) -> dict[str, Float[Array, " batch"]]:
 
 
 def student_training(
-    teacher: Transformer, student: Transformer, distill: DistillConfig, *, data: np.ndarray,
-    batch_size: int, length: int, steps: int, seed: int,
-):  # fmt: skip
+    teacher: Transformer,
+    student: Transformer,
+    distill: DistillConfig,
+    *,
+    data: np.ndarray,
+    batch_size: int,
+    length: int,
+    steps: int,
+    seed: int,
+):
     """(state, loss_fn, train_data) for `recipes.train.train` to train `student` under
     `distill`; the state is the teacher in inference mode. Checks come first."""
     check_vocab(teacher, student)
@@ -422,9 +447,14 @@ def student_training(
         hard = hard_learnable_windows(teacher, data, distill, length=length, seed=seed)
         hard_steps = distill.n_kd
     stream = train_batches(
-        data, batch_size=batch_size, length=length, seed=seed, alpha=alpha_schedule(distill),
-        hard=hard, hard_steps=hard_steps,
-    )  # fmt: skip
+        data,
+        batch_size=batch_size,
+        length=length,
+        seed=seed,
+        alpha=alpha_schedule(distill),
+        hard=hard,
+        hard_steps=hard_steps,
+    )
     return teacher, make_distill_loss(distill.temperature), stream
 
 
@@ -462,9 +492,7 @@ def _forward(model, ids):
     return jax.vmap(model)(ids)
 
 
-def tokens_per_second(
-    model, *, batch_size: int = 16, length: int = 128, repeats: int = 5
-) -> float:
+def tokens_per_second(model, *, batch_size: int = 16, length: int = 128, repeats: int = 5) -> float:
     """Inference throughput: tokens scored per second by one jitted batched forward
     (`batch_size` windows of `length` bytes), median over `repeats` calls."""
     ids = jnp.zeros((batch_size, length), jnp.int32)
@@ -494,8 +522,12 @@ def main(argv: list[str] | None = None) -> None:
     line for the text tasks only (train, save the model, score)."""
     from . import run  # run.py imports the text tasks, which import this module
 
-    run.main(argv, prog="python -m recipes.student", tasks=("text_lm", "text_student"),
-             description="Train a byte-level teacher or student.")  # fmt: skip
+    run.main(
+        argv,
+        prog="python -m recipes.student",
+        tasks=("text_lm", "text_student"),
+        description="Train a byte-level teacher or student.",
+    )
 
 
 if __name__ == "__main__":

@@ -385,15 +385,17 @@ def train(
                 try:
                     ts = hook.restore(ts, saved)
                 except ValueError as e:
-                    raise checkpoints.mismatch(latest, f"its {type(hook).__name__} state does "
-                                                f"not fit this model ({e})") from e  # fmt: skip
+                    raise checkpoints.mismatch(
+                        latest, f"its {type(hook).__name__} state does not fit this model ({e})"
+                    ) from e
         ts = checkpoints.restore(fresh_opt_state(ts), replicated, meta)
         if (out_dir / "metrics.jsonl").exists():
             lines = (out_dir / "metrics.jsonl").read_text().splitlines()
             history = [
-                r for r in map(json.loads, lines)
+                r
+                for r in map(json.loads, lines)
                 if r["step"] < latest or (r["step"] == latest and "event" not in r)
-            ]  # fmt: skip
+            ]
     else:
         ts = fresh_opt_state(ts)
 
@@ -420,7 +422,9 @@ def train(
         fetched = jax.device_get(pending)
         for step, metrics in enumerate(fetched, start=ts.step - len(fetched) + 1):
             if not np.isfinite(metrics["loss"]):
-                record({"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}})
+                record(
+                    {"step": step, "split": "train", **{k: float(v) for k, v in metrics.items()}}
+                )
                 saved = checkpoints.latest() if checkpoints is not None else None
                 raise TrainingDiverged(
                     f"training diverged: the loss is {float(metrics['loss'])} at step {step}. "

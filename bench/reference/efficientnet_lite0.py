@@ -51,9 +51,7 @@ def main():
     default = glob.glob(".venv/lib/python3*/site-packages")
     parser = argparse.ArgumentParser()
     parser.add_argument("--site-packages", default=default[0] if default else None)
-    parser.add_argument(
-        "--out", default="tests/recipes/reference/efficientnet_lite0.npz"
-    )
+    parser.add_argument("--out", default="tests/recipes/reference/efficientnet_lite0.npz")
     args = parser.parse_args()
     site = args.site_packages
 
@@ -65,10 +63,7 @@ def main():
     model = model.double().eval()
 
     crops = np.stack(
-        [
-            center_crop(os.path.join(site, f"skimage/data/{n}.png"))
-            for n in ("chelsea", "coffee")
-        ]
+        [center_crop(os.path.join(site, f"skimage/data/{n}.png")) for n in ("chelsea", "coffee")]
     )
     x = (crops.astype(np.float64) - 127.0) / 128.0
     x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -83,9 +78,7 @@ def main():
         labels = json.load(f)
     for name, row in zip(("chelsea", "coffee"), logits):
         print(f"{name}: top-1 {labels[int(row.argmax())]!r} ({int(row.argmax())})")
-    np.savez_compressed(
-        args.out, crops=crops, logits=logits, logits_sliced=logits_sliced
-    )
+    np.savez_compressed(args.out, crops=crops, logits=logits, logits_sliced=logits_sliced)
     print("wrote", args.out)
 
 

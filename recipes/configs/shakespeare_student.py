@@ -20,11 +20,14 @@ def config() -> StudentRunConfig:
     return StudentRunConfig(
         name="shakespeare_student",
         task="text_student",
-        model=StudentModelConfig(teacher="out/shakespeare_teacher/model.eqx", kind="factorized",
-                                 params=0.25, init="whitened"),
+        model=StudentModelConfig(
+            teacher="out/shakespeare_teacher/model.eqx",
+            kind="factorized",
+            params=0.25,
+            init="whitened",
+        ),
         data=TextDataConfig(length=128, batch_size=16, eval_batch_size=32, eval_windows=256),
-        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01, warmup_steps=20,
-                          grad_clip=1.0),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01, warmup_steps=20, grad_clip=1.0),
         train=TrainConfig(steps=300, log_every=25, eval_every=150, checkpoint_every=150),
         distill=DistillConfig(mode="kd", alpha=1.0, temperature=1.0, n_kd=150),
     )

@@ -19,7 +19,6 @@ def config() -> Config:
         task="text_lm",
         model=TextModelConfig(d_model=128, n_layers=4, n_heads=4, context=128),
         data=TextDataConfig(length=128, batch_size=16, eval_batch_size=32, eval_windows=256),
-        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, warmup_steps=50,
-                          grad_clip=1.0),
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, warmup_steps=50, grad_clip=1.0),
         train=TrainConfig(steps=1500, log_every=50, eval_every=500, checkpoint_every=500),
     )

@@ -153,8 +153,6 @@ def photo_crops(
     out = np.empty((count, 3, size, size), np.float32)
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        image = random_resized_crop(
-            photo(names[i % len(names)]), rng, size, scale=scale
-        )
+        image = random_resized_crop(photo(names[i % len(names)]), rng, size, scale=scale)
         out[i] = normalize(random_flip(image, rng), mean, std)
     return out

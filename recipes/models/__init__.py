@@ -10,6 +10,7 @@ from ._bert import (
 )
 from ._efficientnet import EfficientNet, MBConv, efficientnet_b0
 from ._efficientnet_lite import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
+from ._fold import FoldedBatchNorm, fold_batchnorm
 from ._generate import generate_greedy
 from ._layers import BATCH_AXIS, StochasticDepth
 from ._llama import KVCache, Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP
@@ -32,6 +33,7 @@ __all__ = [
     "Bottleneck",
     "EfficientNet",
     "EfficientNetLite",
+    "FoldedBatchNorm",
     "InvertedResidual",
     "KVCache",
     "Llama",
@@ -47,6 +49,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerMLP",
     "efficientnet_b0",
+    "fold_batchnorm",
     "generate_greedy",
     "resnet18",
     "resnet34",

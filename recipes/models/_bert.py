@@ -39,9 +39,7 @@ class BertEmbeddings(eqx.Module):
         key: PRNGKeyArray,
     ):
         k_word, k_pos, k_type = jr.split(key, 3)
-        self.word_embeddings = eqx.nn.Embedding(
-            vocab_size, hidden_size, dtype=dtype, key=k_word
-        )
+        self.word_embeddings = eqx.nn.Embedding(vocab_size, hidden_size, dtype=dtype, key=k_word)
         self.position_embeddings = eqx.nn.Embedding(
             max_positions, hidden_size, dtype=dtype, key=k_pos
         )
@@ -94,15 +92,11 @@ class BertAttention(eqx.Module):
         self.output = BertOutput(hidden_size, hidden_size, eps, dtype, key=k_o)
         self.num_heads = num_heads
 
-    def __call__(
-        self, x: Float[Array, "T d"], mask: Bool[Array, " T"]
-    ) -> Float[Array, "T d"]:
+    def __call__(self, x: Float[Array, "T d"], mask: Bool[Array, " T"]) -> Float[Array, "T d"]:
         seq_len, d = x.shape
 
         def heads(linear):
-            return jax.vmap(linear)(x).reshape(
-                seq_len, self.num_heads, d // self.num_heads
-            )
+            return jax.vmap(linear)(x).reshape(seq_len, self.num_heads, d // self.num_heads)
 
         q, k, v = heads(self.query), heads(self.key), heads(self.value)
         scores = jnp.einsum("thd,shd->hts", q, k) / math.sqrt(d // self.num_heads)
@@ -144,14 +138,10 @@ class BertLayer(eqx.Module):
     ):
         k_attn, k_mid, k_out = jr.split(key, 3)
         self.attention = BertAttention(hidden_size, num_heads, eps, dtype, key=k_attn)
-        self.intermediate = BertIntermediate(
-            hidden_size, intermediate_size, dtype, key=k_mid
-        )
+        self.intermediate = BertIntermediate(hidden_size, intermediate_size, dtype, key=k_mid)
         self.output = BertOutput(intermediate_size, hidden_size, eps, dtype, key=k_out)
 
-    def __call__(
-        self, x: Float[Array, "T d"], mask: Bool[Array, " T"]
-    ) -> Float[Array, "T d"]:
+    def __call__(self, x: Float[Array, "T d"], mask: Bool[Array, " T"]) -> Float[Array, "T d"]:
         x = self.attention(x, mask)
         return self.output(self.intermediate(x), x)
 
@@ -216,9 +206,7 @@ class Bert(eqx.Module):
             key=k_emb,
         )
         self.layers = tuple(
-            BertLayer(
-                hidden_size, num_heads, intermediate_size, layer_norm_eps, dtype, key=k
-            )
+            BertLayer(hidden_size, num_heads, intermediate_size, layer_norm_eps, dtype, key=k)
             for k in k_layers
         )
         self.vocab_size = vocab_size
@@ -278,9 +266,7 @@ class Bert(eqx.Module):
     ) -> Float[Array, " d"]:
         """Mean of `h` over the real tokens (sentence-transformers' mean pooling), then
         L2 normalization when `self.normalize`."""
-        weights = (
-            jnp.ones(h.shape[:1], h.dtype) if mask is None else mask.astype(h.dtype)
-        )
+        weights = jnp.ones(h.shape[:1], h.dtype) if mask is None else mask.astype(h.dtype)
         pooled = (weights @ h) / jnp.maximum(weights.sum(), 1e-9)
         if not self.normalize:
             return pooled

@@ -109,9 +109,7 @@ class MBConv(eqx.Module):
     ):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         hidden = in_channels * expand_ratio
-        self.expand = (
-            ConvBNAct(in_channels, hidden, 1, key=k1) if hidden != in_channels else None
-        )
+        self.expand = ConvBNAct(in_channels, hidden, 1, key=k1) if hidden != in_channels else None
         self.depthwise = ConvBNAct(
             hidden, hidden, kernel_size, stride=stride, groups=hidden, key=k2
         )

@@ -9,9 +9,7 @@ import numpy as np
 
 from ._llama import KVCache, Llama
 
-_CACHE_ROUNDING = (
-    64  # cache sizes are rounded up so that nearby lengths share a compile
-)
+_CACHE_ROUNDING = 64  # cache sizes are rounded up so that nearby lengths share a compile
 
 
 @eqx.filter_jit
@@ -49,9 +47,7 @@ def generate_greedy(
         text prompt, else an int32 array of new token ids.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(
-            f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
-        )
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(

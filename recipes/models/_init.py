@@ -80,9 +80,7 @@ def build(
             return _init_batch_norm(layer)
         return layer
 
-    model = jax.tree_util.tree_map(
-        init, abstract, is_leaf=lambda x: isinstance(x, layer_types)
-    )
+    model = jax.tree_util.tree_map(init, abstract, is_leaf=lambda x: isinstance(x, layer_types))
     for path, leaf in jax.tree_util.tree_leaves_with_path(model):
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise TypeError(

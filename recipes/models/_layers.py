@@ -40,9 +40,7 @@ def conv2d(
 def batch_norm(channels: int, *, eps: float = 1e-5) -> eqx.nn.BatchNorm:
     """BatchNorm over the `BATCH_AXIS` vmap axis with batch statistics in training and
     running statistics (PyTorch momentum 0.1) at inference."""
-    return eqx.nn.BatchNorm(
-        channels, axis_name=BATCH_AXIS, eps=eps, momentum=0.9, mode="batch"
-    )
+    return eqx.nn.BatchNorm(channels, axis_name=BATCH_AXIS, eps=eps, momentum=0.9, mode="batch")
 
 
 def apply_norm(

@@ -68,9 +68,7 @@ class LlamaConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"LlamaConfig.{name} must be a positive int, got {value!r}"
-                )
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
@@ -135,18 +133,10 @@ class LlamaAttention(eqx.Module):
         kq, kk, kv, ko = jr.split(key, 4)
         d, hd = config.hidden_size, config.head_dim
         bias = config.attention_bias
-        self.q_proj = eqx.nn.Linear(
-            d, config.num_heads * hd, use_bias=bias, dtype=dtype, key=kq
-        )
-        self.k_proj = eqx.nn.Linear(
-            d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kk
-        )
-        self.v_proj = eqx.nn.Linear(
-            d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kv
-        )
-        self.o_proj = eqx.nn.Linear(
-            config.num_heads * hd, d, use_bias=False, dtype=dtype, key=ko
-        )
+        self.q_proj = eqx.nn.Linear(d, config.num_heads * hd, use_bias=bias, dtype=dtype, key=kq)
+        self.k_proj = eqx.nn.Linear(d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kk)
+        self.v_proj = eqx.nn.Linear(d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kv)
+        self.o_proj = eqx.nn.Linear(config.num_heads * hd, d, use_bias=False, dtype=dtype, key=ko)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd
@@ -175,12 +165,8 @@ class LlamaAttention(eqx.Module):
             keys, values, key_positions = k, v, positions
         else:
             start = (positions[0], 0, 0)
-            keys = jax.lax.dynamic_update_slice(
-                cache[0], k.astype(cache[0].dtype), start
-            )
-            values = jax.lax.dynamic_update_slice(
-                cache[1], v.astype(cache[1].dtype), start
-            )
+            keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             key_positions = jnp.arange(keys.shape[0])
             cache = (keys, values)
         q = q.reshape(seq, self.num_kv_heads, groups, self.head_dim)
@@ -213,9 +199,7 @@ class LlamaMLP(eqx.Module):
         self.down_proj = eqx.nn.Linear(h, d, use_bias=False, dtype=dtype, key=kd)
 
     def __call__(self, x: Float[Array, "T d"]) -> Float[Array, "T d"]:
-        hidden = jax.nn.silu(_linear_seq(self.gate_proj, x)) * _linear_seq(
-            self.up_proj, x
-        )
+        hidden = jax.nn.silu(_linear_seq(self.gate_proj, x)) * _linear_seq(self.up_proj, x)
         return _linear_seq(self.down_proj, hidden)
 
 
@@ -268,8 +252,7 @@ class Llama(eqx.Module):
         k_embed, k_head, *k_blocks = jr.split(key, 2 + config.num_layers)
         self.config = config
         self.embed = eqx.nn.Embedding(
-            weight=0.02
-            * jr.normal(k_embed, (config.vocab_size, config.hidden_size), dtype)
+            weight=0.02 * jr.normal(k_embed, (config.vocab_size, config.hidden_size), dtype)
         )
         self.blocks = [LlamaBlock(config, dtype=dtype, key=k) for k in k_blocks]
         self.norm = eqx.nn.RMSNorm(
@@ -296,9 +279,7 @@ class Llama(eqx.Module):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
 
-    def hidden_states(
-        self, ids: Int[Array, " T"]
-    ) -> Float[Array, "n_layers_plus_1 T d"]:
+    def hidden_states(self, ids: Int[Array, " T"]) -> Float[Array, "n_layers_plus_1 T d"]:
         """Residual stream after the embedding and after each block, stacked (entry 0
         is the embedding output; the last entry feeds `unembed`)."""
         self._check_ids(ids)
@@ -314,9 +295,7 @@ class Llama(eqx.Module):
         """Final RMSNorm then the head (tied to the embedding or `lm_head`)."""
         h = jax.vmap(self.norm)(h)
         if self.lm_head is None:
-            return jnp.einsum(
-                "td,vd->tv", h, self.embed.weight, preferred_element_type=jnp.float32
-            )
+            return jnp.einsum("td,vd->tv", h, self.embed.weight, preferred_element_type=jnp.float32)
         return jax.vmap(self.lm_head)(h)
 
     def __call__(self, ids: Int[Array, " T"]) -> Float[Array, "T vocab"]:

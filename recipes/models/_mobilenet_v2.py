@@ -55,9 +55,7 @@ class InvertedResidual(eqx.Module):
         hidden = in_channels * expand_ratio
         act = {"activation": jax.nn.relu6, "padding": padding, "eps": eps}
         self.expand = (
-            ConvBNAct(in_channels, hidden, 1, **act, key=k1)
-            if expand_ratio != 1
-            else None
+            ConvBNAct(in_channels, hidden, 1, **act, key=k1) if expand_ratio != 1 else None
         )
         self.depthwise = ConvBNAct(
             hidden, hidden, kernel_size, stride=stride, groups=hidden, **act, key=k2

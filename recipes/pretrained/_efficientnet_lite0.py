@@ -37,9 +37,7 @@ def _names(blocks_per_stage: int | None) -> dict[str, str | np.ndarray]:
                 ]
                 for part, conv, bn in parts:
                     names.update(
-                        conv_bn_names(
-                            f"{ours}.{part}", f"{torch}.{conv}", f"{torch}.{bn}"
-                        )
+                        conv_bn_names(f"{ours}.{part}", f"{torch}.{conv}", f"{torch}.{bn}")
                     )
             index += 1
     names.update(conv_bn_names("head", "_conv_head", "_bn1"))
@@ -70,9 +68,7 @@ def efficientnet_lite0(
     path = package_file(_PACKAGE, _FILE, install=_INSTALL)
     tensors = read_torch_checkpoint(path)
     return load_cnn(
-        lambda: EfficientNetLite(
-            blocks_per_stage=blocks_per_stage, key=jax.random.key(0)
-        ),
+        lambda: EfficientNetLite(blocks_per_stage=blocks_per_stage, key=jax.random.key(0)),
         _names(blocks_per_stage),
         tensors,
         full_names=_names(None).values(),

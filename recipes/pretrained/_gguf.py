@@ -26,10 +26,21 @@ _Q = gguf.GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = tuple(
     _Q[name]
     for name in (
-        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "F32",
+        "F16",
+        "BF16",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
     )
-)  # fmt: skip
+)
 _REQUIRED = object()
 
 _TOP_NAMES = {
@@ -97,9 +108,7 @@ class _GGUFFile:
                 f"is not supported (supported: {supported}); re-quantize the model to one "
                 "of those with llama.cpp, or load its Hugging Face folder with llama_from_hf"
             )
-        return np.asarray(
-            gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32
-        )
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
 
 
 def _config(file: _GGUFFile) -> LlamaConfig:
@@ -133,11 +142,7 @@ def _config(file: _GGUFFile) -> LlamaConfig:
     tokens = file.metadata("tokenizer.ggml.tokens", None)
     vocab = file.metadata("llama.vocab_size", None)
     if vocab is None:
-        vocab = (
-            file.tensors["token_embd.weight"].shape[-1]
-            if tokens is None
-            else len(tokens)
-        )
+        vocab = file.tensors["token_embd.weight"].shape[-1] if tokens is None else len(tokens)
     eos = file.metadata("tokenizer.ggml.eos_token_id", None)
     return LlamaConfig(
         vocab_size=int(vocab),

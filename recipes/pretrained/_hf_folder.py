@@ -27,9 +27,7 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}: not valid JSON ({error}); re-save the checkpoint"
-        ) from error
+        raise ValueError(f"{path}: not valid JSON ({error}); re-save the checkpoint") from error
 
 
 def _config(folder: str, raw: dict) -> LlamaConfig:
@@ -76,8 +74,7 @@ def _config(folder: str, raw: dict) -> LlamaConfig:
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2"
-            or bool(raw.get("attention_bias", False)),
+            attention_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
             max_position=int(raw.get("max_position_embeddings", 2048)),
             eos_token_ids=eos,
         )
@@ -147,9 +144,7 @@ def llama_from_hf(
         layer = _LAYER.match(name)
         if name in wanted:
             by_file.setdefault(path, []).append(name)
-        elif _IGNORED.fullmatch(name) or (
-            name == "lm_head.weight" and config.tie_embeddings
-        ):
+        elif _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_embeddings):
             continue
         elif layer is None or int(layer.group(1)) < config.num_layers:
             unexpected.append(name)
@@ -171,7 +166,5 @@ def llama_from_hf(
                 tensors[name] = handle.get_tensor(name)
     model = build_llama(config, tensors, dtype=dtype, source=folder)
     tokenizer_path = os.path.join(folder, "tokenizer.json")
-    tokenizer = (
-        tokenizer_from_json(tokenizer_path) if os.path.isfile(tokenizer_path) else None
-    )
+    tokenizer = tokenizer_from_json(tokenizer_path) if os.path.isfile(tokenizer_path) else None
     return model, tokenizer

@@ -20,9 +20,7 @@ def imagenet_labels() -> list[str]:
     with open(path, encoding="utf-8") as f:
         labels = json.load(f)
     if not (
-        isinstance(labels, list)
-        and len(labels) == 1000
-        and all(isinstance(x, str) for x in labels)
+        isinstance(labels, list) and len(labels) == 1000 and all(isinstance(x, str) for x in labels)
     ):
         raise ValueError(
             f"{path}: expected a list of 1000 class names; reinstall: {_INSTALL} --force-reinstall"

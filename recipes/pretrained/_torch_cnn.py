@@ -68,17 +68,11 @@ def load_cnn(
             f"{sorted(set(leaves) - set(names))[:5]}, unknown {sorted(set(names) - set(leaves))[:5]}."
         )
     fix = f"the file is not a {model_name} checkpoint (reinstall its package)."
-    missing = sorted(
-        n for n in names.values() if isinstance(n, str) and n not in tensors
-    )
+    missing = sorted(n for n in names.values() if isinstance(n, str) and n not in tensors)
     if missing:
-        raise ValueError(
-            f"{file}: has no tensor {missing[0]!r} ({len(missing)} missing); {fix}"
-        )
+        raise ValueError(f"{file}: has no tensor {missing[0]!r} ({len(missing)} missing); {fix}")
     known = {n for n in full_names if isinstance(n, str)}
-    unused = {
-        n for n in tensors if n not in known and not n.endswith(".num_batches_tracked")
-    }
+    unused = {n for n in tensors if n not in known and not n.endswith(".num_batches_tracked")}
     if unused:
         raise ValueError(
             f"{file}: has tensors {model_name} does not use, e.g. {min(unused)!r} "

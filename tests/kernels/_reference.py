@@ -8,10 +8,17 @@ import pytest
 # Edge tiles are masked in the memory ops (Triton, interpret) or in the values (TPU);
 # the TPU style reads past the array, which only interpret mode and Mosaic TPU allow.
 UNMASKED_EDGES_OK = pytest.mark.skipif(
-    jax.default_backend() not in ("cpu", "tpu"), reason="unmasked edge reads need interpret mode or TPU")
+    jax.default_backend() not in ("cpu", "tpu"),
+    reason="unmasked edge reads need interpret mode or TPU",
+)
 
-JAX_NN = {None: lambda z: z, "none": lambda z: z, "relu": jax.nn.relu, "gelu": jax.nn.gelu,
-          "silu": jax.nn.silu}
+JAX_NN = {
+    None: lambda z: z,
+    "none": lambda z: z,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+}
 
 
 def factors(m, k, r, n, *, bias=True, seed=0, dtype=np.float32):

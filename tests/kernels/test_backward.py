@@ -33,10 +33,12 @@ def test_awkward_shape(activation, bias, masked_ops):
     x, a, b, c = factors(37, 129, 5, 70, bias=bias)
     t = x @ a
     g = jnp.asarray(np.random.default_rng(1).standard_normal((37, 70)), jnp.float32)
-    run = jax.jit(lambda *args: _backward.fused_epilogue_grad(
-        *args, activation=activation, masked_ops=masked_ops))
+    run = jax.jit(
+        lambda *args: _backward.fused_epilogue_grad(
+            *args, activation=activation, masked_ops=masked_ops
+        )
+    )
     gz, dt = run(g, t, b, c)
     want_gz, want_dt = _reference(g, t, b, c, activation)
     assert_close(gz, want_gz, 1e-5)
     assert_close(dt, want_dt, 1e-5)
-

@@ -31,7 +31,9 @@ def test_vmap_over_single_rows_runs_the_op_once_on_all_rows():
     [eqn] = find_eqns(jax.make_jaxpr(f)(x, y), "custom_vmap_call")
     assert in_shapes(eqn) == [(7, 4), (7, 4), (4, 3)]
     out, same = f(x, y)
-    np.testing.assert_allclose(out[:, 0], np.asarray(x * y, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out[:, 0], np.asarray(x * y, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(same[:, 0], x)
 
 
@@ -42,7 +44,9 @@ def test_nested_vmap_flattens_every_level():
     [eqn] = find_eqns(jax.make_jaxpr(f)(x), "custom_vmap_call")
     assert in_shapes(eqn) == [(30, 4), (30, 4), (4, 3)]
     out, _ = f(x)
-    np.testing.assert_allclose(out, np.asarray(x * x, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, np.asarray(x * x, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unbatched_row_argument_is_broadcast():
@@ -52,7 +56,9 @@ def test_unbatched_row_argument_is_broadcast():
     [eqn] = find_eqns(jax.make_jaxpr(f)(x), "custom_vmap_call")
     assert in_shapes(eqn) == [(12, 4), (12, 4), (4, 3)]
     out, _ = f(x)
-    np.testing.assert_allclose(out, np.asarray(x * y, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, np.asarray(x * y, np.float64) @ np.asarray(w), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_batched_weight_goes_through_the_fallback():

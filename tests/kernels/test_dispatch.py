@@ -2,7 +2,8 @@
 
 import jax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels import _dispatch
 

@@ -76,7 +76,9 @@ def test_auto_is_plain_xla_without_measurements():
 
 def test_auto_follows_the_measured_table(monkeypatch):
     kind = jax.devices()[0].device_kind
-    monkeypatch.setitem(_dispatch.MEASURED, kind, {("float32", "m<=16", "kn<=1024", "r<=64"): frozenset({"fwd"})})
+    monkeypatch.setitem(
+        _dispatch.MEASURED, kind, {("float32", "m<=16", "kn<=1024", "r<=64"): frozenset({"fwd"})}
+    )
     x, a, b, c = factors(37, 16, 2, 8)
     f = lambda x: kernels.factored_matmul(x, a, b, c, "gelu").sum()
     assert not find_eqns(jax.make_jaxpr(f)(x), "pallas_call")  # 37 rows: not measured
@@ -118,7 +120,9 @@ def test_grad_of_vmap_and_vmap_of_grad():
     _, want = forward_and_vjp(x, a, b, c, "silu", w)
     assert_close(total, want[1], 1e-5)
     with jax.enable_x64(True):
-        want_per_example = [forward_and_vjp(x[i:i + 1], a, b, c, "silu", w[i:i + 1])[1][1] for i in range(12)]
+        want_per_example = [
+            forward_and_vjp(x[i : i + 1], a, b, c, "silu", w[i : i + 1])[1][1] for i in range(12)
+        ]
     assert_close(per_example, np.stack(want_per_example), 1e-5)
 
 
@@ -126,8 +130,13 @@ def test_leading_dims_and_nested_vmap():
     x, a, b, c = factors(6, 20, 3, 18)
     xs = x.reshape(2, 3, 20)
     per_example = lambda xi: kernels.factored_matmul(xi, a, b, c, "relu", "pallas")
-    both = lambda xs: (kernels.factored_matmul(xs, a, b, c, "relu", "pallas"), jax.vmap(jax.vmap(per_example))(xs))
-    assert [out_shapes(e) for e in find_eqns(jax.make_jaxpr(both)(xs), "pallas_call")] == [[(6, 18)]] * 2
+    both = lambda xs: (
+        kernels.factored_matmul(xs, a, b, c, "relu", "pallas"),
+        jax.vmap(jax.vmap(per_example))(xs),
+    )
+    assert [out_shapes(e) for e in find_eqns(jax.make_jaxpr(both)(xs), "pallas_call")] == [
+        [(6, 18)]
+    ] * 2
     want, _ = forward_and_vjp(x, a, b, c, "relu", np.zeros((6, 18)))
     for y in jax.jit(both)(xs):
         assert_close(y.reshape(6, 18), want, 1e-5)
@@ -142,7 +151,10 @@ def test_filter_vmap_inside_scan_with_grad():
     def net(weights, x):
         def layer(h, w):
             wa, wb, wc = w
-            return eqx.filter_vmap(lambda hi: kernels.factored_matmul(hi, wa, wb, wc, "gelu", "pallas"))(h), None
+            return eqx.filter_vmap(
+                lambda hi: kernels.factored_matmul(hi, wa, wb, wc, "gelu", "pallas")
+            )(h), None
+
         return jax.lax.scan(layer, x, weights)[0].sum()
 
     got = jax.jit(jax.grad(net))(weights, x)
@@ -166,7 +178,9 @@ def test_batched_weights_fall_back_to_xla():
     assert not find_eqns(jax.make_jaxpr(f)(x, a_ens), "pallas_call")
     x64, a64, b64, c64 = (np.asarray(v, np.float64) for v in (x, a_ens, b, c))
     z = np.einsum("ek,ekr,rn->en", x64, a64, b64) + c64
-    assert_close(f(x, a_ens), 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))), 1e-5)
+    assert_close(
+        f(x, a_ens), 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))), 1e-5
+    )
 
 
 def test_promotes_mixed_dtypes_and_accepts_numpy():
@@ -188,18 +202,45 @@ X, A, B, BIAS = (jnp.zeros(s) for s in [(4, 6), (6, 2), (2, 5), (5,)])
 @pytest.mark.parametrize(
     "args, kwargs, match",
     [
-        ((X, A, B), {"impl": "cuda"}, r"impl must be one of \('auto', 'xla', 'pallas'\), got 'cuda'"),
+        (
+            (X, A, B),
+            {"impl": "cuda"},
+            r"impl must be one of \('auto', 'xla', 'pallas'\), got 'cuda'",
+        ),
         ((X, A, B), {"activation": "tanh"}, r"activation must be one of .*'silu'\), got 'tanh'"),
-        ((jnp.zeros(()), A, B), {}, r"x must have shape \(\.\.\., K\) with at least one axis, got shape \(\)"),
-        ((X, A[:5], B), {}, r"a must have shape \(K, r\) = \(6, r\) to match x of shape \(4, 6\), got shape \(5, 2\)"),
+        (
+            (jnp.zeros(()), A, B),
+            {},
+            r"x must have shape \(\.\.\., K\) with at least one axis, got shape \(\)",
+        ),
+        (
+            (X, A[:5], B),
+            {},
+            r"a must have shape \(K, r\) = \(6, r\) to match x of shape \(4, 6\), got shape \(5, 2\)",
+        ),
         ((X, A[None], B), {}, r"a must have shape \(K, r\) = \(6, r\) .* got shape \(1, 6, 2\)"),
-        ((X, A, B[:1]), {}, r"b must have shape \(r, N\) = \(2, N\) to match a of shape \(6, 2\), got shape \(1, 5\)"),
+        (
+            (X, A, B[:1]),
+            {},
+            r"b must have shape \(r, N\) = \(2, N\) to match a of shape \(6, 2\), got shape \(1, 5\)",
+        ),
         ((X, A, B[0]), {}, r"b must have shape \(r, N\) = \(2, N\) .* got shape \(5,\)"),
-        ((X, A, B, BIAS[:4]), {}, r"bias must have shape \(N,\) = \(5,\) to match b of shape \(2, 5\), got shape \(4,\)"),
-        ((X.astype(jnp.int32), A, B), {}, r"x must have a floating dtype \(float32 or bfloat16\), got int32"),
+        (
+            (X, A, B, BIAS[:4]),
+            {},
+            r"bias must have shape \(N,\) = \(5,\) to match b of shape \(2, 5\), got shape \(4,\)",
+        ),
+        (
+            (X.astype(jnp.int32), A, B),
+            {},
+            r"x must have a floating dtype \(float32 or bfloat16\), got int32",
+        ),
         ((X, A, B, BIAS.astype(jnp.int8)), {}, r"bias must have a floating dtype .* got int8"),
-        ((X.astype(jnp.float16), A.astype(jnp.float16), B.astype(jnp.float16)), {"impl": "pallas"},
-         r"impl='pallas' takes float32 or bfloat16 inputs, got float16; use impl='xla'"),
+        (
+            (X.astype(jnp.float16), A.astype(jnp.float16), B.astype(jnp.float16)),
+            {"impl": "pallas"},
+            r"impl='pallas' takes float32 or bfloat16 inputs, got float16; use impl='xla'",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(args, kwargs, match):
@@ -233,7 +274,9 @@ def test_grad_of_grad_and_hessian_run_through_the_kernels():
 def test_forward_mode_on_the_fused_path_names_the_fallback():
     x, a, b, c = factors(3, 4, 2, 5)
     f = lambda x: kernels.factored_matmul(x, a, b, c, "relu", "pallas")
-    with pytest.raises(TypeError, match=r"impl='pallas'\): forward-mode autodiff .* use impl='xla'"):
+    with pytest.raises(
+        TypeError, match=r"impl='pallas'\): forward-mode autodiff .* use impl='xla'"
+    ):
         jax.jvp(f, (x,), (x,))
     with pytest.raises(TypeError, match=r"forward-mode autodiff \(jax.jvp, jax.jacfwd\)"):
         jax.jacfwd(f)(x)
@@ -248,12 +291,19 @@ def test_explicitly_sharded_arrays_take_xla_or_say_why(monkeypatch):
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     want, _ = forward_and_vjp(x, a, b, c, "gelu", np.zeros((4, 6)))
     kind = jax.devices()[0].device_kind
-    monkeypatch.setitem(_dispatch.MEASURED, kind, {("float32", "m<=16", "kn<=1024", "r<=64"): frozenset({"fwd"})})
+    monkeypatch.setitem(
+        _dispatch.MEASURED, kind, {("float32", "m<=16", "kn<=1024", "r<=64"): frozenset({"fwd"})}
+    )
     f = lambda x, impl: kernels.factored_matmul(x, a, b, c, "gelu", impl)
-    assert find_eqns(jax.make_jaxpr(f, static_argnums=1)(x, "auto"), "pallas_call")  # unsharded: measured
+    assert find_eqns(
+        jax.make_jaxpr(f, static_argnums=1)(x, "auto"), "pallas_call"
+    )  # unsharded: measured
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, sharded)
-        with pytest.raises(ValueError, match=r"impl='pallas' cannot run on arrays sharded over Explicit mesh axes \(got P\('data', None\)\).* use impl='xla'"):
+        with pytest.raises(
+            ValueError,
+            match=r"impl='pallas' cannot run on arrays sharded over Explicit mesh axes \(got P\('data', None\)\).* use impl='xla'",
+        ):
             f(xs, "pallas")
         assert not find_eqns(jax.make_jaxpr(f, static_argnums=1)(xs, "auto"), "pallas_call")
         assert_close(jax.jit(f, static_argnums=1)(xs, "auto"), want, 1e-5)

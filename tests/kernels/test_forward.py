@@ -1,10 +1,10 @@
 """The fused forward kernel (interpret mode) vs float64, on awkward shapes and tilings."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import _dispatch, _forward
 
@@ -36,8 +36,12 @@ def test_programs_sharing_columns(split):
 
 @settings(max_examples=3)
 @given(
-    m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 70), data=st.data(),
-    activation=st.sampled_from(["relu", "gelu", "silu", None]), bias=st.booleans(),
+    m=st.integers(1, 40),
+    k=st.integers(1, 70),
+    n=st.integers(1, 70),
+    data=st.data(),
+    activation=st.sampled_from(["relu", "gelu", "silu", None]),
+    bias=st.booleans(),
 )
 def test_random_shapes(m, k, n, data, activation, bias):
     r = data.draw(st.integers(1, min(k, n)), label="r")

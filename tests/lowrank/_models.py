@@ -37,7 +37,10 @@ class Block(eqx.Module):
         k = jax.random.split(key, 3)
         self.norm1, self.norm2 = eqx.nn.LayerNorm(d), eqx.nn.LayerNorm(d)
         self.attn = eqx.nn.MultiheadAttention(heads, d, key=k[0])
-        self.mlp = {"fc1": eqx.nn.Linear(d, 4 * d, key=k[1]), "fc2": eqx.nn.Linear(4 * d, d, key=k[2])}
+        self.mlp = {
+            "fc1": eqx.nn.Linear(d, 4 * d, key=k[1]),
+            "fc2": eqx.nn.Linear(4 * d, d, key=k[2]),
+        }
 
     def __call__(self, x):
         h = jax.vmap(self.norm1)(x)
@@ -54,8 +57,14 @@ class TinyBlock(eqx.Module):
 
     def __init__(self, d, *, key):
         k = jax.random.split(key, 4)
-        self.attn = {"qkv": eqx.nn.Linear(d, 3 * d, key=k[0]), "proj": eqx.nn.Linear(d, d, key=k[1])}
-        self.mlp = {"fc1": eqx.nn.Linear(d, 4 * d, key=k[2]), "fc2": eqx.nn.Linear(4 * d, d, key=k[3])}
+        self.attn = {
+            "qkv": eqx.nn.Linear(d, 3 * d, key=k[0]),
+            "proj": eqx.nn.Linear(d, d, key=k[1]),
+        }
+        self.mlp = {
+            "fc1": eqx.nn.Linear(d, 4 * d, key=k[2]),
+            "fc2": eqx.nn.Linear(4 * d, d, key=k[3]),
+        }
 
     def __call__(self, x):
         q, k, v = jnp.split(jax.vmap(self.attn["qkv"])(x), 3, axis=-1)
@@ -78,7 +87,9 @@ class ScannedTransformer(eqx.Module):
     def __init__(self, d_in=8, d=16, depth=3, d_out=5, *, key):
         k = jax.random.split(key, 3)
         self.embed = eqx.nn.Linear(d_in, d, key=k[0])
-        self.blocks = eqx.filter_vmap(lambda bk: TinyBlock(d, key=bk))(jax.random.split(k[1], depth))
+        self.blocks = eqx.filter_vmap(lambda bk: TinyBlock(d, key=bk))(
+            jax.random.split(k[1], depth)
+        )
         self.head = eqx.nn.Linear(d, d_out, key=k[2])
 
     def __call__(self, x):
@@ -101,7 +112,7 @@ class ScannedCNN(eqx.Module):
 
     def __call__(self, x):
         arrays, static = eqx.partition(self.convs, eqx.is_array)
-        step = lambda h, conv: (jax.nn.relu(eqx.combine(conv, static)(h)), None)  # noqa: E731
+        step = lambda h, conv: (jax.nn.relu(eqx.combine(conv, static)(h)), None)
         return jax.lax.scan(step, jax.nn.relu(self.stem(x)), arrays)[0].mean((1, 2))
 
 
@@ -122,7 +133,7 @@ def with_exact_rank(model, rank: int, *, key):
         b = jax.random.normal(jax.random.fold_in(k, 1), (*w.shape[:lead], r, n))
         return (a @ b / jnp.sqrt(r * n)).reshape(w.shape)
 
-    is_layer = lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.Conv))  # noqa: E731
+    is_layer = lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.Conv))
     layers = [x for x in jax.tree_util.tree_leaves(model, is_leaf=is_layer) if is_layer(x)]
     keys = jax.random.split(key, len(layers))
     return eqx.tree_at(

@@ -53,11 +53,11 @@ def _runner(data: Example, *, batched: bool) -> Callable:
     if callable(data) and not isinstance(data, (jax.Array, np.ndarray)):
         call = data
     elif batched:
-        call = lambda m: jax.vmap(m)(data)  # noqa: E731  (a batch of inputs)
+        call = lambda m: jax.vmap(m)(data)  # (a batch of inputs)
     else:
         if isinstance(data, jax.ShapeDtypeStruct):
             data = jnp.zeros(data.shape, data.dtype)
-        call = lambda m: m(data)  # noqa: E731  (one unbatched input)
+        call = lambda m: m(data)  # (one unbatched input)
     jitted = eqx.filter_jit(call)
 
     def run(model):
@@ -197,10 +197,12 @@ def corrected_biases(
     biases are already fitted."""
     layers = dict(walk_layers(model))
     paths = [
-        path for path, layer in layers.items()
-        if path not in factors and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
+        path
+        for path, layer in layers.items()
+        if path not in factors
+        and isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv))
         and layer.bias is not None
-    ]  # fmt: skip
+    ]
     if not paths:
         return {}
     recorder = InputRecorder(paths, calibration, max_rows=max_rows)

@@ -66,7 +66,7 @@ def _anisotropic(n: int, shape: tuple[int, ...]) -> jax.Array:
 
 def _relative_error(model, other, xs) -> float:
     with enable_x64(True):
-        f64 = lambda m: jax.tree_util.tree_map(  # noqa: E731
+        f64 = lambda m: jax.tree_util.tree_map(
             lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, m
         )
         x64 = jnp.asarray(xs, jnp.float64)
@@ -77,10 +77,13 @@ def _relative_error(model, other, xs) -> float:
 
 @pytest.mark.parametrize(
     "make, shape, rank, tied",
-    [(TiedAutoencoder, (24,), 3, ["enc"]), (PointwiseDepthwise, (6, 5, 5), 2, None),
-     (ScannedTransformer, (6, 8), 3, None)],
+    [
+        (TiedAutoencoder, (24,), 3, ["enc"]),
+        (PointwiseDepthwise, (6, 5, 5), 2, None),
+        (ScannedTransformer, (6, 8), 3, None),
+    ],
     ids=["tied-head", "pointwise-depthwise-linear", "stacked-scan-transformer"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("init", ["whitened", "nkp"])
 def test_sequential_calibration_on_models_taps_could_not_handle(make, shape, rank, tied, init):
     """Exact at the weights' true rank; finite and better than spectral below it. A tied
@@ -89,7 +92,9 @@ def test_sequential_calibration_on_models_taps_could_not_handle(make, shape, ran
     model = with_exact_rank(make(key=KEY), rank, key=KEY)
     xs = _anisotropic(64, shape)
     exact = lowrank.factorize(model, rank=rank, init=init, calibration=xs)
-    assert any(isinstance(l, lowrank.LowRankLinear | lowrank.LowRankConv) for _, l in walk_layers(exact))
+    assert any(
+        isinstance(l, lowrank.LowRankLinear | lowrank.LowRankConv) for _, l in walk_layers(exact)
+    )
     assert _relative_error(model, exact, xs) < 1e-5
     low = lowrank.factorize(model, rank=1, init=init, calibration=xs, exclude=tied)
     spectral = lowrank.factorize(model, rank=1, init="spectral", exclude=tied)
@@ -108,7 +113,9 @@ def test_depthwise_bias_downstream_is_corrected():
     def dw_mean(m):
         with enable_x64(True):
             x64 = jnp.asarray(xs, jnp.float64)
-            m = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, m)
+            m = jax.tree_util.tree_map(
+                lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, m
+            )
             out = jax.vmap(lambda x: m.dw(jax.nn.relu(m.pw(x))))(x64)
             return np.asarray(out.mean((0, 2, 3)))
 
@@ -123,20 +130,26 @@ def _reference_factorize(model, rank, xs, init):
     def solve(path, inputs, dense_inputs):
         layer = layers[path]
         problem = LayerProblem(
-            path=path, weight=weight_matrix(layer),
-            bias=None if layer.bias is None else jnp.asarray(layer.bias).reshape(-1), rank=rank,
+            path=path,
+            weight=weight_matrix(layer),
+            bias=None if layer.bias is None else jnp.asarray(layer.bias).reshape(-1),
+            rank=rank,
             inputs=jnp.asarray(inputs),
             dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
-        )  # fmt: skip
+        )
         return init(problem, key=KEY)
 
-    factors = reference.solve_layers(model, paths, xs, solve, sequential=True, max_rows=MAX_CALIBRATION_ROWS)
+    factors = reference.solve_layers(
+        model, paths, xs, solve, sequential=True, max_rows=MAX_CALIBRATION_ROWS
+    )
     merged = {p: reference.merged(layers[p], f) for p, f in factors.items()}
     merged |= reference.corrected_biases(model, factors, xs, max_rows=MAX_CALIBRATION_ROWS)
     return replace_layers(model, merged)
 
 
-@pytest.mark.parametrize("make, shape", [(CNN, (3, 8, 8)), (Block, (6, 32))], ids=["cnn", "attention"])
+@pytest.mark.parametrize(
+    "make, shape", [(CNN, (3, 8, 8)), (Block, (6, 32))], ids=["cnn", "attention"]
+)
 def test_one_pass_matches_the_multi_run_reference(make, shape):
     model = make(key=KEY)
     xs = jax.random.normal(jax.random.key(2), (8, *shape))
@@ -166,18 +179,30 @@ class WithState(eqx.Module):
 @pytest.mark.parametrize(
     "model, calibration, pattern",
     [
-        (eqx.nn.MLP(32, 3, 16, 1, key=KEY), jnp.ones((64, 31)),
-         r"calibration of shape \(64, 31\).*running the model on it failed.*leading batch axis"),
-        (eqx.nn.MLP(32, 3, 16, 1, key=KEY), jnp.ones((32,)),
-         r"calibration of shape \(32,\).*one sample: add the axis with x\[None\]"),
-        (eqx.nn.MLP(32, 3, 16, 1, key=KEY), [jnp.ones(32), jnp.ones(32)],
-         r"calibration must be an array with a leading batch axis or a callable fn\(model\), got a list; "
-         r"stack the samples"),
-        (WithState(eqx.nn.Linear(8, 8, key=KEY)), jnp.ones((5, 8)),
-         r"calibration of shape \(5, 8\).*fn\(model\) that runs the model, e\.g\. for models that also take state"),
+        (
+            eqx.nn.MLP(32, 3, 16, 1, key=KEY),
+            jnp.ones((64, 31)),
+            r"calibration of shape \(64, 31\).*running the model on it failed.*leading batch axis",
+        ),
+        (
+            eqx.nn.MLP(32, 3, 16, 1, key=KEY),
+            jnp.ones((32,)),
+            r"calibration of shape \(32,\).*one sample: add the axis with x\[None\]",
+        ),
+        (
+            eqx.nn.MLP(32, 3, 16, 1, key=KEY),
+            [jnp.ones(32), jnp.ones(32)],
+            r"calibration must be an array with a leading batch axis or a callable fn\(model\), got a list; "
+            r"stack the samples",
+        ),
+        (
+            WithState(eqx.nn.Linear(8, 8, key=KEY)),
+            jnp.ones((5, 8)),
+            r"calibration of shape \(5, 8\).*fn\(model\) that runs the model, e\.g\. for models that also take state",
+        ),
     ],
     ids=["wrong-width", "unbatched-sample", "list-of-samples", "model-with-state"],
-)  # fmt: skip
+)
 def test_bad_calibration_is_named_with_the_fix(model, calibration, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         lowrank.factorize(model, rank=2, init="whitened", calibration=calibration)
@@ -186,7 +211,10 @@ def test_bad_calibration_is_named_with_the_fix(model, calibration, pattern):
 @pytest.mark.parametrize(
     "example, pattern",
     [
-        (jnp.ones((4, 32)), r"example of shape \(4, 32\).*ONE unbatched model input \(no batch axis"),
+        (
+            jnp.ones((4, 32)),
+            r"example of shape \(4, 32\).*ONE unbatched model input \(no batch axis",
+        ),
         (3, r"example must be an array or a callable fn\(model\), got int 3"),
     ],
     ids=["batched-example", "python-int"],
@@ -226,7 +254,9 @@ def test_data_aware_budget_follows_the_inputs_and_runs_the_data_twice():
         return jax.vmap(m)(xs)
 
     budget = lowrank.Budget(params=0.4)
-    _, plan = lowrank.factorize(model, rank=budget, init="whitened", calibration=calibrate, return_plan=True)
+    _, plan = lowrank.factorize(
+        model, rank=budget, init="whitened", calibration=calibrate, return_plan=True
+    )
     assert len(runs) == 2
     assert plan["a"].rank <= 2 < plan["b"].rank
     assert any("calibration data" in n for n in plan.notes)
@@ -247,5 +277,62 @@ def test_uniform_budget_keeps_the_same_fraction_per_layer():
 def test_budget_by_is_checked():
     with pytest.raises(ValueError, match=r"Budget\(by='spectral'\): choose one of"):
         lowrank.Budget(params=0.5, by="spectral")
-    with pytest.raises(ValueError, match=r"Budget\(by='data'\) allocates ranks from calibration data: pass calibration="):
+    with pytest.raises(
+        ValueError,
+        match=r"Budget\(by='data'\) allocates ranks from calibration data: pass calibration=",
+    ):
         lowrank.plan(eqx.nn.MLP(8, 3, 16, 1, key=KEY), rank=lowrank.Budget(params=0.5, by="data"))
+
+
+_SHARDED_RUN = """
+import jax, jax.numpy as jnp, numpy as np, equinox as eqx, lowrank
+from lowrank._calibrate import _sharded
+assert len(jax.devices()) == {devices}
+model = eqx.nn.MLP(12, 5, 24, 2, key=jax.random.key(0))
+xs = jax.random.normal(jax.random.key(1), (64, 12))
+assert len(_sharded(xs).sharding.device_set) == {devices}
+low = lowrank.factorize(model, rank=3, init="whitened", calibration=xs)
+np.save("{out}", np.concatenate([np.asarray(l.weight).ravel() for l in lowrank.densify(low).layers]))
+"""
+
+
+def test_calibration_is_sharded_over_local_devices_with_the_same_result(tmp_path):
+    """4 forced CPU devices: the calibration batch is split over them, and the factors are
+    those of the single-device run."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for devices in (1, 4):
+        out = tmp_path / f"{devices}.npy"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        code = _SHARDED_RUN.format(devices=devices, out=out)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+        results[devices] = np.load(out)
+    np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-5)
+
+
+class HeavyHead(eqx.Module):
+    """A factorized layer, then an expensive head with no Linear in it (like an LM's tied
+    logits): the pass has no reason to compute the head."""
+
+    fc: eqx.nn.Linear
+
+    def __call__(self, x):
+        h = self.fc(x)
+        jax.debug.callback(lambda: HEAD_RUNS.append(1))
+        return jnp.sin(h)
+
+
+HEAD_RUNS = []
+
+
+def test_the_pass_stops_after_the_last_watched_layer():
+    model = HeavyHead(eqx.nn.Linear(12, 12, key=KEY))
+    xs = jax.random.normal(KEY, (32, 12))
+    HEAD_RUNS.clear()
+    low = lowrank.factorize(model, rank=2, init="whitened", calibration=xs)
+    assert isinstance(low.fc, lowrank.LowRankLinear) and HEAD_RUNS == []
+    lowrank.factorize(model, rank=2, init="whitened", calibration=xs, sequential=False)
+    assert HEAD_RUNS == [1]  # every call of a layer counts there: the pass runs to the end

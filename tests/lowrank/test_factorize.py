@@ -29,7 +29,11 @@ def _relerr(got, want):
 
 @pytest.mark.parametrize(
     "build,input_shape,rank",
-    [(mlp, (20,), 4), (lambda key: CNN(key=key), (3, 12, 12), 3), (lambda key: Block(key=key), (6, 32), 5)],
+    [
+        (mlp, (20,), 4),
+        (lambda key: CNN(key=key), (3, 12, 12), 3),
+        (lambda key: Block(key=key), (6, 32), 5),
+    ],
     ids=["mlp", "cnn", "transformer-block"],
 )
 def test_spectral_at_the_true_rank_reproduces_outputs(build, input_shape, rank):
@@ -60,11 +64,14 @@ def test_parameter_counts_equal_closed_form():
     low = lowrank.factorize(model, rank=r)
     # conv0: 3->16 (3x3), conv1: 16->24, conv2: 24->24 no bias, head 24->10
     expected = (
-        r * (16 + 3 * 9) + 16
-        + r * (24 + 16 * 9) + 24
+        r * (16 + 3 * 9)
+        + 16
+        + r * (24 + 16 * 9)
+        + 24
         + r * (24 + 24 * 9)
-        + 24 * 10 + 10  # head: 4*(24+10)=136 >= 240? no: 136 < 240, so factorized
-    )  # fmt: skip
+        + 24 * 10
+        + 10  # head: 4*(24+10)=136 >= 240? no: 136 < 240, so factorized
+    )
     expected += r * (24 + 10) - 24 * 10
     assert _n_params(low) == expected
     assert lowrank.summary(low).total_params == expected
@@ -252,16 +259,23 @@ def test_calibration_sees_every_token_in_one_host_call_per_batch():
     xs = jax.random.normal(KEY, (5, 3, 16, 16))
     lowrank.factorize(model, rank=2, init=Recorder(), calibration=xs, sequential=False)
     tokens = jax.vmap(lambda x: model.embed(x).reshape(32, -1).T)(xs).reshape(-1, 32)
-    np.testing.assert_allclose(np.sort(seen["fc"], 0), np.sort(np.asarray(tokens), 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.sort(seen["fc"], 0), np.sort(np.asarray(tokens), 0), rtol=1e-5, atol=1e-5
+    )
     # a callable calibration with differently sized images works too
     lowrank.factorize(
-        model, rank=2, init=Recorder(),
+        model,
+        rank=2,
+        init=Recorder(),
         calibration=lambda m: (jax.vmap(m.embed)(xs), jax.vmap(m.embed)(xs[:, :, :8, :12])),
-        target=["embed"], sequential=False,
-    )  # fmt: skip
+        target=["embed"],
+        sequential=False,
+    )
     assert seen["embed"].shape == (5 * 16 + 5 * 6, 48)  # both calls' patches
     with pytest.raises(ValueError, match=r"calibration never ran the matmul of layers \['fc'\]"):
-        lowrank.factorize(model, rank=2, init=Recorder(), calibration=lambda m: jax.vmap(m.embed)(xs))
+        lowrank.factorize(
+            model, rank=2, init=Recorder(), calibration=lambda m: jax.vmap(m.embed)(xs)
+        )
 
 
 def test_edited_plans_are_checked_against_the_model():
@@ -274,12 +288,18 @@ def test_edited_plans_are_checked_against_the_model():
             self.fc = eqx.nn.Linear(10, 12, key=KEY)
 
     plan = lowrank.plan(WithDepthwise(), rank=2)
-    with pytest.raises(ValueError, match=r"layer dw cannot be factorized: depthwise conv \(groups=8\)"):
+    with pytest.raises(
+        ValueError, match=r"layer dw cannot be factorized: depthwise conv \(groups=8\)"
+    ):
         plan.with_rank("dw", 1)
-    with pytest.raises(ValueError, match=r"rank 6 for fc is past break-even \(132 >= 120 dense params\)"):
+    with pytest.raises(
+        ValueError, match=r"rank 6 for fc is past break-even \(132 >= 120 dense params\)"
+    ):
         plan.with_rank("fc", 6)
     low = lowrank.factorize(WithDepthwise(), plan=plan)
-    with pytest.raises(ValueError, match="plan layer fc is already a LowRankLinear; lowrank.densify"):
+    with pytest.raises(
+        ValueError, match="plan layer fc is already a LowRankLinear; lowrank.densify"
+    ):
         lowrank.factorize(low, plan=plan)
     forged = lowrank.Plan.from_json(plan.to_json().replace('"rank": null', '"rank": 2', 1))
     with pytest.raises(ValueError, match="layer dw cannot be factorized"):
@@ -334,7 +354,9 @@ def test_initializer_contract_is_enforced():
         def __call__(self, problem, *, key):
             return lowrank.Spectral()(problem, key=key)
 
-    with pytest.raises(ValueError, match=r"returned u \(32, 1\), v \(1, 20\) for layers.0; expected \(32, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"returned u \(32, 1\), v \(1, 20\) for layers.0; expected \(32, 3\)"
+    ):
         lowrank.factorize(mlp(key=KEY), rank=3, init=Wrong())
     with pytest.raises(ValueError, match="produced non-finite factors for layers.0"):
         lowrank.factorize(mlp(key=KEY), rank=3, init=NaNs())
@@ -361,16 +383,35 @@ class _TiedAndTransposed(eqx.Module):
 @pytest.mark.parametrize(
     "build,kwargs,reason",
     [
-        (lambda: mlp(key=KEY), {"rank": 10**9}, r"layers.0: rank 1000000000 >= full rank 20: nothing to save"),
+        (
+            lambda: mlp(key=KEY),
+            {"rank": 10**9},
+            r"layers.0: rank 1000000000 >= full rank 20: nothing to save",
+        ),
         (lambda: mlp(key=KEY), {"rank": 1.0}, r"layers.1: rank 32 >= full rank 32"),
-        (lambda: mlp(key=KEY), {"rank": lowrank.Budget(params=1.0)}, r"budget affords the exact dense layer"),
-        (lambda: [eqx.nn.ConvTranspose2d(4, 4, 3, key=KEY)], {"rank": 2}, r"0: ConvTranspose2d is not supported yet"),
-        (_TiedAndTransposed, {"rank": 2, "target": ["shared.pytree.1"]}, r"shared.pytree.1: weight is tied"),
+        (
+            lambda: mlp(key=KEY),
+            {"rank": lowrank.Budget(params=1.0)},
+            r"budget affords the exact dense layer",
+        ),
+        (
+            lambda: [eqx.nn.ConvTranspose2d(4, 4, 3, key=KEY)],
+            {"rank": 2},
+            r"0: ConvTranspose2d is not supported yet",
+        ),
+        (
+            _TiedAndTransposed,
+            {"rank": 2, "target": ["shared.pytree.1"]},
+            r"shared.pytree.1: weight is tied",
+        ),
     ],
 )
 def test_nothing_to_factorize_warns_with_each_reason_and_returns_the_model(build, kwargs, reason):
     model = build()
-    with pytest.warns(UserWarning, match=r"nothing to factorize \(rank=.*\), the model is returned unchanged\. .*" + reason):
+    with pytest.warns(
+        UserWarning,
+        match=r"nothing to factorize \(rank=.*\), the model is returned unchanged\. .*" + reason,
+    ):
         out = lowrank.factorize(model, **kwargs)
     assert out is model
     plan = lowrank.plan(model, **kwargs)
@@ -383,6 +424,53 @@ def test_nothing_to_factorize_warns_with_each_reason_and_returns_the_model(build
 def test_nan_bias_is_named_not_blamed_on_calibration():
     model = mlp(key=KEY)
     bad = eqx.tree_at(lambda m: m.layers[1].bias, model, model.layers[1].bias.at[3].set(jnp.nan))
-    with pytest.raises(ValueError, match=r"layer layers.1 has a non-finite bias \(NaN/inf\); fix or re-initialize") as info:
+    with pytest.raises(
+        ValueError, match=r"layer layers.1 has a non-finite bias \(NaN/inf\); fix or re-initialize"
+    ) as info:
         lowrank.factorize(bad, rank=2, init="spectral")
     assert "calibration" not in str(info.value) and "try init='spectral'" not in str(info.value)
+
+
+def test_initializers_subclass_one_base_that_declares_calibration():
+    for name in ("spectral", "random", "nkp", "whitened"):
+        init = lowrank.get_initializer(name)
+        assert isinstance(init, lowrank.Initializer)
+        assert init.calibration in ("never", "optional", "required")
+
+    class Undeclared(lowrank.Initializer):
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    with pytest.raises(TypeError, match="calibration"):
+        Undeclared()
+
+    class Misdeclared(lowrank.Initializer):
+        calibration = "sometimes"
+
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    with pytest.raises(ValueError, match=r"calibration='sometimes'; set it to one of \('never'"):
+        lowrank.register_initializer("misdeclared", Misdeclared())
+    with pytest.raises(ValueError, match=r"init has calibration='sometimes'"):
+        lowrank.factorize(mlp(key=KEY), rank=2, init=Misdeclared())
+    with pytest.raises(ValueError, match="unknown init 'nope'"):
+        lowrank.get_initializer("nope")
+
+
+def test_densify_and_save_refuse_layers_carrying_activations(tmp_path):
+    low, plan = lowrank.factorize(
+        eqx.nn.MLP(6, 3, 8, 1, key=jax.random.key(0)), rank=2, return_plan=True
+    )
+    first = low.layers[0]
+    fused = eqx.tree_at(
+        lambda m: m.layers[0],
+        low,
+        lowrank.LowRankLinear(first.u, first.v, first.bias, inner_activation="gelu"),
+    )
+    with pytest.raises(
+        ValueError, match=r"densify: layer layers.0 carries .*inner_activation='gelu'.*without them"
+    ):
+        lowrank.densify(fused)
+    with pytest.raises(ValueError, match=r"lowrank.save: layer layers.0 carries .*does not record"):
+        lowrank.save(tmp_path / "m", fused, plan)

@@ -96,7 +96,7 @@ def test_relu_cross_moment_matches_quadrature(case):
         return mu * stats.norm.cdf(mu / sd) + sd * stats.norm.pdf(mu / sd)
 
     kink = -m1 / s1
-    integrand = lambda x: np_relu(m1 + s1 * x) * conditional(x) * stats.norm.pdf(x)  # noqa: E731
+    integrand = lambda x: np_relu(m1 + s1 * x) * conditional(x) * stats.norm.pdf(x)
     reference = integrate.quad(integrand, kink, np.inf, epsabs=1e-12, epsrel=1e-10)[0]
     with jax.enable_x64(True):
         got = float(relu_cross_moment(jnp.float64(m1), s1, m2, s2, r))
@@ -361,10 +361,14 @@ def test_registered():
         (dict(inputs=jnp.ones((5, 2))), r"calibration inputs for blocks.1.fc have shape \(5, 2\)"),
         (dict(rank=4), r"rank 4 is outside \[1, min\(4, 3\)\] for blocks.1.fc"),
         (dict(rank=0), r"rank 0 is outside"),
-        (dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.ones((4, 3))),
-         r"dense_inputs for blocks.1.fc must pair row by row with inputs, got \(4, 3\)"),
-        (dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.full((5, 3), jnp.nan)),
-         "dense-model inputs for blocks.1.fc contain NaN/inf"),
+        (
+            dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.ones((4, 3))),
+            r"dense_inputs for blocks.1.fc must pair row by row with inputs, got \(4, 3\)",
+        ),
+        (
+            dict(inputs=jnp.ones((5, 3)), dense_inputs=jnp.full((5, 3), jnp.nan)),
+            "dense-model inputs for blocks.1.fc contain NaN/inf",
+        ),
     ],
 )
 def test_bad_problems_raise(change, match):
@@ -398,7 +402,10 @@ class _TwoFC(eqx.Module):
 
 
 def test_nkp_warns_when_it_assumes_relu_and_labels_the_f_err():
-    with pytest.warns(UserWarning, match=r"init 'nkp' assumes ReLU after fc1, fc2: their activation is unknown\. .*activations="):
+    with pytest.warns(
+        UserWarning,
+        match=r"init 'nkp' assumes ReLU after fc1, fc2: their activation is unknown\. .*activations=",
+    ):
         _, plan = lowrank.factorize(_TwoFC(), rank=3, init="nkp", return_plan=True)
     assumed = "inputs x ~ N(0, 1²·I), ReLU after the layer (its activation is unknown)"
     assert plan["fc1"].assumes == assumed and plan["fc2"].assumes == assumed
@@ -413,12 +420,18 @@ def test_nkp_told_the_activations_does_not_warn_and_labels_only_the_gaussian():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, plan = lowrank.factorize(
-            _TwoFC(), rank=3, init="nkp", activations={"fc1": jnp.tanh, "fc2": None}, return_plan=True
+            _TwoFC(),
+            rank=3,
+            init="nkp",
+            activations={"fc1": jnp.tanh, "fc2": None},
+            return_plan=True,
         )
         lowrank.factorize(_TwoFC(), rank=3, init=NKP(activation=jnp.tanh, input_scale=2.0))
     assert plan["fc1"].assumes == "inputs x ~ N(0, 1²·I)"
     assert not any("ReLU" in n for n in plan.notes)
-    mlp_plan = lowrank.factorize(eqx.nn.MLP(16, 16, 16, 1, key=jax.random.key(0)), rank=3, init="nkp", return_plan=True)[1]
+    mlp_plan = lowrank.factorize(
+        eqx.nn.MLP(16, 16, 16, 1, key=jax.random.key(0)), rank=3, init="nkp", return_plan=True
+    )[1]
     assert mlp_plan["layers.0"].assumes == "inputs x ~ N(0, 1²·I)"  # eqx.nn.MLP: activations known
     spectral = lowrank.factorize(_TwoFC(), rank=3, return_plan=True)[1]
     assert spectral["fc1"].assumes is None and "f-err assumes" not in str(spectral)

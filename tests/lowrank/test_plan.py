@@ -76,7 +76,9 @@ def test_global_rank_above_full_rank_leaves_layer_dense():
 @pytest.mark.parametrize("kind", ["params", "flops"])
 def test_budget_is_met_and_reported(fraction, kind):
     model = CNN(key=KEY)
-    plan = lowrank.plan(model, rank=lowrank.Budget(**{kind: fraction}), example=jnp.zeros((3, 16, 16)))
+    plan = lowrank.plan(
+        model, rank=lowrank.Budget(**{kind: fraction}), example=jnp.zeros((3, 16, 16))
+    )
     t = plan.totals()
     achieved = t[f"{kind}_after"] / t[f"{kind}_before"]
     assert achieved <= fraction + 1e-9
@@ -108,12 +110,16 @@ def test_budget_does_not_starve_a_wide_layer_with_a_flat_spectrum():
 
 
 def test_flops_budget_needs_conv_output_sizes():
-    with pytest.raises(ValueError, match=r"Budget\(flops=...\) needs conv output sizes.*pass example="):
+    with pytest.raises(
+        ValueError, match=r"Budget\(flops=...\) needs conv output sizes.*pass example="
+    ):
         lowrank.plan(CNN(key=KEY), rank=lowrank.Budget(flops=0.5))
 
 
 def test_unreachable_budget_says_what_is_reachable():
-    with pytest.raises(ValueError, match=r"Budget\(params=0.01\) cannot be met: rank 1 .* raise the budget above"):
+    with pytest.raises(
+        ValueError, match=r"Budget\(params=0.01\) cannot be met: rank 1 .* raise the budget above"
+    ):
         lowrank.plan(CNN(key=KEY), rank=lowrank.Budget(params=0.01))
 
 
@@ -137,14 +143,18 @@ def test_bad_rank_rules(rank, error, match):
 
 
 def test_explicitly_targeted_rank_above_full_rank_names_layer_and_fix():
-    with pytest.raises(ValueError, match=r"rank 40 > min\(32, 20\) for layers.0; choose rank <= 20"):
+    with pytest.raises(
+        ValueError, match=r"rank 40 > min\(32, 20\) for layers.0; choose rank <= 20"
+    ):
         lowrank.factorize(mlp(key=KEY), rank=40, target=["layers.0"])
 
 
 def test_bad_budgets():
     with pytest.raises(ValueError, match="exactly one of params= or flops="):
         lowrank.Budget(params=0.3, flops=0.3)
-    with pytest.raises(ValueError, match=r"Budget\(params=1.5\): the fraction must be a number in \(0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"Budget\(params=1.5\): the fraction must be a number in \(0, 1\]"
+    ):
         lowrank.Budget(params=1.5)
 
 
@@ -163,7 +173,9 @@ def test_missing_rank_and_conflicting_arguments():
 
 def test_non_finite_weights_name_the_layer():
     model = mlp(key=KEY)
-    bad = eqx.tree_at(lambda m: m.layers[1].weight, model, model.layers[1].weight.at[0, 0].set(jnp.nan))
+    bad = eqx.tree_at(
+        lambda m: m.layers[1].weight, model, model.layers[1].weight.at[0, 0].set(jnp.nan)
+    )
     with pytest.raises(ValueError, match="layer layers.1 has non-finite weights"):
         lowrank.factorize(bad, rank=2)
 
@@ -175,7 +187,18 @@ def test_calibration_mismatch_with_init_is_an_error():
 
 def test_plan_table_lists_every_column():
     text = str(lowrank.plan(CNN(key=KEY), rank=2))
-    for column in ("path", "type", "shape", "rank", "params", "FLOPs", "init", "w-err", "f-err", "note"):
+    for column in (
+        "path",
+        "type",
+        "shape",
+        "rank",
+        "params",
+        "FLOPs",
+        "init",
+        "w-err",
+        "f-err",
+        "note",
+    ):
         assert column in text
     assert "convs.1" in text and "TOTAL" in text
 
@@ -218,7 +241,10 @@ def test_numpy_and_jax_scalar_ranks_are_accepted(rank, want):
 
 def test_numpy_scalars_in_budgets_and_edits_bools_rejected():
     budget = lowrank.Budget(params=np.float32(0.5))
-    assert isinstance(budget.params, float) and lowrank.plan(mlp(key=KEY), rank=budget).budget["asked"] == 0.5
+    assert (
+        isinstance(budget.params, float)
+        and lowrank.plan(mlp(key=KEY), rank=budget).budget["asked"] == 0.5
+    )
     plan = lowrank.plan(mlp(key=KEY), rank=2).with_rank("layers.1", np.int64(5))
     assert plan["layers.1"].rank == 5 and type(plan["layers.1"].rank) is int
     assert lowrank.Plan.from_json(plan.to_json()) == plan
@@ -237,8 +263,15 @@ def test_empty_rank_dict_is_an_error():
 
 def test_integer_weights_are_rejected_naming_layer_and_dtype():
     model = mlp(key=KEY)
-    ints = eqx.tree_at(lambda m: m.layers[1].weight, model, jnp.round(model.layers[1].weight * 100).astype(jnp.int32))
-    with pytest.raises(ValueError, match=r"layer layers.1 has int32 weights; .*cast the model to float .* exclude=\['layers.1'\]"):
+    ints = eqx.tree_at(
+        lambda m: m.layers[1].weight,
+        model,
+        jnp.round(model.layers[1].weight * 100).astype(jnp.int32),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"layer layers.1 has int32 weights; .*cast the model to float .* exclude=\['layers.1'\]",
+    ):
         lowrank.factorize(ints, rank=2)
     plan = lowrank.plan(model, rank=2)
     with pytest.raises(ValueError, match="layer layers.1 has int32 weights"):
@@ -249,16 +282,37 @@ def test_integer_weights_are_rejected_naming_layer_and_dtype():
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda d: d["layers"][0].update(rank="abc"), r"plan layer 0 \('layers.0'\) field 'rank' must be int or null, got 'abc'"),
-        (lambda d: d["layers"][1].pop("shape"), r"plan layer 1 \('layers.1'\) has unknown fields \[\] / lacks fields \['shape'\]"),
-        (lambda d: d["layers"][2].update(colour=1), r"plan layer 2 \('layers.2'\) has unknown fields \['colour'\]"),
-        (lambda d: d["layers"][0].update(shape=[32, -1]), r"field 'shape' must be a list of positive ints"),
-        (lambda d: d["layers"][0].update(factorizable=1), r"field 'factorizable' must be bool, got 1"),
-        (lambda d: d["layers"][0].update(params_before=True), r"field 'params_before' must be int, got True"),
+        (
+            lambda d: d["layers"][0].update(rank="abc"),
+            r"plan layer 0 \('layers.0'\) field 'rank' must be int or null, got 'abc'",
+        ),
+        (
+            lambda d: d["layers"][1].pop("shape"),
+            r"plan layer 1 \('layers.1'\) has unknown fields \[\] / lacks fields \['shape'\]",
+        ),
+        (
+            lambda d: d["layers"][2].update(colour=1),
+            r"plan layer 2 \('layers.2'\) has unknown fields \['colour'\]",
+        ),
+        (
+            lambda d: d["layers"][0].update(shape=[32, -1]),
+            r"field 'shape' must be a list of positive ints",
+        ),
+        (
+            lambda d: d["layers"][0].update(factorizable=1),
+            r"field 'factorizable' must be bool, got 1",
+        ),
+        (
+            lambda d: d["layers"][0].update(params_before=True),
+            r"field 'params_before' must be int, got True",
+        ),
         (lambda d: d.update(layers={}), r"plan 'layers' must be a list"),
         (lambda d: d.update(extra=1), r"not a lowrank plan: keys \['budget', 'extra'"),
         (lambda d: d.update(budget={"kind": "params"}), r"plan 'budget' must be null or \{'kind'"),
-        (lambda d: d["layers"][0].update(weight_error="0.1"), r"field 'weight_error' must be float or null, got '0.1'"),
+        (
+            lambda d: d["layers"][0].update(weight_error="0.1"),
+            r"field 'weight_error' must be float or null, got '0.1'",
+        ),
     ],
 )
 def test_edited_plan_json_names_the_broken_field(edit, match):

@@ -51,20 +51,31 @@ def test_target_regex_is_a_full_match():
 
 def test_target_list_takes_exact_paths_and_suffixes():
     plan = lowrank.plan(Nested(key=KEY), rank=2, target=["query_proj", "heads.cls"])
-    assert sorted(_paths(plan)) == ["blocks.0.attn.query_proj", "blocks.1.attn.query_proj", "heads.cls"]
+    assert sorted(_paths(plan)) == [
+        "blocks.0.attn.query_proj",
+        "blocks.1.attn.query_proj",
+        "heads.cls",
+    ]
 
 
 def test_exclude_applies_before_target_and_where_filters():
-    plan = lowrank.plan(Nested(key=KEY), rank=2, target=r"blocks.*", exclude=["attn.key_proj", "blocks.1.mlp.fc1"])
+    plan = lowrank.plan(
+        Nested(key=KEY), rank=2, target=r"blocks.*", exclude=["attn.key_proj", "blocks.1.mlp.fc1"]
+    )
     paths = _paths(plan)
     assert "blocks.0.attn.key_proj" not in paths and "blocks.1.mlp.fc1" not in paths
     assert "blocks.1.mlp.fc2" in paths
-    plan = lowrank.plan(Nested(key=KEY), rank=2, where=lambda path, layer: isinstance(layer, eqx.nn.Conv))
+    plan = lowrank.plan(
+        Nested(key=KEY), rank=2, where=lambda path, layer: isinstance(layer, eqx.nn.Conv)
+    )
     assert [l.path for l in plan.layers] == ["pair.1", "depthwise"]
 
 
 def test_target_that_matches_nothing_lists_nearest_paths():
-    with pytest.raises(ValueError, match=r"target 'blocks.0.atn.query_proj' matches no layer; nearest available paths: \['blocks.0.attn.query_proj'"):
+    with pytest.raises(
+        ValueError,
+        match=r"target 'blocks.0.atn.query_proj' matches no layer; nearest available paths: \['blocks.0.attn.query_proj'",
+    ):
         lowrank.plan(Nested(key=KEY), rank=2, target=["blocks.0.atn.query_proj"])
     with pytest.raises(ValueError, match="matches no layer"):
         lowrank.factorize(CNN(key=KEY), rank=2, target=r"conv\d")
@@ -83,17 +94,24 @@ def test_non_equinox_objects_are_rejected():
 
 
 def test_exclude_that_matches_nothing_is_an_error_too():
-    with pytest.raises(ValueError, match=r"exclude 'blocks.0.mlp.fc3' matches no layer; nearest available paths"):
+    with pytest.raises(
+        ValueError, match=r"exclude 'blocks.0.mlp.fc3' matches no layer; nearest available paths"
+    ):
         lowrank.plan(Nested(key=KEY), rank=2, exclude=["blocks.0.mlp.fc3"])
 
 
 def test_parent_module_names_cover_every_layer_below():
     model = Nested(key=KEY)
-    attn = [f"blocks.{b}.attn.{p}_proj" for b in (0, 1) for p in ("query", "key", "value", "output")]
+    attn = [
+        f"blocks.{b}.attn.{p}_proj" for b in (0, 1) for p in ("query", "key", "value", "output")
+    ]
     assert sorted(_paths(lowrank.plan(model, rank=2, target=["attn"]))) == sorted(attn)
     paths = _paths(lowrank.plan(model, rank=2, exclude=["blocks.0"]))
     assert not any(p.startswith("blocks.0.") for p in paths) and "blocks.1.mlp.fc1" in paths
-    assert _paths(lowrank.plan(model, rank=2, target=["0.mlp"])) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert _paths(lowrank.plan(model, rank=2, target=["0.mlp"])) == [
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
     # the README's own example: a regex key and a parent-module key
     plan = lowrank.plan(model, rank={r"blocks\.\d+\.mlp\..*": 4, "attn": 0.25})
     assert plan["blocks.1.mlp.fc2"].rank == 4 and plan["blocks.0.attn.key_proj"].rank == 8
@@ -108,9 +126,11 @@ def test_a_name_covers_whole_path_parts_only():
 
 
 def test_parent_module_names_set_activations_below_them():
-    from lowrank._select import resolve_activations
+    from lowrank._index import resolve_activations
 
-    found = resolve_activations(Nested(key=KEY), {"mlp": jax.nn.gelu, "blocks.1": None})
+    found = resolve_activations(
+        lowrank.select(Nested(key=KEY)), {"mlp": jax.nn.gelu, "blocks.1": None}
+    )
     assert found["blocks.0.mlp.fc1"] is jax.nn.gelu and found["blocks.0.mlp.fc2"] is jax.nn.gelu
     assert found["blocks.1.mlp.fc1"] is jax.nn.gelu  # first matching key wins
     assert found["blocks.1.attn.query_proj"] is lowrank._select.identity
@@ -120,9 +140,15 @@ def test_parent_module_names_set_activations_below_them():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"target": "convs.[0"}, r"target='convs.\[0' is not a valid regex \(unterminated character set"),
+        (
+            {"target": "convs.[0"},
+            r"target='convs.\[0' is not a valid regex \(unterminated character set",
+        ),
         ({"exclude": "(head"}, r"exclude='\(head' is not a valid regex .*re.escape"),
-        ({"rank": {"convs[": 2}}, r"rank key 'convs\[' is not a valid regex .*list of layer/module names"),
+        (
+            {"rank": {"convs[": 2}},
+            r"rank key 'convs\[' is not a valid regex .*list of layer/module names",
+        ),
     ],
 )
 def test_bad_regex_names_the_argument(kwargs, match):
@@ -155,12 +181,16 @@ def test_already_low_rank_layers_are_listed_with_the_reason():
     plan = lowrank.plan(half, rank=lowrank.Budget(params=0.6))
     row = plan["layers.0"]
     assert row.rank is None and row.kind == "LowRankLinear" and row.shape == (32, 20)
-    assert row.skipped == "already low-rank (rank 4); lowrank.densify(model) first to re-factorize it"
+    assert (
+        row.skipped == "already low-rank (rank 4); lowrank.densify(model) first to re-factorize it"
+    )
     assert row.params_before == row.params_after == 4 * (32 + 20) + 32  # its factors, as they are
     assert plan["layers.1"].rank is not None
     t = plan.totals()
     assert t["params_after"] / t["params_before"] <= 0.6
-    with pytest.warns(UserWarning, match=r"nothing to factorize.*layers.0: already low-rank \(rank 4\)"):
+    with pytest.warns(
+        UserWarning, match=r"nothing to factorize.*layers.0: already low-rank \(rank 4\)"
+    ):
         lowrank.factorize(half, rank=2, target=["layers.0"])
 
 

@@ -5,7 +5,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax import enable_x64
 
 import lowrank
@@ -76,7 +75,9 @@ def test_sequential_calibration_runs_the_calibration_callable_once():
     lowrank.factorize(Block(key=KEY), rank=4, init=init, calibration=calibrate)
     projections = [f"attn.{p}_proj" for p in ("query", "key", "value")]
     assert all(init.seen[p].dense_inputs is None for p in projections)  # first group: dense run
-    assert all(init.seen[p].dense_inputs is not None for p in ("attn.output_proj", "mlp.fc1", "mlp.fc2"))
+    assert all(
+        init.seen[p].dense_inputs is not None for p in ("attn.output_proj", "mlp.fc1", "mlp.fc2")
+    )
     assert len(runs) == 1  # one pass over the data, whatever the number of layer groups
 
 
@@ -89,7 +90,9 @@ def test_sequential_fit_of_the_last_layer_is_never_worse():
     model = eqx.nn.MLP(8, 6, 16, 1, key=KEY)
     errors = {}
     for sequential in (False, True):
-        low = lowrank.factorize(model, rank=2, init="whitened", calibration=xs, sequential=sequential)
+        low = lowrank.factorize(
+            model, rank=2, init="whitened", calibration=xs, sequential=sequential
+        )
         with enable_x64(True):
             got = jax.vmap(_to64(low))(jnp.asarray(xs, jnp.float64))
             want = jax.vmap(_to64(model))(jnp.asarray(xs, jnp.float64))
@@ -118,8 +121,9 @@ def test_unfactorized_layers_downstream_get_their_mean_output_back():
     (dense_z1, dense_out), (low_z1, low_out) = means(model), means(low)
     np.testing.assert_allclose(low_z1, dense_z1, atol=1e-4)
     np.testing.assert_allclose(low_out, dense_out, atol=1e-4)
-    plain = lowrank.factorize(model, rank=2, init="whitened", target="convs.0", calibration=xs,
-                              sequential=False)  # fmt: skip
+    plain = lowrank.factorize(
+        model, rank=2, init="whitened", target="convs.0", calibration=xs, sequential=False
+    )
     plain_z1, plain_out = means(plain)
     assert np.abs(plain_z1 - dense_z1).max() > 100 * np.abs(low_z1 - dense_z1).max()
     np.testing.assert_array_equal(plain.convs[1].bias, biases[0])

@@ -50,7 +50,11 @@ def test_save_and_load_agree_on_names_with_or_without_suffix(saved):
     assert sorted(os.listdir(tmp_path)) == ["model.eqx", "model.plan.json"]
     _same(lowrank.load(tmp_path / "model", dense), low)
     _same(lowrank.load(str(tmp_path / "model.eqx"), dense), low)
-    lowrank.save(tmp_path / "sub" / "v2.final", low, lowrank.factorize(mlp(key=KEY), rank=3, return_plan=True)[1])
+    lowrank.save(
+        tmp_path / "sub" / "v2.final",
+        low,
+        lowrank.factorize(mlp(key=KEY), rank=3, return_plan=True)[1],
+    )
     assert sorted(os.listdir(tmp_path / "sub")) == ["v2.final.eqx", "v2.final.plan.json"]
     _same(lowrank.load(tmp_path / "sub" / "v2.final", dense), low)
 
@@ -59,7 +63,10 @@ def test_save_onto_a_directory_is_refused(saved):
     tmp_path, low, _ = saved
     (tmp_path / "out").mkdir()
     plan = lowrank.factorize(mlp(key=KEY), rank=3, return_plan=True)[1]
-    with pytest.raises(IsADirectoryError, match=r"path '.*out' is a directory; give a file name inside it, e.g. '.*out/model'"):
+    with pytest.raises(
+        IsADirectoryError,
+        match=r"path '.*out' is a directory; give a file name inside it, e.g. '.*out/model'",
+    ):
         lowrank.save(tmp_path / "out", low, plan)
     assert os.listdir(tmp_path / "out") == []
 
@@ -97,16 +104,25 @@ def test_a_save_interrupted_between_the_two_files_is_detected(saved, monkeypatch
         lowrank.save(tmp_path / "model", other, plan)
     monkeypatch.undo()
     assert [os.path.basename(c) for c in calls] == ["model.eqx", "model.plan.json"]
-    with pytest.raises(ValueError, match=r"model.eqx does not match .*model.plan.json: .*from another save .*Save the model again"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.eqx does not match .*model.plan.json: .*from another save .*Save the model again",
+    ):
         lowrank.load(tmp_path / "model", dense)
 
 
 @pytest.mark.parametrize(
     "damage,match",
     [
-        (lambda b: b[: len(b) // 2], r"has \d+ bytes where the save wrote \d+ \(shorter \(truncated\?\)"),
+        (
+            lambda b: b[: len(b) // 2],
+            r"has \d+ bytes where the save wrote \d+ \(shorter \(truncated\?\)",
+        ),
         (lambda b: b + b"garbage", r"\(longer; SHA-256 differs\)"),
-        (lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], r"\(changed; SHA-256 differs\), so it is corrupted, edited"),
+        (
+            lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:],
+            r"\(changed; SHA-256 differs\), so it is corrupted, edited",
+        ),
     ],
 )
 def test_damaged_weights_files_are_detected(saved, damage, match):
@@ -122,15 +138,24 @@ def test_damaged_or_foreign_plan_files_name_the_file_and_the_fix(saved):
     plan_file = tmp_path / "model.plan.json"
     text = plan_file.read_text()
     plan_file.write_text(text[:100])
-    with pytest.raises(ValueError, match=r"model.plan.json is not a lowrank.save plan file: it is not valid JSON .*save the model again with lowrank.save"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.plan.json is not a lowrank.save plan file: it is not valid JSON .*save the model again with lowrank.save",
+    ):
         lowrank.load(tmp_path / "model", dense)
     plan_file.write_text(lowrank.plan(mlp(key=KEY), rank=3).to_json())  # a bare plan
-    with pytest.raises(ValueError, match=r"is not a lowrank.save plan file \(format 1, keys \['leaves', 'lowrank_save', 'plan', 'weights'\]; got \['budget'"):
+    with pytest.raises(
+        ValueError,
+        match=r"is not a lowrank.save plan file \(format 1, keys \['leaves', 'lowrank_save', 'plan', 'weights'\]; got \['budget'",
+    ):
         lowrank.load(tmp_path / "model", dense)
     record = json.loads(text)
     record["plan"]["layers"][1]["rank"] = "3"
     plan_file.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"model.plan.json holds a broken plan: plan layer 1 \('layers.1'\) field 'rank' must be int or null"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.plan.json holds a broken plan: plan layer 1 \('layers.1'\) field 'rank' must be int or null",
+    ):
         lowrank.load(tmp_path / "model", dense)
 
 
@@ -140,17 +165,32 @@ def test_an_edited_rank_is_caught_by_the_leaf_manifest(saved):
     record = json.loads(plan_file.read_text())
     record["plan"]["layers"][1]["rank"] = 2
     plan_file.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"layers.1.u is float32\[32,3\] in the file but float32\[32,2\] in the model.*if the plan file was edited, restore it"):
+    with pytest.raises(
+        ValueError,
+        match=r"layers.1.u is float32\[32,3\] in the file but float32\[32,2\] in the model.*if the plan file was edited, restore it",
+    ):
         lowrank.load(tmp_path / "model", dense)
 
 
 @pytest.mark.parametrize(
     "dense,match",
     [
-        (lambda: eqx.nn.MLP(20, 7, 32, 2, use_bias=False, key=KEY), r"layers.0.bias is in the file but not in the model"),
-        (lambda: eqx.nn.MLP(20, 7, 32, 2, dtype="bfloat16", key=KEY), r"layers.0.u is float32\[32,3\] in the file but bfloat16\[32,3\] in the model"),
-        (lambda: eqx.nn.MLP(24, 7, 32, 2, key=KEY), r"the plan in .*model.plan.json does not fit dense_model: plan layer layers.0 has shape \(32, 20\)"),
-        (lambda: eqx.nn.MLP(20, 7, 16, 2, key=KEY), r"does not fit dense_model: .*layers.0 has shape \(32, 20\) but the model's weight is \(16, 20\)"),
+        (
+            lambda: eqx.nn.MLP(20, 7, 32, 2, use_bias=False, key=KEY),
+            r"layers.0.bias is in the file but not in the model",
+        ),
+        (
+            lambda: eqx.nn.MLP(20, 7, 32, 2, dtype="bfloat16", key=KEY),
+            r"layers.0.u is float32\[32,3\] in the file but bfloat16\[32,3\] in the model",
+        ),
+        (
+            lambda: eqx.nn.MLP(24, 7, 32, 2, key=KEY),
+            r"the plan in .*model.plan.json does not fit dense_model: plan layer layers.0 has shape \(32, 20\)",
+        ),
+        (
+            lambda: eqx.nn.MLP(20, 7, 16, 2, key=KEY),
+            r"does not fit dense_model: .*layers.0 has shape \(32, 20\) but the model's weight is \(16, 20\)",
+        ),
     ],
 )
 def test_a_dense_model_that_does_not_fit_is_named_with_the_fix(saved, dense, match):

@@ -10,7 +10,7 @@ import pytest
 from jax import enable_x64
 
 import lowrank
-from lowrank._factorize import stacked_twin
+from lowrank._rewrite import stacked_twin
 
 from ._models import ScannedCNN, ScannedTransformer, with_exact_rank
 
@@ -54,7 +54,9 @@ def test_stacked_transformer_at_the_true_rank_reproduces_float64_outputs(transfo
     assert {l.path for l in plan.factorized} == set(STACKED) | {"embed", "head"}
     fc1 = low.blocks.mlp["fc1"]
     assert isinstance(fc1, lowrank.LowRankLinear)
-    assert fc1.u.shape == (L, 4 * D, 3) and fc1.v.shape == (L, 3, D) and fc1.bias.shape == (L, 4 * D)
+    assert (
+        fc1.u.shape == (L, 4 * D, 3) and fc1.v.shape == (L, 3, D) and fc1.bias.shape == (L, 4 * D)
+    )
     assert (fc1.rank, fc1.stack_shape, fc1.dense_shape) == (3, (L,), (4 * D, D))
     xs = jax.random.normal(jax.random.key(2), (2, T, 8))
     want = _float64_outputs(transformer, xs)
@@ -66,7 +68,7 @@ def test_stacked_transformer_at_the_true_rank_reproduces_float64_outputs(transfo
 def test_stacked_transformer_gradients_match_the_dense_model(transformer, factorized):
     low, _ = factorized
     xs = jax.random.normal(jax.random.key(2), (2, T, 8))
-    loss = lambda m, x: jnp.sum(jnp.tanh(jax.vmap(m)(x)))  # noqa: E731
+    loss = lambda m, x: jnp.sum(jnp.tanh(jax.vmap(m)(x)))
     want = jax.grad(lambda x: loss(transformer, x))(xs)
     got = jax.jit(jax.grad(lambda x: loss(low, x)))(xs)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -104,7 +106,9 @@ def test_stacked_convs_become_stacked_lowrank_convs():
     low, plan = lowrank.factorize(dense, rank=2, target=["convs"], return_plan=True)
     conv = low.convs
     assert isinstance(conv, lowrank.LowRankConv)
-    assert conv.u.shape == (L, 8, 2) and conv.v.shape == (L, 2, 8, 3, 3) and conv.bias.shape == (L, 8)
+    assert (
+        conv.u.shape == (L, 8, 2) and conv.v.shape == (L, 2, 8, 3, 3) and conv.bias.shape == (L, 8)
+    )
     assert plan["convs"].shape == (L, 8, 8, 3, 3) and plan["convs"].stack_dims == 1
     xs = jax.random.normal(jax.random.key(2), (2, 3, 6, 6))
     want = _float64_outputs(dense, xs)
@@ -148,11 +152,18 @@ class _Recorder:
 
 def test_initializer_sees_one_named_problem_per_slice():
     rec = _Recorder()
-    model = {"blocks": {"fc": eqx.filter_vmap(eqx.filter_vmap(
-        lambda k: eqx.nn.Linear(6, 8, key=k)))(jax.random.split(KEY, (2, 3)))}}  # fmt: skip
+    model = {
+        "blocks": {
+            "fc": eqx.filter_vmap(eqx.filter_vmap(lambda k: eqx.nn.Linear(6, 8, key=k)))(
+                jax.random.split(KEY, (2, 3))
+            )
+        }
+    }
     low = lowrank.factorize(model, rank=2, init=rec)["blocks"]["fc"]
     assert rec.paths == [f"blocks.fc[{i},{j}]" for i in range(2) for j in range(3)]
-    assert low.u.shape == (2, 3, 8, 2) and low.v.shape == (2, 3, 2, 6) and low.bias.shape == (2, 3, 8)
+    assert (
+        low.u.shape == (2, 3, 8, 2) and low.v.shape == (2, 3, 2, 6) and low.bias.shape == (2, 3, 8)
+    )
     plan = lowrank.plan(model, rank=2)
     assert plan["blocks.fc"].stack_dims == 2 and "[2][3]8x6" in str(plan)
     assert plan["blocks.fc"].params_after == 6 * (2 * (8 + 6) + 8)
@@ -173,7 +184,9 @@ def test_plan_counts_the_whole_stack_in_closed_form(transformer):
     assert fc1.flops_after == L * T * (2 * 4 * (m + n) + m)
     assert plan["embed"].positions == T and "[3]64x16" in str(plan)
     edited = plan.with_rank("blocks.mlp.fc1", 2)["blocks.mlp.fc1"]
-    assert edited.params_before == fc1.params_before and edited.params_after == L * (2 * (m + n) + m)
+    assert edited.params_before == fc1.params_before and edited.params_after == L * (
+        2 * (m + n) + m
+    )
     assert lowrank.Plan.from_json(plan.to_json()) == plan
     # the break-even guard and fractions are per slice: 13 * (64 + 16) >= 64 * 16
     with pytest.raises(ValueError, match="past break-even"):
@@ -233,15 +246,23 @@ def test_a_stacked_lowrank_layer_called_whole_says_to_slice_it(factorized):
     with pytest.raises(ValueError, match=r"stacked \(stack shape \(3,\)\).*lax\.scan"):
         low.blocks.mlp["fc1"](jnp.zeros(D))
     with pytest.raises(ValueError, match=r"stacked \(stack shape \(3,\)\).*filter_vmap"):
-        lowrank.LowRankConv(jnp.zeros((3, 4, 2)), jnp.zeros((3, 2, 4, 3, 3)), stride=1, padding=1,
-                            dilation=1)(jnp.zeros((4, 5, 5)))  # fmt: skip
+        lowrank.LowRankConv(
+            jnp.zeros((3, 4, 2)), jnp.zeros((3, 2, 4, 3, 3)), stride=1, padding=1, dilation=1
+        )(jnp.zeros((4, 5, 5)))
 
 
 def test_mismatched_stacked_factors_are_rejected():
-    with pytest.raises(ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in\); got \(3, 4, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in\); got \(3, 4, 2\)"
+    ):
         lowrank.LowRankLinear(jnp.zeros((3, 4, 2)), jnp.zeros((2, 2, 5)))
-    with pytest.raises(ValueError, match=r"u \(\*stack, out, r\) and v \(\*stack, r, in, \*kernel\); got \(3, 4, 2\)"):
-        lowrank.LowRankConv(jnp.zeros((3, 4, 2)), jnp.zeros((2, 2, 4, 3, 3)), stride=1, padding=1, dilation=1)
+    with pytest.raises(
+        ValueError,
+        match=r"u \(\*stack, out, r\) and v \(\*stack, r, in, \*kernel\); got \(3, 4, 2\)",
+    ):
+        lowrank.LowRankConv(
+            jnp.zeros((3, 4, 2)), jnp.zeros((2, 2, 4, 3, 3)), stride=1, padding=1, dilation=1
+        )
     with pytest.raises(ValueError, match=r"bias must have shape \(3, 4\)"):
         lowrank.LowRankLinear(jnp.zeros((3, 4, 2)), jnp.zeros((3, 2, 5)), jnp.zeros(4))
     with pytest.raises(ValueError, match=r"stack of shape \(3,\) needs 3 Factors, got 1"):

@@ -62,9 +62,14 @@ def test_sequential_fit_is_the_reduced_rank_regression_onto_dense_outputs(with_b
     dense = np.asarray(inputs(rng, 400, 6), np.float64)
     seen = dense @ (np.eye(6) + 0.3 * rng.normal(size=(6, 6))) + 0.2 * rng.normal(size=(400, 6))
     problem = LayerProblem(
-        "fc", jnp.asarray(w, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32),
-        2, None, jnp.asarray(seen, jnp.float32), jnp.asarray(dense, jnp.float32),
-    )  # fmt: skip
+        "fc",
+        jnp.asarray(w, jnp.float32),
+        None if b is None else jnp.asarray(b, jnp.float32),
+        2,
+        None,
+        jnp.asarray(seen, jnp.float32),
+        jnp.asarray(dense, jnp.float32),
+    )
     out = Whitened(ridge=0.0)(problem, key=None)  # plain least squares (the ridge: below)
     target = dense @ w.T
     x_mean = seen.mean(axis=0) if with_bias else np.zeros(6)
@@ -94,9 +99,14 @@ def test_ridge_regression_is_the_penalized_least_squares_optimum(rank):
     ridge = 0.3
     mean, basis, eig = whitening(jnp.asarray(x, jnp.float32), centre=False)
     u, v = reduced_rank_regression(
-        jnp.asarray(t, jnp.float32), jnp.asarray(x, jnp.float32), basis, eig, rank,
-        prior=jnp.asarray(prior, jnp.float32), ridge=ridge,
-    )  # fmt: skip
+        jnp.asarray(t, jnp.float32),
+        jnp.asarray(x, jnp.float32),
+        basis,
+        eig,
+        rank,
+        prior=jnp.asarray(prior, jnp.float32),
+        ridge=ridge,
+    )
     n_rows = len(x)
     gram = x.T @ x / n_rows
     delta = ridge * np.trace(gram) / 6 * 6 / n_rows
@@ -105,7 +115,9 @@ def test_ridge_regression_is_the_penalized_least_squares_optimum(rank):
         s = np.linalg.cholesky(gram + delta * np.eye(6))
         U, S, Vt = np.linalg.svd(optimum @ s)
         optimum = (U[:, :rank] * S[:rank]) @ Vt[:rank] @ np.linalg.inv(s)
-    np.testing.assert_allclose(np.asarray(u @ v, np.float64), optimum, atol=1e-4 * np.abs(optimum).max())
+    np.testing.assert_allclose(
+        np.asarray(u @ v, np.float64), optimum, atol=1e-4 * np.abs(optimum).max()
+    )
 
 
 @settings(max_examples=10, deadline=None)

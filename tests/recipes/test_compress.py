@@ -7,10 +7,10 @@ import re
 
 import jax
 import jax.numpy as jnp
-import lowrank
 import numpy as np
 import pytest
 
+import lowrank
 from recipes import data, pretrained
 from recipes.compress import compress, format_table
 from recipes.config import ConfigError, load_config

@@ -58,11 +58,17 @@ def test_task_specific_sections_are_read_from_the_instance():
 @pytest.mark.parametrize(
     "assignment, message",
     [
-        ("train.stepz=3", "unknown config key 'train.stepz'. Did you mean 'train.steps'? Valid keys under 'train': steps,"),
+        (
+            "train.stepz=3",
+            "unknown config key 'train.stepz'. Did you mean 'train.steps'? Valid keys under 'train': steps,",
+        ),
         ("trian.steps=3", "unknown config key 'trian.steps'. Did you mean 'train'?"),
         ("train.steps=ten", "train.steps='ten' cannot be read as int."),
         ("optim.nesterov=maybe", "optim.nesterov='maybe' cannot be read as bool."),
-        ("model.name=vgg", "model.name='vgg' cannot be read as 'resnet18' | 'resnet34' | 'resnet50' | 'efficientnet_b0'."),
+        (
+            "model.name=vgg",
+            "model.name='vgg' cannot be read as 'resnet18' | 'resnet34' | 'resnet50' | 'efficientnet_b0'.",
+        ),
         ("optim.grad_clip=big", "optim.grad_clip='big' cannot be read as float | None."),
         ("train=3", "config key 'train' is a section; set one of its keys: train.steps,"),
         ("train.steps.max=3", "config key 'train.steps' is a value, not a section"),
@@ -85,7 +91,10 @@ def test_task_specific_sections_are_read_from_the_instance():
         ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be positive."),
         ("factorize.frobenius_decay=-1", "factorize.frobenius_decay=-1.0 must be >= 0."),
         ("factorize.rank=nan", "factorize.rank=nan must be a finite number."),
-        ("factorize.warmup=3", "unknown config key 'factorize.warmup'. Did you mean 'factorize.warmup_steps'?"),
+        (
+            "factorize.warmup=3",
+            "unknown config key 'factorize.warmup'. Did you mean 'factorize.warmup_steps'?",
+        ),
         ("factorize.calibration=some", "factorize.calibration='some' cannot be read as int."),
     ],
 )
@@ -131,9 +140,13 @@ def test_command_line_errors_come_before_any_compute(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["resnet18_digits", "--set", "train.steps=5", "optim.lrr=1"])
     assert exit.value.code == 2
-    assert "error: unknown config key 'optim.lrr'. Did you mean 'optim.lr'?" in capsys.readouterr().err
+    assert (
+        "error: unknown config key 'optim.lrr'. Did you mean 'optim.lr'?" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(["resnet18_digits", "--set", "train.steps=5"])  # warm-up of 20 steps
     assert "optim.warmup_steps=20 exceeds train.steps=5" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="task='translate' is unknown; available: image_classification"):
+    with pytest.raises(
+        ConfigError, match="task='translate' is unknown; available: image_classification"
+    ):
         run(dataclasses.replace(load_config("resnet18_digits"), task="translate"))

@@ -37,8 +37,13 @@ def _data(seed=0, shape=(3, 5)):
 @pytest.mark.parametrize("alpha,temp", [(0.0, 1.0), (0.5, 2.0), (1.0, 4.0), (0.3, 0.5)])
 def test_kd_loss_matches_float64_reference(alpha, temp):
     s, t, y = _data()
-    got = distill.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
-                          jnp.asarray(y), alpha=alpha, temperature=temp)
+    got = distill.kd_loss(
+        jnp.asarray(s, jnp.float32),
+        jnp.asarray(t, jnp.float32),
+        jnp.asarray(y),
+        alpha=alpha,
+        temperature=temp,
+    )
     np.testing.assert_allclose(got, _np_kd(s, t, y, alpha, temp), rtol=1e-5)
 
 
@@ -54,16 +59,34 @@ def test_kd_loss_computes_in_float32_for_bf16_logits():
 def test_kd_loss_masked_tokens_are_ignored():
     s, t, y = _data(1)
     mask = np.random.default_rng(2).random(y.shape) < 0.5
-    got = distill.kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), alpha=0.7,
-                          temperature=2.0, mask=jnp.asarray(mask))
+    got = distill.kd_loss(
+        jnp.asarray(s),
+        jnp.asarray(t),
+        jnp.asarray(y),
+        alpha=0.7,
+        temperature=2.0,
+        mask=jnp.asarray(mask),
+    )
     np.testing.assert_allclose(got, _np_kd(s, t, y, 0.7, 2.0, mask), rtol=1e-5)
     # garbage in masked positions changes nothing
     s2 = np.where(mask[..., None], s, 1e3)
-    got2 = distill.kd_loss(jnp.asarray(s2), jnp.asarray(t), jnp.asarray(y), alpha=0.7,
-                           temperature=2.0, mask=jnp.asarray(mask))
+    got2 = distill.kd_loss(
+        jnp.asarray(s2),
+        jnp.asarray(t),
+        jnp.asarray(y),
+        alpha=0.7,
+        temperature=2.0,
+        mask=jnp.asarray(mask),
+    )
     np.testing.assert_allclose(got2, got, rtol=1e-5)
-    none = distill.kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), alpha=0.7,
-                           temperature=2.0, mask=jnp.zeros(y.shape, bool))
+    none = distill.kd_loss(
+        jnp.asarray(s),
+        jnp.asarray(t),
+        jnp.asarray(y),
+        alpha=0.7,
+        temperature=2.0,
+        mask=jnp.zeros(y.shape, bool),
+    )
     assert float(none) == 0.0
 
 
@@ -96,8 +119,9 @@ def test_kd_pt_targets_match_reference():
 def test_kd_loss_with_kd_pt_teacher():
     s, t, y = _data(5)
     targets = distill.kd_pt_targets(jnp.asarray(t), jnp.asarray(y))
-    got = distill.kd_loss(jnp.asarray(s), jnp.log(targets), jnp.asarray(y), alpha=1.0,
-                          temperature=1.0)
+    got = distill.kd_loss(
+        jnp.asarray(s), jnp.log(targets), jnp.asarray(y), alpha=1.0, temperature=1.0
+    )
     p = np.exp(_np_log_softmax(t))
     p_true = np.take_along_axis(p, y[..., None], -1)
     tgt = np.where(np.eye(V, dtype=bool)[y], p_true, (1 - p_true) / (V - 1))
@@ -123,8 +147,9 @@ def test_topk_cache_round_trip_and_renormalized_teacher(tmp_path):
     logq = _np_log_softmax(s)
     kl = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - logq), 0).sum(-1).mean()
     np.testing.assert_allclose(got, kl, rtol=1e-5)
-    grad = jax.grad(lambda s: distill.kd_loss(s, dense, jnp.asarray(y), alpha=1.0,
-                                              temperature=2.0))(jnp.asarray(s))
+    grad = jax.grad(
+        lambda s: distill.kd_loss(s, dense, jnp.asarray(y), alpha=1.0, temperature=2.0)
+    )(jnp.asarray(s))
     assert bool(jnp.all(jnp.isfinite(grad)))
 
 
@@ -168,10 +193,14 @@ def _np_salt_ds(logits, labels, k, mask=None):
 def test_salt_ds_scores_hand_built():
     # vocab 4, k=2. Sequence 0: tokens 0 and 2 learnable (true token ranked 1st / 2nd),
     # token 1 not (ranked 4th). Sequence 1: nothing learnable -> -inf.
-    logits = np.log(np.array([
-        [[0.7, 0.1, 0.1, 0.1], [0.6, 0.25, 0.1, 0.05], [0.4, 0.3, 0.2, 0.1]],
-        [[0.7, 0.2, 0.05, 0.05], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]],
-    ]))
+    logits = np.log(
+        np.array(
+            [
+                [[0.7, 0.1, 0.1, 0.1], [0.6, 0.25, 0.1, 0.05], [0.4, 0.3, 0.2, 0.1]],
+                [[0.7, 0.2, 0.05, 0.05], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]],
+            ]
+        )
+    )
     labels = np.array([[0, 3, 1], [2, 0, 3]])
     got = np.asarray(distill.salt_ds_scores(jnp.asarray(logits), jnp.asarray(labels), k=2))
     np.testing.assert_allclose(got[0], (-np.log(0.7) - np.log(0.3)) / 2, rtol=1e-5)
@@ -185,8 +214,9 @@ def test_salt_ds_scores_random_against_reference():
     labels = rng.integers(V, size=(6, 9))
     mask = rng.random((6, 9)) < 0.8
     for k in (1, 3, V):
-        got = distill.salt_ds_scores(jnp.asarray(logits), jnp.asarray(labels), k=k,
-                                     mask=jnp.asarray(mask))
+        got = distill.salt_ds_scores(
+            jnp.asarray(logits), jnp.asarray(labels), k=k, mask=jnp.asarray(mask)
+        )
         np.testing.assert_allclose(got, _np_salt_ds(logits, labels, k, mask), rtol=1e-5)
 
 
@@ -211,34 +241,53 @@ def test_hidden_match_loss_against_reference():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda s, t, y: distill.kd_loss(s, t[..., :5], y, alpha=0.5, temperature=1.0),
-         "must have the same shape"),
-        (lambda s, t, y: distill.kd_loss(s, t, y[:, :2], alpha=0.5, temperature=1.0),
-         "labels shape"),
-        (lambda s, t, y: distill.kd_loss(s, t, y, alpha=1.5, temperature=1.0),
-         r"alpha must be in \[0, 1\], got 1.5"),
-        (lambda s, t, y: distill.kd_loss(s, t, y, alpha=0.5, temperature=0.0),
-         "temperature must be > 0"),
+        (
+            lambda s, t, y: distill.kd_loss(s, t[..., :5], y, alpha=0.5, temperature=1.0),
+            "must have the same shape",
+        ),
+        (
+            lambda s, t, y: distill.kd_loss(s, t, y[:, :2], alpha=0.5, temperature=1.0),
+            "labels shape",
+        ),
+        (
+            lambda s, t, y: distill.kd_loss(s, t, y, alpha=1.5, temperature=1.0),
+            r"alpha must be in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda s, t, y: distill.kd_loss(s, t, y, alpha=0.5, temperature=0.0),
+            "temperature must be > 0",
+        ),
         (lambda s, t, y: distill.kd_pt_targets(t, y[:, :2]), "labels shape"),
         (lambda s, t, y: distill.kd_pt_targets(t[..., :1], y), "at least 2 tokens"),
         (lambda s, t, y: distill.salt_alpha(0, n_kd=-1, alpha=0.5), "n_kd must be >= 0"),
         (lambda s, t, y: distill.salt_alpha(0, n_kd=1, alpha=2.0), r"alpha must be in \[0, 1\]"),
-        (lambda s, t, y: distill.salt_alpha(0, n_kd=1, alpha=0.5, decay=-2),
-         "decay must be >= 0"),
-        (lambda s, t, y: distill.salt_ds_scores(s, y[:, :2]),
-         r"logits must be \(\.\.\., T, vocab\) and labels"),
+        (lambda s, t, y: distill.salt_alpha(0, n_kd=1, alpha=0.5, decay=-2), "decay must be >= 0"),
+        (
+            lambda s, t, y: distill.salt_ds_scores(s, y[:, :2]),
+            r"logits must be \(\.\.\., T, vocab\) and labels",
+        ),
         (lambda s, t, y: distill.salt_ds_scores(s, y, k=0), r"k must be in \[1, vocab=11\]"),
-        (lambda s, t, y: distill.select_hard_learnable(np.ones(3), 0.0),
-         r"fraction must be in \(0, 1\]"),
-        (lambda s, t, y: distill.select_hard_learnable(np.ones((2, 2)), 0.5),
-         "scores must be 1-D"),
-        (lambda s, t, y: distill.save_topk_logits("unused.npz", t, k=12),
-         r"k must be in \[1, vocab=11\]"),
-        (lambda s, t, y: distill.hidden_match_loss(
-            distill.HiddenProjection(4, 3, key=jr.key(0)), s, t), "build HiddenProjection"),
-        (lambda s, t, y: distill.hidden_match_loss(
-            distill.HiddenProjection(11, 11, key=jr.key(0)), s, t[:1]),
-         "must share their leading"),
+        (
+            lambda s, t, y: distill.select_hard_learnable(np.ones(3), 0.0),
+            r"fraction must be in \(0, 1\]",
+        ),
+        (lambda s, t, y: distill.select_hard_learnable(np.ones((2, 2)), 0.5), "scores must be 1-D"),
+        (
+            lambda s, t, y: distill.save_topk_logits("unused.npz", t, k=12),
+            r"k must be in \[1, vocab=11\]",
+        ),
+        (
+            lambda s, t, y: distill.hidden_match_loss(
+                distill.HiddenProjection(4, 3, key=jr.key(0)), s, t
+            ),
+            "build HiddenProjection",
+        ),
+        (
+            lambda s, t, y: distill.hidden_match_loss(
+                distill.HiddenProjection(11, 11, key=jr.key(0)), s, t[:1]
+            ),
+            "must share their leading",
+        ),
     ],
 )
 def test_errors(call, match):
@@ -252,14 +301,17 @@ def test_cosine_distance_loss_matches_float64_reference():
     s, t = rng.normal(size=(2, 5, 6)), rng.normal(size=(2, 5, 6))
     mask = rng.random((2, 5)) < 0.6
     cos = (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
-    got = distill.cosine_distance_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
-                                       mask=jnp.asarray(mask))
+    got = distill.cosine_distance_loss(
+        jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), mask=jnp.asarray(mask)
+    )
     np.testing.assert_allclose(got, (1 - cos)[mask].mean(), rtol=1e-5)
-    np.testing.assert_allclose(distill.cosine_distance_loss(jnp.asarray(s), jnp.asarray(s)), 0.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        distill.cosine_distance_loss(jnp.asarray(s), jnp.asarray(s)), 0.0, atol=1e-6
+    )
     # the teacher gets no gradient; the student does
     g_s, g_t = jax.grad(lambda a, b: distill.cosine_distance_loss(a, b), argnums=(0, 1))(
-        jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
+        jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+    )
     assert float(jnp.abs(g_t).max()) == 0.0 and float(jnp.abs(g_s).max()) > 0
 
 

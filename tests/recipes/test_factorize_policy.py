@@ -3,11 +3,11 @@ import re
 
 import equinox as eqx
 import jax
-import lowrank
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lowrank
 from recipes._factorize_policy import (
     POLICY_TARGETS,
     _rank_rule,
@@ -58,10 +58,14 @@ def test_pufferfish_factorizes_the_last_stage_only():
     same, no_plan = apply_policy(model, config("none"))
     assert same is model and no_plan is None
     small, plan = apply_policy(model, config("pufferfish", rank=2))
-    assert {lp.path for lp in plan.factorized} == {p for p in conv_paths(model) if p.startswith("layers.3.")}
+    assert {lp.path for lp in plan.factorized} == {
+        p for p in conv_paths(model) if p.startswith("layers.3.")
+    }
     factorized = {
         jax.tree_util.keystr(path, simple=True, separator=".")
-        for path, leaf in jax.tree_util.tree_leaves_with_path(small, is_leaf=lambda x: isinstance(x, lowrank.LowRankConv))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            small, is_leaf=lambda x: isinstance(x, lowrank.LowRankConv)
+        )
         if isinstance(leaf, lowrank.LowRankConv)
     }
     assert factorized == {p for p in conv_paths(model) if p.startswith("layers.3.")}
@@ -75,13 +79,21 @@ def test_rank_strings_become_budgets():
 
 
 def test_bad_factorize_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="factorize.policy='efficientnet' applies to efficientnet models, not model.name='resnet18'"):
+    with pytest.raises(
+        ConfigError,
+        match="factorize.policy='efficientnet' applies to efficientnet models, not model.name='resnet18'",
+    ):
         check_policy(config("efficientnet"))
-    with pytest.raises(ConfigError, match="factorize.init='svd' is not a registered initializer; available: .*spectral"):
+    with pytest.raises(
+        ConfigError,
+        match="factorize.init='svd' is not a registered initializer; available: .*spectral",
+    ):
         check_policy(config("khodak", init="svd"))
     with pytest.raises(ConfigError, match=r"factorize.rank='params:2': Budget\(params=2.0\)"):
         check_policy(config("khodak", rank="params:2"))
-    effnet = dataclasses.replace(config("efficientnet"), model=ImageModelConfig(name="efficientnet_b0"))
+    effnet = dataclasses.replace(
+        config("efficientnet"), model=ImageModelConfig(name="efficientnet_b0")
+    )
     check_policy(effnet)
 
 
@@ -107,8 +119,12 @@ def test_stable_ranks_round_up_and_scale_by_the_initial_weights():
     assert stable_ranks(trained, r"layers\.1") == {"layers.1": 2}  # ceil(14/9)
     flat = eqx.tree_at(lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [1] * 5, 3))
     assert stable_ranks(trained, r"layers\.1", initial=flat) == {"layers.1": 2}  # x 5/5
-    peaked = eqx.tree_at(lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [2, 1, 1, 1, 1], 4))
-    assert stable_ranks(trained, r"layers\.1", initial=peaked) == {"layers.1": 4}  # ceil(14/9 x 5/2)
+    peaked = eqx.tree_at(
+        lambda m: m.layers[1].weight, mlp, with_spectrum((5, 5), [2, 1, 1, 1, 1], 4)
+    )
+    assert stable_ranks(trained, r"layers\.1", initial=peaked) == {
+        "layers.1": 4
+    }  # ceil(14/9 x 5/2)
     assert stable_ranks(peaked, r"layers\.1", initial=trained) == {"layers.1": 5}  # capped at full
 
 
@@ -131,24 +147,55 @@ def selected_layers(policy, model):
 
 def test_new_factorize_settings_are_checked_before_compute():
     cases = [
-        (config("none", warmup_steps=5), "factorize.warmup_steps=5 has no effect with factorize.policy='none'; choose a policy"),
-        (config("none", frobenius_decay=1e-4), "factorize.frobenius_decay=0.0001 has no effect with factorize.policy='none'"),
-        (config("khodak", warmup_steps=300), "factorize.warmup_steps=300 leaves no low-rank training within train.steps=300"),
-        (config("khodak", frobenius_decay=-1.0), "factorize.frobenius_decay=-1.0 must not be negative"),
-        (config("khodak", init="whitened"), "factorize.init='whitened' needs calibration images; set factorize.calibration"),
-        (config("khodak", calibration=64), "factorize.init='spectral' does not use calibration images; set factorize.calibration=0"),
-        (config("khodak", rank="stable:max"), "factorize.rank='stable:max' is not a stable rank rule; use 'stable' or 'stable:scaled'"),
-        (config("khodak", rank="stable:scaled"), "factorize.rank='stable:scaled' is the full rank at initialization; set factorize.warmup_steps > 0"),
+        (
+            config("none", warmup_steps=5),
+            "factorize.warmup_steps=5 has no effect with factorize.policy='none'; choose a policy",
+        ),
+        (
+            config("none", frobenius_decay=1e-4),
+            "factorize.frobenius_decay=0.0001 has no effect with factorize.policy='none'",
+        ),
+        (
+            config("khodak", warmup_steps=300),
+            "factorize.warmup_steps=300 leaves no low-rank training within train.steps=300",
+        ),
+        (
+            config("khodak", frobenius_decay=-1.0),
+            "factorize.frobenius_decay=-1.0 must not be negative",
+        ),
+        (
+            config("khodak", init="whitened"),
+            "factorize.init='whitened' needs calibration images; set factorize.calibration",
+        ),
+        (
+            config("khodak", calibration=64),
+            "factorize.init='spectral' does not use calibration images; set factorize.calibration=0",
+        ),
+        (
+            config("khodak", rank="stable:max"),
+            "factorize.rank='stable:max' is not a stable rank rule; use 'stable' or 'stable:scaled'",
+        ),
+        (
+            config("khodak", rank="stable:scaled"),
+            "factorize.rank='stable:scaled' is the full rank at initialization; set factorize.warmup_steps > 0",
+        ),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_policy(bad)
-    check_policy(config("khodak", rank="stable:scaled", warmup_steps=10, init="nkp", calibration=64))
+    check_policy(
+        config("khodak", rank="stable:scaled", warmup_steps=10, init="nkp", calibration=64)
+    )
 
 
 def test_a_budget_that_cannot_be_met_fails_before_training():
     model, _ = resnet18(10, stem="cifar", width=8, key=jax.random.key(0))
-    with pytest.raises(ConfigError, match=re.escape("factorize.rank='params:0.01' with factorize.policy='khodak': Budget(params=0.01) cannot be met: rank 1 in every selected layer already needs")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "factorize.rank='params:0.01' with factorize.policy='khodak': Budget(params=0.01) cannot be met: rank 1 in every selected layer already needs"
+        ),
+    ):
         check_rank(model, config("khodak", rank="params:0.01"))
     check_rank(model, config("khodak", rank="params:0.3"))
     check_rank(model, config("khodak", rank="stable"))  # decided on trained weights: always fits
@@ -159,7 +206,9 @@ def test_normalized_activations_are_what_the_network_computes_after_each_conv():
 
     model, state = resnet18(10, stem="cifar", width=4, key=jax.random.key(0))
     images = jax.random.normal(jax.random.key(1), (6, 3, 16, 16))
-    run = jax.vmap(lambda x, s: model(x, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
+    run = jax.vmap(
+        lambda x, s: model(x, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None)
+    )
     for _ in range(3):  # training-mode passes move the running statistics off (0, 1)
         _, state = run(images * 3.0 + 1.0, state)
     fns = normalized_activations(model, state, POLICY_TARGETS["khodak"][1])
@@ -167,10 +216,12 @@ def test_normalized_activations_are_what_the_network_computes_after_each_conv():
     block = model.layers[1].blocks[0]
     x = jax.random.normal(jax.random.key(2), (4, 16, 16))  # stage 1 takes 4 channels
 
-    bn = lambda norm, z: norm(z, state, inference=True)[0]  # noqa: E731
+    bn = lambda norm, z: norm(z, state, inference=True)[0]
     want = {
         "conv1": jax.nn.relu(bn(block.bn1, block.conv1(x))),  # BN, ReLU
-        "conv2": bn(block.bn2, block.conv2(jax.nn.relu(bn(block.bn1, block.conv1(x))))),  # BN, then the sum
+        "conv2": bn(
+            block.bn2, block.conv2(jax.nn.relu(bn(block.bn1, block.conv1(x))))
+        ),  # BN, then the sum
         "downsample.conv": bn(block.downsample.bn, block.downsample.conv(x)),
     }
     inputs = {"conv1": x, "conv2": jax.nn.relu(bn(block.bn1, block.conv1(x))), "downsample.conv": x}
@@ -188,3 +239,18 @@ def test_normalized_activations_are_what_the_network_computes_after_each_conv():
     np.testing.assert_allclose(expand, jax.nn.silu(z / np.sqrt(1 + 1e-5)), rtol=1e-5, atol=1e-6)
     project = eff[re.escape("stages.1.blocks.0.project.conv")](z[:, :24])
     np.testing.assert_allclose(project, z[:, :24] / np.sqrt(1 + 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_reads_calibration_needs_from_the_initializer():
+    class NeedsImages(lowrank.Initializer):
+        calibration = "required"
+
+        def __call__(self, problem, *, key):
+            return lowrank.Spectral()(problem, key=key)
+
+    lowrank.register_initializer("needs-images-test", NeedsImages())
+    with pytest.raises(
+        ConfigError, match="factorize.init='needs-images-test' needs calibration images"
+    ):
+        check_policy(config("khodak", init="needs-images-test"))
+    check_policy(config("khodak", init="needs-images-test", calibration=64))

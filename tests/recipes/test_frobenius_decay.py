@@ -1,11 +1,11 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lowrank
 import numpy as np
 import optax
 import pytest
 
+import lowrank
 from recipes._frobenius_decay import frobenius_decay, not_factors
 
 
@@ -52,7 +52,12 @@ def test_frobenius_decay_matches_autodiff_of_the_penalty_in_float64():
                 np.testing.assert_allclose(got, want, rtol=1e-12)
         assert float(jnp.max(jnp.abs(expected.conv.v))) > 1e-3  # the penalty is not trivial
         # Everything else (biases, the dense head) passes through untouched.
-        for untouched in (updates.conv.bias, updates.fc.bias, updates.head.weight, updates.head.bias):
+        for untouched in (
+            updates.conv.bias,
+            updates.fc.bias,
+            updates.head.weight,
+            updates.head.bias,
+        ):
             np.testing.assert_array_equal(untouched, jnp.ones_like(untouched))
 
 
@@ -70,7 +75,9 @@ def test_mask_leaves_factors_to_frobenius_decay():
 
 def test_frobenius_decay_needs_params():
     decay = frobenius_decay(0.1)
-    with pytest.raises(ValueError, match=r"frobenius_decay needs params: call update\(grads, state, params\)"):
+    with pytest.raises(
+        ValueError, match=r"frobenius_decay needs params: call update\(grads, state, params\)"
+    ):
         decay.update({"w": jnp.ones(2)}, decay.init({"w": jnp.ones(2)}))
 
 

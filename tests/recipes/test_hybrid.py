@@ -3,10 +3,10 @@ import json
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lowrank
 import numpy as np
 import optax
 
+import lowrank
 from recipes._hybrid import HybridWarmup
 from recipes.config import OptimConfig, TrainConfig
 from recipes.train import REPLACED, make_optimizer, train
@@ -55,10 +55,17 @@ def factorize(model, state):
 def fit(out_dir, steps, hooks=(), **optim):
     optimizer, schedule = make_optimizer(OptimConfig(lr=0.1, weight_decay=1e-3), 6, **optim)
     return train(
-        Net(key=jax.random.key(0)), None, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
-        train_data=train_data, eval_fn=eval_fn, eval_data=lambda: [batch(99, 64)], hooks=hooks,
+        Net(key=jax.random.key(0)),
+        None,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_data=train_data,
+        eval_fn=eval_fn,
+        eval_data=lambda: [batch(99, 64)],
+        hooks=hooks,
         config=TrainConfig(steps=steps, log_every=1, out_dir=str(out_dir), progress=False),
-    )  # fmt: skip
+    )
 
 
 def train_losses(result):

@@ -77,8 +77,11 @@ def test_likelihood_scores_against_reference_and_oracle():
     assert got.shape == (3, 4)
     # reference: one forward pass per sequence (right-padded to one length, which a
     # causal model ignores), log-probs of the answer bytes summed in float64
-    seqs = [np.frombuffer((t.prompt + c + "\n").encode(), np.uint8).astype(np.int32)
-            for t in tasks for c in t.candidates]
+    seqs = [
+        np.frombuffer((t.prompt + c + "\n").encode(), np.uint8).astype(np.int32)
+        for t in tasks
+        for c in t.candidates
+    ]
     padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for row, seq in enumerate(seqs):
         padded[row, : len(seq)] = seq
@@ -143,8 +146,11 @@ def test_generate_temperature_sampling_frequencies(temperature, p0):
     def model(ids):
         return jnp.broadcast_to(logits, (ids.shape[0], 256))
 
-    out = np.asarray(lc.generate(model, jnp.asarray([0]), 4000, key=jr.key(0),
-                                 temperature=temperature, context=1))
+    out = np.asarray(
+        lc.generate(
+            model, jnp.asarray([0]), 4000, key=jr.key(0), temperature=temperature, context=1
+        )
+    )
     assert set(out.tolist()) <= {0, 1}
     assert abs(np.mean(out == 0) - p0) < 0.03  # ~4 standard errors
 
@@ -152,14 +158,22 @@ def test_generate_temperature_sampling_frequencies(temperature, p0):
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: lc.generate(_count_up, jnp.zeros((0,), jnp.int32), 3, temperature=0.0),
-         "prompt_ids must be a non-empty 1-D sequence"),
-        (lambda: lc.generate(_count_up, jnp.asarray([1]), -1, temperature=0.0),
-         "n must be >= 0 tokens"),
-        (lambda: lc.generate(_count_up, jnp.asarray([1]), 2, temperature=-1.0),
-         "temperature must be >= 0"),
-        (lambda: lc.generate(_count_up, jnp.asarray([1]), 2, temperature=1.0),
-         "needs a PRNG key: pass key="),
+        (
+            lambda: lc.generate(_count_up, jnp.zeros((0,), jnp.int32), 3, temperature=0.0),
+            "prompt_ids must be a non-empty 1-D sequence",
+        ),
+        (
+            lambda: lc.generate(_count_up, jnp.asarray([1]), -1, temperature=0.0),
+            "n must be >= 0 tokens",
+        ),
+        (
+            lambda: lc.generate(_count_up, jnp.asarray([1]), 2, temperature=-1.0),
+            "temperature must be >= 0",
+        ),
+        (
+            lambda: lc.generate(_count_up, jnp.asarray([1]), 2, temperature=1.0),
+            "needs a PRNG key: pass key=",
+        ),
         (lambda: lc.make_list_task(0, n_ops=0), "need n_ops >= 1"),
         (lambda: lc.make_list_task(0, n_candidates=1), "n_candidates must be >= 2"),
         (lambda: lc.make_list_task(0, queries=("max",)), "queries must be a non-empty subset"),

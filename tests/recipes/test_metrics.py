@@ -33,9 +33,7 @@ def test_token_losses_match_float64_reference():
     logits = np.asarray(jr.normal(jr.key(0), (5, 7)))
     targets = np.array([0, 6, 3, 3, 1])
     expected = -_log_softmax(logits)[np.arange(5), targets]
-    np.testing.assert_allclose(
-        metrics.token_losses(logits, targets), expected, rtol=1e-5
-    )
+    np.testing.assert_allclose(metrics.token_losses(logits, targets), expected, rtol=1e-5)
 
 
 def test_kl_top1_and_accuracy_by_hand():
@@ -44,16 +42,10 @@ def test_kl_top1_and_accuracy_by_hand():
     expected_kl = np.mean(np.sum(p * np.log(p / q), axis=-1))
     kl = metrics.kl_divergence(np.log(p) + 3.0, np.log(q) - 1.0)  # shifts cancel
     np.testing.assert_allclose(kl, expected_kl, rtol=1e-5)
-    np.testing.assert_allclose(
-        metrics.kl_divergence(np.log(p), np.log(p)), 0.0, atol=1e-7
-    )
+    np.testing.assert_allclose(metrics.kl_divergence(np.log(p), np.log(p)), 0.0, atol=1e-7)
     # argmax: dense 0 (tie -> first), 0, 1; compressed 1, 0, 0 -> one agreement in three.
-    np.testing.assert_allclose(
-        metrics.top1_agreement(np.log(p), np.log(q)), 1 / 3, rtol=1e-6
-    )
-    np.testing.assert_allclose(
-        metrics.accuracy(np.log(p), np.array([0, 1, 1])), 2 / 3, rtol=1e-6
-    )
+    np.testing.assert_allclose(metrics.top1_agreement(np.log(p), np.log(q)), 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(metrics.accuracy(np.log(p), np.array([0, 1, 1])), 2 / 3, rtol=1e-6)
 
 
 def test_cosine_similarity_by_hand():
@@ -71,19 +63,13 @@ def test_nearest_neighbour_agreement_by_hand():
     np.testing.assert_allclose(
         metrics.nearest_neighbour_agreement(dense, compressed), 3 / 4, rtol=1e-6
     )
-    np.testing.assert_allclose(
-        metrics.nearest_neighbour_agreement(dense, 2.0 * dense), 1.0
-    )
+    np.testing.assert_allclose(metrics.nearest_neighbour_agreement(dense, 2.0 * dense), 1.0)
 
 
 def test_metric_shape_errors_name_arguments():
-    with pytest.raises(
-        ValueError, match="dense_logits and compressed_logits must have the same"
-    ):
+    with pytest.raises(ValueError, match="dense_logits and compressed_logits must have the same"):
         metrics.kl_divergence(np.zeros((2, 3)), np.zeros((2, 4)))
-    with pytest.raises(
-        ValueError, match="dense and compressed must have the same shape"
-    ):
+    with pytest.raises(ValueError, match="dense and compressed must have the same shape"):
         metrics.cosine_similarity(np.zeros((2, 3)), np.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"n >= 2 items.*embed at least two"):
         metrics.nearest_neighbour_agreement(np.ones((1, 3)), np.ones((1, 3)))
@@ -98,16 +84,12 @@ def test_metric_shape_errors_name_arguments():
 def test_param_count_dense_and_factorized():
     model = eqx.nn.MLP(8, 4, 16, 1, key=jr.key(0))  # 8*16+16 + 16*4+4
     assert metrics.param_count(model) == 8 * 16 + 16 + 16 * 4 + 4
-    low = lowrank.factorize(
-        model, rank=2, target=["layers.0"], init="random", key=jr.key(1)
-    )
+    low = lowrank.factorize(model, rank=2, target=["layers.0"], init="random", key=jr.key(1))
     assert metrics.param_count(low) == 2 * (8 + 16) + 16 + 16 * 4 + 4
 
 
 def test_wall_time_is_the_median_of_timed_calls():
     calls = []
-    seconds = metrics.wall_time(
-        lambda x: calls.append(x) or jnp.ones(()), 1.0, repeats=3
-    )
+    seconds = metrics.wall_time(lambda x: calls.append(x) or jnp.ones(()), 1.0, repeats=3)
     assert len(calls) == 4  # one warm-up, three timed
     assert 0.0 <= seconds < 1.0

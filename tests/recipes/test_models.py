@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes.models import BATCH_AXIS, ResNet, StochasticDepth, efficientnet_b0, resnet18, resnet34, resnet50
+from recipes.models import (
+    BATCH_AXIS,
+    ResNet,
+    StochasticDepth,
+    efficientnet_b0,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 from recipes.models._init import build
 from recipes.models._layers import apply_norm, batch_norm
 
@@ -29,7 +37,12 @@ def convs(model):
 # Published torchvision parameter counts at 1000 classes.
 @pytest.mark.parametrize(
     "make, expected",
-    [(resnet18, 11_689_512), (resnet34, 21_797_672), (resnet50, 25_557_032), (efficientnet_b0, 5_288_548)],
+    [
+        (resnet18, 11_689_512),
+        (resnet34, 21_797_672),
+        (resnet50, 25_557_032),
+        (efficientnet_b0, 5_288_548),
+    ],
 )
 def test_parameter_counts_match_published(make, expected):
     model, state = make(1000, key=jax.random.key(0))
@@ -83,7 +96,9 @@ def batched(model, train):
     def apply(x, state, key):
         return model(x, state, key=key, inference=not train)
 
-    return eqx.filter_jit(jax.vmap(apply, axis_name=BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None)))
+    return eqx.filter_jit(
+        jax.vmap(apply, axis_name=BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None))
+    )
 
 
 def test_resnet18_cifar_forward_shares_batch_statistics_in_training_only():
@@ -96,7 +111,9 @@ def test_resnet18_cifar_forward_shares_batch_statistics_in_training_only():
     out_ac, _ = forward(np.concatenate([a, c]), state, keys)
     assert out_ab.shape == (2, 10) and np.all(np.isfinite(out_ab))
     assert not np.allclose(out_ab[0], out_ac[0])  # batch statistics mix the examples
-    stats = [new_state.get(bn.batch_state_index) for bn in (model.bn1, model.layers[3].blocks[1].bn2)]
+    stats = [
+        new_state.get(bn.batch_state_index) for bn in (model.bn1, model.layers[3].blocks[1].bn2)
+    ]
     assert all(np.any(np.asarray(mean) != 0) for mean, _ in stats)
     infer = batched(model, train=False)
     out_ab, _ = infer(np.concatenate([a, b]), new_state, keys)
@@ -156,4 +173,6 @@ def test_apply_norm_keeps_bf16_activations_at_inference():
     y, _ = apply_norm(bn, x, state, inference=True)
     assert y.dtype == jnp.bfloat16
     # Fresh running statistics are mean 0, variance 1.
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(x, np.float32) / np.sqrt(1 + 1e-5), rtol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(x, np.float32) / np.sqrt(1 + 1e-5), rtol=1e-2
+    )

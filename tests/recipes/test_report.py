@@ -36,12 +36,20 @@ def test_factorization_evals_pick_before_after_and_final():
 
 def test_format_report_puts_the_time_ratio_next_to_the_flop_ratio():
     report = {
-        "params_dense": 1000, "params_low": 250, "params_ratio": 0.25,
-        "flops_dense": 4000, "flops_low": 2000, "flops_ratio": 0.5,
-        "inference_s_dense": 0.2, "inference_s_low": 0.12, "inference_time_ratio": 0.6,
-        "train_step_s_dense": 1.0, "train_step_s_low": 0.8, "train_step_ratio": 0.8,
+        "params_dense": 1000,
+        "params_low": 250,
+        "params_ratio": 0.25,
+        "flops_dense": 4000,
+        "flops_low": 2000,
+        "flops_ratio": 0.5,
+        "inference_s_dense": 0.2,
+        "inference_s_low": 0.12,
+        "inference_time_ratio": 0.6,
+        "train_step_s_dense": 1.0,
+        "train_step_s_low": 0.8,
+        "train_step_ratio": 0.8,
         "evals": factorization_evals(HISTORY),
-    }  # fmt: skip
+    }
     text = format_report(report, 128)
     assert "parameters: 1,000 -> 250 (x0.250)" in text
     assert "dense 200.0 ms, factorized 120.0 ms -> time ratio 0.600 vs FLOP ratio 0.500" in text

@@ -56,8 +56,10 @@ def test_factorized_student_of_low_rank_teacher_reproduces_its_logits(init):
     student, plan = st.factorized_student(
         teacher, params=0.4, init=init, calibration=calibration, key=jr.key(0)
     )
-    assert all(isinstance(getattr(student.blocks[0].attn, p), lowrank.LowRankLinear)
-               for p in ("query_proj", "key_proj", "value_proj", "output_proj"))
+    assert all(
+        isinstance(getattr(student.blocks[0].attn, p), lowrank.LowRankLinear)
+        for p in ("query_proj", "key_proj", "value_proj", "output_proj")
+    )
     assert st.non_embedding_params(student) < 0.5 * st.non_embedding_params(teacher)
     assert len(plan.factorized) == 6
     ids = _ids()
@@ -104,11 +106,17 @@ def test_kd_training_lowers_the_kl_to_the_teacher():
     )
     windows = st.random_windows(data, np.random.default_rng(9), 16, 8)
     optimizer, schedule = make_optimizer(OptimConfig(name="adamw", lr=3e-2, weight_decay=0.0), 30)
-    result = train(student, state, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
-                   train_data=stream, eval_fn=st.lm_eval,
-                   eval_data=st.eval_batches(windows, 16),
-                   config=TrainConfig(steps=30, log_every=10, eval_every=0, out_dir="",
-                                      progress=False))
+    result = train(
+        student,
+        state,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_data=stream,
+        eval_fn=st.lm_eval,
+        eval_data=st.eval_batches(windows, 16),
+        config=TrainConfig(steps=30, log_every=10, eval_every=0, out_dir="", progress=False),
+    )
     before = np.mean(st.lm_eval(student, teacher, {"ids": jnp.asarray(windows)})["kl_to_teacher"])
     after = [r for r in result.history if r["split"] == "eval"][-1]["kl_to_teacher"]
     assert after < 0.85 * before
@@ -134,8 +142,15 @@ def test_salt_batches_switch_from_kd_to_ce_and_resume_exactly():
     data = np.arange(300, dtype=np.uint8)
     hard = np.full((3, 9), 7, np.int32)
     distill = st.DistillConfig(mode="salt", alpha=0.7, n_kd=3)
-    stream = st.train_batches(data, batch_size=4, length=8, seed=1,
-                              alpha=st.alpha_schedule(distill), hard=hard, hard_steps=2)
+    stream = st.train_batches(
+        data,
+        batch_size=4,
+        length=8,
+        seed=1,
+        alpha=st.alpha_schedule(distill),
+        hard=hard,
+        hard_steps=2,
+    )
     batches = [next(it) for it in [stream(0)] for _ in range(5)]
     assert [float(b["alpha"][0]) for b in batches] == pytest.approx([0.7, 0.7, 0.7, 0, 0])
     assert all((b["ids"] == 7).all() for b in batches[:2])
@@ -150,8 +165,9 @@ def test_salt_ds_keeps_the_hardest_learnable_windows():
     distill = st.DistillConfig(mode="salt_ds", ds_pool=64, ds_fraction=0.25, ds_k=128)
     hard = st.hard_learnable_windows(teacher, data, distill, length=8, seed=0)
     pool = st.random_windows(data, np.random.default_rng([0, 2]), 64, 8)
-    scores = np.asarray(salt_ds_scores(jax.vmap(teacher)(pool[:, :-1]), pool[:, 1:], k=128),
-                        np.float64)  # fmt: skip
+    scores = np.asarray(
+        salt_ds_scores(jax.vmap(teacher)(pool[:, :-1]), pool[:, 1:], k=128), np.float64
+    )
     assert hard.shape == (16, 9)
     picked = [int(np.flatnonzero((pool == row).all(axis=1))[0]) for row in hard]
     assert len(set(picked)) == 16
@@ -167,17 +183,24 @@ def test_salt_ds_keeps_the_hardest_learnable_windows():
 
 
 def _teacher_config(**data):
-    return Config(name="t", task="text_lm", model=TextModelConfig(**SMALL),
-                  data=TextDataConfig(**{"length": 8, **data}),
-                  optim=OptimConfig(name="adamw", lr=1e-3), train=TrainConfig(steps=2))
+    return Config(
+        name="t",
+        task="text_lm",
+        model=TextModelConfig(**SMALL),
+        data=TextDataConfig(**{"length": 8, **data}),
+        optim=OptimConfig(name="adamw", lr=1e-3),
+        train=TrainConfig(steps=2),
+    )
 
 
 def _student_config(teacher_path, model=None, data=None, distill=None, steps=4):
     return StudentRunConfig(
-        name="s", task="text_student",
+        name="s",
+        task="text_student",
         model=StudentModelConfig(teacher=str(teacher_path), **(model or {})),
         data=TextDataConfig(**{"length": 8, **(data or {})}),
-        optim=OptimConfig(name="adamw", lr=1e-3), train=TrainConfig(steps=steps),
+        optim=OptimConfig(name="adamw", lr=1e-3),
+        train=TrainConfig(steps=steps),
         distill=st.DistillConfig(**(distill or {})),
     )
 
@@ -191,7 +214,9 @@ def test_empty_corpus_is_reported(tmp_path):
 def test_corpus_shorter_than_a_window_is_reported(tmp_path):
     (tmp_path / "a.txt").write_text("to be or not to be, that is the question")
     (tmp_path / "b.txt").write_text("ay")
-    with pytest.raises(ConfigError, match=r"the \w+ text has 4 bytes, fewer than data.length \+ 1 = 9"):
+    with pytest.raises(
+        ConfigError, match=r"the \w+ text has 4 bytes, fewer than data.length \+ 1 = 9"
+    ):
         build_text_lm(_teacher_config(path=str(tmp_path), val_fraction=0.5))
     with pytest.raises(ConfigError, match=r"data.val_fraction=1.0 must be in \(0, 1\)"):
         build_text_lm(_teacher_config(path=str(tmp_path), val_fraction=1.0))
@@ -207,8 +232,16 @@ def test_sequence_longer_than_the_context_is_reported(tmp_path, capsys):
         build_text_student(_student_config(tmp_path / "t.eqx", data={"length": 9}))
     teacher = _teacher()
     with pytest.raises(ValueError, match="length=12 is longer than the model context 8"):
-        st.student_training(teacher, teacher, st.DistillConfig(), data=np.zeros(99, np.uint8),
-                            batch_size=2, length=12, steps=2, seed=0)
+        st.student_training(
+            teacher,
+            teacher,
+            st.DistillConfig(),
+            data=np.zeros(99, np.uint8),
+            batch_size=2,
+            length=12,
+            steps=2,
+            seed=0,
+        )
     with pytest.raises(SystemExit):
         st.main(["shakespeare_teacher", "--set", "data.length=4096"])
     assert "data.length=4096 is longer than the model context 128" in capsys.readouterr().err
@@ -216,7 +249,9 @@ def test_sequence_longer_than_the_context_is_reported(tmp_path, capsys):
 
 def test_unmeetable_parameter_budget_is_reported(tmp_path):
     teacher = _teacher()
-    with pytest.raises(ValueError, match=r"student params=0.001: Budget\(params=0.001\) cannot be met"):
+    with pytest.raises(
+        ValueError, match=r"student params=0.001: Budget\(params=0.001\) cannot be met"
+    ):
         st.factorized_student(teacher, params=0.001, key=jr.key(0))
     with pytest.raises(ValueError, match="params=0.001 cannot be met by a dense student"):
         st.dense_student(teacher, params=0.001, key=jr.key(0))
@@ -231,7 +266,9 @@ def test_unmeetable_parameter_budget_is_reported(tmp_path):
 
 def test_vocabulary_mismatch_is_reported():
     teacher = _teacher()
-    with pytest.raises(ValueError, match="teacher vocab_size=256 differs from student vocab_size=128"):
+    with pytest.raises(
+        ValueError, match="teacher vocab_size=256 differs from student vocab_size=128"
+    ):
         st.check_vocab(teacher, _teacher(vocab_size=128))
     with pytest.raises(ValueError, match="vocab_size=100 cannot hold the byte tokenizer"):
         st.check_vocab(_teacher(vocab_size=100), _teacher(vocab_size=100))
@@ -242,19 +279,27 @@ def test_vocabulary_mismatch_is_reported():
 
 
 def test_bad_model_shape_is_reported():
-    config = dataclasses.replace(_teacher_config(), model=TextModelConfig(**{**SMALL, "d_model": 9}))
+    config = dataclasses.replace(
+        _teacher_config(), model=TextModelConfig(**{**SMALL, "d_model": 9})
+    )
     with pytest.raises(ConfigError, match="model: d_model=9 must be divisible by n_heads=2"):
         build_text_lm(config)
 
 
-@pytest.mark.parametrize("distill,match", [
-    (dict(alpha=1.5), r"distill.alpha=1.5 must be in \[0, 1\]"),
-    (dict(temperature=0.0), "distill.temperature=0.0 must be > 0"),
-    (dict(mode="salt", n_kd=9), r"distill.n_kd=9 must be in \[1, train.steps=4\]"),
-    (dict(mode="salt_ds", n_kd=2, ds_fraction=0.0), r"distill.ds_fraction=0.0 must be in \(0, 1\]"),
-    (dict(mode="salt_ds", n_kd=2, ds_k=0), r"distill.ds_k=0 must be in \[1, 256\]"),
-    (dict(mode="salt_ds", n_kd=2, ds_pool=0), "distill.ds_pool=0 must be >= 1 window"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "distill,match",
+    [
+        (dict(alpha=1.5), r"distill.alpha=1.5 must be in \[0, 1\]"),
+        (dict(temperature=0.0), "distill.temperature=0.0 must be > 0"),
+        (dict(mode="salt", n_kd=9), r"distill.n_kd=9 must be in \[1, train.steps=4\]"),
+        (
+            dict(mode="salt_ds", n_kd=2, ds_fraction=0.0),
+            r"distill.ds_fraction=0.0 must be in \(0, 1\]",
+        ),
+        (dict(mode="salt_ds", n_kd=2, ds_k=0), r"distill.ds_k=0 must be in \[1, 256\]"),
+        (dict(mode="salt_ds", n_kd=2, ds_pool=0), "distill.ds_pool=0 must be >= 1 window"),
+    ],
+)
 def test_bad_distill_settings_are_reported(distill, match):
     with pytest.raises(ConfigError, match=match):
         st.check_distill(st.DistillConfig(**distill), steps=4)
@@ -273,8 +318,10 @@ def test_other_bad_inputs_are_reported(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         st.main(["resnet18_digits"])
     assert exit.value.code == 2
-    assert ("error: task='image_classification' is not one of python -m recipes.student's tasks "
-            "(text_lm, text_student); run it with python -m recipes.run resnet18_digits.") in capsys.readouterr().err
+    assert (
+        "error: task='image_classification' is not one of python -m recipes.student's tasks "
+        "(text_lm, text_student); run it with python -m recipes.run resnet18_digits."
+    ) in capsys.readouterr().err
     with pytest.raises(ValueError, match="the history has no train records"):
         st.step_seconds([{"split": "eval", "loss": 1.0}], 8)
     with pytest.raises(ValueError, match="no latent-list task fits the model context 8"):
@@ -284,11 +331,13 @@ def test_other_bad_inputs_are_reported(tmp_path, capsys):
 def test_no_learnable_window_is_reported():
     teacher = _teacher()
     # ln_f outputs the constant e_0, and byte "a" has the lowest logit: never in the top 1.
-    ln = eqx.tree_at(lambda l: (l.weight, l.bias), teacher.ln_f,
-                     (jnp.zeros(16), jnp.zeros(16).at[0].set(1.0)))
+    ln = eqx.tree_at(
+        lambda l: (l.weight, l.bias), teacher.ln_f, (jnp.zeros(16), jnp.zeros(16).at[0].set(1.0))
+    )
     table = jnp.ones((256, 16)).at[ord("a"), 0].set(-1.0)
     teacher = eqx.tree_at(lambda m: (m.ln_f, m.token_embed.weight), teacher, (ln, table))
     distill = st.DistillConfig(mode="salt_ds", ds_pool=8, ds_k=1)
     with pytest.raises(ValueError, match="no training window has a token inside the teacher's top"):
-        st.hard_learnable_windows(teacher, np.full(100, ord("a"), np.uint8), distill, length=8,
-                                  seed=0)
+        st.hard_learnable_windows(
+            teacher, np.full(100, ord("a"), np.uint8), distill, length=8, seed=0
+        )

@@ -17,9 +17,7 @@ BBC_COUNTS = {
 
 def _word_tokenizer() -> tokenizers.Tokenizer:
     """Whitespace words a..e are ids 0..4, <|endoftext|> is 5."""
-    vocab = {
-        w: i for i, w in enumerate(["a", "b", "c", "d", "e", "<|endoftext|>", "[UNK]"])
-    }
+    vocab = {w: i for i, w in enumerate(["a", "b", "c", "d", "e", "<|endoftext|>", "[UNK]"])}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<|endoftext|>"])
@@ -58,9 +56,7 @@ def test_bbc_split_is_by_category_and_disjoint():
 
 
 def test_bbc_split_errors_name_the_categories():
-    with pytest.raises(
-        ValueError, match=r"\['sport'\] are not BBC categories; pick from"
-    ):
+    with pytest.raises(ValueError, match=r"\['sport'\] are not BBC categories; pick from"):
         data.bbc_split(evaluation=("sport",))
     with pytest.raises(ValueError, match="both sides need articles"):
         data.bbc_split(evaluation=tuple(BBC_COUNTS))
@@ -72,9 +68,9 @@ def test_shakespeare_split_is_by_work_like_load_corpus():
     assert split.evaluation_from == corpus.val_files
     assert split.calibration_from == corpus.train_files
     assert set(split.calibration_from).isdisjoint(split.evaluation_from)
-    assert sum(len(t.encode()) for t in split.evaluation) + 2 * len(
-        split.evaluation
-    ) == len(corpus.validation)
+    assert sum(len(t.encode()) for t in split.evaluation) + 2 * len(split.evaluation) == len(
+        corpus.validation
+    )
 
 
 def test_token_windows_cut_the_separated_stream_without_overlap():
@@ -119,13 +115,9 @@ def test_token_windows_argument_errors():
         data.token_windows("gpt2", ["a b"], 2, 1, seed=0)
     with pytest.raises(ValueError, match="seq_len must be a positive int"):
         data.token_windows(tok, ["a b"], 0, 1, seed=0)
-    with pytest.raises(
-        ValueError, match="separator '<s>' is not in the tokenizer's vocabulary"
-    ):
+    with pytest.raises(ValueError, match="separator '<s>' is not in the tokenizer's vocabulary"):
         data.token_windows(tok, ["a b"], 2, 1, seed=0, separator="<s>")
-    plain = tokenizers.Tokenizer(
-        models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")
-    )
+    plain = tokenizers.Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     with pytest.raises(ValueError, match="pass separator= with the token"):
         data.token_windows(plain, ["a a"], 2, 1, seed=0)
 

@@ -57,13 +57,19 @@ def loss_fn(model, state, batch, key):
     logits, state = jax.vmap(
         lambda x, s: model(x, s), axis_name="batch", in_axes=(0, None), out_axes=(0, None)
     )(batch["x"], state)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"]).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["y"]
+    ).mean()
     return loss, (state, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])})
 
 
 def eval_fn(model, state, batch):
     logits = jax.vmap(lambda x: model(x, state)[0], axis_name="batch")(batch["x"])
-    return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"])}
+    return {
+        "loss": optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["y"]
+        )
+    }
 
 
 TEACHER = np.random.default_rng(123).normal(size=(3, 6))
@@ -86,12 +92,22 @@ OPTIMIZER, SCHEDULE = make_optimizer(OptimConfig(name="sgd", lr=0.1, warmup_step
 def run(out_dir, steps, hooks=(), **kwargs):
     model, state = tiny_model()
     config = TrainConfig(
-        steps=steps, log_every=1, checkpoint_every=0, out_dir=str(out_dir), progress=False,
+        steps=steps,
+        log_every=1,
+        checkpoint_every=0,
+        out_dir=str(out_dir),
+        progress=False,
         **kwargs,
     )
     return train(
-        model, state, loss_fn=loss_fn, optimizer=OPTIMIZER, schedule=SCHEDULE, train_data=train_data,
-        config=config, hooks=hooks,
+        model,
+        state,
+        loss_fn=loss_fn,
+        optimizer=OPTIMIZER,
+        schedule=SCHEDULE,
+        train_data=train_data,
+        config=config,
+        hooks=hooks,
     )
 
 
@@ -114,17 +130,30 @@ def reference_updates(reference, ours, schedule, steps=5):
 
 
 def test_make_optimizer_sgd_matches_optax_sgd_with_schedule():
-    config = OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, warmup_steps=2)
+    config = OptimConfig(
+        name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, warmup_steps=2
+    )
     ours, schedule = make_optimizer(config, 5)
     lr = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 5)
-    reference = optax.chain(optax.add_decayed_weights(0.01), optax.sgd(lr, momentum=0.9, nesterov=True))
+    reference = optax.chain(
+        optax.add_decayed_weights(0.01), optax.sgd(lr, momentum=0.9, nesterov=True)
+    )
     np.testing.assert_allclose(*reference_updates(reference, ours, schedule), rtol=1e-6)
 
 
 def test_make_optimizer_adamw_constant_matches_optax_adamw():
-    config = OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, warmup_steps=2, schedule="constant", grad_clip=100.0)
+    config = OptimConfig(
+        name="adamw",
+        lr=0.01,
+        weight_decay=0.1,
+        warmup_steps=2,
+        schedule="constant",
+        grad_clip=100.0,
+    )
     ours, schedule = make_optimizer(config, 5)
-    lr = optax.join_schedules([optax.linear_schedule(0.0, 0.01, 2), optax.constant_schedule(0.01)], [2])
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, 0.01, 2), optax.constant_schedule(0.01)], [2]
+    )
     reference = optax.adamw(lr, weight_decay=0.1)
     np.testing.assert_allclose(*reference_updates(reference, ours, schedule), rtol=1e-6)
 
@@ -189,10 +218,14 @@ def test_hook_replaces_model_and_resume_restores_its_structure(tmp_path):
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     run(tmp_path, 3, hooks=[FactorizeAt(2)])
-    with pytest.raises(ConfigError, match=(
-        r"train.out_dir holds a checkpoint of another run: at step 3 in .*checkpoints, the "
-        r"checkpoint has model.fc2.u float32\[3, \d\] where this run has model.fc2.weight "
-        r"float32\[3, 16\]; set train.out_dir to a fresh folder, or train.resume=false")):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"train.out_dir holds a checkpoint of another run: at step 3 in .*checkpoints, the "
+            r"checkpoint has model.fc2.u float32\[3, \d\] where this run has model.fc2.weight "
+            r"float32\[3, 16\]; set train.out_dir to a fresh folder, or train.resume=false"
+        ),
+    ):
         run(tmp_path, 4)
 
 
@@ -201,7 +234,9 @@ def test_checkpoint_without_an_array_list_is_rejected_in_one_line(tmp_path):
     meta_file = tmp_path / "checkpoints/3/meta/metadata"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "arrays"}))
-    with pytest.raises(ConfigError, match=r"at step 3 in .*, its arrays do not fit this run \(") as e:
+    with pytest.raises(
+        ConfigError, match=r"at step 3 in .*, its arrays do not fit this run \("
+    ) as e:
         run(tmp_path, 4)
     assert "\n" not in str(e.value)
 
@@ -216,13 +251,25 @@ def test_non_finite_loss_stops_the_run_and_says_where(tmp_path):
             step += 1
 
     model, state = tiny_model()
-    config = TrainConfig(steps=6, log_every=5, checkpoint_every=1, out_dir=str(tmp_path),
-                         progress=False)  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=(
-        r"training diverged: the loss is nan at step 3\. Lower optim.lr, clip the gradients "
-        r"\(optim.grad_clip=1.0\).*; the last checkpoint is from step 2\.")):
-        train(model, state, loss_fn=loss_fn, optimizer=OPTIMIZER, schedule=SCHEDULE,
-              train_data=poisoned, config=config)  # fmt: skip
+    config = TrainConfig(
+        steps=6, log_every=5, checkpoint_every=1, out_dir=str(tmp_path), progress=False
+    )
+    with pytest.raises(
+        TrainingDiverged,
+        match=(
+            r"training diverged: the loss is nan at step 3\. Lower optim.lr, clip the gradients "
+            r"\(optim.grad_clip=1.0\).*; the last checkpoint is from step 2\."
+        ),
+    ):
+        train(
+            model,
+            state,
+            loss_fn=loss_fn,
+            optimizer=OPTIMIZER,
+            schedule=SCHEDULE,
+            train_data=poisoned,
+            config=config,
+        )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 3 and np.isnan(last["loss"])
@@ -246,8 +293,14 @@ def test_bf16_compute_keeps_float32_weights_and_tracks_float32_loss():
     f32 = run("", 1)
     model, state = tiny_model()
     bf16 = train(
-        model, state, loss_fn=bf16_loss, optimizer=OPTIMIZER, schedule=SCHEDULE,
-        train_data=train_data, eval_fn=bf16_eval, eval_data=lambda: [make_batch(7)],
+        model,
+        state,
+        loss_fn=bf16_loss,
+        optimizer=OPTIMIZER,
+        schedule=SCHEDULE,
+        train_data=train_data,
+        eval_fn=bf16_eval,
+        eval_data=lambda: [make_batch(7)],
         config=TrainConfig(steps=1, log_every=1, out_dir="", progress=False, precision="bf16"),
     )
     assert seen == [{jnp.dtype("bfloat16")}] * 2  # traced once each, all compute in bf16
@@ -261,15 +314,27 @@ def test_eval_averages_over_real_examples_only():
     batches[1]["mask"] = np.array([1, 1, 1, 0, 0, 0, 0, 0], np.float32)
     optimizer, _ = make_optimizer(OptimConfig(lr=0.0, weight_decay=0.0), 1)
     result = train(
-        model, state, loss_fn=loss_fn, optimizer=optimizer, train_data=train_data,
+        model,
+        state,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        train_data=train_data,
         config=TrainConfig(steps=1, log_every=1, out_dir="", progress=False),
-        eval_fn=eval_fn, eval_data=lambda: batches,
+        eval_fn=eval_fn,
+        eval_data=lambda: batches,
     )
     # Reference: the trained model applied example by example in numpy, real rows only.
     inference = eqx.nn.inference_mode(result.model)
     xs = np.concatenate([batches[0]["x"], batches[1]["x"][:3]])
     ys = np.concatenate([batches[0]["y"], batches[1]["y"][:3]])
-    logits = np.stack([np.asarray(jax.vmap(lambda x: inference(x, result.state)[0], axis_name="batch")(x[None])[0]) for x in xs])
+    logits = np.stack(
+        [
+            np.asarray(
+                jax.vmap(lambda x: inference(x, result.state)[0], axis_name="batch")(x[None])[0]
+            )
+            for x in xs
+        ]
+    )
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.mean(logp[np.arange(len(ys)), ys])
     (record,) = [r for r in result.history if r["split"] == "eval"]
@@ -280,8 +345,15 @@ def test_eval_fn_without_eval_data_is_an_error():
     model, state = tiny_model()
     optimizer, _ = make_optimizer(OptimConfig(), 1)
     with pytest.raises(ValueError, match="pass eval_fn and eval_data together"):
-        train(model, state, loss_fn=loss_fn, optimizer=optimizer, train_data=train_data,
-              config=TrainConfig(steps=1, out_dir=""), eval_fn=eval_fn)
+        train(
+            model,
+            state,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            train_data=train_data,
+            config=TrainConfig(steps=1, out_dir=""),
+            eval_fn=eval_fn,
+        )
 
 
 SHARDED = textwrap.dedent(
@@ -323,16 +395,27 @@ SHARDED = textwrap.dedent(
 
 
 def test_two_steps_on_four_devices_with_global_batchnorm(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
     script = SHARDED.format(tests=str(Path(__file__).parent))
     proc = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ERROR: data.batch_size=6 does not split evenly over 4 devices; use a multiple of 4." in proc.stdout
+    assert (
+        "ERROR: data.batch_size=6 does not split evenly over 4 devices; use a multiple of 4."
+        in proc.stdout
+    )
     assert "SHARDS 4" in proc.stdout and "EQUAL" in proc.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (2, "eval")]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 2

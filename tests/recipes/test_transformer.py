@@ -31,8 +31,9 @@ def _closed_form(*, vocab_size, context, d_model, n_layers, mlp_ratio=4, tied, r
 @pytest.mark.parametrize("tied,rotary", [(True, False), (False, False), (True, True)])
 def test_param_count_matches_closed_form(tied, rotary):
     model = Transformer(**SMALL, tie_embeddings=tied, rotary=rotary, key=jr.key(0))
-    expected = _closed_form(**{k: v for k, v in SMALL.items() if k != "n_heads"},
-                            tied=tied, rotary=rotary)
+    expected = _closed_form(
+        **{k: v for k, v in SMALL.items() if k != "n_heads"}, tied=tied, rotary=rotary
+    )
     assert _n_params(model) == expected
     assert (model.head is None) == tied
 
@@ -41,8 +42,12 @@ def test_shapes_and_hidden_states():
     model = Transformer(**SMALL, key=jr.key(0))
     ids = jnp.arange(10) % 256
     logits, hidden, unembedded, batch = eqx.filter_jit(
-        lambda m, ids: (m(ids), m.hidden_states(ids), m.unembed(m.hidden_states(ids)[-1]),
-                        jax.vmap(m)(jnp.stack([ids, ids[::-1]])))
+        lambda m, ids: (
+            m(ids),
+            m.hidden_states(ids),
+            m.unembed(m.hidden_states(ids)[-1]),
+            jax.vmap(m)(jnp.stack([ids, ids[::-1]])),
+        )
     )(model, ids)
     assert logits.shape == (10, 256)
     assert hidden.shape == (SMALL["n_layers"] + 1, 10, SMALL["d_model"])
@@ -53,10 +58,11 @@ def test_shapes_and_hidden_states():
 
 def test_untied_head_is_a_linear_with_readable_paths():
     model = Transformer(**SMALL, tie_embeddings=False, key=jr.key(0))
-    is_linear = lambda x: isinstance(x, eqx.nn.Linear)  # noqa: E731
+    is_linear = lambda x: isinstance(x, eqx.nn.Linear)
     leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=is_linear)[0]
-    paths = {jax.tree_util.keystr(p, simple=True, separator=".")
-             for p, leaf in leaves if is_linear(leaf)}
+    paths = {
+        jax.tree_util.keystr(p, simple=True, separator=".") for p, leaf in leaves if is_linear(leaf)
+    }
     for name in ["query_proj", "key_proj", "value_proj", "output_proj"]:
         assert f"blocks.1.attn.{name}" in paths
     assert {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "head"} <= paths
@@ -80,14 +86,15 @@ def test_rotary_gives_order_information():
     ids = jr.randint(jr.key(4), (8,), 0, 256)
     swapped = ids.at[0].set(ids[1]).at[1].set(ids[0])
     learned = Transformer(**one_layer, key=jr.key(3))
-    no_position = eqx.tree_at(lambda m: m.pos_embed.weight, learned,
-                              jnp.zeros_like(learned.pos_embed.weight))
-    np.testing.assert_allclose(_fwd(no_position, ids)[5], _fwd(no_position, swapped)[5],
-                               rtol=1e-4, atol=1e-5)
+    no_position = eqx.tree_at(
+        lambda m: m.pos_embed.weight, learned, jnp.zeros_like(learned.pos_embed.weight)
+    )
+    np.testing.assert_allclose(
+        _fwd(no_position, ids)[5], _fwd(no_position, swapped)[5], rtol=1e-4, atol=1e-5
+    )
     rotary = Transformer(**one_layer, rotary=True, key=jr.key(3))
     assert rotary.pos_embed is None
-    assert not np.allclose(_fwd(rotary, ids)[5], _fwd(rotary, swapped)[5], rtol=1e-4,
-                           atol=1e-5)
+    assert not np.allclose(_fwd(rotary, ids)[5], _fwd(rotary, swapped)[5], rtol=1e-4, atol=1e-5)
 
 
 def test_context_length_error():
@@ -131,8 +138,14 @@ def test_lowrank_factorize_finds_every_projection():
     model = Transformer(**SMALL, tie_embeddings=False, key=jr.key(0))
     low = lowrank.factorize(model, rank=4)
     for block in low.blocks:
-        for layer in [block.attn.query_proj, block.attn.key_proj, block.attn.value_proj,
-                      block.attn.output_proj, block.mlp.fc1, block.mlp.fc2]:
+        for layer in [
+            block.attn.query_proj,
+            block.attn.key_proj,
+            block.attn.value_proj,
+            block.attn.output_proj,
+            block.mlp.fc1,
+            block.mlp.fc2,
+        ]:
             assert isinstance(layer, lowrank.LowRankLinear)
     assert isinstance(low.head, lowrank.LowRankLinear)
     ids = jr.randint(jr.key(2), (12,), 0, 256)

@@ -1,0 +1,66 @@
+"""bench/compress_real.py's tables and target verdicts, on made-up rows (no models)."""
+
+from bench.compress_real import Task, section
+
+
+def task(name, columns):
+    return Task(
+        name=name,
+        title=name,
+        model=None,
+        target="",
+        calibration=None,
+        activations={},
+        evaluate=None,
+        search_loss=None,
+        search_candidates=(),
+        columns=columns,
+        notes=["note"],
+    )
+
+
+def row(**scores):
+    return {**scores, "kept": 0.8, "params": 10, "seconds": 1.0}
+
+
+def test_llm_target_is_half_of_svdllms_perplexity_increase():
+    results = {
+        (1.0, "dense"): {**row(perplexity=30.0, **{"bits/byte": 1.0}), "seconds": None},
+        (0.8, "SVD-LLM (W)"): row(perplexity=50.0, **{"bits/byte": 1.2}),
+        (0.8, "ours: whitened"): row(perplexity=39.0, **{"bits/byte": 1.1}),
+        (0.8, "ours: nkp"): row(perplexity=41.0, **{"bits/byte": 1.1}),
+        (0.6, "SVD-LLM (W)"): row(perplexity=70.0, **{"bits/byte": 1.5}),
+        (0.6, "ours: whitened"): row(perplexity=51.0, **{"bits/byte": 1.3}),
+        (0.6, "ours: nkp"): row(perplexity=46.0, **{"bits/byte": 1.3}),
+    }
+    text = section(
+        task("smollm2", ["perplexity", "bits/byte"]), results, [0.8, 0.6, 0.4], 1.0, done=False
+    )
+    assert (
+        "- 0.8: our best (ours: whitened) adds 9 to dense perplexity, SVD-LLM adds 20: 0.45 of it (target <= 0.5): **met**"
+        in text
+    )
+    assert (
+        "- 0.6: our best (ours: nkp) adds 16 to dense perplexity, SVD-LLM adds 40: 0.40 of it (target <= 0.5): **met**"
+        in text
+    )
+    assert "- 0.4: not measured (yet)" in text
+    assert "| 0.8 | ours: nkp | 0.8 | 10 | 41 | 1.1 | 1.0 |" in text
+    assert text.endswith("(run in progress: the rows so far)")
+
+
+def test_classifier_target_compares_our_best_with_every_peer_on_both_metrics():
+    results = {
+        (1.0, "dense"): {**row(KL=0.0, **{"top-1 agreement": 1.0}), "seconds": None},
+        (0.6, "SVD-LLM (W)"): row(KL=0.2, **{"top-1 agreement": 0.7}),
+        (0.6, "ASVD"): row(KL=0.1, **{"top-1 agreement": 0.9}),
+        (0.6, "ours: whitened"): row(KL=0.05, **{"top-1 agreement": 0.8}),
+        (0.6, "ours: nkp"): row(KL=0.06, **{"top-1 agreement": 0.85}),
+    }
+    text = section(task("mobilenet_v2", ["KL", "top-1 agreement"]), results, [0.6], 1.0, done=True)
+    assert "- 0.6, KL: our best 0.05 (ours: whitened), best peer 0.1 (ASVD): **met**" in text
+    assert (
+        "- 0.6, top-1 agreement: our best 0.85 (ours: nkp), best peer 0.9 (ASVD): **MISSED**"
+        in text
+    )
+    assert "in progress" not in text

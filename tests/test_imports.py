@@ -1,0 +1,67 @@
+"""The rooms' import directions: every module imports on its own, kernels never imports
+lowrank or recipes, lowrank never imports recipes, and no two files import each other."""
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = ("kernels", "lowrank", "recipes")
+FORBIDDEN = {"kernels": ("lowrank", "recipes"), "lowrank": ("recipes",)}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for room in ROOMS:
+        for path in sorted((ROOT / room).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Modules of the rooms that `path` imports, anywhere in the file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ROOMS}
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_imports_on_its_own(name):
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ROOMS]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+
+
+def test_rooms_import_only_downwards_and_no_two_files_import_each_other():
+    graph = {name: _imports(name, path) & set(MODULES) for name, path in MODULES.items()}
+    for name, targets in graph.items():
+        for target in targets:
+            assert not target.startswith(FORBIDDEN.get(name.split(".")[0], ())), (name, target)
+    pairs = sorted(
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
+        if a < b and a in graph.get(b, set()) and not a.endswith(b) and not b.endswith(a)
+    )
+    pairs = [
+        (a, b) for a, b in pairs if not (a == b.rpartition(".")[0] or b == a.rpartition(".")[0])
+    ]
+    assert not pairs, f"files importing each other: {pairs}"
