@@ -37,24 +37,12 @@ from tqdm.auto import tqdm
 import lowrank
 
 from ._compress_config import (
-    CompressConfig as CompressConfig,
-)
-from ._compress_config import (
-    CompressDataConfig as CompressDataConfig,
-)
-from ._compress_config import (
-    CompressFactorizeConfig as CompressFactorizeConfig,
-)
-from ._compress_config import (
-    GenerateConfig as GenerateConfig,
-)
-from ._compress_config import (
-    HealConfig as HealConfig,
-)
-from ._compress_config import (
-    PretrainedModelConfig as PretrainedModelConfig,
-)
-from ._compress_config import (
+    CompressConfig,
+    CompressDataConfig,
+    CompressFactorizeConfig,
+    GenerateConfig,
+    HealConfig,
+    PretrainedModelConfig,
     check,
     uses_calibration,
 )
@@ -64,7 +52,6 @@ from ._compress_vision import Classifier
 from ._factorize_policy import _rank_rule
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
-
 
 SUBJECTS: dict[str, type[Subject]] = {
     "smollm2": LanguageModel,
@@ -312,3 +299,17 @@ def compress(config: CompressConfig) -> CompressResult:
     log(format_table(report))
     log(f"outputs in {out_dir}/: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
     return CompressResult(result, report)
+
+
+__all__ = [
+    "SUBJECTS",
+    "CompressConfig",
+    "CompressDataConfig",
+    "CompressFactorizeConfig",
+    "CompressResult",
+    "GenerateConfig",
+    "HealConfig",
+    "PretrainedModelConfig",
+    "compress",
+    "format_table",
+]

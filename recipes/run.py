@@ -130,6 +130,7 @@ TASKS: dict[str, Callable[[Config], Task]] = {
 }
 """Task builders by `Config.task`."""
 
+
 def _compress_pretrained(config):
     from .compress import compress  # imported when used: it loads the pretrained readers
 
