@@ -456,7 +456,10 @@ def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> s
         *task.notes,
         (
             "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
-            "Budget(params=...) and sequential calibration. 'factorize s' is the wall time "
+            "Budget(params=...) (ranks allocated from the calibration data) and sequential "
+            "calibration. Every method fits each layer on the same rows: at most "
+            f"{lowrank._factorize.MAX_CALIBRATION_ROWS:,} per layer, drawn from all the "
+            "calibration tokens / conv positions. 'factorize s' is the wall time "
             f"of lowrank.factorize, calibration included (load average {load:.1f} on "
             f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
         ),
