@@ -374,21 +374,14 @@ def methods(task: Task, ratio: float, search: dict | None):
 
         rows.append(("ASVD + sensitivity ranks", searched))
     for init in OURS:
-        rows.append(
-            (
-                f"ours: {init}",
-                functools.partial(
-                    lowrank.factorize,
-                    task.model,
-                    rank=lowrank.Budget(params=ratio),
-                    target=task.target,
-                    init=init,
-                    calibration=task.calibration,
-                    activations=task.activations,
-                    key=jax.random.key(0),
-                ),
-            )
-        )
+        rows.append((
+            f"ours: {init}",
+            functools.partial(
+                lowrank.factorize, task.model, rank=lowrank.Budget(params=ratio), target=task.target,
+                init=init, calibration=task.calibration, activations=task.activations,
+                key=jax.random.key(0),
+            ),
+        ))  # fmt: skip
     return rows
 
 
@@ -520,35 +513,30 @@ def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> s
     heading = (
         "Comparison (the issue sets no target for MiniLM):" if task.name == "minilm" else "Targets:"
     )
-    body = "\n\n".join(
-        [
-            *task.notes,
-            (
-                "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
-                "Budget(params=...) and sequential calibration. 'factorize s' is the wall time "
-                f"of lowrank.factorize, calibration included (load average {load:.1f} on "
-                f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
-            ),
-            table(task, results, budgets),
-            heading + "\n" + "\n".join(verdicts(task, results, budgets)),
-        ]
-    )
+    body = "\n\n".join([
+        *task.notes,
+        (
+            "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
+            "Budget(params=...) (ranks allocated from the calibration data) and sequential "
+            "calibration. Every method fits each layer on the same rows: at most "
+            f"{lowrank._factorize.MAX_CALIBRATION_ROWS:,} per layer, drawn from all the "
+            "calibration tokens / conv positions. 'factorize s' is the wall time "
+            f"of lowrank.factorize, calibration included (load average {load:.1f} on "
+            f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
+        ),
+        table(task, results, budgets),
+        heading + "\n" + "\n".join(verdicts(task, results, budgets)),
+    ])  # fmt: skip
     return body if done else body + "\n\n(run in progress: the rows so far)"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument(
-        "--budgets",
-        default=None,
-        help=f"parameter fractions kept (default {','.join(map(str, BUDGETS))}; --quick: 0.6)",
-    )
-    parser.add_argument(
-        "--asvd-search",
-        default=",".join(SEARCHED),
-        help="models that also get ASVD's sensitivity-searched ranks ('' for none)",
-    )
+    parser.add_argument("--budgets", default=None,
+                        help=f"parameter fractions kept (default {','.join(map(str, BUDGETS))}; --quick: 0.6)")  # fmt: skip
+    parser.add_argument("--asvd-search", default=",".join(SEARCHED),
+                        help="models that also get ASVD's sensitivity-searched ranks ('' for none)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
     parser.add_argument(
         "--out", default=None, help=f"results file (default {RESULTS}; --quick: none)"
