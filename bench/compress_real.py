@@ -35,6 +35,7 @@ whole script; it writes RESULTS.md only when `--out` is given. Each model owns o
 
 import argparse
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -398,20 +399,61 @@ def asvd_search(task: Task) -> dict:
     return {"scales": scales, "sensitivity": sensitivity, "seconds": seconds}
 
 
-def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]) -> dict:
+def _load_resume(path: str | None, task: Task) -> dict:
+    """Rows of an earlier, interrupted run on the same data ({(budget, label): row})."""
+    if path is None or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("model") != task.name or saved.get("notes") != task.notes:
+        raise SystemExit(
+            f"--resume {path} holds rows of another model or other data ({saved.get('model')}); "
+            "delete it or pass another file"
+        )
+    return {(r["budget"], r["label"]): r["row"] for r in saved["rows"]}
+
+
+def _save_resume(path: str | None, task: Task, results: dict) -> None:
+    if path is None:
+        return
+    rows = [{"budget": b, "label": l, "row": r} for (b, l), r in results.items()]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"model": task.name, "notes": task.notes, "rows": rows}, f)
+    os.replace(tmp, path)
+
+
+def run_task(
+    task: Task,
+    budgets,
+    searched: bool,
+    report: Callable[[dict], None],
+    *,
+    resume: str | None = None,
+) -> dict:
     """Dense, then every method at every budget (NKP rows last: the slowest), calling
-    `report(results)` after each row. Returns {(budget, label): row}."""
+    `report(results)` after each row. Returns {(budget, label): row}. With `resume` (a
+    JSON file), rows already there are kept and every new row is added to it."""
     selected = lowrank.plan(task.model, rank=1, target=task.target).totals()["params_before"]
     dense_params = metrics.param_count(task.model)
     start = time.perf_counter()
     dense = task.evaluate(task.model)
     say(f"{task.name}: dense {dense} ({time.perf_counter() - start:.0f} s)")
-    results = {(1.0, "dense"): {**dense, "kept": 1.0, "params": dense_params, "seconds": None}}
+    run = time.strftime("%Y-%m-%d %H:%M:%S")
+    earlier = _load_resume(resume, task)
+    results = {
+        (1.0, "dense"): {**dense, "kept": 1.0, "params": dense_params, "seconds": None, "run": run}
+    }
+    results |= {key: row for key, row in earlier.items() if key[0] in budgets}
+    if earlier:
+        say(f"{task.name}: resuming {len(results) - 1} rows from {resume}")
     report(results)
-    search = asvd_search(task) if searched else None
+    need_search = searched and any((b, "ASVD + sensitivity ranks") not in results for b in budgets)
+    search = asvd_search(task) if need_search else ({} if searched else None)
     todo = [
         (ratio, label, thunk) for ratio in budgets for label, thunk in methods(task, ratio, search)
-    ]
+        if (ratio, label) not in results
+    ]  # fmt: skip
     todo.sort(key=lambda t: t[1] == "ours: nkp")  # stable: budgets and methods in order otherwise
     for ratio, label, thunk in todo:
         start = time.perf_counter()
@@ -422,11 +464,18 @@ def run_task(task: Task, budgets, searched: bool, report: Callable[[dict], None]
         params = metrics.param_count(compressed)
         kept = (selected - (dense_params - params)) / selected
         scores = task.evaluate(compressed)
-        results[(ratio, label)] = {**scores, "kept": kept, "params": params, "seconds": seconds}
+        results[(ratio, label)] = {
+            **scores,
+            "kept": kept,
+            "params": params,
+            "seconds": seconds,
+            "run": run,
+        }
         say(
             f"{task.name} {ratio:g} {label}: {scores} kept {kept:.3f}, factorized in {seconds:.1f} s"
         )
         del compressed
+        _save_resume(resume, task, results)
         report(results)
     return results
 
@@ -508,6 +557,18 @@ def verdicts(task: Task, results: dict, budgets) -> list[str]:
     return lines
 
 
+def _runs_note(results: dict) -> list[str]:
+    runs = sorted({r["run"] for r in results.values()})
+    if len(runs) < 2:
+        return []
+    return [
+        (
+            f"Rows measured in {len(runs)} processes on the same data and code (started "
+            f"{', '.join(runs)}; the later ones resumed an interrupted run with --resume)."
+        )
+    ]
+
+
 def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> str:
     """One model's part of RESULTS.md: notes, table, targets."""
     heading = (
@@ -525,6 +586,7 @@ def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> s
             f"{os.cpu_count()} cores at the start; other jobs shared the machine)."
         ),
         table(task, results, budgets),
+        *_runs_note(results),
         heading + "\n" + "\n".join(verdicts(task, results, budgets)),
     ])  # fmt: skip
     return body if done else body + "\n\n(run in progress: the rows so far)"
@@ -541,6 +603,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", default=None, help=f"results file (default {RESULTS}; --quick: none)"
     )
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="keep each model's rows in DIR/<model>.json and reuse them on a rerun")  # fmt: skip
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -576,7 +640,11 @@ def main(argv=None) -> None:
             if out:
                 write_section(f"compress_real-{task.name}", title, body, path=out)
 
-        report(run_task(task, budgets, name in searched, report), done=True)
+        resume = None
+        if args.resume:
+            os.makedirs(args.resume, exist_ok=True)
+            resume = os.path.join(args.resume, f"{name}{'-quick' if args.quick else ''}.json")
+        report(run_task(task, budgets, name in searched, report, resume=resume), done=True)
         if out:
             say(f"{name}: written to {out}")
 

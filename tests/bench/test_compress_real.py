@@ -1,6 +1,8 @@
 """bench/compress_real.py's tables and target verdicts, on made-up rows (no models)."""
 
-from bench.compress_real import Task, section
+import pytest
+
+from bench.compress_real import Task, _load_resume, _save_resume, section
 
 
 def task(name, columns):
@@ -19,8 +21,8 @@ def task(name, columns):
     )
 
 
-def row(**scores):
-    return {**scores, "kept": 0.8, "params": 10, "seconds": 1.0}
+def row(run="2026-12-01 10:00:00", **scores):
+    return {**scores, "kept": 0.8, "params": 10, "seconds": 1.0, "run": run}
 
 
 def test_llm_target_is_half_of_svdllms_perplexity_increase():
@@ -64,3 +66,18 @@ def test_classifier_target_compares_our_best_with_every_peer_on_both_metrics():
         in text
     )
     assert "in progress" not in text
+
+
+def test_resumed_rows_round_trip_and_are_said_to_come_from_two_processes(tmp_path):
+    path = str(tmp_path / "mobilenet_v2.json")
+    cnn = task("mobilenet_v2", ["KL", "top-1 agreement"])
+    results = {
+        (1.0, "dense"): {**row(KL=0.0, **{"top-1 agreement": 1.0}), "seconds": None},
+        (0.6, "ASVD"): row(run="2026-12-01 09:00:00", KL=0.1, **{"top-1 agreement": 0.9}),
+    }
+    _save_resume(path, cnn, results)
+    assert _load_resume(path, cnn) == results
+    text = section(cnn, results, [0.6], 1.0, done=True)
+    assert "Rows measured in 2 processes on the same data and code" in text
+    with pytest.raises(SystemExit, match=r"holds rows of another model or other data.*delete it"):
+        _load_resume(path, task("efficientnet_lite0", ["KL", "top-1 agreement"]))
