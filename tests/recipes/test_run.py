@@ -211,7 +211,7 @@ def test_text_recipes_run_through_both_commands_and_say_what_they_did(tmp_path, 
 def test_every_shipped_config_has_a_registered_task():
     for path in sorted((ROOT / "recipes" / "configs").glob("[!_]*.py")):
         config = load_config(path.stem)
-        assert config.task in recipes.run.TASKS | recipes.run.PIPELINES, path.name
+        assert config.task in {**recipes.run.TASKS, **recipes.run.PIPELINES}, path.name
 
 
 def test_only_the_recipe_make_demo_runs_claims_to_be_make_demo():
