@@ -265,6 +265,10 @@ def test_errors_found_after_loading_name_the_key(tmp_path):
         compress(load_config("compress_minilm", [*base, "data.calibration=10000000"]))
     with pytest.raises(ConfigError, match=r"data.evaluation=100000 exceeds the \d+ paragraphs"):
         compress(load_config("compress_minilm", [*base, "data.evaluation=100000"]))
+    keys = r"data.calibration / data.evaluation / data.seq_len: .*fewer than count=1000000"
+    with pytest.raises(ConfigError, match=keys):
+        compress(load_config("compress_smollm2", [*base, "data.evaluation=1000000"]))
+    assert not any(tmp_path.iterdir())  # nothing written before the data is there
 
 
 def test_format_table_shows_every_model_and_dashes_for_missing_values():
