@@ -20,7 +20,6 @@ With `sequential=False` every layer is fitted on the dense model's inputs (SVD-L
 ASVD) and nothing is corrected.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,9 +30,14 @@ import numpy as np
 from jax._src import core as jax_core
 from jax.extend import core as jex_core
 
+from ._calibration_rows import layer_rows, row_count, sample
 from ._initializers import Factors
 from ._select import attribute_path, stack_shape
 from ._trace import View, leaf_paths, sub_jaxpr, trace_for, view_after, weight_use
+
+# Compiled data segments by program text, shared by every pass (oldest dropped first).
+_SEGMENTS: dict[str, Callable] = {}
+_MAX_SEGMENTS = 512
 
 # fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
 Fit = Callable[[str, int | None, np.ndarray, np.ndarray | None], Factors]
@@ -155,6 +159,32 @@ class _Scope:
         return not isinstance(v, jex_core.Literal) and v in self.current
 
 
+def _param_only(scope: _Scope, eqn) -> bool:
+    """Whether `eqn` is computed from model arrays alone (no data, and not constant)."""
+    deps = [scope.depends.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+    return bool(deps) and all(d is not None for d in deps)
+
+
+def _free(scope: _Scope, eqns: list, last: dict) -> None:
+    """Drop the values that no equation after `eqns` reads."""
+    for eqn in eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jex_core.Literal) and last.get(v) is eqn:
+                scope.dense.pop(v, None)
+                scope.current.pop(v, None)
+
+
+def _compiled(ins: list, outs: list, eqns: list) -> Callable:
+    """The jitted function of the equations `eqns` from `ins` to `outs`."""
+    closed = jax_core.ClosedJaxpr(jax_core.Jaxpr((), ins, outs, eqns), ())
+    key = str(closed)  # variables are renamed canonically: equal text, equal program
+    if key not in _SEGMENTS:
+        if len(_SEGMENTS) >= _MAX_SEGMENTS:
+            del _SEGMENTS[next(iter(_SEGMENTS))]
+        _SEGMENTS[key] = jax.jit(jax_core.jaxpr_as_fun(closed))
+    return _SEGMENTS[key]
+
+
 def _bind(eqn, values):
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
@@ -175,6 +205,7 @@ class _Pass:
         self.biases: dict[str, np.ndarray] = {}
         self.scopes: list[_Scope] = []
         self.pending: dict[tuple, list[np.ndarray]] = {}
+        self.last_rows: tuple | None = None  # (matmul layout, id(data), data, its rows)
 
     # ---------------------------------------------------------------- evaluation
 
@@ -200,19 +231,67 @@ class _Pass:
             for v, lv in (leaf_vars or {}).items():
                 scope.leaf_vars[v] = lv
                 scope.depends[v] = frozenset([lv[0]])
-            last = jax_core.last_used(jaxpr)
-            for eqn in jaxpr.eqns:
-                self._eqn(scope, eqn)
-                for v in eqn.invars:  # free what no later equation reads
-                    if not isinstance(v, jex_core.Literal) and last.get(v) is eqn:
-                        scope.dense.pop(v, None)
-                        scope.current.pop(v, None)
+            self._run_eqns(scope, jaxpr)
             outs = jaxpr.outvars
             return [scope.read(v, "dense") for v in outs], [
                 scope.read(v, "current") if scope.differs(v) else None for v in outs
             ]
         finally:
             self.scopes.pop()
+
+    def _run_eqns(self, scope: _Scope, jaxpr) -> None:
+        """Evaluate the equations in order. Runs of data equations that involve no watched
+        weight are compiled and run as one segment (cached by structure, so the identical
+        blocks of a deep model share one compilation); the equations that act on the model
+        arrays alone are evaluated as they come, since no data equation feeds them."""
+        last = jax_core.last_used(jaxpr)
+        segment, evaluated = [], []
+        for eqn in jaxpr.eqns:
+            if self._in_segment(scope, eqn):
+                segment.append(eqn)
+            else:
+                if not _param_only(scope, eqn):  # it reads data: evaluate the segment first
+                    self._segment(scope, segment, last)
+                    segment = []
+                self._eqn(scope, eqn)
+            evaluated.append(eqn)
+            if not segment:
+                _free(scope, evaluated, last)
+                evaluated = []
+        self._segment(scope, segment, last)
+        _free(scope, evaluated, last)
+
+    def _in_segment(self, scope: _Scope, eqn) -> bool:
+        """A data equation the pass need not look into: no watched weight among its
+        operands, no effects, and not computed from the model arrays alone."""
+        if eqn.effects or _param_only(scope, eqn):
+            return False
+        return not any(not isinstance(v, jex_core.Literal) and v in scope.views for v in eqn.invars)
+
+    def _segment(self, scope: _Scope, eqns: list, last: dict) -> None:
+        """Evaluate data equations `eqns` as one compiled function, for the dense values
+        and (where an input differs) the current ones."""
+        if len(eqns) <= 1:
+            for eqn in eqns:
+                self._eqn(scope, eqn)
+            return
+        inside = set(map(id, eqns))
+        defined = {v for eqn in eqns for v in eqn.outvars}
+        ins = list(
+            dict.fromkeys(
+                v
+                for eqn in eqns
+                for v in eqn.invars
+                if not isinstance(v, jex_core.Literal) and v not in defined
+            )
+        )
+        outs = [v for v in defined if v in last and id(last[v]) not in inside]
+        fn = _compiled(ins, outs, eqns)
+        for v, o in zip(outs, fn(*[scope.read(v, "dense") for v in ins])):
+            scope.dense[v] = o
+        if any(scope.differs(v) for v in ins):
+            for v, o in zip(outs, fn(*[scope.read(v, "current") for v in ins])):
+                scope.current[v] = o
 
     def _eqn(self, scope: _Scope, eqn) -> None:
         views = [
@@ -237,9 +316,10 @@ class _Pass:
             cur = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])
             for v, o in zip(eqn.outvars, cur):
                 scope.current[v] = o
-        deps = [scope.depends.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)]
-        if all(d is not None for d in deps) and deps:  # computed from model arrays alone
-            union = frozenset().union(*deps)
+        if _param_only(scope, eqn):  # computed from model arrays alone
+            union = frozenset().union(
+                *(scope.depends[v] for v in eqn.invars if not isinstance(v, jex_core.Literal))
+            )
             scope.param_eqns.append((eqn, union))
             for v in eqn.outvars:
                 scope.depends[v] = union
@@ -350,13 +430,11 @@ class _Pass:
 
     def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
         x = eqn.invars[1 - use.weight]
-        seed = watch.weight * 1009 + (key or 0)
-        pick = _sample(_row_count(eqn, use), self.max_rows, seed=seed)
-        rows = _rows(eqn, view, use, scope.read(x, "current"), pick)
+        rows = self._rows(eqn, view, use, scope.read(x, "current"))
         if not self.sequential:  # every call's inputs count; fitted after the pass
             self.pending.setdefault((watch.path, key), []).append(rows)
             return
-        dense = _rows(eqn, view, use, scope.read(x, "dense"), pick) if changed else None
+        dense = self._rows(eqn, view, use, scope.read(x, "dense")) if changed else None
         factors = self.fit(watch.path, key, rows, dense)
         weight = self.leaves[watch.weight]
         shape = weight.shape if key is None else weight.shape[1:]
@@ -373,12 +451,24 @@ class _Pass:
     def fit_pending(self) -> None:
         """Fit the layers whose inputs were gathered over the whole pass (not sequential)."""
         for (path, key), chunks in self.pending.items():
-            rows = np.concatenate(chunks)  # each call's rows already at most max_rows
-            seed = next(w.weight for w in self.watches.values() if w.path == path) * 1009 + (
-                key or 0
-            )
-            self.fit(path, key, rows[_sample(len(rows), self.max_rows, seed=seed)], None)
+            rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            if len(rows) > self.max_rows:  # each call's rows are already at most max_rows
+                rows = rows[sample(len(rows), self.max_rows, seed=len(chunks))]
+            self.fit(path, key, rows, None)
         self.pending = {}
+
+    def _rows(self, eqn, view: View, use, x) -> np.ndarray:
+        """The layer's input rows from data `x` (`layer_rows`) at sampled positions. The
+        sample depends on the row count only, and the rows of the last matmul input are
+        kept, so layers that read the same input (q/k/v, gate/up) get one array: their
+        initializer can share its statistics."""
+        pick = sample(row_count(eqn, use), self.max_rows, seed=0)
+        if eqn.primitive.name != "dot_general":
+            return layer_rows(eqn, view, use, x, pick)
+        layout = (view.perm, eqn.params["dimension_numbers"], use.weight, len(pick))
+        if self.last_rows is None or self.last_rows[:2] != (layout, id(x)):
+            self.last_rows = (layout, id(x), x, layer_rows(eqn, view, use, x, pick))
+        return self.last_rows[3]
 
     def _correct_bias(self, scope, eqn, use, watch, key) -> None:
         dense_out = _bind(eqn, [scope.read(v, "dense") for v in eqn.invars])[0]
@@ -412,69 +502,3 @@ class _Pass:
                     outs = _bind(eqn, [scope.read(v, "current") for v in eqn.invars])
                     for v, o in zip(eqn.outvars, outs):
                         scope.current[v] = o
-
-
-def _sample(n: int, max_rows: int, *, seed: int) -> np.ndarray:
-    if n <= max_rows:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
-
-
-def _row_count(eqn, use) -> int:
-    """How many input rows a weight use has: output vectors (matmul), or positions (conv)."""
-    out = eqn.outvars[0].aval.shape
-    return math.prod(out) // out[use.out_axis]
-
-
-def _rows(eqn, view: View, use, x, pick: np.ndarray) -> np.ndarray:
-    """Rows `pick` of the data operand of a weight use, as (rows, fan_in) in the order of
-    the weight's `reshape(out, -1)`: input vectors for a matmul, image patches for a
-    convolution (in the order of the output positions)."""
-    if eqn.primitive.name == "conv_general_dilated":
-        return _patches(eqn, np.asarray(x, np.float32), pick)
-    if view.perm is None:
-        raise ValueError("a layer's weight reaches its matmul through a reshape; unsupported")
-    (contract, _) = eqn.params["dimension_numbers"]
-    w, d = use.weight, 1 - use.weight
-    # Pair the data's contracted axes with the weight axes they multiply, in weight order.
-    pairs = sorted(zip((view.perm[a] for a in contract[w]), contract[d]))
-    data_axes = [a for _, a in pairs]
-    rest = [a for a in range(np.ndim(x)) if a not in data_axes]
-    x = np.asarray(x, np.float32).transpose(rest + data_axes)
-    fan_in = math.prod(x.shape[len(rest) :])
-    return x.reshape(-1, fan_in)[pick]
-
-
-def _patches(eqn, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
-    """The image patches a convolution multiplies at output positions `pick` (in the order
-    of its (batch, *spatial) outputs), features in (in, *kernel) order; gathered on the
-    host for the picked positions only."""
-    p = eqn.params
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        raise ValueError("grouped convolutions are not factorized")
-    if any(d != 1 for d in p["lhs_dilation"]):
-        raise ValueError("transposed (input-dilated) convolutions are not supported")
-    dn = p["dimension_numbers"]
-    rhs_shape = eqn.invars[1].aval.shape
-    if tuple(dn.rhs_spec) != tuple(range(len(rhs_shape))):
-        raise ValueError("convolution weights must be laid out (out, in, *kernel) (OIHW)")
-    kernel = rhs_shape[2:]
-    out_shape = eqn.outvars[0].aval.shape
-    out_spatial = [out_shape[a] for a in dn.out_spec[2:]]
-    x = x.transpose(dn.lhs_spec)  # (N, C, *spatial)
-    pads = [(0, 0), (0, 0)] + [tuple(max(q, 0) for q in pad) for pad in p["padding"]]
-    if any(q < 0 for pad in p["padding"] for q in pad):
-        raise ValueError("negative convolution padding is not supported in calibration")
-    x = np.pad(x, pads)
-    spatial = len(kernel)
-    where = np.unravel_index(pick, (x.shape[0], *out_spatial))
-    index = [where[0].reshape(-1, *([1] * spatial))]
-    for d in range(spatial):
-        start = where[1 + d] * p["window_strides"][d]
-        taps = np.arange(kernel[d]) * p["rhs_dilation"][d]
-        shape = [-1] + [1] * spatial
-        shape[1 + d] = kernel[d]
-        index.append((start[:, None] + taps[None, :]).reshape([len(pick)] + shape[1:]))
-    x = np.moveaxis(x, 1, -1)  # (N, *spatial, C)
-    patches = x[tuple(index)]  # (S, *kernel, C)
-    return np.moveaxis(patches, -1, 1).reshape(len(pick), -1)

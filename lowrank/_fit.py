@@ -38,6 +38,7 @@ class LayerFitter:
         self.index_of = {path: i for i, path in enumerate(todo)}
         self.solved: dict[str, dict[tuple, tuple[LayerProblem, Factors]]] = {p: {} for p in todo}
         self.seconds = dict.fromkeys(todo, 0.0)
+        self.converted: list[tuple] = []  # (host rows, device array) of the last layer
         slices = sum(math.prod(stack_shape(layers[p])) for p in todo)
         self.progress = tqdm(
             total=slices, desc="factorize", unit="layer", disable=None, leave=False
@@ -61,8 +62,8 @@ class LayerFitter:
             bias=None if bias is None else jnp.asarray(bias.reshape(-1)),
             rank=self.todo[path].rank,
             activation=self.activations.get(path),
-            inputs=None if inputs is None else jnp.asarray(inputs),
-            dense_inputs=None if dense_inputs is None else jnp.asarray(dense_inputs),
+            inputs=self._device(inputs),
+            dense_inputs=self._device(dense_inputs),
         )
         start = time.perf_counter()
         factors = self.initializer(problem, key=layer_key)
@@ -72,6 +73,17 @@ class LayerFitter:
         self.progress.set_postfix_str(problem.path, refresh=False)
         self.progress.update()
         return factors
+
+    def _device(self, rows):
+        """`rows` as a jax array; the same array for the same rows as the previous layer's
+        (layers that read one input), so that the initializer can share its statistics."""
+        if rows is None:
+            return None
+        for host, device in self.converted:
+            if host is rows:
+                return device
+        self.converted = [*self.converted[-1:], (rows, jnp.asarray(rows))]
+        return self.converted[-1][1]
 
     def fit_all(self) -> None:
         """Fit every slice of every planned layer without calibration inputs."""

@@ -100,25 +100,49 @@ def reduced_rank_regression(
     squares fit does: with fewer rows than inputs, plain least squares fits them exactly
     and generalizes poorly.
     """
-    delta = ridge * jnp.mean(eig) * centred.shape[1] / centred.shape[0]
-    cross = targets.T @ centred / centred.shape[0] + delta * prior
+    cross = targets.T @ centred / centred.shape[0]
+    return regression_truncation(cross, basis, eig, centred.shape[0], rank, prior, ridge)
+
+
+def regression_truncation(
+    cross: Float[Array, "m n"],
+    basis: Float[Array, "n n"],
+    eig: Float[Array, " n"],
+    rows: int,
+    rank: int,
+    prior: Float[Array, "m n"],
+    ridge: float,
+) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
+    """`reduced_rank_regression` from the cross moment E[t xᵀ] of its `rows` rows."""
+    delta = ridge * jnp.mean(eig) * basis.shape[0] / rows
     metric = eig + delta
-    return whitened_truncation(((cross @ basis) / metric) @ basis.T, basis, metric, rank)
+    fit = (((cross + delta * prior) @ basis) / metric) @ basis.T
+    return whitened_truncation(fit, basis, metric, rank)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "centre", "ridge"))
-def _whitened(weight, bias, inputs, dense_inputs, *, rank, centre, ridge):
-    """u, v, b' (b' = None without a bias); `dense_inputs` None: the inputs are the dense ones."""
+@functools.partial(jax.jit, static_argnames=("centre",))
+def input_moments(inputs, dense_inputs, *, centre):
+    """What the whitened fit needs of its rows, shared by the layers that read the same
+    input (q/k/v, gate/up): `whitening(inputs)` and, when the dense model's inputs
+    differ, their mean and the cross moment E[(x - x̄)(x̃ - x̃̄)ᵀ] (centred if `centre`)."""
     mean, basis, eig = whitening(inputs, centre=centre)
     if dense_inputs is None:
+        return mean, basis, eig, None, None
+    n = inputs.shape[1]
+    dense_mean = jnp.mean(dense_inputs, axis=0) if centre else jnp.zeros(n, inputs.dtype)
+    cross = (dense_inputs - dense_mean).T @ (inputs - mean) / inputs.shape[0]
+    return mean, basis, eig, dense_mean, cross
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "rows", "ridge"))
+def _whitened(weight, bias, moments, *, rank, rows, ridge):
+    """u, v, b' (b' = None without a bias) from the layer's `input_moments`."""
+    mean, basis, eig, dense_mean, cross = moments
+    if cross is None:  # the inputs are the dense ones
         u, v = whitened_truncation(weight, basis, eig, rank)
         return u, v, None if bias is None else bias + (weight - u @ v) @ mean
-    targets = dense_inputs @ weight.T
-    offset = jnp.mean(targets, axis=0) if centre else jnp.zeros(weight.shape[0], weight.dtype)
-    u, v = reduced_rank_regression(
-        targets - offset, inputs - mean, basis, eig, rank, prior=weight, ridge=ridge
-    )
-    return u, v, None if bias is None else bias + offset - u @ (v @ mean)
+    u, v = regression_truncation(weight @ cross, basis, eig, rows, rank, weight, ridge)
+    return u, v, None if bias is None else bias + weight @ dense_mean - u @ (v @ mean)
 
 
 def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_inputs=None):
@@ -166,29 +190,52 @@ class Whitened(Initializer):
                 "calibration= to factorize (or use init='spectral')"
             )
         dtype = jnp.promote_types(problem.weight.dtype, jnp.float32)
+        centre = problem.bias is not None
         with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
             f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))
             weight, bias = f64(problem.weight), f64(problem.bias)
-            inputs, dense = f64(problem.inputs), f64(problem.dense_inputs)
+            moments = _shared_moments(problem, centre, f64)
             u, v, new_bias = _whitened(
                 weight,
                 bias,
-                inputs,
-                dense,
+                moments,
                 rank=problem.rank,
-                centre=bias is not None,
+                rows=problem.inputs.shape[0],
                 ridge=self.ridge,
             )
-            num, den = calibration_error(
-                problem.activation, weight, bias, u, v, new_bias, inputs, dense
-            )
-            error = relative_error(num, den)
             u, v, new_bias = (None if a is None else np.asarray(a) for a in (u, v, new_bias))
         cast = lambda a: None if a is None else jnp.asarray(a, dtype)
-        return Factors(cast(u), cast(v), cast(new_bias), error)
+        u, v, new_bias = cast(u), cast(v), cast(new_bias)
+        num, den = calibration_error(
+            problem.activation,
+            problem.weight,
+            problem.bias,
+            u,
+            v,
+            new_bias,
+            problem.inputs,
+            problem.dense_inputs,
+        )
+        return Factors(u, v, new_bias, relative_error(num, den))
 
     def __repr__(self):
         return "whitened"
+
+
+# The last `input_moments` and the rows they were computed from, kept (by identity) for
+# the next layer: the calibration pass hands layers that read the same input one array.
+_last_moments: list = [None, None, None, None]  # inputs, dense inputs, centre, moments
+
+
+def _shared_moments(problem: LayerProblem, centre: bool, f64):
+    """`input_moments` of the problem's rows, reused when they are the previous layer's."""
+    rows, dense, *_ = _last_moments
+    if not (
+        rows is problem.inputs and dense is problem.dense_inputs and _last_moments[2] == centre
+    ):
+        moments = input_moments(f64(problem.inputs), f64(problem.dense_inputs), centre=centre)
+        _last_moments[:] = [problem.inputs, problem.dense_inputs, centre, moments]
+    return _last_moments[3]
 
 
 register_initializer("whitened", Whitened())
