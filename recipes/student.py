@@ -22,8 +22,6 @@ import functools
 import json
 import math
 import re
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -38,6 +36,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import lowrank
 
+from ._report import seconds_in_turns
 from .config import ConfigError
 from .distill import kd_token_losses, salt_alpha, salt_ds_scores, select_hard_learnable
 from .longcontext import likelihood_accuracy, make_list_tasks
@@ -497,13 +496,9 @@ def tokens_per_second(model, *, batch_size: int = 16, length: int = 128, repeats
     (`batch_size` windows of `length` bytes), median over `repeats` calls."""
     ids = jnp.zeros((batch_size, length), jnp.int32)
     model = eqx.nn.inference_mode(model)
-    jax.block_until_ready(_forward(model, ids))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(_forward(model, ids))
-        times.append(time.perf_counter() - start)
-    return batch_size * length / statistics.median(times)
+    return (
+        batch_size * length / seconds_in_turns(_forward, [model], ids, rounds=1, repeats=repeats)[0]
+    )
 
 
 def step_seconds(history: list[dict], batch_size: int) -> float:
