@@ -12,7 +12,17 @@ Batch = dict[str, np.ndarray]
 def random_windows(
     data: np.ndarray, rng: np.random.Generator, batch_size: int, length: int
 ) -> Int[np.ndarray, "batch length_plus_1"]:
-    """`batch_size` windows of `length + 1` tokens at uniform start positions."""
+    """`batch_size` windows of `length + 1` tokens at uniform start positions.
+
+    Args:
+        data: the token stream.
+        rng: the NumPy generator that draws the starts.
+        batch_size: how many windows.
+        length: the input length (each window has one token more, the last target).
+
+    Returns:
+        (batch_size, length + 1) int32 windows.
+    """
     if data.shape[0] < length + 1:
         raise ValueError(
             f"the text has {data.shape[0]} tokens, fewer than length + 1 = {length + 1}; "
@@ -37,6 +47,18 @@ def train_batches(
     Step s's batch depends only on (seed, s), so a resumed run sees the same batches.
     `alpha(step)` adds per-example KD weights {"alpha": (B,)}; for steps < `hard_steps`
     the windows are drawn from the rows of `hard` instead of the stream.
+
+    Args:
+        data: the token stream.
+        batch_size: windows per batch.
+        length: the input length.
+        seed: the stream's seed.
+        alpha: step -> KD weight, or None for no "alpha" entry.
+        hard: windows to draw from before `hard_steps`, or None.
+        hard_steps: the steps that draw from `hard`.
+
+    Returns:
+        The `train_data` callable of `recipes.train.train`.
     """
 
     def batches(step: int) -> Iterator[Batch]:
@@ -56,7 +78,15 @@ def train_batches(
 
 
 def eval_batches(windows: np.ndarray, batch_size: int) -> Callable[[], Iterator[Batch]]:
-    """One pass over `windows` in batches; the last is padded and masked."""
+    """One pass over `windows` in batches; the last is padded and masked.
+
+    Args:
+        windows: (n, length + 1) token windows.
+        batch_size: windows per batch.
+
+    Returns:
+        The `eval_data` callable of `recipes.train.train`.
+    """
 
     def batches() -> Iterator[Batch]:
         for i in range(0, len(windows), batch_size):

@@ -14,7 +14,13 @@ from .models import Transformer
 
 def save_lm(path, model: Transformer, plan: lowrank.Plan | None = None) -> None:
     """Write `model` to `path` and its skeleton to `path + '.json'`; a factorized model
-    also needs its plan (written by `lowrank.save` next to it)."""
+    also needs its plan (written by `lowrank.save` next to it).
+
+    Args:
+        path: the model file (its folder is made).
+        model: the model to save.
+        plan: the `lowrank.Plan` of a factorized model; None for a dense one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if plan is None:
@@ -26,7 +32,14 @@ def save_lm(path, model: Transformer, plan: lowrank.Plan | None = None) -> None:
 
 
 def load_lm(path) -> Transformer:
-    """A model written by `save_lm`, in inference mode."""
+    """A model written by `save_lm`, in inference mode.
+
+    Args:
+        path: a file written by `save_lm`.
+
+    Returns:
+        The model, in inference mode.
+    """
     path = Path(path)
     meta_file = path.with_name(path.name + ".json")
     if not path.is_file() or not meta_file.is_file():

@@ -15,7 +15,16 @@ def make_optimizer(
     re-initialize the optimizer (new parameter shapes) without restarting the schedule.
     SGD decays weights PyTorch-style (added to the gradient); AdamW decoupled.
     `frobenius_decay` (a coefficient) decays the factors of low-rank layers through
-    their product u @ v instead (see recipes/_frobenius_decay.py)."""
+    their product u @ v instead (see recipes/_frobenius_decay.py).
+
+    Args:
+        config: the optimizer settings.
+        total_steps: the run's steps (the cosine schedule's length).
+        frobenius_decay: the factor-product decay coefficient, or None.
+
+    Returns:
+        (optimizer, schedule).
+    """
     if config.warmup_steps > total_steps:
         raise ConfigError(
             f"optim.warmup_steps={config.warmup_steps} exceeds train.steps={total_steps}; "

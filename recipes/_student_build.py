@@ -26,12 +26,26 @@ def _count(tree) -> int:
 
 
 def non_embedding_params(model: Transformer) -> int:
-    """Parameters outside the token and position embeddings (blocks, final norm, head)."""
+    """Parameters outside the token and position embeddings (blocks, final norm, head).
+
+    Args:
+        model: a (dense or factorized) byte-level `Transformer`.
+
+    Returns:
+        The parameter count.
+    """
     return _count((model.blocks, model.ln_f, model.head))
 
 
 def transformer_kwargs(model: Transformer) -> dict:
-    """Constructor arguments that rebuild `model`'s dense skeleton (factorized or not)."""
+    """Constructor arguments that rebuild `model`'s dense skeleton (factorized or not).
+
+    Args:
+        model: a (dense or factorized) `Transformer`.
+
+    Returns:
+        `Transformer(**kwargs, key=...)`'s keyword arguments.
+    """
     return dict(
         vocab_size=model.vocab_size,
         context=model.context,
@@ -46,7 +60,13 @@ def transformer_kwargs(model: Transformer) -> dict:
 
 
 def check_context(model: Transformer, length: int, *, name: str = "length") -> None:
-    """Raise unless windows of `length` tokens fit the model's context."""
+    """Raise unless windows of `length` tokens fit the model's context.
+
+    Args:
+        model: the model the windows feed.
+        length: the window length in tokens.
+        name: the argument named in the error.
+    """
     if length > model.context:
         raise ValueError(
             f"{name}={length} is longer than the model context {model.context}; "
@@ -56,7 +76,12 @@ def check_context(model: Transformer, length: int, *, name: str = "length") -> N
 
 def check_vocab(teacher: Transformer, student: Transformer) -> None:
     """Raise unless teacher and student predict over the same tokens (KD compares them
-    token by token) and that vocabulary covers the byte tokenizer."""
+    token by token) and that vocabulary covers the byte tokenizer.
+
+    Args:
+        teacher: the teacher model.
+        student: the student model.
+    """
     if teacher.vocab_size != student.vocab_size:
         raise ValueError(
             f"teacher vocab_size={teacher.vocab_size} differs from student "
@@ -92,6 +117,16 @@ def factorized_student(
     windows), or "nkp": each MLP's first layer by NKP for its GELU (on `calibration`
     when given), then the other (linear) layers whitened on the model so far, or
     spectral without data.
+
+    Args:
+        teacher: the dense teacher (left unchanged).
+        params: the budget, a fraction of those layers' parameters.
+        init: the factor initializer (see above).
+        calibration: (n, T) token windows for the data-aware inits.
+        key: the initializer key (keyword-only).
+
+    Returns:
+        (student, plan).
     """
     if init not in ("spectral", "random", "whitened", "nkp"):
         raise ValueError(
@@ -132,7 +167,16 @@ def factorized_student(
 
 def dense_student(teacher: Transformer, *, params: float, key: PRNGKeyArray) -> Transformer:
     """A dense Transformer of the teacher's depth, heads, context and vocabulary whose
-    width gives the non-embedding parameter count closest to `params` x the teacher's."""
+    width gives the non-embedding parameter count closest to `params` x the teacher's.
+
+    Args:
+        teacher: the teacher whose shape the student copies.
+        params: the target fraction of its non-embedding parameters, in (0, 1].
+        key: the initialization key (keyword-only).
+
+    Returns:
+        The untrained dense student.
+    """
     if not 0 < params <= 1:
         raise ValueError(f"student params={params} must be a fraction in (0, 1]")
     kwargs = transformer_kwargs(teacher)

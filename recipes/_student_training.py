@@ -40,7 +40,12 @@ class DistillConfig:
 
 
 def check_distill(distill: DistillConfig, steps: int) -> None:
-    """Raise a `ConfigError` naming the `distill.` key when the recipe cannot run."""
+    """Raise a `ConfigError` naming the `distill.` key when the recipe cannot run.
+
+    Args:
+        distill: the recipe.
+        steps: the run's train.steps.
+    """
     if not 0.0 <= distill.alpha <= 1.0:
         raise ConfigError(f"distill.alpha={distill.alpha} must be in [0, 1].")
     if not distill.temperature > 0:
@@ -60,7 +65,14 @@ def check_distill(distill: DistillConfig, steps: int) -> None:
 
 
 def alpha_schedule(distill: DistillConfig) -> Callable[[int], float]:
-    """The KD weight at each optimizer step under `distill.mode`."""
+    """The KD weight at each optimizer step under `distill.mode`.
+
+    Args:
+        distill: the recipe.
+
+    Returns:
+        step -> alpha.
+    """
     if distill.mode == "ce":
         return lambda step: 0.0
     if distill.mode == "kd":
@@ -83,7 +95,19 @@ def hard_learnable_windows(
     batch_size: int = 64,
 ) -> Int[np.ndarray, "n length_plus_1"]:
     """SALT_DS: `distill.ds_pool` random windows scored by the teacher (`salt_ds_scores`),
-    the `ds_fraction` with the highest median loss over learnable tokens kept."""
+    the `ds_fraction` with the highest median loss over learnable tokens kept.
+
+    Args:
+        teacher: the teacher that scores the windows.
+        data: the training token stream.
+        distill: the recipe (ds_pool, ds_fraction, ds_k).
+        length: the input length.
+        seed: the seed of the pool.
+        batch_size: windows scored per teacher call.
+
+    Returns:
+        The kept (n, length + 1) windows.
+    """
     pool = random_windows(data, np.random.default_rng([seed, 2]), distill.ds_pool, length)
     scores = np.concatenate(
         [
@@ -110,7 +134,17 @@ def _token_ce(logits, labels):
 
 
 def lm_loss(model, state, batch, key):
-    """Next-token cross-entropy (nats per byte): the trainer's `loss_fn` for a dense LM."""
+    """Next-token cross-entropy (nats per byte): the trainer's `loss_fn` for a dense LM.
+
+    Args:
+        model: the language model.
+        state: passed through.
+        batch: {"ids": (B, T + 1)}.
+        key: the dropout key.
+
+    Returns:
+        (loss, (state, {})).
+    """
     ids = batch["ids"]
     loss = _token_ce(_apply(model, ids[:, :-1], key), ids[:, 1:]).mean()
     return loss, (state, {})
@@ -121,7 +155,14 @@ def make_distill_loss(temperature: float):
     """The trainer's `loss_fn` for a student whose `state` is the teacher: per token
     (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), alpha from the batch.
     The teacher runs only when some alpha > 0 (`lax.cond`), so CE phases cost no more
-    than plain training. Cached per temperature, so runs share one compiled step."""
+    than plain training. Cached per temperature, so runs share one compiled step.
+
+    Args:
+        temperature: the KD temperature T.
+
+    Returns:
+        `distill_loss(model, teacher, batch, key) -> (loss, (teacher, metrics))`.
+    """
 
     def distill_loss(model, teacher, batch, key):
         ids, alpha = batch["ids"], batch["alpha"].astype(jnp.float32)
@@ -140,7 +181,16 @@ def make_distill_loss(temperature: float):
 
 def lm_eval(model, state, batch) -> dict[str, Float[Array, " batch"]]:
     """Per window: mean next-byte CE ("loss", nats), "bits_per_byte", and, when `state`
-    is a teacher, "kl_to_teacher" (KL(teacher || model) per token, nats)."""
+    is a teacher, "kl_to_teacher" (KL(teacher || model) per token, nats).
+
+    Args:
+        model: the language model (inference mode).
+        state: the teacher, or None.
+        batch: {"ids": (B, T + 1)}.
+
+    Returns:
+        {name: (B,) values}.
+    """
     ids = batch["ids"]
     x, y = ids[:, :-1], ids[:, 1:]
     logits = jax.vmap(model)(x).astype(jnp.float32)
@@ -165,7 +215,21 @@ def student_training(
     seed: int,
 ):
     """(state, loss_fn, train_data) for `recipes.train.train` to train `student` under
-    `distill`; the state is the teacher in inference mode. Checks come first."""
+    `distill`; the state is the teacher in inference mode. Checks come first.
+
+    Args:
+        teacher: the teacher.
+        student: the student to train.
+        distill: the recipe.
+        data: the training token stream.
+        batch_size: windows per batch.
+        length: the input length.
+        steps: the run's train.steps.
+        seed: the stream's seed.
+
+    Returns:
+        (state, loss_fn, train_data).
+    """
     check_vocab(teacher, student)
     check_context(student, length)
     check_context(teacher, length)

@@ -11,7 +11,12 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """One panel per metric, train and eval curves against the step, as a PNG."""
+    """One panel per metric, train and eval curves against the step, as a PNG.
+
+    Args:
+        history: the trainer's records.
+        path: the PNG to write.
+    """
     from matplotlib.figure import Figure
 
     skip = {"step", "split", "time", "examples_per_s", "event"}

@@ -66,6 +66,16 @@ def kd_token_losses(
     `alpha` may be traced (e.g. `salt_alpha(step, ...)` inside a jitted step); Python
     numbers are range-checked. The teacher gets no gradient. Teacher entries of
     probability 0 (logit -inf, e.g. from a top-k cache) add nothing to the KL.
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits, same shape (no gradient flows to them).
+        labels: the true next tokens, the logits' leading shape.
+        alpha: the KD weight in [0, 1] (may be traced or broadcast per example).
+        temperature: the softening temperature T > 0.
+
+    Returns:
+        The per-token losses, the labels' shape.
     """
     _check_shapes(student_logits, teacher_logits, labels)
     if _is_number(alpha) and not 0.0 <= alpha <= 1.0:
@@ -97,6 +107,17 @@ def kd_loss(
     alpha=0 is plain next-token cross-entropy; alpha=1 is pure distillation. To distill
     from a target distribution `probs` instead of logits (e.g. `kd_pt_targets`), pass
     `jnp.log(probs)` as `teacher_logits`.
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits, same shape (no gradient flows to them).
+        labels: the true next tokens, the logits' leading shape.
+        alpha: the KD weight in [0, 1] (may be traced or broadcast per example).
+        temperature: the softening temperature T > 0.
+        mask: which tokens count (default all).
+
+    Returns:
+        The mean loss (0 when the mask is empty).
     """
     losses = kd_token_losses(
         student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature
@@ -108,7 +129,15 @@ def kd_pt_targets(
     teacher_logits: Float[Array, "... vocab"], labels: Int[Array, "..."]
 ) -> Float[Array, "... vocab"]:
     """KD-pt target probabilities: p_t = softmax(teacher)[label] kept on the true token,
-    (1 - p_t) / (vocab - 1) on every other token. Rows sum to 1."""
+    (1 - p_t) / (vocab - 1) on every other token. Rows sum to 1.
+
+    Args:
+        teacher_logits: the teacher's logits.
+        labels: the true next tokens.
+
+    Returns:
+        The target probabilities, the logits' shape.
+    """
     if labels.shape != teacher_logits.shape[:-1]:
         raise ValueError(
             f"labels shape {labels.shape} must equal the logits' leading shape "
@@ -130,6 +159,15 @@ def salt_alpha(step: ArrayLike, *, n_kd: int, alpha: float, decay: int = 0) -> F
     on. With decay > 0 the weight falls linearly after the KD phase,
     alpha * (1 - (step - n_kd) / decay) for n_kd <= step < n_kd + decay (so alpha at
     step n_kd), and is 0 from step n_kd + decay on.
+
+    Args:
+        step: the optimizer step.
+        n_kd: the KD phase's steps.
+        alpha: the KD weight during it, in [0, 1].
+        decay: the steps of the linear fall after it (0: abrupt).
+
+    Returns:
+        The weight at `step`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -159,6 +197,15 @@ def salt_ds_scores(
     per-token cross-entropy over the learnable, unmasked tokens. High score = hard but
     learnable. A sequence without any learnable token scores -inf, so it ranks last
     and `select_hard_learnable` never picks it.
+
+    Args:
+        logits: the small model's logits on the sequences.
+        labels: their true next tokens.
+        k: a token is learnable when its label is in the top k.
+        mask: which tokens count (default all).
+
+    Returns:
+        One score per sequence.
     """
     if logits.ndim < 2 or labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -184,7 +231,15 @@ def salt_ds_scores(
 
 def select_hard_learnable(scores: ArrayLike, fraction: float) -> Int[np.ndarray, " n_selected"]:
     """Indices of the round(fraction * len(scores)) highest-scoring sequences, highest
-    first (ties by index), skipping non-finite scores; fewer if fewer are finite."""
+    first (ties by index), skipping non-finite scores; fewer if fewer are finite.
+
+    Args:
+        scores: one `salt_ds_scores` score per sequence.
+        fraction: the share to keep, in (0, 1].
+
+    Returns:
+        The kept indices.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     scores = np.asarray(scores, dtype=np.float64)
@@ -217,7 +272,17 @@ def hidden_match_loss(
     mask: ArrayLike | None = None,
 ) -> Float[Array, ""]:
     """Mean over (unmasked) tokens of mean_j (projection(student)_j - teacher_j)^2.
-    The teacher gets no gradient; `mask` has the hidden states' leading shape."""
+    The teacher gets no gradient; `mask` has the hidden states' leading shape.
+
+    Args:
+        projection: the learned student-to-teacher map.
+        student_hidden: the student's hidden states.
+        teacher_hidden: the teacher's, same leading shape.
+        mask: which positions count (default all).
+
+    Returns:
+        The mean squared difference.
+    """
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden {student_hidden.shape} and teacher_hidden "
@@ -266,7 +331,13 @@ def cosine_distance_loss(
 
 
 def save_topk_logits(path, logits: Float[ArrayLike, "... vocab"], *, k: int) -> None:
-    """Save the k largest logits per token and their token ids to an .npz file."""
+    """Save the k largest logits per token and their token ids to an .npz file.
+
+    Args:
+        path: the .npz file to write.
+        logits: the teacher's logits.
+        k: how many to keep per token.
+    """
     logits = np.asarray(logits)
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k must be in [1, vocab={logits.shape[-1]}], got {k}")
@@ -281,7 +352,14 @@ def save_topk_logits(path, logits: Float[ArrayLike, "... vocab"], *, k: int) -> 
 
 
 def load_topk_logits(path) -> tuple[Float[np.ndarray, "... k"], Int[np.ndarray, "... k"], int]:
-    """(values, indices, vocab) as written by `save_topk_logits`."""
+    """(values, indices, vocab) as written by `save_topk_logits`.
+
+    Args:
+        path: a file written by `save_topk_logits`.
+
+    Returns:
+        (values, indices, vocab).
+    """
     with np.load(path) as f:
         return f["values"], f["indices"], int(f["vocab"])
 
@@ -290,7 +368,16 @@ def topk_to_logits(
     values: Float[ArrayLike, "... k"], indices: Int[ArrayLike, "... k"], vocab: int
 ) -> Float[Array, "... vocab"]:
     """Dense logits from a top-k cache: kept entries as saved, the rest -inf, so the
-    teacher distribution is the softmax renormalized over its top k tokens."""
+    teacher distribution is the softmax renormalized over its top k tokens.
+
+    Args:
+        values: the kept logits.
+        indices: their token ids.
+        vocab: the vocabulary size.
+
+    Returns:
+        (..., vocab) logits.
+    """
     values = jnp.asarray(values)
     dense = jnp.full((*values.shape[:-1], vocab), -jnp.inf, values.dtype)
     return jnp.put_along_axis(dense, jnp.asarray(indices), values, axis=-1, inplace=False)

@@ -106,7 +106,18 @@ def make_list_task(
     queries: tuple[str, ...] = _QUERIES,
 ) -> ListTask:
     """One task, a pure function of `seed` and the sizes. Longer programs (more ops and
-    distractors) need longer context."""
+    distractors) need longer context.
+
+    Args:
+        seed: the task's seed.
+        n_ops: operations on the list `x`.
+        n_distractors: lines that never touch `x`.
+        n_candidates: answers to choose from.
+        queries: the kinds of question asked about `x`.
+
+    Returns:
+        The `ListTask`.
+    """
     if n_ops < 1 or n_distractors < 0:
         raise ValueError(
             f"need n_ops >= 1 and n_distractors >= 0, got n_ops={n_ops}, "
@@ -151,7 +162,16 @@ def make_list_task(
 
 
 def make_list_tasks(n: int, *, seed: int = 0, **sizes) -> list[ListTask]:
-    """`n` tasks; task i uses seed (seed, i), so a longer list extends a shorter one."""
+    """`n` tasks; task i uses seed (seed, i), so a longer list extends a shorter one.
+
+    Args:
+        n: how many tasks.
+        seed: the base seed.
+        **sizes: as `make_list_task`.
+
+    Returns:
+        The tasks.
+    """
     return [make_list_task((seed, i), **sizes) for i in range(n)]
 
 
@@ -177,7 +197,17 @@ def candidate_logprobs(
 ) -> Float[np.ndarray, "n_tasks n_candidates"]:
     """log p(candidate + newline | prompt) under `model` (ids (T,) -> logits (T, 256),
     in inference mode), summed over the candidate's bytes, for every task and candidate.
-    All sequences are right-padded to one length: a causal model ignores the padding."""
+    All sequences are right-padded to one length: a causal model ignores the padding.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        batch_size: sequences per forward.
+        context: the model's window (default: the whole sequence).
+
+    Returns:
+        (n_tasks, n_candidates) log-probabilities.
+    """
     prompts = [encode(t.prompt) for t in tasks for _ in t.candidates]
     answers = [encode(c + "\n") for t in tasks for c in t.candidates]
     seqs = [np.concatenate([p, a]) for p, a in zip(prompts, answers)]
@@ -203,7 +233,16 @@ def candidate_logprobs(
 
 
 def likelihood_accuracy(model, tasks: list[ListTask], **kwargs) -> float:
-    """Fraction of tasks whose most likely candidate is the true answer."""
+    """Fraction of tasks whose most likely candidate is the true answer.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        **kwargs: as `candidate_logprobs`.
+
+    Returns:
+        The accuracy in [0, 1].
+    """
     scores = candidate_logprobs(model, tasks, **kwargs)
     truth = np.array([t.answer_index for t in tasks])
     return float(np.mean(np.argmax(scores, axis=1) == truth))
@@ -244,7 +283,19 @@ def generate(
     """The next `n` tokens after `prompt_ids`: greedy (argmax) at temperature 0, else
     sampled from softmax(logits / temperature). The model sees at most `context` tokens
     (default `model.context` when it has one): older tokens slide out of the window.
-    Pass a model in inference mode (`eqx.nn.inference_mode`) if it has dropout."""
+    Pass a model in inference mode (`eqx.nn.inference_mode`) if it has dropout.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        prompt_ids: the prompt's tokens.
+        n: how many tokens to generate.
+        key: the sampling key (needed at temperature > 0).
+        temperature: 0 for greedy, else the sampling temperature.
+        context: the model's window (default: unlimited).
+
+    Returns:
+        The (n,) generated tokens.
+    """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim != 1 or prompt_ids.shape[0] < 1:
         raise ValueError(
@@ -265,7 +316,16 @@ def generate(
 
 def greedy_accuracy(model, tasks: list[ListTask], *, context: int | None = None) -> float:
     """Fraction of tasks where greedy decoding after the prompt writes the answer and
-    then a newline. One compile: prompts are right-padded into one buffer length."""
+    then a newline. One compile: prompts are right-padded into one buffer length.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        context: the model's window (default: unlimited).
+
+    Returns:
+        The accuracy in [0, 1].
+    """
     prompts = [encode(t.prompt) for t in tasks]
     n = max(len(t.answer) for t in tasks) + 1
     size = max(len(p) for p in prompts) + n

@@ -73,7 +73,14 @@ class RunResult(NamedTuple):
 
 
 def out_dir(config: Config) -> Path:
-    """Where a recipe writes: `train.out_dir`, or out/<config name> when it is ""."""
+    """Where a recipe writes: `train.out_dir`, or out/<config name> when it is "".
+
+    Args:
+        config: the recipe.
+
+    Returns:
+        The output folder.
+    """
     return Path(config.train.out_dir or Path("out") / config.name)
 
 
@@ -144,7 +151,14 @@ def _report(config: Config, task, result: TrainResult, folder: Path, example, lo
 
 def run(config: Config) -> RunResult:
     """Build the recipe's task, apply its factorization policy (before training, or
-    after a dense warm-up), train it, and report dense against factorized."""
+    after a dense warm-up), train it, and report dense against factorized.
+
+    Args:
+        config: the recipe (task, model, data, optimizer, factorization, training).
+
+    Returns:
+        A `RunResult` (a pipeline task returns its own result).
+    """
     if config.task in PIPELINES:
         return PIPELINES[config.task](config)
     if config.task not in TASKS:
@@ -233,7 +247,14 @@ def main(
 ) -> None:
     """The command line: run a recipe, print where its outputs went, then the last
     train and eval records as JSON. `tasks` limits which `Config.task`s it accepts
-    (`python -m recipes.student` takes only the text tasks)."""
+    (`python -m recipes.student` takes only the text tasks).
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+        prog: the program name in help and errors.
+        description: the help text's first line.
+        tasks: the accepted tasks, or None for all.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
     parser.add_argument(

@@ -54,7 +54,16 @@ def _summed_loss(model, batch):
 
 
 def validation_loss(model, windows: np.ndarray, *, batch_size: int = 32) -> float:
-    """Mean next-byte cross-entropy (nats) over `windows` (every window counts once)."""
+    """Mean next-byte cross-entropy (nats) over `windows` (every window counts once).
+
+    Args:
+        model: the language model.
+        windows: (n, length + 1) token windows.
+        batch_size: windows per forward.
+
+    Returns:
+        The mean loss in nats.
+    """
     model = eqx.nn.inference_mode(model)
     total = sum(float(_summed_loss(model, b)) for b in eval_batches(windows, batch_size)())
     return total / len(windows)
@@ -62,7 +71,16 @@ def validation_loss(model, windows: np.ndarray, *, batch_size: int = 32) -> floa
 
 def latent_list_accuracy(model: Transformer, *, n_tasks: int = 48, seed: int = 0):
     """(accuracy, tasks scored) on latent-list questions that fit the model's context,
-    4-way multiple choice by likelihood (chance 0.25)."""
+    4-way multiple choice by likelihood (chance 0.25).
+
+    Args:
+        model: the language model.
+        n_tasks: how many tasks to score at most.
+        seed: the tasks' seed.
+
+    Returns:
+        (accuracy, number of tasks scored).
+    """
     tasks = make_list_tasks(4 * n_tasks, seed=seed, n_ops=3, n_distractors=2)
     longest = max(len(c) for t in tasks for c in t.candidates) + 1
     fit = [t for t in tasks if len(t.prompt.encode()) + longest <= model.context][:n_tasks]
@@ -81,7 +99,17 @@ def _forward(model, ids):
 
 def tokens_per_second(model, *, batch_size: int = 16, length: int = 128, repeats: int = 5) -> float:
     """Inference throughput: tokens scored per second by one jitted batched forward
-    (`batch_size` windows of `length` bytes), median over `repeats` calls."""
+    (`batch_size` windows of `length` bytes), median over `repeats` calls.
+
+    Args:
+        model: the language model.
+        batch_size: windows per forward.
+        length: tokens per window.
+        repeats: timed calls.
+
+    Returns:
+        Tokens per second.
+    """
     ids = jnp.zeros((batch_size, length), jnp.int32)
     model = eqx.nn.inference_mode(model)
     return (
@@ -92,7 +120,15 @@ def tokens_per_second(model, *, batch_size: int = 16, length: int = 128, repeats
 def step_seconds(history: list[dict], batch_size: int) -> float:
     """Mean seconds per train step over the trainer's logging windows, the first (which
     holds the compile) left out when there are others; a mean, so a recipe whose phases
-    cost differently (SALT: KD, then CE) is charged its average step."""
+    cost differently (SALT: KD, then CE) is charged its average step.
+
+    Args:
+        history: the trainer's records.
+        batch_size: examples per step.
+
+    Returns:
+        Seconds per step.
+    """
     rates = [r["examples_per_s"] for r in history if r["split"] == "train"]
     rates = rates[1:] if len(rates) > 1 else rates
     if not rates:
@@ -102,7 +138,11 @@ def step_seconds(history: list[dict], batch_size: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m recipes.student CONFIG [--set key=value ...]`: `recipes.run`'s command
-    line for the text tasks only (train, save the model, score)."""
+    line for the text tasks only (train, save the model, score).
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     from . import run  # run.py imports the text tasks, which import this module
 
     run.main(

@@ -100,7 +100,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch size") -> None:
-    """Raise unless `batch_size` (global) splits evenly over the mesh's devices."""
+    """Raise unless `batch_size` (global) splits evenly over the mesh's devices.
+
+    Args:
+        batch_size: the global batch size.
+        mesh: the device mesh.
+        name: the setting named in the error.
+    """
     if batch_size % mesh.size:
         raise ConfigError(
             f"{name}={batch_size} does not split evenly over {mesh.size} devices; "
@@ -109,7 +115,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch size") -> N
 
 
 def default_mesh() -> Mesh:
-    """All devices of all processes on one data-parallel axis named "data"."""
+    """All devices of all processes on one data-parallel axis named "data".
+
+    Returns:
+        The mesh.
+    """
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
@@ -288,6 +298,22 @@ def train(
     0 padding). `eval_fn` sees the model in inference mode. Updates are multiplied by
     `schedule(step)` (default 1). `config.out_dir` "" keeps nothing on disk; otherwise it
     receives metrics.jsonl, curves.png and checkpoints/ (resumed when `config.resume`).
+
+    Args:
+        model: the model to train (not mutated).
+        state: its state (e.g. BatchNorm statistics, a teacher), or None.
+        loss_fn: `(model, state, batch, key) -> (loss, (state, metrics))`.
+        optimizer: a unit-learning-rate optax optimizer (`make_optimizer`).
+        train_data: step -> iterator over batches from that step on.
+        config: steps, logging, evaluation, checkpoints, precision, seed.
+        schedule: step -> learning rate (default 1).
+        eval_fn: `(model, state, batch) -> {name: per-example values}`, or None.
+        eval_data: () -> iterable of eval batches, or None (with eval_fn).
+        hooks: `Hook`s run before every step.
+        mesh: the device mesh (default all devices on one "data" axis).
+
+    Returns:
+        A `TrainResult`: the final model and state, the history and the step resumed from.
     """
     if (eval_fn is None) != (eval_data is None):
         raise ValueError("pass eval_fn and eval_data together (or neither).")
