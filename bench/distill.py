@@ -16,10 +16,7 @@ shared CPU these drift with the load), all measured in this run on this machine.
 """
 
 import argparse
-import dataclasses
-import functools
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -27,72 +24,13 @@ import equinox as eqx
 import jax.random as jr
 import numpy as np
 
+from bench._distill_fit import Bench, fit, throughputs
 from bench._results import markdown_table, write_section
 from recipes import student as st
-from recipes.config import OptimConfig, TrainConfig
 from recipes.models import Transformer
 from recipes.text import eval_windows, load_corpus
-from recipes.train import make_optimizer, train
 
 OUT = Path(__file__).with_name("out")
-
-
-@functools.cache
-def adamw(lr: float, steps: int, warmup: int):
-    """AdamW (warm-up + cosine, clip 1); cached so runs of one shape share a compiled step."""
-    optim = OptimConfig(name="adamw", lr=lr, weight_decay=0.01, warmup_steps=warmup, grad_clip=1.0)
-    return make_optimizer(optim, steps)
-
-
-def fit(model, state, loss_fn, stream, *, steps, lr, warmup, eval_data, log_every):
-    """Train with `adamw` and return (model, history, seconds)."""
-    optimizer, schedule = adamw(lr, steps, warmup)
-    config = TrainConfig(steps=steps, log_every=log_every, eval_every=0, out_dir="", progress=False)
-    start = time.perf_counter()
-    result = train(
-        model,
-        state,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        schedule=schedule,
-        train_data=stream,
-        eval_fn=st.lm_eval,
-        eval_data=eval_data,
-        config=config,
-    )
-    return result.model, result.history, time.perf_counter() - start
-
-
-def score(name, model, history, seconds, *, teacher_params, args, start_loss=None):
-    last = [r for r in history if r["split"] == "eval"][-1]
-    accuracy, n_tasks = st.latent_list_accuracy(model, n_tasks=args.list_tasks)
-    row = {
-        "model": name,
-        "params": st.non_embedding_params(model) / teacher_params,
-        "start_bpb": None if start_loss is None else start_loss / math.log(2),
-        "val_loss": last["loss"],
-        "val_bpb": last["loss"] / math.log(2),
-        "kl": last.get("kl_to_teacher"),
-        "list_acc": accuracy,
-        "step_s": st.step_seconds(history, args.batch),
-        "seconds": seconds,
-    }
-    print(
-        {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-        f"(latent list: {n_tasks} tasks)",
-        flush=True,
-    )
-    return {**row, "trained": model}
-
-
-def throughputs(models: list, *, batch: int, length: int, rounds: int = 7) -> list[float]:
-    """Inference tokens/s of each model, timed in alternating rounds (every model once
-    per round, median over rounds) so that load drift on a shared machine hits all alike."""
-    per_round = [
-        [st.tokens_per_second(m, batch_size=batch, length=length, repeats=3) for m in models]
-        for _ in range(rounds)
-    ]
-    return [statistics.median(r[i] for r in per_round) for i in range(len(models))]
 
 
 def _arguments() -> argparse.Namespace:
@@ -125,52 +63,7 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@dataclasses.dataclass
-class _Bench:
-    """One run's arguments, data and table rows, shared by its training runs."""
-
-    args: argparse.Namespace
-    corpus: object
-    val: list
-    eval_data: object
-    rows: list = dataclasses.field(default_factory=list)
-    teacher_params: float = 0.0
-
-    @property
-    def common(self) -> dict:
-        return dict(batch_size=self.args.batch, length=self.args.length, seed=1)  # teacher: 0
-
-    def fit_and_score(self, name, model, state, loss_fn, stream, *, steps, lr, warmup, **kw):
-        """`fit`, then `score` the result into a new table row."""
-        log_every = kw.pop("log_every", max(1, self.args.student_steps // 8))
-        model, history, seconds = fit(
-            model,
-            state,
-            loss_fn,
-            stream,
-            steps=steps,
-            lr=lr,
-            warmup=warmup,
-            eval_data=self.eval_data,
-            log_every=log_every,
-        )
-        self.add_row(name, model, history, seconds, **kw)
-
-    def add_row(self, name, model, history, seconds, **kw):
-        self.rows.append(
-            score(
-                name,
-                model,
-                history,
-                seconds,
-                teacher_params=self.teacher_params,
-                args=self.args,
-                **kw,
-            )
-        )
-
-
-def _teacher(bench: _Bench):
+def _teacher(bench: Bench):
     """The trained (or, with --reuse-teacher, reloaded) teacher, scored as row 0."""
     args = bench.args
     saved = OUT / "distill_teacher.eqx"
@@ -221,7 +114,7 @@ def _recipes(args: argparse.Namespace, n_kd: int) -> dict[str, st.DistillConfig]
     }
 
 
-def _students(bench: _Bench, teacher, recipes: dict) -> dict[str, float]:
+def _students(bench: Bench, teacher, recipes: dict) -> dict[str, float]:
     """Train and score every student (and the teacher's same-compute continuation);
     returns the seconds each factorization took, by fraction."""
     args, train_bytes, steps = bench.args, bench.corpus.train, bench.args.student_steps
@@ -342,7 +235,7 @@ def main():
 
     corpus = load_corpus(val_fraction=0.1, seed=0)
     val = eval_windows(corpus.validation, args.length, max_windows=args.eval_windows)
-    bench = _Bench(args, corpus, val, st.eval_batches(val, 32))
+    bench = Bench(args, corpus, val, st.eval_batches(val, 32))
     print(
         f"corpus: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation "
         f"bytes ({len(corpus.val_files)} unseen works); {len(val)} eval windows",
