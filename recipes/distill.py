@@ -111,11 +111,7 @@ def kd_loss(
     `jnp.log(probs)` as `teacher_logits`.
 
     Args:
-        student_logits: the student's logits.
-        teacher_logits: the teacher's logits, same shape (no gradient flows to them).
-        labels: the true next tokens, the logits' leading shape.
-        alpha: the KD weight in [0, 1] (may be traced or broadcast per example).
-        temperature: the softening temperature T > 0.
+        student_logits, teacher_logits, labels, alpha, temperature: as `kd_token_losses`.
         mask: which tokens count (default all).
 
     Returns:

@@ -24,12 +24,7 @@ class EfficientNetLite(InvertedResidualNet):
     inference mode uses the running statistics. `blocks_per_stage=k` keeps the first
     k blocks of every stage (k=1: 7 of the 16 blocks), for fast tests.
 
-    Args:
-        num_classes: the classifier's outputs (1000: ImageNet).
-        dropout: the dropout rate before the classifier.
-        blocks_per_stage: None for the whole network, or k to keep k blocks a stage.
-        in_channels: the input image's channels.
-        key: the initialization key (keyword-only).
+    Args: as `InvertedResidualNet`.
     """
 
     table: ClassVar = EFFICIENTNET_LITE0_STAGES

@@ -117,7 +117,15 @@ def inverted_residual_stages(
 class InvertedResidualNet(eqx.Module):
     """Stem, stages of inverted residuals, head, pool, dropout, classifier: the network
     MobileNetV2 and EfficientNet-Lite share. A subclass names its stage `table`, conv
-    `padding` (None: PyTorch's, "SAME": TensorFlow's) and BatchNorm `eps`."""
+    `padding` (None: PyTorch's, "SAME": TensorFlow's) and BatchNorm `eps`.
+
+    Args:
+        num_classes: the classifier's outputs (1000: ImageNet).
+        dropout: the dropout rate before the classifier.
+        blocks_per_stage: None for the whole network, or k to keep k blocks a stage.
+        in_channels: the input image's channels.
+        key: the initialization key (keyword-only).
+    """
 
     stem: ConvBNAct
     stages: tuple[Stage, ...]
@@ -169,12 +177,7 @@ class MobileNetV2(InvertedResidualNet):
     `blocks_per_stage=k` keeps the first k blocks of every stage (k=1: 7 of the 17
     blocks), a smaller network with the same layer paths, for fast tests.
 
-    Args:
-        num_classes: the classifier's outputs (1000: ImageNet).
-        dropout: the dropout rate before the classifier.
-        blocks_per_stage: None for the whole network, or k to keep k blocks a stage.
-        in_channels: the input image's channels.
-        key: the initialization key (keyword-only).
+    Args: as `InvertedResidualNet`.
     """
 
     table: ClassVar = MOBILENET_V2_STAGES
