@@ -16,9 +16,7 @@ shared CPU these drift with the load), all measured in this run on this machine.
 """
 
 import argparse
-import functools
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -26,75 +24,16 @@ import equinox as eqx
 import jax.random as jr
 import numpy as np
 
+from bench._distill_fit import Bench, fit, throughputs
 from bench._results import markdown_table, write_section
 from recipes import student as st
-from recipes.config import OptimConfig, TrainConfig
 from recipes.models import Transformer
 from recipes.text import eval_windows, load_corpus
-from recipes.train import make_optimizer, train
 
 OUT = Path(__file__).with_name("out")
 
 
-@functools.cache
-def adamw(lr: float, steps: int, warmup: int):
-    """AdamW (warm-up + cosine, clip 1); cached so runs of one shape share a compiled step."""
-    optim = OptimConfig(name="adamw", lr=lr, weight_decay=0.01, warmup_steps=warmup, grad_clip=1.0)
-    return make_optimizer(optim, steps)
-
-
-def fit(model, state, loss_fn, stream, *, steps, lr, warmup, eval_data, log_every):
-    """Train with `adamw` and return (model, history, seconds)."""
-    optimizer, schedule = adamw(lr, steps, warmup)
-    config = TrainConfig(steps=steps, log_every=log_every, eval_every=0, out_dir="", progress=False)
-    start = time.perf_counter()
-    result = train(
-        model,
-        state,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        schedule=schedule,
-        train_data=stream,
-        eval_fn=st.lm_eval,
-        eval_data=eval_data,
-        config=config,
-    )
-    return result.model, result.history, time.perf_counter() - start
-
-
-def score(name, model, history, seconds, *, teacher_params, args, start_loss=None):
-    last = [r for r in history if r["split"] == "eval"][-1]
-    accuracy, n_tasks = st.latent_list_accuracy(model, n_tasks=args.list_tasks)
-    row = {
-        "model": name,
-        "params": st.non_embedding_params(model) / teacher_params,
-        "start_bpb": None if start_loss is None else start_loss / math.log(2),
-        "val_loss": last["loss"],
-        "val_bpb": last["loss"] / math.log(2),
-        "kl": last.get("kl_to_teacher"),
-        "list_acc": accuracy,
-        "step_s": st.step_seconds(history, args.batch),
-        "seconds": seconds,
-    }
-    print(
-        {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-        f"(latent list: {n_tasks} tasks)",
-        flush=True,
-    )
-    return {**row, "trained": model}
-
-
-def throughputs(models: list, *, batch: int, length: int, rounds: int = 7) -> list[float]:
-    """Inference tokens/s of each model, timed in alternating rounds (every model once
-    per round, median over rounds) so that load drift on a shared machine hits all alike."""
-    per_round = [
-        [st.tokens_per_second(m, batch_size=batch, length=length, repeats=3) for m in models]
-        for _ in range(rounds)
-    ]
-    return [statistics.median(r[i] for r in per_round) for i in range(len(models))]
-
-
-def main():
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=1000)
     parser.add_argument("--student-steps", type=int, default=160)
@@ -121,21 +60,12 @@ def main():
         help=f"load {OUT}/distill_teacher.eqx if present instead of training",
     )
     parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args()
-    start = time.perf_counter()
+    return parser.parse_args()
 
-    corpus = load_corpus(val_fraction=0.1, seed=0)
-    val = eval_windows(corpus.validation, args.length, max_windows=args.eval_windows)
-    eval_data = st.eval_batches(val, 32)
-    print(
-        f"corpus: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation "
-        f"bytes ({len(corpus.val_files)} unseen works); {len(val)} eval windows",
-        flush=True,
-    )
-    common = dict(batch_size=args.batch, length=args.length, seed=1)  # teacher: seed 0
-    log_every = max(1, args.student_steps // 8)
-    rows = []
 
+def _teacher(bench: Bench):
+    """The trained (or, with --reuse-teacher, reloaded) teacher, scored as row 0."""
+    args = bench.args
     saved = OUT / "distill_teacher.eqx"
     if args.reuse_teacher and saved.exists():
         teacher, history, seconds = st.load_lm(saved), None, 0.0
@@ -147,7 +77,7 @@ def main():
             n_heads=4,
             key=jr.key(0),
         )
-        stream = st.train_batches(corpus.train, **{**common, "seed": 0})
+        stream = st.train_batches(bench.corpus.train, **{**bench.common, "seed": 0})
         teacher, history, seconds = fit(
             teacher,
             None,
@@ -156,79 +86,61 @@ def main():
             steps=args.teacher_steps,
             lr=args.teacher_lr,
             warmup=min(50, args.teacher_steps // 10),
-            eval_data=eval_data,
+            eval_data=bench.eval_data,
             log_every=max(1, args.teacher_steps // 8),
         )
         st.save_lm(saved, teacher)
         teacher = eqx.nn.inference_mode(teacher)
-    teacher_params = st.non_embedding_params(teacher)
+    bench.teacher_params = st.non_embedding_params(teacher)
     if history is None:  # reused: score it here, with no train time to report
         history = [
-            {"split": "eval", "loss": st.validation_loss(teacher, val)},
+            {"split": "eval", "loss": st.validation_loss(teacher, bench.val)},
             {"split": "train", "examples_per_s": float("nan")},
         ]
-    rows.append(
-        score(
-            f"teacher d{args.d_model} L{args.layers} ({args.teacher_steps} steps)",
-            teacher,
-            history,
-            seconds,
-            teacher_params=teacher_params,
-            args=args,
-        )
-    )
+    name = f"teacher d{args.d_model} L{args.layers} ({args.teacher_steps} steps)"
+    bench.add_row(name, teacher, history, seconds)
+    return teacher
 
-    steps = args.student_steps
-    n_kd = max(1, round(args.n_kd * steps))
-    recipes = {
+
+def _recipes(args: argparse.Namespace, n_kd: int) -> dict[str, st.DistillConfig]:
+    kd = {"alpha": args.alpha, "temperature": args.temperature}
+    return {
         "ce": st.DistillConfig(mode="ce"),
-        "kd": st.DistillConfig(mode="kd", alpha=args.alpha, temperature=args.temperature),
-        "salt": st.DistillConfig(
-            mode="salt", alpha=args.alpha, temperature=args.temperature, n_kd=n_kd
-        ),
+        "kd": st.DistillConfig(mode="kd", **kd),
+        "salt": st.DistillConfig(mode="salt", **kd, n_kd=n_kd),
         "salt_ds": st.DistillConfig(
-            mode="salt_ds",
-            alpha=args.alpha,
-            temperature=args.temperature,
-            n_kd=n_kd,
-            ds_pool=args.ds_pool,
-            ds_fraction=args.ds_fraction,
+            mode="salt_ds", **kd, n_kd=n_kd, ds_pool=args.ds_pool, ds_fraction=args.ds_fraction
         ),
     }
+
+
+def _students(bench: Bench, teacher, recipes: dict) -> dict[str, float]:
+    """Train and score every student (and the teacher's same-compute continuation);
+    returns the seconds each factorization took, by fraction."""
+    args, train_bytes, steps = bench.args, bench.corpus.train, bench.args.student_steps
+    from_teacher = {"steps": steps, "lr": args.student_lr, "warmup": min(20, steps // 10)}
     # Same-compute reference: the dense teacher trained for the students' steps more.
     state, loss_fn, stream = st.student_training(
-        teacher, teacher, recipes["ce"], data=corpus.train, steps=steps, **common
+        teacher, teacher, recipes["ce"], data=train_bytes, steps=steps, **bench.common
     )
-    model, history, seconds = fit(
+    bench.fit_and_score(
+        f"teacher + {steps} steps CE",
         eqx.nn.inference_mode(teacher, value=False),
         state,
         loss_fn,
         stream,
-        steps=steps,
-        lr=args.student_lr,
-        warmup=min(20, steps // 10),
-        eval_data=eval_data,
-        log_every=log_every,
-    )
-    rows.append(
-        score(
-            f"teacher + {steps} steps CE",
-            model,
-            history,
-            seconds,
-            teacher_params=teacher_params,
-            args=args,
-        )
+        **from_teacher,
     )
     init_seconds = {}
-    calibration = st.random_windows(corpus.train, np.random.default_rng([0, 3]), 32, args.length)
+    calibration = st.random_windows(train_bytes, np.random.default_rng([0, 3]), 32, args.length)
     for fraction in args.fractions:
         pct = f"{100 * fraction:g}%"
         scratch = st.dense_student(teacher, params=fraction, key=jr.key(1))
         state, loss_fn, stream = st.student_training(
-            teacher, scratch, recipes["ce"], data=corpus.train, steps=steps, **common
+            teacher, scratch, recipes["ce"], data=train_bytes, steps=steps, **bench.common
         )
-        model, history, seconds = fit(
+        bench.fit_and_score(
+            f"{pct} scratch d{scratch.d_model} CE",
             scratch,
             state,
             loss_fn,
@@ -236,25 +148,13 @@ def main():
             steps=steps,
             lr=args.teacher_lr,
             warmup=min(50, steps // 10),
-            eval_data=eval_data,
-            log_every=log_every,
-        )
-        rows.append(
-            score(
-                f"{pct} scratch d{scratch.d_model} CE",
-                model,
-                history,
-                seconds,
-                teacher_params=teacher_params,
-                args=args,
-            )
         )
         t0 = time.perf_counter()
         student, _ = st.factorized_student(
             teacher, params=fraction, init=args.init, calibration=calibration[:, :-1], key=jr.key(2)
         )
         init_seconds[pct] = time.perf_counter() - t0
-        start_loss = st.validation_loss(student, val)
+        start_loss = st.validation_loss(student, bench.val)
         print(
             f"{pct} factorized ({args.init}): init {init_seconds[pct]:.1f} s, "
             f"val bpb {start_loss / math.log(2):.3f} before training",
@@ -262,34 +162,21 @@ def main():
         )
         for name, distill in recipes.items():
             state, loss_fn, stream = st.student_training(
-                teacher, student, distill, data=corpus.train, steps=steps, **common
+                teacher, student, distill, data=train_bytes, steps=steps, **bench.common
             )
-            model, history, seconds = fit(
+            bench.fit_and_score(
+                f"{pct} lowrank {args.init} {name.upper()}",
                 student,
                 state,
                 loss_fn,
                 stream,
-                steps=steps,
-                lr=args.student_lr,
-                warmup=min(20, steps // 10),
-                eval_data=eval_data,
-                log_every=log_every,
+                **from_teacher,
+                start_loss=start_loss,
             )
-            rows.append(
-                score(
-                    f"{pct} lowrank {args.init} {name.upper()}",
-                    model,
-                    history,
-                    seconds,
-                    teacher_params=teacher_params,
-                    args=args,
-                    start_loss=start_loss,
-                )
-            )
+    return init_seconds
 
-    tok_s = throughputs([r["trained"] for r in rows], batch=args.batch, length=args.length)
-    for row, rate in zip(rows, tok_s, strict=True):
-        row["tok_s"] = rate
+
+def _table(rows: list[dict]) -> str:
     header = [
         "model",
         "non-emb params",
@@ -302,7 +189,7 @@ def main():
         "infer tok/s",
         "train s",
     ]
-    table = markdown_table(
+    return markdown_table(
         header,
         [
             [
@@ -320,10 +207,13 @@ def main():
             for r in rows
         ],
     )
+
+
+def _verdicts(rows: list[dict], fractions: list[float], steps: int) -> list[str]:
     teacher_loss = rows[0]["val_loss"]
     continued = rows[1]["val_loss"]
     verdicts = []
-    for fraction in args.fractions:
+    for fraction in fractions:
         pct = f"{100 * fraction:g}%"
         mine = [r for r in rows if r["model"].startswith(pct + " lowrank")]
         best = min(mine, key=lambda r: r["val_loss"])
@@ -336,6 +226,30 @@ def main():
             f"(best recipe {100 * (1 - best['val_loss'] / scratch['val_loss']):.1f}% lower); "
             f"dense teacher given the same {steps} extra steps {continued:.4f}."
         )
+    return verdicts
+
+
+def main():
+    args = _arguments()
+    start = time.perf_counter()
+
+    corpus = load_corpus(val_fraction=0.1, seed=0)
+    val = eval_windows(corpus.validation, args.length, max_windows=args.eval_windows)
+    bench = Bench(args, corpus, val, st.eval_batches(val, 32))
+    print(
+        f"corpus: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation "
+        f"bytes ({len(corpus.val_files)} unseen works); {len(val)} eval windows",
+        flush=True,
+    )
+    teacher = _teacher(bench)
+    steps = args.student_steps
+    n_kd = max(1, round(args.n_kd * steps))
+    init_seconds = _students(bench, teacher, _recipes(args, n_kd))
+
+    rows = bench.rows
+    tok_s = throughputs([r["trained"] for r in rows], batch=args.batch, length=args.length)
+    for row, rate in zip(rows, tok_s, strict=True):
+        row["tok_s"] = rate
     notes = (
         f"Same {steps} optimizer steps for every student (batch {args.batch} x {args.length} "
         f"bytes); teacher {args.teacher_steps} steps. Students from the teacher: AdamW lr "
@@ -346,7 +260,7 @@ def main():
         f"calibration windows) took "
         f"{', '.join(f'{v:.0f} s ({k})' for k, v in init_seconds.items())}. Whole run {time.perf_counter() - start:.0f} s."
     )
-    body = "\n\n".join([table, "\n".join(verdicts), notes])
+    body = "\n\n".join([_table(rows), "\n".join(_verdicts(rows, args.fractions, steps)), notes])
     print(body)
     if args.write_results:
         write_section("distill", "Distillation into low-rank students (Shakespeare, bytes)", body)

@@ -70,6 +70,21 @@ def _time_pair(dense, low, *args, repeats, forward=_FORWARD):
     return statistics.median(dense_times), statistics.median(low_times)
 
 
+def _row(name: str, rank: int, t_dense: float, t: float, flop_ratio: float) -> list:
+    """A table row: the model, the rank, both times in ms, the time and FLOP ratios, and
+    how far the time ratio is off the FLOP ratio."""
+    ratio = t / t_dense
+    return [
+        name,
+        rank,
+        f"{t_dense * 1e3:.2f}",
+        f"{t * 1e3:.2f}",
+        f"{ratio:.3f}",
+        f"{flop_ratio:.3f}",
+        f"{ratio / flop_ratio:.2f}",
+    ]
+
+
 def bench_mlp(repeats):
     key = jax.random.key(0)
     dense = eqx.nn.MLP(1024, 1024, 1024, 3, key=key)
@@ -81,18 +96,7 @@ def bench_mlp(repeats):
         low = lowrank.factorize(dense, rank=rank)
         t_dense, t = _time_pair(dense, low, x, repeats=repeats)
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
-        ratio = t / t_dense
-        rows.append(
-            [
-                "MLP 4x(1024x1024), batch 512",
-                rank,
-                f"{t_dense * 1e3:.2f}",
-                f"{t * 1e3:.2f}",
-                f"{ratio:.3f}",
-                f"{flop_ratio:.3f}",
-                f"{ratio / flop_ratio:.2f}",
-            ]
-        )
+        rows.append(_row("MLP 4x(1024x1024), batch 512", rank, t_dense, t, flop_ratio))
     return rows
 
 
@@ -110,18 +114,8 @@ def bench_cnn(repeats):
             t_dense, t = _time_pair(
                 dense, lowrank.with_kernels(low, lowering=lowering), x, repeats=repeats
             )
-            ratio = t / t_dense
-            rows.append(
-                [
-                    f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]",
-                    rank,
-                    f"{t_dense * 1e3:.2f}",
-                    f"{t * 1e3:.2f}",
-                    f"{ratio:.3f}",
-                    f"{flop_ratio:.3f}",
-                    f"{ratio / flop_ratio:.2f}",
-                ]
-            )
+            name = f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]"
+            rows.append(_row(name, rank, t_dense, t, flop_ratio))
     return rows
 
 

@@ -27,33 +27,17 @@ B. EfficientNet-B0 and ResNet-50 at 224x224 (1000 classes, synthetic images, bat
 """
 
 import argparse
-import json
-import multiprocessing
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-import equinox as eqx
 import jax
 import numpy as np
 
 import lowrank
 from bench._results import markdown_table, write_section
+from bench._vision_big import part_b
+from bench._vision_runs import run_all
 from recipes import models
-from recipes._factorize_policy import apply_policy
-from recipes._report import inference_seconds, seconds_in_turns
-from recipes.config import (
-    Config,
-    FactorizeConfig,
-    ImageModelConfig,
-    OptimConfig,
-    TrainConfig,
-    load_config,
-)
 from recipes.data import DIGITS_TEST_SIZE
-from recipes.run import classification_eval, classification_loss, run
-from recipes.train import make_optimizer, train
+from recipes.run import classification_loss
 
 BUDGETS = (0.5, 0.25)
 INITS = ("random", "spectral", "nkp")
@@ -118,103 +102,16 @@ def grid(
     return runs
 
 
-def _timings(dense, low, state, *, batch: int, rounds: int) -> tuple[float, float]:
-    """(train step ratio, inference time ratio) of `low` against `dense`, timed in turns
-    (jitted loss + gradient on `batch` training images; inference-mode forward on 128
-    test images)."""
-    rng = np.random.default_rng(0)
-    train = {
-        "image": rng.normal(size=(batch, 3, 32, 32)).astype(np.float32),
-        "label": rng.integers(0, 10, batch).astype(np.int32),
-    }
-    test = {
-        "image": rng.normal(size=(128, 3, 32, 32)).astype(np.float32),
-        "label": rng.integers(0, 10, 128).astype(np.int32),
-    }
-    key = jax.random.key(0)
-    grad = eqx.filter_jit(
-        lambda m, s, b: eqx.filter_value_and_grad(lambda q: classification_loss(q, s, b, key)[0])(m)
-    )
-    t_dense, t_low = seconds_in_turns(grad, [dense, low], state, train, rounds=rounds)
-    i_dense, i_low = inference_seconds(
-        classification_eval, [dense, low], state, test, rounds=rounds
-    )
-    return t_low / t_dense, i_low / i_dense
-
-
-def _one_run(overrides: list[str], seed: int, batch: int, rounds: int, timed: bool) -> dict:
-    """Train one recipe run (in a fresh process: XLA's compiled code from dozens of runs
-    would exhaust the process's memory maps); its accuracy, report and, if `timed`,
-    its time ratios against a dense model of the same config."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            "digits_demo", [*overrides, f"train.seed={seed}", f"train.out_dir={tmp}"]
-        )
-        result, report = run(config)
-    record = {
-        "accuracy": [r for r in result.history if r["split"] == "eval"][-1]["accuracy"],
-        "report": report,
-    }
-    if timed and report is not None:
-        dense, state = models.resnet18(
-            10, stem="cifar", width=config.model.width, key=jax.random.key(0)
-        )
-        record["timings"] = _timings(dense, result.model, state, batch=batch, rounds=rounds)
-    return record
-
-
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def part_a(
-    width: int,
-    steps: int,
-    batch: int,
-    runs: list,
-    seeds: int,
-    rounds: int,
-    extras: bool,
-    resume: bool,
-) -> str:
-    """Every run of `runs` for every seed, each in its own process. Finished runs are
-    logged to bench/out/vision_runs.jsonl; `resume` reuses the logged ones (same
-    overrides and seed) instead of starting the log afresh."""
-    cache = Path(__file__).with_name("out") / "vision_runs.jsonl"
-    cache.parent.mkdir(exist_ok=True)
-    known = {}
-    if not resume:
-        cache.write_text("")
-    elif cache.exists():
-        for line in cache.read_text().splitlines():
-            entry = json.loads(line)
-            known[(entry["key"], entry["seed"])] = entry
-    done = {}  # label -> [record per seed]
-    spawn = multiprocessing.get_context("spawn")
-    for seed in range(seeds):
-        for i, (label, overrides) in enumerate(runs):
-            key = json.dumps(overrides)
-            if (key, seed) not in known:
-                start = time.perf_counter()
-                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                    record = pool.submit(
-                        _one_run, overrides, seed, batch, rounds, seed == 0
-                    ).result()
-                known[(key, seed)] = {"key": key, "seed": seed, **record}
-                with cache.open("a") as f:
-                    f.write(json.dumps(known[(key, seed)]) + "\n")
-                print(
-                    f"[seed {seed}, {i + 1}/{len(runs)}] {label}: accuracy "
-                    f"{record['accuracy']:.4f} ({time.perf_counter() - start:.0f}s)",
-                    flush=True,
-                )
-            done.setdefault(label, []).append(known[(key, seed)])
-    dense_runs, *_ = done.values()
+def _rows(done: dict, dense_accs: list[float], width: int) -> list[list]:
+    """Part A's table rows: the dense run, then each factorized setting."""
     dense, state = models.resnet18(10, stem="cifar", width=width, key=jax.random.key(0))
     summary = lowrank.summary(dense, example=_example(state))
-    dense_accs = [r["accuracy"] for r in dense_runs]
     rows = [
         [
             "dense",
@@ -257,6 +154,25 @@ def part_a(
                 "yes" if time_ratio <= 1.25 * report["flops_ratio"] else "no",
             ]
         )
+    return rows
+
+
+def part_a(
+    width: int,
+    steps: int,
+    batch: int,
+    runs: list,
+    seeds: int,
+    rounds: int,
+    extras: bool,
+    resume: bool,
+) -> str:
+    """Every run of `runs` for every seed, each in its own process. Finished runs are
+    logged to bench/out/vision_runs.jsonl; `resume` reuses the logged ones (same
+    overrides and seed) instead of starting the log afresh."""
+    done = run_all(runs, seeds=seeds, batch=batch, rounds=rounds, resume=resume)
+    dense_accs = [r["accuracy"] for r in next(iter(done.values()))]
+    rows = _rows(done, dense_accs, width)
     verdicts = "" if extras else "\n\n" + _verdicts(done, dense_accs)
     header = [
         "run",
@@ -329,88 +245,6 @@ def _example(state):
     """`fn(model)` running one 32x32 image (lets FLOP counts see conv output sizes)."""
     image = {"image": np.zeros((1, 3, 32, 32), np.float32), "label": np.zeros(1, np.int32)}
     return lambda m: classification_loss(m, state, image, jax.random.key(0))
-
-
-def part_b() -> str:
-    rows = []
-    setups = [
-        ("efficientnet_b0", "efficientnet", "nkp", lambda k: models.efficientnet_b0(1000, key=k)),
-        ("resnet50", "khodak", "spectral", lambda k: models.resnet50(1000, stem="imagenet", key=k)),
-    ]
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.normal(size=(2, 3, 224, 224)).astype(np.float32),
-        "label": rng.integers(0, 1000, 2).astype(np.int32),
-    }
-    for name, policy, init, make in setups:
-        model, state = make(jax.random.key(0))
-        config = Config(
-            name=f"{name}_224",
-            model=ImageModelConfig(name=name, stem="imagenet"),
-            factorize=FactorizeConfig(policy=policy, rank="params:0.5", init=init),
-        )
-        one = {k: v[:1] for k, v in batch.items()}
-        example = lambda m: classification_loss(m, state, one, jax.random.key(0))
-        start = time.perf_counter()
-        low, plan = apply_policy(model, config, example=example)
-        factorize_s = time.perf_counter() - start
-        dense_sum = lowrank.summary(model, example=example)
-        low_sum = lowrank.summary(low, example=example)
-        optimizer, schedule = make_optimizer(OptimConfig(), 1)
-        start = time.perf_counter()
-        result = train(
-            low,
-            state,
-            loss_fn=classification_loss,
-            optimizer=optimizer,
-            schedule=schedule,
-            train_data=lambda step: iter(lambda: batch, None),
-            config=TrainConfig(steps=1, log_every=1, out_dir="", progress=False),
-        )
-        step_s = time.perf_counter() - start
-        loss = result.history[-1]["loss"]
-        totals = plan.totals()
-        print(
-            f"{name}: {len(plan.factorized)} layers factorized, params x"
-            f"{low_sum.total_params / dense_sum.total_params:.3f}, FLOPs x"
-            f"{low_sum.flops / dense_sum.flops:.3f}, loss {loss:.3f}",
-            flush=True,
-        )
-        rows.append(
-            [
-                name,
-                policy,
-                init,
-                f"{len(plan.factorized)}/{len(plan.layers)}",
-                totals["params_after"] / totals["params_before"],
-                f"{dense_sum.total_params:,} -> {low_sum.total_params:,}",
-                low_sum.total_params / dense_sum.total_params,
-                f"{dense_sum.flops / 1e9:.2f}G -> {low_sum.flops / 1e9:.2f}G",
-                low_sum.flops / dense_sum.flops,
-                f"{loss:.3f}",
-                f"{factorize_s:.1f}",
-                f"{step_s:.1f}",
-            ]
-        )
-    header = [
-        "model",
-        "policy",
-        "init",
-        "factorized",
-        "selected params ratio",
-        "model params",
-        "params ratio",
-        "FLOPs (one image)",
-        "FLOP ratio",
-        "train loss of the step",
-        "factorize s",
-        "1 step s (incl. compile)",
-    ]
-    return (
-        "224x224, 1000 classes, Budget(params=0.5) of each policy's layers, one SGD step "
-        "on 2 synthetic images (a smoke test that the factorized models train, not a "
-        "quality number).\n\n" + markdown_table(header, rows)
-    )
 
 
 def main(argv=None):

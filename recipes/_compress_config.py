@@ -119,6 +119,32 @@ class CompressConfig:
     progress: bool = True
 
 
+def pretrained_config(
+    model: str, *, batch_size: int, rank: str = "params:0.8", max_new_tokens: int = 0, **data
+) -> CompressConfig:
+    """The shipped `compress_<model>` recipe body: the whole pretrained `model`, the
+    whitened init at `rank`, no healing (its batch is `batch_size` when turned on).
+
+    Args:
+        model: the `PretrainedModelConfig.name`.
+        batch_size: the calibration, evaluation and healing batch size.
+        rank: the `CompressFactorizeConfig.rank` budget.
+        max_new_tokens: greedy generation after compressing (language models).
+        **data: the other `CompressDataConfig` fields (calibration, evaluation, ...).
+
+    Returns:
+        The `CompressConfig` named `compress_<model>`.
+    """
+    return CompressConfig(
+        name=f"compress_{model}",
+        model=PretrainedModelConfig(name=model),
+        data=CompressDataConfig(batch_size=batch_size, **data),
+        factorize=CompressFactorizeConfig(rank=rank, init="whitened"),
+        heal=HealConfig(steps=0, batch_size=batch_size, alpha=1.0, temperature=1.0, log_every=10),
+        generate=GenerateConfig(max_new_tokens=max_new_tokens),
+    )
+
+
 def uses_calibration(init: str) -> bool:
     """Whether `lowrank.factorize` takes calibration data for this registered init."""
     return lowrank.get_initializer(init).calibration != "never"

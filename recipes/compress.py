@@ -44,6 +44,7 @@ from ._compress_config import (
     HealConfig,
     PretrainedModelConfig,
     check,
+    pretrained_config,
     uses_calibration,
 )
 from ._compress_subject import Subject
@@ -312,4 +313,5 @@ __all__ = [
     "PretrainedModelConfig",
     "compress",
     "format_table",
+    "pretrained_config",
 ]

@@ -8,7 +8,6 @@ real 8x8 digits ship with scikit-learn) and runs in a couple of minutes on two C
 """
 
 import argparse
-import statistics
 import time
 
 import equinox as eqx
@@ -19,6 +18,8 @@ import optax
 from sklearn.datasets import load_digits
 
 import lowrank
+
+from ._report import seconds_in_turns
 
 
 class DigitsCNN(eqx.Module):
@@ -89,13 +90,7 @@ def accuracy(model, data) -> float:
 
 
 def median_inference_seconds(model, x, repeats: int = 30) -> float:
-    jax.block_until_ready(predict(model, x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(predict(model, x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return seconds_in_turns(predict, [model], x, rounds=1, repeats=repeats)[0]
 
 
 def main(argv=None):

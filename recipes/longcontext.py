@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Float
 
 from recipes.text import encode
+
+from ._sampling import decode_into
+from ._sampling import generate as generate
 
 _QUERIES = ("len", "index", "sum")
 _ANSWER_MARK = "# output: "
@@ -106,7 +109,18 @@ def make_list_task(
     queries: tuple[str, ...] = _QUERIES,
 ) -> ListTask:
     """One task, a pure function of `seed` and the sizes. Longer programs (more ops and
-    distractors) need longer context."""
+    distractors) need longer context.
+
+    Args:
+        seed: the task's seed.
+        n_ops: operations on the list `x`.
+        n_distractors: lines that never touch `x`.
+        n_candidates: answers to choose from.
+        queries: the kinds of question asked about `x`.
+
+    Returns:
+        The `ListTask`.
+    """
     if n_ops < 1 or n_distractors < 0:
         raise ValueError(
             f"need n_ops >= 1 and n_distractors >= 0, got n_ops={n_ops}, "
@@ -151,7 +165,16 @@ def make_list_task(
 
 
 def make_list_tasks(n: int, *, seed: int = 0, **sizes) -> list[ListTask]:
-    """`n` tasks; task i uses seed (seed, i), so a longer list extends a shorter one."""
+    """`n` tasks; task i uses seed (seed, i), so a longer list extends a shorter one.
+
+    Args:
+        n: how many tasks.
+        seed: the base seed.
+        **sizes: as `make_list_task`.
+
+    Returns:
+        The tasks.
+    """
     return [make_list_task((seed, i), **sizes) for i in range(n)]
 
 
@@ -177,7 +200,17 @@ def candidate_logprobs(
 ) -> Float[np.ndarray, "n_tasks n_candidates"]:
     """log p(candidate + newline | prompt) under `model` (ids (T,) -> logits (T, 256),
     in inference mode), summed over the candidate's bytes, for every task and candidate.
-    All sequences are right-padded to one length: a causal model ignores the padding."""
+    All sequences are right-padded to one length: a causal model ignores the padding.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        batch_size: sequences per forward.
+        context: the most tokens the model sees (default `model.context`, if any).
+
+    Returns:
+        (n_tasks, n_candidates) log-probabilities.
+    """
     prompts = [encode(t.prompt) for t in tasks for _ in t.candidates]
     answers = [encode(c + "\n") for t in tasks for c in t.candidates]
     seqs = [np.concatenate([p, a]) for p, a in zip(prompts, answers)]
@@ -203,69 +236,33 @@ def candidate_logprobs(
 
 
 def likelihood_accuracy(model, tasks: list[ListTask], **kwargs) -> float:
-    """Fraction of tasks whose most likely candidate is the true answer."""
+    """Fraction of tasks whose most likely candidate is the true answer.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        **kwargs: as `candidate_logprobs`.
+
+    Returns:
+        The accuracy in [0, 1].
+    """
     scores = candidate_logprobs(model, tasks, **kwargs)
     truth = np.array([t.answer_index for t in tasks])
     return float(np.mean(np.argmax(scores, axis=1) == truth))
 
 
-@eqx.filter_jit
-def _decode(model, buffer, start, key, n: int, temperature: float, window: int | None):
-    """Fill buffer[start : start + n], one token at a time, each from the model's
-    logits on the (at most `window`-long) stretch of known tokens ending before it."""
-    size = buffer.shape[0]
-    width = size if window is None else min(window, size)
-
-    def step(i, carry):
-        buffer, key = carry
-        cur = start + i  # tokens known so far; this step writes buffer[cur]
-        lo = jnp.clip(cur - width, 0, size - width)
-        logits = model(jax.lax.dynamic_slice(buffer, (lo,), (width,)))[cur - 1 - lo]
-        key, sub = jr.split(key)
-        if temperature == 0:
-            token = jnp.argmax(logits)
-        else:
-            token = jr.categorical(sub, logits.astype(jnp.float32) / temperature)
-        return buffer.at[cur].set(token.astype(buffer.dtype)), key
-
-    buffer, _ = jax.lax.fori_loop(0, n, step, (buffer, key))
-    return buffer
-
-
-def generate(
-    model,
-    prompt_ids: Int[Array, " P"],
-    n: int,
-    *,
-    key: PRNGKeyArray | None = None,
-    temperature: float = 1.0,
-    context: int | None = None,
-) -> Int[Array, " n"]:
-    """The next `n` tokens after `prompt_ids`: greedy (argmax) at temperature 0, else
-    sampled from softmax(logits / temperature). The model sees at most `context` tokens
-    (default `model.context` when it has one): older tokens slide out of the window.
-    Pass a model in inference mode (`eqx.nn.inference_mode`) if it has dropout."""
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    if prompt_ids.ndim != 1 or prompt_ids.shape[0] < 1:
-        raise ValueError(
-            f"prompt_ids must be a non-empty 1-D sequence, got shape {prompt_ids.shape}"
-        )
-    if n < 0:
-        raise ValueError(f"n must be >= 0 tokens, got {n}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs a PRNG key: pass key=")
-    context = getattr(model, "context", None) if context is None else context
-    key = jr.key(0) if key is None else key
-    buffer = jnp.concatenate([prompt_ids, jnp.zeros((n,), jnp.int32)])
-    start = prompt_ids.shape[0]
-    return _decode(model, buffer, start, key, n, float(temperature), context)[start:]
-
-
 def greedy_accuracy(model, tasks: list[ListTask], *, context: int | None = None) -> float:
     """Fraction of tasks where greedy decoding after the prompt writes the answer and
-    then a newline. One compile: prompts are right-padded into one buffer length."""
+    then a newline. One compile: prompts are right-padded into one buffer length.
+
+    Args:
+        model: a language model, ids (T,) -> logits (T, 256).
+        tasks: the tasks.
+        context: the most tokens the model sees (default `model.context`, if any).
+
+    Returns:
+        The accuracy in [0, 1].
+    """
     prompts = [encode(t.prompt) for t in tasks]
     n = max(len(t.answer) for t in tasks) + 1
     size = max(len(p) for p in prompts) + n
@@ -274,7 +271,7 @@ def greedy_accuracy(model, tasks: list[ListTask], *, context: int | None = None)
     for row, p in enumerate(prompts):
         buffers[row, : len(p)] = p
     starts = jnp.asarray([len(p) for p in prompts])
-    decode = jax.vmap(lambda b, s: _decode(model, b, s, jr.key(0), n, 0.0, window))
+    decode = jax.vmap(lambda b, s: decode_into(model, b, s, jr.key(0), n, 0.0, window))
     out = np.asarray(decode(jnp.asarray(buffers), starts))
     hits = [
         bytes(out[row, len(p) : len(p) + len(t.answer) + 1].tolist()) == (t.answer + "\n").encode()

@@ -84,10 +84,18 @@ def bits_per_byte(losses: Float[ArrayLike, "..."], n_bytes: int) -> Float[Array,
     return jnp.sum(jnp.asarray(losses, jnp.float32)) / (math.log(2) * n_bytes)
 
 
-def kl_divergence(
-    dense_logits: Float[ArrayLike, "*batch classes"],
-    compressed_logits: Float[ArrayLike, "*batch classes"],
-) -> Float[Array, ""]:
+ClassLogits = Float[ArrayLike, "*batch classes"]
+"""Class scores of one model, on every position or example."""
+
+
+def _logit_pair(dense_logits: ClassLogits, compressed_logits: ClassLogits) -> tuple[Array, Array]:
+    """Both models' logits as arrays, checked to be of the same shape."""
+    a, b = jnp.asarray(dense_logits), jnp.asarray(compressed_logits)
+    _same_shape("dense_logits", a, "compressed_logits", b)
+    return a, b
+
+
+def kl_divergence(dense_logits: ClassLogits, compressed_logits: ClassLogits) -> Float[Array, ""]:
     """KL(dense || compressed) of the softmax distributions, in nats, mean over positions.
 
     Args:
@@ -97,28 +105,22 @@ def kl_divergence(
     Returns:
         `mean(sum_c p_c (log p_c - log q_c))`, p from the dense logits.
     """
-    p_logits, q_logits = jnp.asarray(dense_logits), jnp.asarray(compressed_logits)
-    _same_shape("dense_logits", p_logits, "compressed_logits", q_logits)
+    p_logits, q_logits = _logit_pair(dense_logits, compressed_logits)
     log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
     log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-def top1_agreement(
-    dense_logits: Float[ArrayLike, "*batch classes"],
-    compressed_logits: Float[ArrayLike, "*batch classes"],
-) -> Float[Array, ""]:
+def top1_agreement(dense_logits: ClassLogits, compressed_logits: ClassLogits) -> Float[Array, ""]:
     """Fraction of positions where both models' top class (argmax) is the same.
 
     Args:
-        dense_logits: the dense model's logits.
-        compressed_logits: the compressed model's logits on the same inputs.
+        dense_logits, compressed_logits: as `kl_divergence`.
 
     Returns:
         The agreement in [0, 1].
     """
-    a, b = jnp.asarray(dense_logits), jnp.asarray(compressed_logits)
-    _same_shape("dense_logits", a, "compressed_logits", b)
+    a, b = _logit_pair(dense_logits, compressed_logits)
     return jnp.mean(jnp.argmax(a, axis=-1) == jnp.argmax(b, axis=-1))
 
 

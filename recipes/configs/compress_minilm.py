@@ -6,20 +6,10 @@ embeddings and nearest-neighbour agreement.
     python -m recipes.run compress_minilm --set factorize.rank=params:0.8 heal.steps=100
 """
 
-from recipes.compress import (
-    CompressConfig,
-    CompressDataConfig,
-    CompressFactorizeConfig,
-    HealConfig,
-    PretrainedModelConfig,
-)
+from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
-    return CompressConfig(
-        name="compress_minilm",
-        model=PretrainedModelConfig(name="minilm"),
-        data=CompressDataConfig(calibration=128, evaluation=64, seq_len=128, batch_size=16),
-        factorize=CompressFactorizeConfig(rank="params:0.6", init="whitened"),
-        heal=HealConfig(steps=0, batch_size=16, log_every=10),
+    return pretrained_config(
+        "minilm", batch_size=16, rank="params:0.6", calibration=128, evaluation=64, seq_len=128
     )

@@ -9,20 +9,10 @@ other photographs by KL to the dense model and top-1 agreement.
     python -m recipes.run compress_mobilenet_v2 --set model.blocks_per_stage=1  # a slice
 """
 
-from recipes.compress import (
-    CompressConfig,
-    CompressDataConfig,
-    CompressFactorizeConfig,
-    HealConfig,
-    PretrainedModelConfig,
-)
+from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
-    return CompressConfig(
-        name="compress_mobilenet_v2",
-        model=PretrainedModelConfig(name="mobilenet_v2"),
-        data=CompressDataConfig(calibration=128, evaluation=64, image_size=224, batch_size=16),
-        factorize=CompressFactorizeConfig(rank="params:0.8", init="whitened"),
-        heal=HealConfig(steps=0, batch_size=16, log_every=10),
+    return pretrained_config(
+        "mobilenet_v2", batch_size=16, calibration=128, evaluation=64, image_size=224
     )

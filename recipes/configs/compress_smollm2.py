@@ -9,22 +9,10 @@ bits per byte); greedy generation dense next to compressed.
         data.evaluation=4 data.seq_len=64                           # a quick look
 """
 
-from recipes.compress import (
-    CompressConfig,
-    CompressDataConfig,
-    CompressFactorizeConfig,
-    GenerateConfig,
-    HealConfig,
-    PretrainedModelConfig,
-)
+from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
-    return CompressConfig(
-        name="compress_smollm2",
-        model=PretrainedModelConfig(name="smollm2"),
-        data=CompressDataConfig(calibration=128, evaluation=32, seq_len=256, batch_size=8),
-        factorize=CompressFactorizeConfig(rank="params:0.8", init="whitened"),
-        heal=HealConfig(steps=0, batch_size=8, alpha=1.0, temperature=1.0, log_every=10),
-        generate=GenerateConfig(max_new_tokens=32),
+    return pretrained_config(
+        "smollm2", batch_size=8, max_new_tokens=32, calibration=128, evaluation=32, seq_len=256
     )

@@ -7,18 +7,15 @@ conv, and a stochastic-depth residual. Convs are plain `eqx.nn.Conv2d` (depthwis
 and the classifier `classifier`.
 """
 
-from collections.abc import Callable
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import build
-from ._layers import StochasticDepth, apply_norm, batch_norm, conv2d
+from ._layers import ConvBNAct, Image, Logits, Stage, StochasticDepth, conv2d, pooled_logits
 
-# (expand ratio, kernel, stride, in channels, out channels, blocks) per stage.
-_B0_STAGES = (
+EFFICIENTNET_B0_STAGES = (
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),
     (6, 5, 2, 24, 40, 2),
@@ -27,47 +24,7 @@ _B0_STAGES = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
-
-
-class ConvBNAct(eqx.Module):
-    """Conv, BatchNorm, then an optional activation (swish unless told otherwise).
-    `padding` and `eps` follow `conv2d` and `batch_norm` (TF-trained weights want
-    padding="SAME" and eps=1e-3)."""
-
-    conv: eqx.nn.Conv2d
-    bn: eqx.nn.BatchNorm
-    activation: Callable[[Array], Array] | None = eqx.field(static=True)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        stride: int = 1,
-        groups: int = 1,
-        activation: Callable[[Array], Array] | None = jax.nn.silu,
-        padding: str | None = None,
-        eps: float = 1e-5,
-        key: PRNGKeyArray,
-    ):
-        self.conv = conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            groups=groups,
-            padding=padding,
-            key=key,
-        )
-        self.bn = batch_norm(out_channels, eps=eps)
-        self.activation = activation
-
-    def __call__(self, x, state, *, inference=None):
-        x, state = apply_norm(self.bn, self.conv(x), state, inference)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x, state
+"""(expand ratio, kernel, stride, in channels, out channels, blocks) per stage."""
 
 
 class SqueezeExcitation(eqx.Module):
@@ -130,12 +87,6 @@ class MBConv(eqx.Module):
         return out, state
 
 
-class Stage(eqx.Module):
-    """A run of MBConv blocks with the same kernel size and output width."""
-
-    blocks: tuple[MBConv, ...]
-
-
 class EfficientNet(eqx.Module):
     """An unbatched EfficientNet classifier: `model(x, state, key=...) -> (logits, state)`
     on a (C, H, W) image. Training mode needs a `key` (stochastic depth, dropout)."""
@@ -155,12 +106,14 @@ class EfficientNet(eqx.Module):
         in_channels: int = 3,
         key: PRNGKeyArray,
     ):
-        k_stem, k_head, k_fc, *k_stages = jax.random.split(key, 3 + len(_B0_STAGES))
-        self.stem = ConvBNAct(in_channels, _B0_STAGES[0][3], 3, stride=2, key=k_stem)
-        total = sum(stage[-1] for stage in _B0_STAGES)
+        k_stem, k_head, k_fc, *k_stages = jax.random.split(key, 3 + len(EFFICIENTNET_B0_STAGES))
+        self.stem = ConvBNAct(in_channels, EFFICIENTNET_B0_STAGES[0][3], 3, stride=2, key=k_stem)
+        total = sum(stage[-1] for stage in EFFICIENTNET_B0_STAGES)
         index = 0
         stages = []
-        for (ratio, kernel, stride, c_in, c_out, n), k_stage in zip(_B0_STAGES, k_stages):
+        for (ratio, kernel, stride, c_in, c_out, n), k_stage in zip(
+            EFFICIENTNET_B0_STAGES, k_stages
+        ):
             blocks = []
             for j, k_block in enumerate(jax.random.split(k_stage, n)):
                 blocks.append(
@@ -177,27 +130,20 @@ class EfficientNet(eqx.Module):
                 index += 1
             stages.append(Stage(tuple(blocks)))
         self.stages = tuple(stages)
-        last = _B0_STAGES[-1][4]
+        last = EFFICIENTNET_B0_STAGES[-1][4]
         self.head = ConvBNAct(last, 4 * last, 1, key=k_head)
         self.dropout = eqx.nn.Dropout(dropout)
         self.classifier = eqx.nn.Linear(4 * last, num_classes, key=k_fc)
 
     def __call__(
-        self,
-        x: Float[Array, "c h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
+        self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
+    ) -> tuple[Logits, eqx.nn.State]:
         blocks = [block for stage in self.stages for block in stage.blocks]
         keys = [None] * (len(blocks) + 1) if key is None else jax.random.split(key, len(blocks) + 1)
         x, state = self.stem(x, state, inference=inference)
         for block, k in zip(blocks, keys[:-1]):
             x, state = block(x, state, key=k, inference=inference)
-        x, state = self.head(x, state, inference=inference)
-        x = self.dropout(jnp.mean(x, axis=(1, 2)), key=keys[-1], inference=inference)
-        return self.classifier(x), state
+        return pooled_logits(self, x, state, key=keys[-1], inference=inference)
 
 
 def efficientnet_b0(

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 
 import lowrank
 
-from ._efficientnet import ConvBNAct
+from ._layers import ConvBNAct
 from ._resnet import BasicBlock, Bottleneck, Downsample, ResNet
 
 PAIRS: dict[type, tuple[tuple[str, str], ...]] = {

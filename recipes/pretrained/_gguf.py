@@ -7,7 +7,6 @@ layout. llama.cpp's converter stores each head's rotary pairs interleaved
 all real parts in the first half of the head and the imaginary parts in the second.
 """
 
-import dataclasses
 import functools
 import os
 import re
@@ -18,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..models import Llama, LlamaConfig
-from ._llama_weights import build_llama, llama_tensor_names
+from ._llama_weights import build_llama, first_layers, llama_tensor_names
 from ._tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_json
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -204,13 +203,7 @@ def read_gguf_llama(
     """
     file = _GGUFFile(path)
     config = _config(file)
-    if num_layers is not None:
-        if not isinstance(num_layers, int) or not 1 <= num_layers <= config.num_layers:
-            raise ValueError(
-                f"num_layers={num_layers!r} must be an int in [1, {config.num_layers}] "
-                f"for {file.path} (or None for all blocks)"
-            )
-        config = dataclasses.replace(config, num_layers=num_layers)
+    config = first_layers(config, num_layers, file.path)
     wanted = set(llama_tensor_names(config))
     tensors = {}
     for name in file.tensors:

@@ -2,7 +2,6 @@
 file or sharded with model.safetensors.index.json), read with safetensors' numpy API.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -14,7 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from ..models import Llama, LlamaConfig
-from ._llama_weights import build_llama, llama_tensor_names
+from ._llama_weights import build_llama, first_layers, llama_tensor_names
 from ._tokenizer import tokenizer_from_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -129,13 +128,7 @@ def llama_from_hf(
             "(config.json + *.safetensors)"
         )
     config = _config(folder, _read_json(config_path))
-    if num_layers is not None:
-        if not isinstance(num_layers, int) or not 1 <= num_layers <= config.num_layers:
-            raise ValueError(
-                f"num_layers={num_layers!r} must be an int in [1, {config.num_layers}] "
-                f"for {folder} (or None for all blocks)"
-            )
-        config = dataclasses.replace(config, num_layers=num_layers)
+    config = first_layers(config, num_layers, folder)
     files = _weight_files(folder)
     wanted = set(llama_tensor_names(config))
     unexpected = []

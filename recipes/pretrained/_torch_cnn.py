@@ -6,7 +6,8 @@ statistics included, so no layer can keep a random init unnoticed and no checkpo
 tensor goes unread.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -34,29 +35,76 @@ def conv_bn_names(path: str, conv: str, bn: str) -> dict[str, str | np.ndarray]:
     }
 
 
+def inverted_residual_names(
+    table: Sequence[tuple[int, ...]],
+    blocks_per_stage: int | None,
+    block_parts: Callable[[int, int], list[tuple[str, str, str]]],
+    *,
+    first: int,
+) -> dict[str, str | np.ndarray]:
+    """{leaf path: checkpoint name} for the blocks an `InvertedResidualNet` built from
+    stage `table` keeps at `blocks_per_stage`.
+
+    Args:
+        table: the stage rows (expand ratio, ..., blocks).
+        blocks_per_stage: None for every block, or k for the first k of each stage.
+        block_parts: (checkpoint block index, expand ratio) -> [(part, conv name, BatchNorm
+            name)] for the block's ConvBNAct parts ("expand", "depthwise", "project").
+        first: the checkpoint's index of the first block (later ones count up from it,
+            dropped blocks included).
+
+    Returns:
+        The map for the blocks' ConvBNAct leaves.
+    """
+    names = {}
+    index = first
+    for s, (ratio, *_, n) in enumerate(table):
+        for j in range(n):
+            if blocks_per_stage is None or j < blocks_per_stage:
+                for part, conv, bn in block_parts(index, ratio):
+                    names.update(conv_bn_names(f"stages.{s}.blocks.{j}.{part}", conv, bn))
+            index += 1
+    return names
+
+
 def _is_state(leaf_path: str) -> bool:
     return ".batch_state_index." in leaf_path or ".batch_counter." in leaf_path
 
 
 def load_cnn(
-    make_model: Callable[[], PyTree],
-    names: dict[str, str | np.ndarray],
+    model_class: Callable[..., PyTree],
+    names_at: Callable[[int | None], dict[str, str | np.ndarray]],
     tensors: dict[str, np.ndarray],
     *,
-    full_names: Iterable[str | np.ndarray],
-    file: str,
+    blocks_per_stage: int | None,
+    path: Path,
     model_name: str,
     dtype,
 ) -> tuple[PyTree, eqx.nn.State]:
-    """`make_model()` with every array taken from `tensors` by `names` (leaf path ->
-    checkpoint name, or a value), and its state.
+    """`model_class(blocks_per_stage=...)` with every array taken from `tensors` by
+    `names_at(blocks_per_stage)` (leaf path -> checkpoint name, or a value), and its
+    state.
 
     Weights are cast to `dtype`; BatchNorm statistics stay float32. A checkpoint
-    tensor that no leaf reads is an error unless the whole network (`full_names`, the
-    values of `names` for an unsliced model) reads it, or it is a BatchNorm batch
-    counter.
+    tensor that no leaf reads is an error unless the whole network (the values of
+    `names_at(None)`) reads it, or it is a BatchNorm batch counter.
+
+    Args:
+        model_class: the model's class, built with `blocks_per_stage` and a key.
+        names_at: blocks_per_stage -> the leaf-path-to-checkpoint map of that slice.
+        tensors: the checkpoint's tensors by name.
+        blocks_per_stage: the slice to load (None: the whole network).
+        path: the checkpoint file, named in errors.
+        model_name: the model, named in errors.
+        dtype: the dtype of the weights.
+
+    Returns:
+        (model, state).
     """
-    abstract = eqx.filter_eval_shape(make_model)
+    names, file = names_at(blocks_per_stage), str(path)
+    abstract = eqx.filter_eval_shape(
+        lambda: model_class(blocks_per_stage=blocks_per_stage, key=jax.random.key(0))
+    )
     leaves = {
         jax.tree_util.keystr(p, simple=True, separator="."): leaf
         for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)
@@ -71,7 +119,7 @@ def load_cnn(
     missing = sorted(n for n in names.values() if isinstance(n, str) and n not in tensors)
     if missing:
         raise ValueError(f"{file}: has no tensor {missing[0]!r} ({len(missing)} missing); {fix}")
-    known = {n for n in full_names if isinstance(n, str)}
+    known = {n for n in names_at(None).values() if isinstance(n, str)}
     unused = {n for n in tensors if n not in known and not n.endswith(".num_batches_tracked")}
     if unused:
         raise ValueError(
