@@ -431,8 +431,11 @@ class _Pass:
     def _fit(self, scope, eqn, view, use, watch, key, changed) -> None:
         x = eqn.invars[1 - use.weight]
         rows = self._rows(eqn, view, use, scope.read(x, "current"))
-        if not self.sequential:  # every call's inputs count; fitted after the pass
-            self.pending.setdefault((watch.path, key), []).append(rows)
+        if not self.sequential:
+            if self.stop_early:  # only the first call counts: fit now, keep nothing
+                self.fit(watch.path, key, rows, None)
+            else:  # every call's inputs count; fitted after the pass
+                self.pending.setdefault((watch.path, key), []).append(rows)
             return
         dense = self._rows(eqn, view, use, scope.read(x, "dense")) if changed else None
         factors = self.fit(watch.path, key, rows, dense)

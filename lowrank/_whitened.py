@@ -58,15 +58,19 @@ def whitening(
     return mean, basis, jnp.maximum(eig, floor)
 
 
-def whitened_spectrum(weight, inputs, *, centre: bool) -> np.ndarray:
-    """Singular values of W·S, S Sᵀ the inputs' (centred if `centre`) second moment:
-    in that basis dropping a component costs its squared singular value of output error
-    on the inputs. Float64, on the host."""
+def input_whitening(inputs, *, centre: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(E, λ) of the inputs' (centred if `centre`) second moment, λ floored as in
+    `whitening`. Float64, on the host."""
     x = np.asarray(inputs, np.float64)
     x = x - x.mean(0) if centre else x
     eig, basis = np.linalg.eigh(x.T @ x / len(x))
     top = eig.max(initial=0.0)
-    eig = np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+    return basis, np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+
+
+def whitened_spectrum(weight, basis: np.ndarray, eig: np.ndarray) -> np.ndarray:
+    """Singular values of W·S, S = E·Λ^½ from `input_whitening`: in that basis dropping
+    a component costs its squared singular value of output error on the inputs."""
     return singular_values((np.asarray(weight, np.float64) @ basis) * np.sqrt(eig))
 
 
