@@ -205,7 +205,7 @@ class _Pass:
         self.biases: dict[str, np.ndarray] = {}
         self.scopes: list[_Scope] = []
         self.pending: dict[tuple, list[np.ndarray]] = {}
-        self.last_rows: tuple | None = None  # (matmul layout, id(data), data, its rows)
+        self.last_rows: list[tuple] = []  # (matmul layout, data, its rows): current and dense
 
     # ---------------------------------------------------------------- evaluation
 
@@ -285,7 +285,7 @@ class _Pass:
                 if not isinstance(v, jex_core.Literal) and v not in defined
             )
         )
-        outs = [v for v in defined if v in last and id(last[v]) not in inside]
+        outs = [v for eqn in eqns for v in eqn.outvars if v in last and id(last[v]) not in inside]
         fn = _compiled(ins, outs, eqns)
         for v, o in zip(outs, fn(*[scope.read(v, "dense") for v in ins])):
             scope.dense[v] = o
@@ -462,16 +462,19 @@ class _Pass:
 
     def _rows(self, eqn, view: View, use, x) -> np.ndarray:
         """The layer's input rows from data `x` (`layer_rows`) at sampled positions. The
-        sample depends on the row count only, and the rows of the last matmul input are
-        kept, so layers that read the same input (q/k/v, gate/up) get one array: their
-        initializer can share its statistics."""
+        sample depends on the row count only, and the rows of the last matmul input (dense
+        and current) are kept, so layers that read the same input (q/k/v, gate/up) get
+        one array: their initializer can share its statistics."""
         pick = sample(row_count(eqn, use), self.max_rows, seed=0)
         if eqn.primitive.name != "dot_general":
             return layer_rows(eqn, view, use, x, pick)
-        layout = (view.perm, eqn.params["dimension_numbers"], use.weight, len(pick))
-        if self.last_rows is None or self.last_rows[:2] != (layout, id(x)):
-            self.last_rows = (layout, id(x), x, layer_rows(eqn, view, use, x, pick))
-        return self.last_rows[3]
+        layout = (view.perm, eqn.params["dimension_numbers"], use.weight, len(pick), id(x))
+        for kept_layout, _, rows in self.last_rows:
+            if kept_layout == layout:
+                return rows
+        rows = layer_rows(eqn, view, use, x, pick)
+        self.last_rows = [*self.last_rows[-1:], (layout, x, rows)]  # x kept: its id stays
+        return rows
 
     def _correct_bias(self, scope, eqn, use, watch, key) -> None:
         dense_out = _bind(eqn, [scope.read(v, "dense") for v in eqn.invars])[0]

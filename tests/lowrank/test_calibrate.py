@@ -336,3 +336,56 @@ def test_the_pass_stops_after_the_last_watched_layer():
     assert isinstance(low.fc, lowrank.LowRankLinear) and HEAD_RUNS == []
     lowrank.factorize(model, rank=2, init="whitened", calibration=xs, sequential=False)
     assert HEAD_RUNS == [1]  # every call of a layer counts there: the pass runs to the end
+
+
+class Blocks(eqx.Module):
+    """Transformer blocks applied in turn (a Python list: each block its own weights)."""
+
+    blocks: list
+
+    def __init__(self, n, *, key):
+        self.blocks = [Block(16, 2, key=k) for k in jax.random.split(key, n)]
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_layers_reading_one_input_share_rows_and_moments(monkeypatch):
+    """q/k/v read one normalized input: the pass hands them one array, and the whitened
+    fit decomposes its moments once; the factors are those of separate fits."""
+    import lowrank._whitened as whitened
+
+    model = Blocks(2, key=KEY)
+    xs = _anisotropic(8, (6, 16))
+    calls = []
+    moments = whitened.input_moments
+    monkeypatch.setattr(
+        whitened, "input_moments", lambda *a, **k: calls.append(1) or moments(*a, **k)
+    )
+    shared = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
+    # per block: q/k/v (one input), out, fc1, fc2: 4 decompositions for 6 layers
+    assert len(calls) == 2 * 4
+    unshared = lambda p, centre, f64: whitened.input_moments(
+        f64(p.inputs), f64(p.dense_inputs), centre=centre
+    )
+    monkeypatch.setattr(whitened, "_shared_moments", unshared)
+    separate = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
+    assert len(calls) == 2 * 4 + 2 * 6
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_identical_blocks_share_compiled_segments():
+    """The data between watched weights is compiled once per distinct program: six
+    blocks compile no more segments than three (first, middle and last block)."""
+    import lowrank._calibrate as calibrate
+
+    counts = []
+    for n in (3, 6):
+        calibrate._SEGMENTS.clear()
+        model = Blocks(n, key=KEY)
+        lowrank.factorize(model, rank=3, init="whitened", calibration=_anisotropic(4, (6, 16)))
+        counts.append(len(calibrate._SEGMENTS))
+    assert counts[0] > 0 and counts[1] == counts[0]
