@@ -78,7 +78,8 @@ class ImageModelConfig:
         stem: ResNet stem: "imagenet" (7x7 stride 2 + max-pool) or "cifar" (3x3 stride 1).
         width: ResNet channels of the first stage (doubled per stage).
         dropout: EfficientNet dropout before the classifier.
-        stochastic_depth: EfficientNet drop-path rate (the last block's).
+        stochastic_depth: EfficientNet's drop-path rate, reached linearly over the
+            blocks (block i of n drops with stochastic_depth * i / n).
     """
 
     name: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = "resnet18"
