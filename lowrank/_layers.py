@@ -79,7 +79,14 @@ class LowRankLinear(eqx.Module):
         self.inner_activation = None if inner_activation == "none" else inner_activation
 
     def with_impl(self, impl: str) -> "LowRankLinear":
-        """The same layer, run by another `kernels.factored_matmul` implementation."""
+        """The same layer, run by another `kernels.factored_matmul` implementation.
+
+        Args:
+            impl: "auto", "pallas" or "xla".
+
+        Returns:
+            A new `LowRankLinear` sharing the factors and bias.
+        """
         return LowRankLinear(
             self.u,
             self.v,
@@ -108,6 +115,13 @@ class LowRankLinear(eqx.Module):
     def __call__(
         self, x: Float[Array, " in"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " out"]:
+        """Args:
+            x: one (in,) input vector (vmap over a batch).
+            key: ignored (for the `eqx.nn.Linear` signature).
+
+        Returns:
+            The (out,) output act(u @ σ(v @ x) + bias).
+        """
         del key
         _check_unstacked(self)
         if x.shape != (self.in_features,):
@@ -216,7 +230,14 @@ class LowRankConv(eqx.Module):
         return (self.u @ v).reshape(lead + self.dense_shape)
 
     def with_lowering(self, lowering: str) -> "LowRankConv":
-        """The same layer, running its 1×1 stage through another lowering."""
+        """The same layer, running its 1×1 stage through another lowering.
+
+        Args:
+            lowering: "conv" or "einsum".
+
+        Returns:
+            A new `LowRankConv` sharing the factors and bias.
+        """
         return LowRankConv(
             self.u,
             self.v,
@@ -229,6 +250,14 @@ class LowRankConv(eqx.Module):
         )
 
     def __call__(self, x: Float[Array, "in *spatial"], *, key: PRNGKeyArray | None = None):
+        """Args:
+            x: one (in, *spatial) input (vmap over a batch).
+            key: ignored (for the `eqx.nn.Conv` signature).
+
+        Returns:
+            The (out, *spatial_out) output: the k×k conv to `rank` channels, the 1×1
+            stage, plus the bias.
+        """
         del key
         _check_unstacked(self)
         h = _conv_forward(self, x)

@@ -103,7 +103,11 @@ class Plan:
         return [l for l in self.layers if l.rank is not None]
 
     def totals(self) -> dict[str, int]:
-        """{params_before, params_after, flops_before, flops_after} summed over layers."""
+        """{params_before, params_after, flops_before, flops_after} summed over layers.
+
+        Returns:
+            The four sums, by name.
+        """
         keys = ("params_before", "params_after", "flops_before", "flops_after")
         return {k: sum(getattr(l, k) for l in self.layers) for k in keys}
 
@@ -147,12 +151,23 @@ class Plan:
         return dataclasses.replace(self, layers=layers, budget=None)
 
     def to_json(self) -> str:
-        """The plan as JSON text (with a format number), read back by `Plan.from_json`."""
+        """The plan as JSON text (with a format number), read back by `Plan.from_json`.
+
+        Returns:
+            The JSON text.
+        """
         return json.dumps({"format": PLAN_FORMAT, **dataclasses.asdict(self)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        """The plan `to_json` wrote; raises a ValueError saying what is wrong with `text`."""
+        """The plan `to_json` wrote; raises a ValueError saying what is wrong with `text`.
+
+        Args:
+            text: the JSON text (e.g. an edited plan file).
+
+        Returns:
+            The `Plan`.
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

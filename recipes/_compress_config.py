@@ -22,8 +22,14 @@ _MAX_LAYERS = {"smollm2": 30, "minilm": 6}
 
 @dataclasses.dataclass
 class PretrainedModelConfig:
-    """Which pretrained model, and optionally only its first blocks (a fast slice):
-    `num_layers` for smollm2 / minilm, `blocks_per_stage` for the CNNs (None: all)."""
+    """Which pretrained model, and optionally only its first blocks (a fast slice).
+
+    Attributes:
+        name: "smollm2", "minilm", "mobilenet_v2" or "efficientnet_lite0".
+        num_layers: keep the first transformer layers of smollm2 / minilm (None: all).
+        blocks_per_stage: keep at most this many blocks per stage of the CNNs
+            (None: all).
+    """
 
     name: Literal["smollm2", "minilm", "mobilenet_v2", "efficientnet_lite0"] = "smollm2"
     num_layers: int | None = bounded(None, ge=1)
@@ -39,7 +45,17 @@ class CompressDataConfig:
     minilm: `calibration` windows of `seq_len` tokens, and `evaluation` paragraphs
     (truncated to `seq_len` tokens) to embed. CNNs: random crops of `image_size` pixels
     from disjoint photographs (`recipes.data.photo_split(seed=seed)`).
-    `batch_size`: examples per forward pass when evaluating."""
+    `batch_size`: examples per forward pass when evaluating.
+
+    Attributes:
+        calibration: calibration (and healing) windows or crops.
+        evaluation: evaluation windows, paragraphs or crops.
+        seq_len: tokens per text window (minilm: the paragraphs' truncation).
+        image_size: side of the CNNs' crops.
+        eval_categories: BBC categories held out for evaluation.
+        batch_size: examples per forward pass when evaluating.
+        seed: seed of the windows, crops and photograph split.
+    """
 
     calibration: int = bounded(128, gt=0)
     evaluation: int = bounded(32, gt=0)
@@ -60,7 +76,15 @@ class CompressFactorizeConfig:
     CNNs). `sequential`: fit the layers in running order on the factorized model's own
     inputs (see `lowrank.factorize`). `budget_by`: which spectra a budget allocates
     ranks from (`lowrank.Budget(by=...)`: "auto" is the calibration data's when the init
-    reads it, else the weights'; "uniform" keeps the same fraction of every layer)."""
+    reads it, else the weights'; "uniform" keeps the same fraction of every layer).
+
+    Attributes:
+        rank: the rank rule, as above.
+        init: the initializer's registered name.
+        target: the layer-path regex ("": the model's default).
+        sequential: fit layers on the factorized model's own inputs.
+        budget_by: "auto", "data", "weights" or "uniform".
+    """
 
     rank: int | float | str = "params:0.8"
     init: str = "whitened"
@@ -77,7 +101,16 @@ class HealConfig:
     (labels: the dense model's top-1), and `cosine_distance_loss` on the last hidden
     states for the encoder. The optimizer is the config's `optim` section. The curve
     logs train losses every `log_every` steps and evaluates every `eval_every` steps
-    (0: at the start and the end only)."""
+    (0: at the start and the end only).
+
+    Attributes:
+        steps: healing steps (0: none).
+        batch_size: examples per healing step.
+        alpha: weight of the distillation term against the label term.
+        temperature: softmax temperature of the distillation term.
+        log_every: steps between logged train losses.
+        eval_every: steps between evaluations (0: at the start and the end only).
+    """
 
     steps: int = 0
     batch_size: int = bounded(8, gt=0)
@@ -89,8 +122,12 @@ class HealConfig:
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """Greedy generation from `prompt`, dense next to compressed (language models;
-    `max_new_tokens` 0 turns it off)."""
+    """Greedy generation from `prompt`, dense next to compressed (language models).
+
+    Attributes:
+        prompt: the text to continue.
+        max_new_tokens: tokens to generate (0: no generation).
+    """
 
     prompt: str = "The best way to learn a new language is"
     max_new_tokens: int = 0
@@ -104,7 +141,20 @@ def _heal_optim() -> OptimConfig:
 class CompressConfig:
     """A compress recipe: load a pretrained model, factorize it under a budget,
     evaluate, optionally heal, evaluate again and save (see recipes/compress.py).
-    Outputs go to `out_dir` ("" means out/<name>)."""
+
+    Attributes:
+        name: the recipe's name.
+        task: "compress_pretrained" (a pipeline of `recipes.run`).
+        model: which pretrained model (and slice).
+        data: calibration and evaluation data.
+        factorize: budget, initializer and layers.
+        heal: distillation from the dense model after factorizing.
+        optim: the healing optimizer (AdamW at 1e-5, gradients clipped to norm 1).
+        generate: greedy generation for language models.
+        out_dir: output folder ("": out/<name>).
+        seed: seed of the factorization's random parts and of the healing batches.
+        progress: show progress bars.
+    """
 
     name: str
     task: str = "compress_pretrained"

@@ -16,7 +16,17 @@ def classification_loss(
     model: PyTree, state: PyTree, batch: Batch, key: PRNGKeyArray
 ) -> tuple[Array, tuple[PyTree, dict[str, Array]]]:
     """Mean softmax cross-entropy of `model` on a batch of images and integer labels;
-    BatchNorm statistics are shared across the batch (the vmap axis)."""
+    BatchNorm statistics are shared across the batch (the vmap axis).
+
+    Args:
+        model: an unbatched classifier, `model(x, state, key=key) -> (logits, state)`.
+        state: its BatchNorm state.
+        batch: {"image": (B, C, H, W), "label": (B,) int}.
+        key: split into one key per example (dropout, stochastic depth).
+
+    Returns:
+        (loss, (new state, {"accuracy": batch top-1 accuracy})).
+    """
 
     def apply(x, state, key):
         return model(x, state, key=key)
@@ -31,7 +41,16 @@ def classification_loss(
 
 
 def classification_eval(model: PyTree, state: PyTree, batch: Batch) -> dict[str, Array]:
-    """Per-example cross-entropy and top-1 correctness of an inference-mode model."""
+    """Per-example cross-entropy and top-1 correctness of an inference-mode model.
+
+    Args:
+        model: an unbatched classifier, `model(x, state) -> (logits, state)`.
+        state: its BatchNorm state.
+        batch: {"image": (B, C, H, W), "label": (B,) int}.
+
+    Returns:
+        {"loss": (B,) cross-entropy, "accuracy": (B,) 1.0 where top-1 is right}.
+    """
 
     def apply(x):
         return model(x, state)[0]

@@ -28,7 +28,20 @@ class DistillConfig:
     """How a student learns. `alpha`: KD weight (1 = pure distillation) while KD is on;
     `n_kd`: steps of KD before plain CE ("salt", "salt_ds"); `ds_pool` random training
     windows are scored by the teacher and the `ds_fraction` hardest learnable ones
-    (true token in the teacher's top `ds_k`) feed the KD phase of "salt_ds"."""
+    (true token in the teacher's top `ds_k`) feed the KD phase of "salt_ds".
+
+    Attributes:
+        mode: "ce" (next-token cross-entropy only), "kd" (distillation throughout),
+            "salt" (KD for `n_kd` steps, then CE), "salt_ds" (as "salt", the KD phase
+            on the selected hard-but-learnable windows).
+        alpha: KD weight while KD is on.
+        temperature: softmax temperature of the KD term.
+        n_kd: KD steps before plain CE ("salt", "salt_ds").
+        ds_pool: random windows the teacher scores ("salt_ds").
+        ds_fraction: share of the pool kept ("salt_ds").
+        ds_k: a window is learnable when its true tokens are in the teacher's top
+            `ds_k` ("salt_ds").
+    """
 
     mode: Literal["ce", "kd", "salt", "salt_ds"] = "kd"
     alpha: float = 1.0

@@ -10,10 +10,21 @@ from .train import Batch, EvalFn, LossFn, TrainResult
 
 
 class Task(NamedTuple):
-    """Everything a recipe trains: model, state, losses and data streams. `finish`, if
-    given, runs after training on the main process with the result and the output
-    folder: it saves what the task keeps (e.g. the model) and returns its report,
-    which `recipes.run` writes to report.json."""
+    """Everything a recipe trains: model, state, losses and data streams. A task
+    builder `(Config) -> Task` registered in `recipes.run.TASKS` makes one.
+
+    Attributes:
+        model: the dense model to train (the factorization policy applies to it).
+        state: its non-trained state (BatchNorm statistics), or None.
+        loss_fn: `loss_fn(model, state, batch, key) -> (loss, (state, metrics))`.
+        eval_fn: `eval_fn(model, state, batch) -> {name: per-example values}`.
+        train_data: `train_data(step)` iterates over training batches from `step` on.
+        eval_data: `eval_data()` iterates once over the evaluation batches.
+        finish: if given, runs after training on the main process with the
+            `TrainResult` and the output folder: it saves what the task keeps (e.g.
+            the model) and returns its report, which `recipes.run` writes to
+            report.json.
+    """
 
     model: PyTree
     state: PyTree

@@ -64,9 +64,16 @@ SUBJECTS: dict[str, type[Subject]] = {
 
 
 class CompressResult(NamedTuple):
-    """A finished compress run: the healing run (`train.history` is empty without
-    healing; `train.model` is the final model either way), and the report
-    (also in `<out_dir>/report.json`)."""
+    """A finished compress run.
+
+    Attributes:
+        train: the healing run (`train.history` is empty without healing;
+            `train.model` is the final model either way).
+        report: the report, also in `<out_dir>/report.json`: model, rank rule, init,
+            target, budget, the plan's layer and parameter counts, the data sources,
+            per model ("dense", "compressed", "healed") params, FLOPs and quality
+            metrics, the wall times, and for language models the generations.
+    """
 
     train: TrainResult
     report: dict[str, Any]

@@ -28,7 +28,18 @@ class ConfigError(ValueError):
 def bounded(default, *, gt=None, ge=None, lt=None, le=None):
     """A section field whose numeric value `validate` keeps within these bounds
     (greater than, greater or equal, less than, less or equal); None passes where
-    the field's type allows it."""
+    the field's type allows it.
+
+    Args:
+        default: the field's default value.
+        gt: exclusive lower bound, or None.
+        ge: inclusive lower bound, or None.
+        lt: exclusive upper bound, or None.
+        le: inclusive upper bound, or None.
+
+    Returns:
+        A `dataclasses.field` carrying the bounds in its metadata.
+    """
     bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le}
     bounds = {k: v for k, v in bounds.items() if v is not None}
     return dataclasses.field(default=default, metadata={"bounds": bounds})
@@ -60,8 +71,16 @@ def _within(value, bounds: dict) -> bool:
 
 @dataclasses.dataclass
 class ImageModelConfig:
-    """An image classifier from recipes.models (`width` applies to ResNets;
-    `dropout` and `stochastic_depth` to EfficientNet)."""
+    """An image classifier from recipes.models.
+
+    Attributes:
+        name: which builder (`resnet18`, `resnet34`, `resnet50`, `efficientnet_b0`).
+        stem: ResNet stem: "imagenet" (7x7 stride 2 + max-pool) or "cifar" (3x3 stride 1).
+        width: ResNet channels of the first stage (doubled per stage).
+        dropout: EfficientNet dropout before the classifier.
+        stochastic_depth: EfficientNet's drop-path rate, reached linearly over the
+            blocks (block i of n drops with stochastic_depth * i / n).
+    """
 
     name: Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"] = "resnet18"
     stem: Literal["imagenet", "cifar"] = "cifar"
@@ -73,7 +92,20 @@ class ImageModelConfig:
 @dataclasses.dataclass
 class ImageDataConfig:
     """`name="digits"` (offline) or a TFDS dataset prepared under `data_dir`.
-    Batch sizes are global (all devices and hosts together)."""
+    Batch sizes are global (all devices and hosts together).
+
+    Attributes:
+        name: "digits" or a TFDS dataset name ("cifar10", "imagenet2012", ...).
+        data_dir: where the TFDS dataset is prepared (None: TFDS's default).
+        image_size: side of the square images fed to the model.
+        batch_size: global training batch size.
+        eval_batch_size: global evaluation batch size (the last batch is padded).
+        augment: training augmentation: none, pad-and-crop, crop and flip, or
+            Inception-style random resized crops (evaluation then center-crops).
+        train_split: TFDS split to train on (ignored for digits).
+        eval_split: TFDS split to evaluate on (ignored for digits).
+        num_threads: grain reader threads per pipeline.
+    """
 
     name: str = "digits"
     data_dir: str | None = None
@@ -88,7 +120,18 @@ class ImageDataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (linear warm-up, then cosine or constant)."""
+    """Optimizer and learning-rate schedule (linear warm-up, then cosine or constant).
+
+    Attributes:
+        name: "sgd" (weight decay added to the gradient) or "adamw" (decoupled).
+        lr: peak learning rate.
+        momentum: SGD momentum (unused by AdamW).
+        nesterov: SGD with Nesterov momentum.
+        weight_decay: weight-decay coefficient.
+        warmup_steps: steps of linear warm-up from 0 to `lr`.
+        schedule: after the warm-up, cosine decay to 0 or constant.
+        grad_clip: clip gradients to this global norm, or None.
+    """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = bounded(0.1, gt=0)
@@ -102,8 +145,20 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Trainer knobs. `eval_every`/`checkpoint_every` of 0 mean "after the last step
-    only"; `out_dir` "" means out/<config name>."""
+    """Trainer knobs.
+
+    Attributes:
+        steps: optimizer updates in the run.
+        log_every: steps between logged training metrics (0: only the last).
+        eval_every: steps between evaluations (0: after the last step only).
+        checkpoint_every: steps between checkpoints (0: after the last step only).
+        keep_checkpoints: how many checkpoints to keep on disk.
+        seed: seed of the model, data order and step keys.
+        precision: "fp32", or "bf16" compute over float32 master weights.
+        out_dir: output folder ("": out/<config name>).
+        resume: resume from the latest checkpoint in `out_dir` if there is one.
+        progress: show a progress bar.
+    """
 
     steps: int = bounded(1000, gt=0)
     log_every: int = 50
@@ -127,7 +182,18 @@ class FactorizeConfig:
     factorizing in place (Pufferfish's hybrid warm-up; 0 factorizes before training).
     `frobenius_decay`: decay the factors through u @ v with this coefficient instead of
     plain weight decay (Khodak et al.). `calibration`: training images fed to
-    data-aware inits ("nkp" optionally, "whitened" needs them)."""
+    data-aware inits ("nkp" optionally, "whitened" needs them).
+
+    Attributes:
+        policy: which layers become low-rank: "none" (no factorization), "khodak"
+            (every ResNet block conv), "pufferfish" (the last ResNet stage's convs),
+            "efficientnet" (the expand, project and head convs).
+        rank: the rank rule, as above.
+        init: a registered initializer name (`lowrank.available_initializers()`).
+        warmup_steps: dense training steps before factorizing.
+        frobenius_decay: Frobenius decay coefficient, or None for plain weight decay.
+        calibration: number of training images for data-aware inits (0: none).
+    """
 
     policy: Literal["none", "khodak", "pufferfish", "efficientnet"] = "none"
     rank: int | float | str = 0.25
@@ -139,7 +205,17 @@ class FactorizeConfig:
 
 @dataclasses.dataclass
 class Config:
-    """One recipe: a task (how to build model, data and losses) and its sections."""
+    """One recipe: a task (how to build model, data and losses) and its sections.
+
+    Attributes:
+        name: the recipe's name (also the default output folder, out/<name>).
+        task: a key of `recipes.run.TASKS` or `recipes.run.PIPELINES`.
+        model: the model section (the task's own dataclass; images: `ImageModelConfig`).
+        data: the data section (the task's own dataclass; images: `ImageDataConfig`).
+        optim: optimizer and schedule.
+        train: trainer settings.
+        factorize: what becomes low-rank, when and how.
+    """
 
     name: str
     task: str = "image_classification"
@@ -220,7 +296,22 @@ def _unknown_key(key: str, name: str, section, prefix: str) -> ConfigError:
 
 
 def override(config: Config, assignment: str) -> Config:
-    """Return `config` with one `dotted.key=value` assignment applied (a new object)."""
+    """Return `config` with one `dotted.key=value` assignment applied (a new object).
+
+    The value is parsed by the field's declared type (Literal choices, unions, bools
+    as true/false/1/0/yes/no, comma-separated tuples and lists, "none" for None).
+
+    Args:
+        config: the config (or any dataclass section) to change; left unchanged.
+        assignment: "dotted.key=value", e.g. "train.steps=100".
+
+    Returns:
+        A copy of `config` with the field replaced.
+
+    Raises:
+        ConfigError: no "=", an unknown key (with the closest valid one), a key that
+            names a section or goes below a value, or a value of the wrong type.
+    """
     if "=" not in assignment:
         raise ConfigError(
             f"override {assignment!r} is not of the form key=value (e.g. train.steps=100)."
@@ -251,7 +342,20 @@ def override(config: Config, assignment: str) -> Config:
 
 
 def validate(config: Config) -> Config:
-    """Check every field's value against its declared type and range; return it."""
+    """Check every field's value against its declared type and range; return it.
+
+    Numbers must be finite; fields declared with `bounded` must lie within their
+    bounds, other integers must not be negative.
+
+    Args:
+        config: the config to check (nested sections are walked).
+
+    Returns:
+        `config` itself.
+
+    Raises:
+        ConfigError: naming the first key whose value is wrong and what it must be.
+    """
 
     def walk(section, prefix: str):
         hints = typing.get_type_hints(type(section))
@@ -280,7 +384,19 @@ def validate(config: Config) -> Config:
 
 def load_config(name: str, overrides: list[str] = ()) -> Config:
     """The `config()` of recipes/configs/<name>.py (or of a .py file path), with the
-    `key=value` overrides applied, validated."""
+    `key=value` overrides applied, validated.
+
+    Args:
+        name: a module name in recipes/configs/ ("digits_demo") or a path ending in .py.
+        overrides: "dotted.key=value" assignments, applied in order.
+
+    Returns:
+        The validated `Config`.
+
+    Raises:
+        ConfigError: an unknown config (listing the available ones), a missing file,
+            a module without `config()`, or a bad override or value.
+    """
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():

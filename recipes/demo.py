@@ -23,7 +23,13 @@ from ._report import seconds_in_turns
 
 
 class DigitsCNN(eqx.Module):
-    """Three 3x3 convs and a two-layer head, for 1x8x8 images."""
+    """Three 3x3 convs and a two-layer head, for 1x8x8 images: `model(x) -> logits`
+    on one (1, 8, 8) image.
+
+    Args:
+        width: channels of the first conv (the other two have twice as many).
+        key: initializes the layers.
+    """
 
     convs: list
     fc1: eqx.nn.Linear
@@ -40,13 +46,26 @@ class DigitsCNN(eqx.Module):
         self.fc2 = eqx.nn.Linear(256, 10, key=k[4])
 
     def __call__(self, x):
+        """Args:
+            x: one (1, 8, 8) image.
+
+        Returns:
+            The (10,) logits.
+        """
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
         return self.fc2(jax.nn.relu(self.fc1(x.reshape(-1))))
 
 
 def load_split(seed: int = 0):
-    """Digits scaled to [0, 1] as (N, 1, 8, 8), split 80/20 with a fixed permutation."""
+    """Digits scaled to [0, 1] as (N, 1, 8, 8), split 80/20 with a fixed permutation.
+
+    Args:
+        seed: seed of the permutation.
+
+    Returns:
+        ((train images, train labels), (test images, test labels)).
+    """
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     y = digits.target.astype(np.int32)
@@ -61,7 +80,19 @@ def _loss(model, x, y):
 
 
 def train(model, data, *, steps: int, lr: float, seed: int, batch: int = 128):
-    """Adam with cosine decay on random minibatches; returns the trained model."""
+    """Adam with cosine decay on random minibatches (drawn with replacement).
+
+    Args:
+        model: the model to train (not changed).
+        data: (images, labels).
+        steps: optimizer steps.
+        lr: initial learning rate, decayed to 0 over `steps`.
+        seed: seed of the minibatch draws.
+        batch: examples per step.
+
+    Returns:
+        The trained model.
+    """
     x, y = data
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -81,19 +112,54 @@ def train(model, data, *, steps: int, lr: float, seed: int, batch: int = 128):
 
 @eqx.filter_jit
 def predict(model, x):
+    """Top-1 classes of a batch of images (jitted).
+
+    Args:
+        model: a `DigitsCNN` (dense or factorized).
+        x: (N, 1, 8, 8) images.
+
+    Returns:
+        (N,) predicted classes.
+    """
     return jnp.argmax(jax.vmap(model)(x), axis=-1)
 
 
 def accuracy(model, data) -> float:
+    """Top-1 accuracy.
+
+    Args:
+        model: a `DigitsCNN`.
+        data: (images, labels).
+
+    Returns:
+        The share of correctly classified images.
+    """
     x, y = data
     return float(np.mean(np.asarray(predict(model, x)) == y))
 
 
 def median_inference_seconds(model, x, repeats: int = 30) -> float:
+    """Median wall time of `predict(model, x)` over `repeats` calls, after compiling.
+
+    Args:
+        model: a `DigitsCNN`.
+        x: the images.
+        repeats: timed calls.
+
+    Returns:
+        Seconds per call.
+    """
     return seconds_in_turns(predict, [model], x, rounds=1, repeats=repeats)[0]
 
 
 def main(argv=None):
+    """The command line: train the dense CNN, factorize it under a parameter budget,
+    fine-tune it, and print the plan, parameters, accuracies and inference times.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]): --budget, --steps,
+            --finetune-steps, --init, --seed.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.3, help="fraction of parameters to keep")
     parser.add_argument("--steps", type=int, default=400)

@@ -151,7 +151,13 @@ def kd_pt_targets(
 
 
 class HiddenProjection(eqx.Module):
-    """Learned map from the student's hidden width to the teacher's, for matching."""
+    """Learned map from the student's hidden width to the teacher's, for matching.
+
+    Args:
+        student_dim: the student's hidden width.
+        teacher_dim: the teacher's hidden width.
+        key: initializes the bias-free linear map.
+    """
 
     proj: eqx.nn.Linear
 
@@ -159,6 +165,12 @@ class HiddenProjection(eqx.Module):
         self.proj = eqx.nn.Linear(student_dim, teacher_dim, use_bias=False, key=key)
 
     def __call__(self, h: Float[Array, "... student_dim"]) -> Float[Array, "... teacher_dim"]:
+        """Args:
+            h: student hidden states (any leading shape).
+
+        Returns:
+            The projected states, with the same leading shape.
+        """
         flat = h.reshape(-1, h.shape[-1])
         return jax.vmap(self.proj)(flat).reshape(*h.shape[:-1], -1)
 

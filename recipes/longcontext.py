@@ -33,9 +33,12 @@ _ANSWER_MARK = "# output: "
 class ListTask:
     """One latent-list question.
 
-    `program` is runnable Python whose only output is `answer` + newline; `prompt` is the
-    program followed by `# output: `, the text a model continues. `candidates` are
-    distinct answers, `candidates[answer_index] == answer`.
+    Attributes:
+        program: runnable Python whose only output is `answer` + newline.
+        prompt: the program followed by `# output: `, the text a model continues.
+        answer: the correct output.
+        candidates: distinct answers, the correct one among them.
+        answer_index: where it is: `candidates[answer_index] == answer`.
     """
 
     program: str

@@ -32,7 +32,7 @@ from ._image_task import classification_eval as classification_eval
 from ._image_task import classification_loss as classification_loss
 from ._image_task import image_classification
 from ._report import factorization_report, format_report
-from ._task import Task
+from ._task import Task as Task
 from .config import Config, ConfigError, load_config
 from .train import (
     Batch,
@@ -64,9 +64,14 @@ and saves; each returns a result with `.train` (a `TrainResult`) and `.report`."
 
 
 class RunResult(NamedTuple):
-    """A finished recipe: the trainer's result and the report (also written to
-    `<out_dir>/report.json`): the task's own (`Task.finish`), else for factorized runs
-    that of recipes/_report.py, else None."""
+    """A finished recipe.
+
+    Attributes:
+        train: the trainer's result (final model and state, history, resumed step).
+        report: the report, also written to `<out_dir>/report.json`: the task's own
+            (`Task.finish`), else for factorized runs dense against factorized
+            (params, FLOPs, times, eval metrics), else None.
+    """
 
     train: TrainResult
     report: dict[str, Any] | None

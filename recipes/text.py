@@ -123,8 +123,14 @@ def _read(files: list[pathlib.Path]) -> UInt8[np.ndarray, " n"]:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Byte streams of a corpus split by file; `train_files` and `val_files` (paths
-    relative to the corpus folder) are disjoint."""
+    """Byte streams of a corpus split by file.
+
+    Attributes:
+        train: the training files' bytes, concatenated.
+        validation: the validation files' bytes, concatenated.
+        train_files: the training files (paths relative to the corpus folder).
+        val_files: the validation files, none shared with `train_files`.
+    """
 
     train: UInt8[np.ndarray, " n_train"]
     validation: UInt8[np.ndarray, " n_val"]

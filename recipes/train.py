@@ -57,7 +57,14 @@ REPLACED = "model replaced"
 
 
 class TrainState(NamedTuple):
-    """What the trainer carries from step to step. `step` counts updates done."""
+    """What the trainer carries from step to step.
+
+    Attributes:
+        step: updates done so far.
+        model: the current model.
+        state: its non-trained state (BatchNorm statistics, a teacher...).
+        opt_state: the optimizer state; None asks the trainer for a fresh one.
+    """
 
     step: int
     model: PyTree
@@ -79,14 +86,29 @@ class Hook(Protocol):
     loaded from the checkpoint).
     """
 
-    def __call__(self, ts: TrainState) -> TrainState: ...
+    def __call__(self, ts: TrainState) -> TrainState:
+        """Args:
+            ts: the state before this step.
+
+        Returns:
+            The state to continue from (the same, or with another model).
+        """
+        ...
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """The trained model and state, the history (metrics.jsonl's records), and the
-    step the run resumed from (None for a fresh start; `config.steps` when a rerun
-    found the run finished and had nothing left to do)."""
+    """What `train` returns.
+
+    Attributes:
+        model: the trained model.
+        state: its final state.
+        history: the metrics records (those of metrics.jsonl): train records every
+            `log_every` steps, eval records every `eval_every` steps.
+        resumed_from: the step the run resumed from (None for a fresh start;
+            `config.steps` when a rerun found the run finished and had nothing left
+            to do).
+    """
 
     model: PyTree
     state: PyTree

@@ -13,6 +13,11 @@ from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `CompressConfig`, before `--set` overrides.
+    """
     return pretrained_config(
         "efficientnet_lite0", batch_size=16, calibration=128, evaluation=64, image_size=224
     )

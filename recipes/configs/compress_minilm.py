@@ -10,6 +10,11 @@ from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `CompressConfig`, before `--set` overrides.
+    """
     return pretrained_config(
         "minilm", batch_size=16, rank="params:0.6", calibration=128, evaluation=64, seq_len=128
     )

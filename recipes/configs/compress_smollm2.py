@@ -13,6 +13,11 @@ from recipes.compress import CompressConfig, pretrained_config
 
 
 def config() -> CompressConfig:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `CompressConfig`, before `--set` overrides.
+    """
     return pretrained_config(
         "smollm2", batch_size=8, max_new_tokens=32, calibration=128, evaluation=32, seq_len=256
     )

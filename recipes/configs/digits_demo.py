@@ -17,6 +17,11 @@ from recipes.config import (
 
 
 def config() -> Config:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `Config`, before `--set` overrides.
+    """
     return Config(
         name="digits_demo",
         model=ImageModelConfig(name="resnet18", stem="cifar", width=16),

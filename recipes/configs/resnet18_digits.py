@@ -14,6 +14,11 @@ from recipes.config import (
 
 
 def config() -> Config:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `Config`, before `--set` overrides.
+    """
     return Config(
         name="resnet18_digits",
         model=ImageModelConfig(name="resnet18", stem="cifar"),

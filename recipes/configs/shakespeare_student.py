@@ -17,6 +17,11 @@ from recipes.student import DistillConfig
 
 
 def config() -> StudentRunConfig:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `StudentRunConfig`, before `--set` overrides.
+    """
     return StudentRunConfig(
         name="shakespeare_student",
         task="text_student",

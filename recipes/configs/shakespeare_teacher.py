@@ -14,6 +14,11 @@ from recipes.config import Config, OptimConfig, TrainConfig
 
 
 def config() -> Config:
+    """This recipe (see the module docstring).
+
+    Returns:
+        Its `Config`, before `--set` overrides.
+    """
     return Config(
         name="shakespeare_teacher",
         task="text_lm",

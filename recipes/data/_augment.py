@@ -11,7 +11,16 @@ def pad_crop(
     image: UInt8[np.ndarray, "h w c"], rng: np.random.Generator, pad: int
 ) -> UInt8[np.ndarray, "h w c"]:
     """Zero-pad by `pad` pixels on each side, then crop a random window of the
-    original size (the CIFAR translation augmentation)."""
+    original size (the CIFAR translation augmentation).
+
+    Args:
+        image: an HWC uint8 image.
+        rng: draws the window's offset.
+        pad: pixels of zero padding on each side.
+
+    Returns:
+        An image of the input's shape.
+    """
     h, w, _ = image.shape
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
     top, left = rng.integers(0, 2 * pad + 1, size=2)
@@ -21,14 +30,31 @@ def pad_crop(
 def random_flip(
     image: UInt8[np.ndarray, "h w c"], rng: np.random.Generator
 ) -> UInt8[np.ndarray, "h w c"]:
-    """Mirror left-right with probability 1/2."""
+    """Mirror left-right with probability 1/2.
+
+    Args:
+        image: an HWC uint8 image.
+        rng: draws the coin flip.
+
+    Returns:
+        The image, mirrored or as it was.
+    """
     return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def resize(
     image: UInt8[np.ndarray, "h w c"], height: int, width: int
 ) -> UInt8[np.ndarray, "height width c"]:
-    """Bilinear resize to height x width."""
+    """Bilinear resize to height x width (with PIL).
+
+    Args:
+        image: an HWC uint8 image with 1 or 3 channels.
+        height: output height.
+        width: output width.
+
+    Returns:
+        The resized image, with the input's channels.
+    """
     channels = image.shape[-1]
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
     out = np.asarray(pil.resize((width, height), Image.BILINEAR))
@@ -44,7 +70,18 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> UInt8[np.ndarray, "size size c"]:
     """Inception-style crop: a random window covering `scale` of the area with aspect
-    ratio in `ratio`, resized to size x size (10 tries, then the central square)."""
+    ratio in `ratio`, resized to size x size (10 tries, then the central square).
+
+    Args:
+        image: an HWC uint8 image.
+        rng: draws the window.
+        size: side of the output.
+        scale: range of the window's share of the image area.
+        ratio: range of its aspect ratio (width / height), sampled log-uniformly.
+
+    Returns:
+        A size x size image.
+    """
     h, w, _ = image.shape
     area = h * w
     for _ in range(10):
@@ -65,7 +102,16 @@ def resize_center_crop(
     image: UInt8[np.ndarray, "h w c"], size: int, *, crop_fraction: float = 0.875
 ) -> UInt8[np.ndarray, "size size c"]:
     """Resize the shorter side to size / crop_fraction, then take the central
-    size x size window (the standard ImageNet evaluation transform)."""
+    size x size window (the standard ImageNet evaluation transform).
+
+    Args:
+        image: an HWC uint8 image.
+        size: side of the output.
+        crop_fraction: the kept share of the resized shorter side.
+
+    Returns:
+        A size x size image.
+    """
     h, w, _ = image.shape
     short = int(round(size / crop_fraction))
     if h <= w:
@@ -80,7 +126,16 @@ def resize_center_crop(
 def normalize(
     image: UInt8[np.ndarray, "h w c"], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Float[np.ndarray, "c h w"]:
-    """Scale to [0, 1], standardize per channel, and move channels first."""
+    """Scale to [0, 1], standardize per channel, and move channels first.
+
+    Args:
+        image: an HWC uint8 image.
+        mean: per-channel mean, on the [0, 1] scale.
+        std: per-channel standard deviation, on the [0, 1] scale.
+
+    Returns:
+        A CHW float32 array.
+    """
     x = image.astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -19,7 +19,16 @@ _STATS = {
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
     """Train and eval sources of {"image": HWC uint8, "label": int}, with what the
-    pipeline needs to know about them."""
+    pipeline needs to know about them.
+
+    Attributes:
+        train: random-access training examples.
+        eval: random-access evaluation examples.
+        num_classes: number of labels.
+        mean: per-channel mean on the [0, 1] scale (published, or estimated from
+            training images).
+        std: per-channel standard deviation on the [0, 1] scale.
+    """
 
     train: Sequence[dict[str, Any]]
     eval: Sequence[dict[str, Any]]
@@ -44,7 +53,20 @@ def image_dataset(
 ) -> ImageDataset:
     """`name="digits"`: scikit-learn's digits upscaled to `image_size` with 3 channels
     (offline; its own fixed split, so the split names are ignored). Any other name:
-    the TFDS dataset prepared under `data_dir`."""
+    the TFDS dataset prepared under `data_dir`.
+
+    Args:
+        name: "digits" or a TFDS dataset name.
+        image_size: side of the digits' images (TFDS images keep their size; the
+            pipeline resizes them).
+        data_dir: where the TFDS dataset is prepared (None: TFDS's default).
+        train_split: TFDS split for training.
+        eval_split: TFDS split for evaluation.
+
+    Returns:
+        The `ImageDataset`, with published channel statistics for cifar10 and
+        imagenet2012, else statistics estimated from (up to 1,000) training images.
+    """
     if name == "digits":
         train, test = digits(image_size=image_size, channels=3)
         return ImageDataset(train, test, 10, *_estimate_stats(train, len(train)))

@@ -10,7 +10,12 @@ DIGITS_TEST_SIZE = 297
 
 
 class ArraySource:
-    """A random-access source of {"image": HWC uint8, "label": int} examples in memory."""
+    """A random-access source of {"image": HWC uint8, "label": int} examples in memory.
+
+    Args:
+        images: (n, h, w, c) uint8 images.
+        labels: (n,) integer labels, one per image.
+    """
 
     def __init__(self, images: UInt8[np.ndarray, "n h w c"], labels: Int[np.ndarray, " n"]):
         if len(images) != len(labels):
@@ -29,7 +34,16 @@ class ArraySource:
 
 def digits(*, image_size: int = 8, channels: int = 1) -> tuple[ArraySource, ArraySource]:
     """The (train, test) split of the digits, as uint8 images of `image_size`
-    (bilinear upscaling from 8x8) with `channels` identical channels."""
+    (bilinear upscaling from 8x8) with `channels` identical channels.
+
+    Args:
+        image_size: side of the images (8 or more).
+        channels: 1, or 3 (the gray channel replicated).
+
+    Returns:
+        (train, test) `ArraySource`s of 1,500 and `DIGITS_TEST_SIZE` examples, split
+        by a fixed permutation.
+    """
     from sklearn.datasets import load_digits
 
     if image_size < 8:

@@ -85,7 +85,12 @@ def photo(name: str) -> UInt8[np.ndarray, "h w 3"]:
 
 @dataclasses.dataclass(frozen=True)
 class PhotoSplit:
-    """Disjoint photographs for calibrating (and healing) and for evaluating."""
+    """Disjoint photographs for calibrating (and healing) and for evaluating.
+
+    Attributes:
+        calibration: names (of `PHOTOS`) for calibration and healing.
+        evaluation: names for evaluation, none shared with `calibration`.
+    """
 
     calibration: tuple[str, ...]
     evaluation: tuple[str, ...]

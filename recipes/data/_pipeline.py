@@ -51,7 +51,21 @@ def train_batches(
 ) -> Callable[[int], Iterator[dict[str, np.ndarray]]]:
     """`batches(step)` iterates over training batches from global step `step` on:
     an endless stream, reshuffled every epoch, augmented per example, and the same
-    for the same (seed, step), which makes resumed runs exact."""
+    for the same (seed, step), which makes resumed runs exact.
+
+    Args:
+        data: the dataset (its `train` source and channel statistics are used).
+        batch_size: the global batch size (divisible by the number of processes).
+        image_size: side of the images fed to the model.
+        augment: "none" (resize only), "crop" (pad by image_size // 8 and crop),
+            "crop_flip" (and mirror), or "inception" (random resized crop and mirror).
+        seed: seed of the shuffling and the augmentation.
+        num_threads: grain reader threads.
+
+    Returns:
+        `batches(step)`, an iterator of {"image", "label"} batches of this process's
+        share of each global batch.
+    """
     local = _local_batch_size(batch_size, "data.batch_size")
 
     def transform(example, rng: np.random.Generator):
@@ -94,7 +108,20 @@ def eval_batches(
     num_threads: int = 2,
 ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
     """`batches()` iterates once over the eval split in fixed-shape batches; the last
-    global batch is padded, and "mask" marks the real examples."""
+    global batch is padded, and "mask" marks the real examples.
+
+    Args:
+        data: the dataset (its `eval` source and channel statistics are used).
+        batch_size: the global batch size (divisible by the number of processes).
+        image_size: side of the images fed to the model.
+        augment: the training augmentation; "inception" evaluates on center crops
+            (`resize_center_crop`), the others on resized images.
+        num_threads: grain reader threads.
+
+    Returns:
+        `batches()`, an iterator of {"image", "label", "mask"} batches of this
+        process's share.
+    """
     local = _local_batch_size(batch_size, "data.eval_batch_size")
     total = len(data.eval)
     num_batches = -(-total // batch_size)

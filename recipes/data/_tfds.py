@@ -11,6 +11,19 @@ def tfds_source(name: str, split: str, *, data_dir: str | None) -> Sequence[dict
 
     Never downloads: training machines may have no network. A dataset that is not
     prepared raises an error that says how to prepare it.
+
+    Args:
+        name: the TFDS dataset name.
+        split: the split ("train", "test", "train[:90%]", ...).
+        data_dir: where it is prepared (None: TFDS's default, ~/tensorflow_datasets).
+
+    Returns:
+        The `tfds.data_source` (array_record) of the split.
+
+    Raises:
+        ConfigError: `name` is not a TFDS dataset.
+        FileNotFoundError: the dataset is not prepared (or not as array_record),
+            with the `tfds build` command that fixes it.
     """
     import tensorflow_datasets as tfds
 

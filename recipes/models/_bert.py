@@ -20,7 +20,17 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 
 class BertEmbeddings(eqx.Module):
-    """Word + position + token-type embeddings, then LayerNorm."""
+    """Word + position + token-type embeddings, then LayerNorm.
+
+    Args:
+        vocab_size: word-piece vocabulary size.
+        hidden_size: embedding width.
+        max_positions: rows of the position table (the longest sequence).
+        type_vocab_size: token types (segments).
+        eps: the LayerNorm's epsilon.
+        dtype: parameter dtype.
+        key: initializes the tables.
+    """
 
     word_embeddings: eqx.nn.Embedding
     position_embeddings: eqx.nn.Embedding
@@ -51,6 +61,13 @@ class BertEmbeddings(eqx.Module):
     def __call__(
         self, ids: Int[Array, " T"], token_type_ids: Int[Array, " T"]
     ) -> Float[Array, "T d"]:
+        """Args:
+            ids: token ids (T,).
+            token_type_ids: segment ids (T,).
+
+        Returns:
+            (T, hidden_size) embeddings.
+        """
         x = (
             self.word_embeddings.weight[ids]
             + self.position_embeddings.weight[: ids.shape[0]]
@@ -60,7 +77,16 @@ class BertEmbeddings(eqx.Module):
 
 
 class BertOutput(eqx.Module):
-    """Projection back to the residual stream, added to it, then LayerNorm (post-LN)."""
+    """Projection back to the residual stream, added to it, then LayerNorm (post-LN).
+
+    Args:
+        in_features: width of what is projected (the attention context or the MLP's
+            hidden states).
+        hidden_size: the residual width.
+        eps: the LayerNorm's epsilon.
+        dtype: parameter dtype.
+        key: initializes the projection.
+    """
 
     dense: eqx.nn.Linear
     layer_norm: eqx.nn.LayerNorm
@@ -72,11 +98,27 @@ class BertOutput(eqx.Module):
     def __call__(
         self, h: Float[Array, "T n"], residual: Float[Array, "T d"]
     ) -> Float[Array, "T d"]:
+        """Args:
+            h: (T, in_features) states to project.
+            residual: (T, hidden_size) residual stream they are added to.
+
+        Returns:
+            (T, hidden_size) normalized sum.
+        """
         return jax.vmap(self.layer_norm)(residual + jax.vmap(self.dense)(h))
 
 
 class BertAttention(eqx.Module):
-    """Bidirectional multi-head self-attention; keys where `mask` is False get no weight."""
+    """Bidirectional multi-head self-attention; keys where `mask` is False get no weight.
+    Its `output` adds the residual and normalizes.
+
+    Args:
+        hidden_size: the residual width (divisible by num_heads).
+        num_heads: attention heads.
+        eps: the output LayerNorm's epsilon.
+        dtype: parameter dtype.
+        key: initializes the projections.
+    """
 
     query: eqx.nn.Linear
     key: eqx.nn.Linear
@@ -93,6 +135,13 @@ class BertAttention(eqx.Module):
         self.num_heads = num_heads
 
     def __call__(self, x: Float[Array, "T d"], mask: Bool[Array, " T"]) -> Float[Array, "T d"]:
+        """Args:
+            x: (T, hidden_size) residual stream.
+            mask: (T,) True on real tokens.
+
+        Returns:
+            (T, hidden_size): LayerNorm(x + attention output).
+        """
         seq_len, d = x.shape
 
         def heads(linear):
@@ -107,7 +156,14 @@ class BertAttention(eqx.Module):
 
 
 class BertIntermediate(eqx.Module):
-    """The MLP's expansion: GELU (erf form, as BERT's `hidden_act="gelu"`) of a Linear."""
+    """The MLP's expansion: GELU (erf form, as BERT's `hidden_act="gelu"`) of a Linear.
+
+    Args:
+        hidden_size: input width.
+        intermediate_size: output width.
+        dtype: parameter dtype.
+        key: initializes the Linear.
+    """
 
     dense: eqx.nn.Linear
 
@@ -115,12 +171,27 @@ class BertIntermediate(eqx.Module):
         self.dense = eqx.nn.Linear(hidden_size, intermediate_size, dtype=dtype, key=key)
 
     def __call__(self, x: Float[Array, "T d"]) -> Float[Array, "T n"]:
+        """Args:
+            x: (T, hidden_size) states.
+
+        Returns:
+            (T, intermediate_size) activations.
+        """
         return jax.nn.gelu(jax.vmap(self.dense)(x), approximate=False)
 
 
 class BertLayer(eqx.Module):
     """One post-LN encoder block: attention (+ residual, LayerNorm), then the MLP
-    (intermediate, output + residual, LayerNorm)."""
+    (intermediate, output + residual, LayerNorm).
+
+    Args:
+        hidden_size: the residual width.
+        num_heads: attention heads.
+        intermediate_size: the MLP's hidden width.
+        eps: the LayerNorms' epsilon.
+        dtype: parameter dtype.
+        key: initializes the layers.
+    """
 
     attention: BertAttention
     intermediate: BertIntermediate
@@ -142,6 +213,13 @@ class BertLayer(eqx.Module):
         self.output = BertOutput(intermediate_size, hidden_size, eps, dtype, key=k_out)
 
     def __call__(self, x: Float[Array, "T d"], mask: Bool[Array, " T"]) -> Float[Array, "T d"]:
+        """Args:
+            x: (T, hidden_size) residual stream.
+            mask: (T,) True on real tokens.
+
+        Returns:
+            (T, hidden_size) residual stream after the block.
+        """
         x = self.attention(x, mask)
         return self.output(self.intermediate(x), x)
 
@@ -154,6 +232,19 @@ class Bert(eqx.Module):
     embedding is the mean of the last hidden states over the real tokens, scaled to
     unit length when `normalize` (all-MiniLM-L6-v2's Pooling + Normalize modules).
     Token ids must lie in `[0, vocab_size)` (not checked: ids are traced values).
+
+    Args:
+        vocab_size: word-piece vocabulary size.
+        hidden_size: the residual width (divisible by num_heads).
+        num_layers: encoder blocks.
+        num_heads: attention heads per block.
+        intermediate_size: the MLP's hidden width.
+        max_positions: the longest sequence.
+        type_vocab_size: token types (segments).
+        layer_norm_eps: the LayerNorms' epsilon.
+        normalize: scale the embedding to unit length.
+        dtype: parameter dtype.
+        key: initializes every layer.
     """
 
     embeddings: BertEmbeddings
@@ -265,7 +356,15 @@ class Bert(eqx.Module):
         self, h: Float[Array, "T d"], mask: Bool[Array, " T"] | None = None
     ) -> Float[Array, " d"]:
         """Mean of `h` over the real tokens (sentence-transformers' mean pooling), then
-        L2 normalization when `self.normalize`."""
+        L2 normalization when `self.normalize`.
+
+        Args:
+            h: (T, hidden_size) last hidden states.
+            mask: (T,) True/1 on real tokens; None means no padding.
+
+        Returns:
+            The (hidden_size,) embedding.
+        """
         weights = jnp.ones(h.shape[:1], h.dtype) if mask is None else mask.astype(h.dtype)
         pooled = (weights @ h) / jnp.maximum(weights.sum(), 1e-9)
         if not self.normalize:
@@ -278,5 +377,14 @@ class Bert(eqx.Module):
         mask: Bool[Array, " T"] | None = None,
         token_type_ids: Int[Array, " T"] | None = None,
     ) -> Float[Array, " d"]:
-        """Sentence embedding of one sequence (arguments as `hidden_states`)."""
+        """Sentence embedding of one sequence.
+
+        Args:
+            ids: token ids `(T,)`.
+            mask: True/1 on real tokens; None means no padding.
+            token_type_ids: segment ids; None means one segment.
+
+        Returns:
+            The (hidden_size,) embedding (unit length when `normalize`).
+        """
         return self.pool(self.hidden_states(ids, mask, token_type_ids)[-1], mask)

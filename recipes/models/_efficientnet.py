@@ -45,7 +45,18 @@ class SqueezeExcitation(eqx.Module):
 
 
 class MBConv(eqx.Module):
-    """Mobile inverted bottleneck with squeeze-excitation (the EfficientNet block)."""
+    """Mobile inverted bottleneck with squeeze-excitation (the EfficientNet block).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        expand_ratio: the hidden width is in_channels * expand_ratio (1: no expand conv).
+        kernel_size: the depthwise conv's kernel.
+        stride: the depthwise conv's stride.
+        drop_path: stochastic-depth rate of the residual branch (used only when the
+            block has a residual: stride 1 and equal channels).
+        key: initializes the convs.
+    """
 
     expand: ConvBNAct | None
     depthwise: ConvBNAct
@@ -76,6 +87,16 @@ class MBConv(eqx.Module):
         self.drop_path = StochasticDepth(drop_path) if residual else None
 
     def __call__(self, x, state, *, key=None, inference=None):
+        """Args:
+            x: one (C, H, W) feature map.
+            state: the BatchNorm state.
+            key: drop-path randomness (training mode only).
+            inference: use running statistics and no drop-path (None: the layers'
+                own setting).
+
+        Returns:
+            (output feature map, new state).
+        """
         out = x
         if self.expand is not None:
             out, state = self.expand(out, state, inference=inference)
@@ -89,7 +110,15 @@ class MBConv(eqx.Module):
 
 class EfficientNet(eqx.Module):
     """An unbatched EfficientNet classifier: `model(x, state, key=...) -> (logits, state)`
-    on a (C, H, W) image. Training mode needs a `key` (stochastic depth, dropout)."""
+    on a (C, H, W) image. Training mode needs a `key` (stochastic depth, dropout).
+
+    Args:
+        num_classes: the classifier's outputs.
+        dropout: dropout rate before the classifier.
+        stochastic_depth: drop-path rate, reached linearly over the blocks.
+        in_channels: image channels.
+        key: initializes the layers.
+    """
 
     stem: ConvBNAct
     stages: tuple[Stage, ...]
@@ -138,6 +167,16 @@ class EfficientNet(eqx.Module):
     def __call__(
         self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
     ) -> tuple[Logits, eqx.nn.State]:
+        """Args:
+            x: one (C, H, W) image.
+            state: the BatchNorm state.
+            key: stochastic depth and dropout randomness (training mode).
+            inference: use running statistics, no drop-path and no dropout (None:
+                the layers' own setting).
+
+        Returns:
+            (logits, new state).
+        """
         blocks = [block for stage in self.stages for block in stage.blocks]
         keys = [None] * (len(blocks) + 1) if key is None else jax.random.split(key, len(blocks) + 1)
         x, state = self.stem(x, state, inference=inference)
@@ -153,7 +192,18 @@ def efficientnet_b0(
     stochastic_depth: float = 0.2,
     key: PRNGKeyArray,
 ) -> tuple[EfficientNet, eqx.nn.State]:
-    """EfficientNet-B0 and its BatchNorm state (5,288,548 parameters at 1000 classes)."""
+    """EfficientNet-B0 and its BatchNorm state (5,288,548 parameters at 1000 classes),
+    initialized as torchvision does.
+
+    Args:
+        num_classes: the classifier's outputs (1000: ImageNet).
+        dropout: dropout rate before the classifier.
+        stochastic_depth: drop-path rate, reached linearly over the blocks.
+        key: the initialization key (keyword-only).
+
+    Returns:
+        (model, state): the `EfficientNet` and its BatchNorm state.
+    """
     return build(
         EfficientNet,
         num_classes=num_classes,

@@ -38,6 +38,14 @@ class FoldedBatchNorm(eqx.Module):
     def __call__(
         self, x: Float[Array, "c ..."], state: eqx.nn.State, *, inference: bool | None = None
     ) -> tuple[Float[Array, "c ..."], eqx.nn.State]:
+        """Args:
+            x: the folded conv's output.
+            state: the BatchNorm state, passed on unchanged.
+            inference: ignored.
+
+        Returns:
+            (x, state) unchanged.
+        """
         del inference
         return x, state
 

@@ -141,7 +141,12 @@ def pooled_logits(
 
 class StochasticDepth(eqx.Module):
     """Drops the whole residual branch of one example with probability `p` during
-    training (and rescales it by 1/(1-p) otherwise); the identity at inference."""
+    training (and rescales it by 1/(1-p) otherwise); the identity at inference.
+
+    Attributes:
+        p: the drop probability.
+        inference: the default mode when `__call__` gets `inference=None`.
+    """
 
     p: float = eqx.field(static=True)
     inference: bool = False
@@ -153,6 +158,14 @@ class StochasticDepth(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "..."]:
+        """Args:
+            x: one example's residual branch.
+            key: draws the drop (required in training mode when p > 0).
+            inference: identity when True (None: `self.inference`).
+
+        Returns:
+            `x`, zeros, or x / (1 - p).
+        """
         if inference is None:
             inference = self.inference
         if inference or self.p == 0.0:

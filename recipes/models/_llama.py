@@ -86,6 +86,11 @@ class KVCache(eqx.Module):
 
     Make one with `Llama.init_cache`; `Llama.prefill` and `Llama.decode_step` return
     the updated cache (it is a value, never mutated).
+
+    Attributes:
+        keys: per block, a (max_len, kv_heads, head_dim) buffer of rotated keys.
+        values: per block, a (max_len, kv_heads, head_dim) buffer of values.
+        length: how many positions are filled.
     """
 
     keys: tuple[Float[Array, "max_len kv_heads head_dim"], ...]
@@ -94,6 +99,7 @@ class KVCache(eqx.Module):
 
     @property
     def max_len(self) -> int:
+        """The positions the cache can hold."""
         return self.keys[0].shape[0]
 
 
@@ -118,7 +124,13 @@ def _linear_seq(linear, x):
 
 class LlamaAttention(eqx.Module):
     """Grouped-query causal self-attention with rotary queries and keys; query head
-    `h` reads key/value head `h // (num_heads / num_kv_heads)`."""
+    `h` reads key/value head `h // (num_heads / num_kv_heads)`.
+
+    Args:
+        config: the architecture (widths, heads, rotary base, q/k/v biases).
+        dtype: parameter dtype.
+        key: initializes the projections.
+    """
 
     q_proj: eqx.nn.Linear
     k_proj: eqx.nn.Linear
@@ -151,8 +163,14 @@ class LlamaAttention(eqx.Module):
         """Attend from `x` (at `positions`) to itself, or, with `cache` = this block's
         (keys, values) buffers, to the cached prefix plus itself.
 
-        Returns the attention output and the updated (keys, values), or None without
-        a cache.
+        Args:
+            x: (T, hidden_size) normalized residual stream.
+            positions: (T,) positions of the rows of `x`.
+            cache: this block's (keys, values) buffers, or None.
+
+        Returns:
+            The (T, hidden_size) attention output and the updated (keys, values), or
+            None without a cache.
         """
         seq = x.shape[0]
         groups = self.num_heads // self.num_kv_heads
@@ -185,7 +203,13 @@ class LlamaAttention(eqx.Module):
 
 
 class LlamaMLP(eqx.Module):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)).
+
+    Args:
+        config: the architecture (hidden and intermediate widths).
+        dtype: parameter dtype.
+        key: initializes the projections.
+    """
 
     gate_proj: eqx.nn.Linear
     up_proj: eqx.nn.Linear
@@ -199,12 +223,24 @@ class LlamaMLP(eqx.Module):
         self.down_proj = eqx.nn.Linear(h, d, use_bias=False, dtype=dtype, key=kd)
 
     def __call__(self, x: Float[Array, "T d"]) -> Float[Array, "T d"]:
+        """Args:
+            x: (T, hidden_size) normalized residual stream.
+
+        Returns:
+            (T, hidden_size) output.
+        """
         hidden = jax.nn.silu(_linear_seq(self.gate_proj, x)) * _linear_seq(self.up_proj, x)
         return _linear_seq(self.down_proj, hidden)
 
 
 class LlamaBlock(eqx.Module):
-    """Pre-norm decoder block: x + attn(attn_norm(x)), then + mlp(mlp_norm(x))."""
+    """Pre-norm decoder block: x + attn(attn_norm(x)), then + mlp(mlp_norm(x)).
+
+    Args:
+        config: the architecture.
+        dtype: parameter dtype.
+        key: initializes the attention and the MLP.
+    """
 
     attn_norm: eqx.nn.RMSNorm
     attn: LlamaAttention
@@ -220,6 +256,15 @@ class LlamaBlock(eqx.Module):
         self.mlp = LlamaMLP(config, dtype=dtype, key=km)
 
     def __call__(self, x, positions, cache=None):
+        """Args:
+            x: (T, hidden_size) residual stream.
+            positions: (T,) positions of its rows.
+            cache: this block's (keys, values) buffers, or None.
+
+        Returns:
+            The (T, hidden_size) residual stream after the block, and the updated
+            (keys, values) or None.
+        """
         h, cache = self.attn(jax.vmap(self.attn_norm)(x), positions, cache)
         x = x + h
         return x + self.mlp(jax.vmap(self.mlp_norm)(x)), cache
@@ -281,7 +326,14 @@ class Llama(eqx.Module):
 
     def hidden_states(self, ids: Int[Array, " T"]) -> Float[Array, "n_layers_plus_1 T d"]:
         """Residual stream after the embedding and after each block, stacked (entry 0
-        is the embedding output; the last entry feeds `unembed`)."""
+        is the embedding output; the last entry feeds `unembed`).
+
+        Args:
+            ids: one sequence of integer token ids.
+
+        Returns:
+            (num_layers + 1, T, hidden_size) residual streams.
+        """
         self._check_ids(ids)
         x = jax.vmap(self.embed)(ids)
         positions = jnp.arange(ids.shape[0])
@@ -292,13 +344,26 @@ class Llama(eqx.Module):
         return jnp.stack(states)
 
     def unembed(self, h: Float[Array, "T d"]) -> Float[Array, "T vocab"]:
-        """Final RMSNorm then the head (tied to the embedding or `lm_head`)."""
+        """Final RMSNorm then the head (tied to the embedding or `lm_head`).
+
+        Args:
+            h: a (T, hidden_size) residual stream (the last of `hidden_states`).
+
+        Returns:
+            (T, vocab) logits (float32 with a tied head).
+        """
         h = jax.vmap(self.norm)(h)
         if self.lm_head is None:
             return jnp.einsum("td,vd->tv", h, self.embed.weight, preferred_element_type=jnp.float32)
         return jax.vmap(self.lm_head)(h)
 
     def __call__(self, ids: Int[Array, " T"]) -> Float[Array, "T vocab"]:
+        """Args:
+            ids: one sequence of integer token ids, positions 0 .. T-1.
+
+        Returns:
+            (T, vocab) next-token logits.
+        """
         return self.unembed(self.hidden_states(ids)[-1])
 
     def init_cache(self, max_len: int, *, dtype=None) -> KVCache:

@@ -32,7 +32,18 @@ MOBILENET_V2_STAGES = (
 
 class InvertedResidual(eqx.Module):
     """Expand (absent at expand ratio 1), depthwise, linear project; x + block(x) when
-    the stride is 1 and the widths match."""
+    the stride is 1 and the widths match. Convs use ReLU6 except the project conv.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        expand_ratio: the hidden width is in_channels * expand_ratio.
+        kernel_size: the depthwise conv's kernel.
+        stride: the depthwise conv's stride.
+        padding: None (PyTorch's symmetric padding) or "SAME" (TensorFlow's).
+        eps: the BatchNorms' epsilon.
+        key: initializes the convs.
+    """
 
     expand: ConvBNAct | None
     depthwise: ConvBNAct
@@ -66,6 +77,14 @@ class InvertedResidual(eqx.Module):
         self.residual = stride == 1 and in_channels == out_channels
 
     def __call__(self, x, state, *, inference=None):
+        """Args:
+            x: one (C, H, W) feature map.
+            state: the BatchNorm state.
+            inference: use running statistics (None: the BatchNorms' own setting).
+
+        Returns:
+            (output feature map, new state).
+        """
         out = x
         if self.expand is not None:
             out, state = self.expand(out, state, inference=inference)
@@ -162,6 +181,16 @@ class InvertedResidualNet(eqx.Module):
     def __call__(
         self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
     ) -> tuple[Logits, eqx.nn.State]:
+        """Args:
+            x: one (C, H, W) image.
+            state: the BatchNorm state.
+            key: dropout randomness (training mode).
+            inference: use running statistics and no dropout (None: the layers' own
+                setting).
+
+        Returns:
+            (logits, new state).
+        """
         x, state = self.stem(x, state, inference=inference)
         for stage in self.stages:
             x, state = stage(x, state, inference=inference)

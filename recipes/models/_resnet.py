@@ -34,7 +34,15 @@ class Downsample(eqx.Module):
 
 
 class BasicBlock(eqx.Module):
-    """Two 3x3 convs with a residual connection (ResNet-18/34)."""
+    """Two 3x3 convs with a residual connection (ResNet-18/34).
+
+    Args:
+        in_channels: input channels.
+        planes: output channels of both convs.
+        stride: the first conv's stride (a 1x1 strided shortcut conv when it is not 1
+            or the channels change).
+        key: initializes the convs.
+    """
 
     conv1: eqx.nn.Conv2d
     bn1: eqx.nn.BatchNorm
@@ -56,6 +64,14 @@ class BasicBlock(eqx.Module):
         )
 
     def __call__(self, x, state, *, inference=None):
+        """Args:
+            x: one (C, H, W) feature map.
+            state: the BatchNorm state.
+            inference: use running statistics (None: the BatchNorms' own setting).
+
+        Returns:
+            (output feature map, new state).
+        """
         out, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         out = jax.nn.relu(out)
         out, state = apply_norm(self.bn2, self.conv2(out), state, inference)
@@ -65,7 +81,16 @@ class BasicBlock(eqx.Module):
 
 
 class Bottleneck(eqx.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual (ResNet-50)."""
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual (ResNet-50).
+
+    Args:
+        in_channels: input channels.
+        planes: channels of the 1x1 reduce and the 3x3 conv; the block outputs
+            4 * planes.
+        stride: the 3x3 conv's stride (a 1x1 strided shortcut conv when it is not 1
+            or the channels change).
+        key: initializes the convs.
+    """
 
     conv1: eqx.nn.Conv2d
     bn1: eqx.nn.BatchNorm
@@ -92,6 +117,14 @@ class Bottleneck(eqx.Module):
         )
 
     def __call__(self, x, state, *, inference=None):
+        """Args:
+            x: one (C, H, W) feature map.
+            state: the BatchNorm state.
+            inference: use running statistics (None: the BatchNorms' own setting).
+
+        Returns:
+            (output feature map, new state).
+        """
         out, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         out = jax.nn.relu(out)
         out, state = apply_norm(self.bn2, self.conv2(out), state, inference)
@@ -109,6 +142,16 @@ class ResNet(eqx.Module):
     `stem="imagenet"` is the 7x7/2 conv + 3x3/2 max-pool stem; `stem="cifar"` is a
     3x3/1 conv and no pool, the usual choice for 32x32 inputs. `width` scales every
     stage (64 is the published network).
+
+    Args:
+        block: "basic" (`BasicBlock`) or "bottleneck" (`Bottleneck`).
+        depths: blocks per stage ((2, 2, 2, 2) for ResNet-18); stage i has
+            width * 2**i planes, and every stage after the first halves the resolution.
+        num_classes: the classifier's outputs.
+        stem: "imagenet" or "cifar".
+        width: the first stage's width.
+        in_channels: image channels.
+        key: initializes the layers.
     """
 
     conv1: eqx.nn.Conv2d
@@ -157,6 +200,15 @@ class ResNet(eqx.Module):
     def __call__(
         self, x: Image, state: eqx.nn.State, *, key: PRNGKeyArray | None = None, inference=None
     ) -> tuple[Logits, eqx.nn.State]:
+        """Args:
+            x: one (C, H, W) image.
+            state: the BatchNorm state.
+            key: ignored (ResNet has no stochastic layers).
+            inference: use running statistics (None: the BatchNorms' own setting).
+
+        Returns:
+            (logits, new state).
+        """
         del key  # ResNet has no stochastic layers
         x, state = apply_norm(self.bn1, self.conv1(x), state, inference)
         x = jax.nn.relu(x)

@@ -20,7 +20,13 @@ def _split_or_none(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None
 
 
 class TransformerMLP(eqx.Module):
-    """Position-wise feed-forward on one token: fc2(gelu(fc1(x)))."""
+    """Position-wise feed-forward on one token: fc2(gelu(fc1(x))).
+
+    Args:
+        d_model: input and output width.
+        d_hidden: hidden width.
+        key: initializes the two linears.
+    """
 
     fc1: eqx.nn.Linear
     fc2: eqx.nn.Linear
@@ -31,11 +37,26 @@ class TransformerMLP(eqx.Module):
         self.fc2 = eqx.nn.Linear(d_hidden, d_model, key=k2)
 
     def __call__(self, x: Float[Array, " d_model"]) -> Float[Array, " d_model"]:
+        """Args:
+            x: one token's (d_model,) vector.
+
+        Returns:
+            The (d_model,) output.
+        """
         return self.fc2(jax.nn.gelu(self.fc1(x)))
 
 
 class TransformerBlock(eqx.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)); attention is causal."""
+    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)); attention is causal.
+
+    Args:
+        d_model: the residual width.
+        n_heads: attention heads (d_model must divide by it).
+        d_hidden: the MLP's hidden width.
+        dropout: dropout rate on attention weights and both residual branches.
+        rotary: rotate queries and keys (RoPE) over each head's dimensions.
+        key: initializes the attention and the MLP.
+    """
 
     ln1: eqx.nn.LayerNorm
     attn: eqx.nn.MultiheadAttention
@@ -78,6 +99,14 @@ class TransformerBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "T d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "T d_model"]:
+        """Args:
+            x: one sequence's (T, d_model) residual stream.
+            key: dropout randomness (None: no dropout allowed unless inference mode
+                or rate 0).
+
+        Returns:
+            The (T, d_model) residual stream after the block.
+        """
         k_attn, k_drop1, k_drop2 = _split_or_none(key, 3)
         seq_len = x.shape[0]
         causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
@@ -103,6 +132,20 @@ class Transformer(eqx.Module):
     (RoPE). Call it on one sequence `(T,)` with `T <= context`; dropout is active unless the
     model is put in inference mode (`eqx.nn.inference_mode(model)`) or `dropout=0`.
     Token ids must lie in `[0, vocab_size)` (not checked: ids are traced values).
+
+    Args:
+        vocab_size: tokens (256: bytes).
+        context: the longest sequence (rows of the learned position table).
+        d_model: the residual width.
+        n_layers: blocks.
+        n_heads: attention heads per block (must divide d_model; with `rotary`, the
+            head size must be even).
+        mlp_ratio: the MLP's hidden width is mlp_ratio * d_model.
+        dropout: dropout rate, in [0, 1).
+        tie_embeddings: the head is the token embedding transposed (no `head` layer).
+        rotary: RoPE instead of learned positions.
+        embed_std: standard deviation of the initial embeddings.
+        key: initializes every layer.
     """
 
     token_embed: eqx.nn.Embedding
@@ -206,6 +249,13 @@ class Transformer(eqx.Module):
 
         Entry 0 is the embedding output, entry i the output of block i-1; the last
         entry feeds `unembed`. Use these for hidden-state matching in distillation.
+
+        Args:
+            ids: one sequence of T <= context token ids.
+            key: dropout randomness.
+
+        Returns:
+            (n_layers + 1, T, d_model) residual streams.
         """
         self._check_ids(ids)
         k_emb, *k_blocks = _split_or_none(key, 1 + self.n_layers)
@@ -220,7 +270,14 @@ class Transformer(eqx.Module):
         return jnp.stack(states)
 
     def unembed(self, h: Float[Array, "T d_model"]) -> Float[Array, "T vocab"]:
-        """Final LayerNorm then the (tied or untied) head: residual stream -> logits."""
+        """Final LayerNorm then the (tied or untied) head: residual stream -> logits.
+
+        Args:
+            h: a (T, d_model) residual stream (the last of `hidden_states`).
+
+        Returns:
+            (T, vocab) logits.
+        """
         h = jax.vmap(self.ln_f)(h)
         if self.head is None:
             return h @ self.token_embed.weight.T
@@ -229,4 +286,11 @@ class Transformer(eqx.Module):
     def __call__(
         self, ids: Int[Array, " T"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "T vocab"]:
+        """Args:
+            ids: one sequence of T <= context token ids.
+            key: dropout randomness.
+
+        Returns:
+            (T, vocab) next-token logits.
+        """
         return self.unembed(self.hidden_states(ids, key=key)[-1])
