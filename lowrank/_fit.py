@@ -69,7 +69,9 @@ class LayerFitter:
         factors = self.initializer(problem, key=layer_key)
         check_factors(factors, problem, self.init_name)
         self.seconds[path] += time.perf_counter() - start
-        self.solved[path][at] = (problem, factors)
+        # Kept for the plan's errors, without the rows: memory must not grow with layers.
+        kept = dataclasses.replace(problem, inputs=None, dense_inputs=None)
+        self.solved[path][at] = (kept, factors)
         self.progress.set_postfix_str(problem.path, refresh=False)
         self.progress.update()
         return factors

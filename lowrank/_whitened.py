@@ -18,6 +18,7 @@ corrects, layer by layer, the error that earlier factorizations let through.
 
 import functools
 import math
+import weakref
 
 import equinox as eqx
 import jax
@@ -226,20 +227,26 @@ class Whitened(Initializer):
         return "whitened"
 
 
-# The last `input_moments` and the rows they were computed from, kept (by identity) for
-# the next layer: the calibration pass hands layers that read the same input one array.
-_last_moments: list = [None, None, None, None]  # inputs, dense inputs, centre, moments
+# The last `input_moments`, with weak references to the rows they were computed from
+# (kept by identity for the next layer: the calibration pass hands layers that read the
+# same input one array; nothing here keeps the rows alive).
+_last_moments: list = [None, None, None, None]  # ref(inputs), ref(dense inputs), centre, moments
 
 
 def _shared_moments(problem: LayerProblem, centre: bool, f64):
     """`input_moments` of the problem's rows, reused when they are the previous layer's."""
-    rows, dense, *_ = _last_moments
-    if not (
-        rows is problem.inputs and dense is problem.dense_inputs and _last_moments[2] == centre
-    ):
+    rows, dense, kept_centre, moments = _last_moments
+    same = (
+        rows is not None
+        and rows() is problem.inputs
+        and (dense() if dense is not None else None) is problem.dense_inputs
+        and kept_centre == centre
+    )
+    if not same:
         moments = input_moments(f64(problem.inputs), f64(problem.dense_inputs), centre=centre)
-        _last_moments[:] = [problem.inputs, problem.dense_inputs, centre, moments]
-    return _last_moments[3]
+        dense_ref = None if problem.dense_inputs is None else weakref.ref(problem.dense_inputs)
+        _last_moments[:] = [weakref.ref(problem.inputs), dense_ref, centre, moments]
+    return moments
 
 
 register_initializer("whitened", Whitened())

@@ -1,6 +1,9 @@
 """The one-pass calibration engine: models that read layer attributes, depthwise convs
 downstream of factorized layers, agreement with the multi-run reference, bad input."""
 
+import gc
+import weakref
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -389,3 +392,29 @@ def test_identical_blocks_share_compiled_segments():
         lowrank.factorize(model, rank=3, init="whitened", calibration=_anisotropic(4, (6, 16)))
         counts.append(len(calibrate._SEGMENTS))
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+class _RecordsRows(lowrank.Initializer):
+    """Whitened, noting a weak reference to every layer's calibration rows."""
+
+    calibration = "required"
+
+    def __call__(self, problem, *, key):
+        ROW_REFS.append(weakref.ref(problem.inputs))
+        return lowrank.Whitened()(problem, key=key)
+
+
+ROW_REFS = []
+
+
+def test_no_calibration_rows_outlive_factorize():
+    """Memory does not grow with the number of layers: once factorize returns, nothing
+    (plan entries, caches) keeps any layer's calibration rows alive."""
+    ROW_REFS.clear()
+    model = Blocks(2, key=KEY)
+    low, plan = lowrank.factorize(
+        model, rank=3, init=_RecordsRows(), calibration=_anisotropic(4, (6, 16)), return_plan=True
+    )
+    gc.collect()
+    assert len(ROW_REFS) == 12 and all(ref() is None for ref in ROW_REFS)
+    assert all(l.function_error is not None for l in plan.factorized)
