@@ -28,7 +28,7 @@ import lowrank
 from bench._results import markdown_table, write_section
 from recipes.distill import kd_loss, salt_alpha
 from recipes.longcontext import generate, likelihood_accuracy, make_list_tasks
-from recipes.models._transformer import Transformer
+from recipes.models import Transformer
 from recipes.text import decode, encode, eval_windows, load_corpus, sample_windows
 
 
