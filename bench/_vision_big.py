@@ -9,8 +9,8 @@ import numpy as np
 import lowrank
 from bench._results import markdown_table
 from recipes import models
-from recipes._factorize_policy import apply_policy
 from recipes.config import Config, FactorizeConfig, ImageModelConfig, OptimConfig, TrainConfig
+from recipes.policy import apply_policy
 from recipes.run import classification_loss
 from recipes.train import make_optimizer, train
 

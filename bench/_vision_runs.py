@@ -13,8 +13,8 @@ import jax
 import numpy as np
 
 from recipes import models
-from recipes._report import inference_seconds, seconds_in_turns
 from recipes.config import load_config
+from recipes.metrics import inference_seconds, seconds_in_turns
 from recipes.run import classification_eval, classification_loss, run
 
 

@@ -50,7 +50,6 @@ import lowrank
 from bench import peers
 from bench._results import RESULTS, markdown_table, write_section
 from recipes import metrics
-from recipes._factorize_policy import normalized_activations
 from recipes.data import (
     bbc_split,
     photo_crops,
@@ -60,6 +59,7 @@ from recipes.data import (
     tokenize,
 )
 from recipes.models import BATCH_AXIS
+from recipes.policy import normalized_activations
 
 MODELS = ("smollm2", "mobilenet_v2", "efficientnet_lite0", "minilm")
 BUDGETS = (0.8, 0.6)

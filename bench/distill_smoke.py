@@ -1,6 +1,7 @@
 """Smoke check that the language-model pieces fit together, on CPU, in a few minutes.
 
-1. a tiny byte-level teacher trained on Shakespeare (train plays only) with plain optax;
+1. a tiny byte-level teacher trained on Shakespeare (train plays only) by the shared
+   trainer (`recipes.train.train`);
 2. a smaller dense student trained twice for the same steps: plain next-byte training,
    and SALT (KD from the teacher for the first n_kd steps, then plain training);
 3. a low-rank student: the teacher factorized by `lowrank.factorize` (spectral init,
@@ -26,47 +27,51 @@ import optax
 
 import lowrank
 from bench._results import markdown_table, write_section
+from recipes.config import TrainConfig
 from recipes.distill import kd_loss, salt_alpha
 from recipes.longcontext import generate, likelihood_accuracy, make_list_tasks
-from recipes.models._transformer import Transformer
+from recipes.models import Transformer
 from recipes.text import decode, encode, eval_windows, load_corpus, sample_windows
+from recipes.train import train as train_loop
 
 
 def train(
     model, data, *, steps, key, batch, length, lr, teacher=None, n_kd=0, alpha=0.0, temperature=2.0
 ):
-    """AdamW with warm-up + cosine decay; SALT distillation when `teacher` is given."""
+    """AdamW with warm-up + cosine decay by `recipes.train.train`; SALT distillation
+    when `teacher` is given (it rides in the trainer's state slot, and each batch
+    carries the step's KD weight). Returns the trained model."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 5), steps, lr / 10)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = opt.init(eqx.filter(model, eqx.is_array))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1.0, weight_decay=0.01))
+    sample = jax.jit(sample_windows, static_argnames=("batch_size", "length"))
+    data, keys = jnp.asarray(data), jr.split(key, steps)
 
-    @eqx.filter_jit
-    def step(model, teacher, opt_state, key, i):
-        x_y = sample_windows(data, key=key, batch_size=batch, length=length)
-        x, y = x_y[:, :-1], x_y[:, 1:]
+    def batches(step):
+        for i in range(step, steps):
+            windows = sample(data, key=keys[i], batch_size=batch, length=length)
+            a = salt_alpha(i, n_kd=n_kd, alpha=alpha) if teacher is not None else 0.0
+            yield {"windows": windows, "alpha": np.full(batch, a, np.float32)}
+
+    def loss_fn(model, teacher, b, key):
+        x, y = b["windows"][:, :-1], b["windows"][:, 1:]
+        s_logits = jax.vmap(model)(x)
         if teacher is None:
-            a, t_logits = 0.0, None
+            a, t_logits = 0.0, s_logits
         else:
-            a, t_logits = salt_alpha(i, n_kd=n_kd, alpha=alpha), jax.vmap(teacher)(x)
+            a, t_logits = b["alpha"][0], jax.vmap(teacher)(x)
+        loss = kd_loss(s_logits, t_logits, y, alpha=a, temperature=temperature)
+        return loss, (teacher, {})
 
-        def loss_fn(m):
-            s_logits = jax.vmap(m)(x)
-            return kd_loss(
-                s_logits,
-                s_logits if t_logits is None else t_logits,
-                y,
-                alpha=a,
-                temperature=temperature,
-            )
-
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), opt_state, loss
-
-    data = jnp.asarray(data)
-    for i, k in enumerate(jr.split(key, steps)):
-        model, opt_state, loss = step(model, teacher, opt_state, k, jnp.asarray(i))
-    return model, float(loss)
+    config = TrainConfig(steps=steps, log_every=0, progress=False)
+    return train_loop(
+        model,
+        teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        schedule=schedule,
+        train_data=batches,
+        config=config,
+    ).model
 
 
 def bits_per_byte(model, windows, chunk=64):
@@ -114,7 +119,7 @@ def main():
     rows = []
 
     t0 = time.perf_counter()
-    teacher, _ = train(teacher, steps=args.steps, key=key_train, **common)
+    teacher = train(teacher, steps=args.steps, key=key_train, **common)
     teacher = eqx.nn.inference_mode(teacher)
     rows.append(
         ("teacher d128 L3", args.steps, bits_per_byte(teacher, val), time.perf_counter() - t0)
@@ -125,7 +130,7 @@ def main():
         ("student d64 L2 SALT", dict(teacher=teacher, alpha=0.5, n_kd=args.student_steps // 2)),
     ]:
         t0 = time.perf_counter()
-        model, _ = train(student, steps=args.student_steps, key=key_train, **common, **kd)
+        model = train(student, steps=args.student_steps, key=key_train, **common, **kd)
         rows.append((name, args.student_steps, bits_per_byte(model, val), time.perf_counter() - t0))
 
     t0 = time.perf_counter()
@@ -135,7 +140,7 @@ def main():
         (f"teacher low-rank x{ratio:.2f}", 0, bits_per_byte(low, val), time.perf_counter() - t0)
     )
     t0 = time.perf_counter()
-    low, _ = train(
+    low = train(
         low,
         steps=args.lowrank_steps,
         key=key_train,

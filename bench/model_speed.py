@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import lowrank
 from bench._results import markdown_table, median_time, write_section
 from recipes import models
-from recipes._factorize_policy import POLICY_TARGETS, _module_at
+from recipes.policy import POLICY_TARGETS, module_at
 from recipes.run import classification_eval
 
 
@@ -176,7 +176,7 @@ def bench_resnet18_layers(repeats, batch=128):
     dense, _, _, plan, _ = _resnet18_pair()
     rows, dense_total, low_total = [], 0.0, 0.0
     for lp in plan.factorized:
-        conv = _module_at(dense, lp.path)
+        conv = module_at(dense, lp.path)
         side = _resnet18_input_side(lp.path)
         x = jax.random.normal(jax.random.key(1), (batch, conv.in_channels, side, side))
         low_conv = lowrank.factorize(conv, rank=lp.rank)

@@ -29,8 +29,8 @@ import numpy as np
 import optax
 
 import lowrank
+from bench._digits import DigitsCNN, accuracy, load_split, train
 from bench._results import markdown_table, write_section
-from recipes.demo import DigitsCNN, accuracy, load_split, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,32 +47,6 @@ def _mlp(key):
 def _flat(data):
     x, y = data
     return x.reshape(len(x), -1), y
-
-
-def _loss_curve(model, data, *, steps, lr, seed, every=25, batch=128):
-    """Train like recipes.demo.train but record the full-train-set loss every `every` steps."""
-    x, y = data
-    optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-
-    def loss_fn(m, xb, yb):
-        return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(xb), yb).mean()
-
-    @eqx.filter_jit
-    def step(m, opt_state, xb, yb):
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(m, xb, yb)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(m, eqx.is_array))
-        return eqx.apply_updates(m, updates), opt_state, loss
-
-    full_loss = eqx.filter_jit(loss_fn)
-    rng = np.random.default_rng(seed)
-    curve = [float(full_loss(model, x, y))]
-    for i in range(1, steps + 1):
-        idx = rng.integers(0, len(y), batch)
-        model, opt_state, _ = step(model, opt_state, x[idx], y[idx])
-        if i % every == 0:
-            curve.append(float(full_loss(model, x, y)))
-    return model, curve
 
 
 def from_scratch(seeds: int, steps: int):
@@ -102,7 +76,7 @@ def from_scratch(seeds: int, steps: int):
                         activations=activations,
                         key=jax.random.key(100 + seed),
                     )
-                    low, curve = _loss_curve(low, tr, steps=steps, lr=3e-3, seed=seed)
+                    low, curve = train(low, tr, steps=steps, lr=3e-3, seed=seed, curve_every=25)
                     accs.append(accuracy(low, te))
                     finals.append(curve[-1])
                     curves.setdefault((name, rank, init), []).append(curve)
@@ -197,7 +171,7 @@ def compress_cnn(steps: int, seeds: int):
     logits_of = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
     results, dense_rows = {}, []
     for seed in range(seeds):
-        dense = train(
+        dense, _ = train(
             DigitsCNN(key=jax.random.key(seed)), train_set, steps=steps, lr=3e-3, seed=seed
         )
         dense_logits = logits_of(dense, x_te)
@@ -236,7 +210,7 @@ def compress_transformer(steps: int):
     corpus = load_corpus()
     length = 64
     dense = Transformer(d_model=128, n_layers=2, n_heads=4, context=length, key=jax.random.key(0))
-    dense, _ = train_lm(
+    dense = train_lm(
         dense, corpus.train, steps=steps, key=jax.random.key(1), batch=32, length=length, lr=3e-3
     )
     valid = eval_windows(corpus.validation, length, max_windows=512)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lowrank
-from recipes._factorize_policy import _module_at
+from recipes.policy import module_at
 
 _TINY = 1e-6  # SVD-LLM's shift / ridge and ASVD's epsilon, as in their code
 
@@ -270,10 +270,10 @@ def _asvd_rank(shape: tuple[int, int], ratio: float) -> int:
 def _merged(model, path: str, factors: lowrank.Factors):
     """`model` with the layer at `path` given weight u @ v: the low-rank function in the
     dense structure, so that trial models share one compilation."""
-    layer = _module_at(model, path)
+    layer = module_at(model, path)
     weight = np.asarray(factors.u, np.float64) @ np.asarray(factors.v, np.float64)
     weight = jnp.asarray(weight.reshape(layer.weight.shape), layer.weight.dtype)
-    return eqx.tree_at(lambda m: _module_at(m, path).weight, model, weight)
+    return eqx.tree_at(lambda m: module_at(m, path).weight, model, weight)
 
 
 def asvd_sensitivity(
@@ -306,7 +306,7 @@ def asvd_sensitivity(
     sensitivity: dict[str, dict[float, float]] = {}
     for path, shape in _shapes(model, target).items():
         sensitivity[path] = {}
-        w = _module_at(model, path).weight
+        w = module_at(model, path).weight
         weight = jnp.asarray(np.asarray(w).reshape(w.shape[0], -1))
         for c in candidates:
             problem = lowrank.LayerProblem(path, weight, None, _asvd_rank(shape, c))

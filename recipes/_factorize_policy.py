@@ -69,8 +69,16 @@ RANK_FORMS = (
 """Every form `factorize.rank` takes, for error messages."""
 
 
-def _module_at(model: PyTree, path: str):
-    """The submodule at a dotted path (attributes and sequence indices)."""
+def module_at(model: PyTree, path: str):
+    """The submodule at a dotted path (attributes and sequence indices).
+
+    Args:
+        model: the model.
+        path: a dotted path as `lowrank.select` and plans name layers ("layers.0.conv1").
+
+    Returns:
+        The submodule (or leaf) at `path`.
+    """
     for part in path.split("."):
         model = model[int(part)] if part.isdigit() else getattr(model, part)
     return model
@@ -89,11 +97,21 @@ def normalized_activations(model: PyTree, state: eqx.nn.State, pattern: str) -> 
     bnK when conv{K+1} follows in the block, none before a residual sum; EfficientNet:
     its ConvBNAct's activation). Calibrated inits then fit what the network computes.
     The per-channel constants need calibration data: NKP's Gaussian closed forms take
-    one scalar σ for all rows."""
+    one scalar σ for all rows.
+
+    Args:
+        model: the model (BatchNorm layers sit next to the convs they follow).
+        state: its `eqx.nn.State`, holding the BatchNorm running statistics.
+        pattern: regex fullmatched against dotted layer paths (a `POLICY_TARGETS` one).
+
+    Returns:
+        {escaped path: σ} for `lowrank.factorize(activations=...)`; convs without a
+        BatchNorm after them are left out.
+    """
     out = {}
     for path in _targets(model, pattern):
         parent_path, _, name = path.rpartition(".")
-        parent = _module_at(model, parent_path)
+        parent = module_at(model, parent_path)
         index = name.removeprefix("conv")
         bn = getattr(parent, "bn" + index, None)
         if not isinstance(bn, eqx.nn.BatchNorm):
@@ -265,7 +283,19 @@ def apply_policy(
     itself and no plan). `example` / `calibration` are as in `lowrank.factorize`;
     `initial` is the dense model at initialization ("stable:scaled" needs it); with
     `calibration` and the BatchNorm `state`, function-aware inits fit each conv's
-    output after its BatchNorm and activation (`normalized_activations`)."""
+    output after its BatchNorm and activation (`normalized_activations`).
+
+    Args:
+        model: the dense model (not mutated).
+        config: the recipe config; its `factorize` section picks the policy, rank and init.
+        example: one example input, as in `lowrank.factorize`.
+        calibration: calibration inputs, as in `lowrank.factorize`, or None.
+        initial: the dense model at initialization ("stable:scaled" needs it), or None.
+        state: the model's BatchNorm state (with `calibration`), or None.
+
+    Returns:
+        (model to train, its `lowrank.Plan`), or (`model`, None) for policy "none".
+    """
     check_policy(config)
     f = config.factorize
     if f.policy == "none":

@@ -26,7 +26,19 @@ def seconds_in_turns(
 ) -> list[float]:
     """Seconds per `fn(model, *args)` for each model: the models take turns for `rounds`
     rounds of `repeats` calls, and each keeps its best round's median, so a burst of
-    load on a shared machine hits them alike."""
+    load on a shared machine hits them alike.
+
+    Args:
+        fn: `fn(model, *args)`, timed until its outputs are ready (called once per
+            model first, untimed, to compile).
+        models: the models to compare.
+        *args: the other arguments of `fn`.
+        rounds: rounds of turns.
+        repeats: calls per model per round.
+
+    Returns:
+        Seconds per call, one per model, in the order of `models`.
+    """
     for model in models:
         jax.block_until_ready(fn(model, *args))  # compile
     best = [float("inf")] * len(models)
@@ -42,7 +54,18 @@ def seconds_in_turns(
 
 
 def inference_seconds(eval_fn, models: list[PyTree], state: PyTree, batch, **turns) -> list[float]:
-    """`seconds_in_turns` of the jitted inference-mode `eval_fn(model, state, batch)`."""
+    """`seconds_in_turns` of the jitted inference-mode `eval_fn(model, state, batch)`.
+
+    Args:
+        eval_fn: `(model, state, batch) -> metrics`, as a task's.
+        models: the models to compare.
+        state: their shared state (e.g. BatchNorm statistics), or None.
+        batch: one eval batch.
+        **turns: `rounds` / `repeats` of `seconds_in_turns`.
+
+    Returns:
+        Seconds per forward, one per model.
+    """
     run = eqx.filter_jit(lambda m, s, b: eval_fn(eqx.nn.inference_mode(m), s, b))
     return seconds_in_turns(run, models, state, batch, **turns)
 

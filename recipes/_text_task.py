@@ -7,6 +7,8 @@ Two tasks for the config system (`Config.task`):
 - "text_student": build a student of a saved teacher (model section
   `StudentModelConfig`) and train it under a `distill` section (`StudentRunConfig`).
 
+The config sections live in the public `recipes.text_config`.
+
 `recipes.run` registers both (`TASKS`): `python -m recipes.run CONFIG` (or
 `python -m recipes.student CONFIG`, which takes only these tasks) checks every setting
 before any compute, trains with `recipes.train.train`, saves the model to
@@ -15,10 +17,8 @@ loss and bits per byte on the unseen works, latent-list accuracy, inference toke
 and the train step time.
 """
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Literal
 
 import equinox as eqx
 import jax.random as jr
@@ -26,58 +26,11 @@ import numpy as np
 
 from . import student as st
 from ._task import Task
-from .config import Config, ConfigError, bounded
+from .config import Config, ConfigError
 from .models import Transformer
 from .text import eval_windows, load_corpus
+from .text_config import StudentRunConfig, TextDataConfig
 from .train import TrainResult
-
-
-@dataclasses.dataclass
-class TextModelConfig:
-    """A dense byte-level `recipes.models.Transformer`."""
-
-    d_model: int = bounded(128, gt=0)
-    n_layers: int = bounded(4, gt=0)
-    n_heads: int = bounded(4, gt=0)
-    mlp_ratio: int = bounded(4, gt=0)
-    context: int = bounded(128, gt=0)
-    dropout: float = bounded(0.0, ge=0, lt=1)
-    vocab_size: int = 256
-
-
-@dataclasses.dataclass
-class TextDataConfig:
-    """Byte windows of `length` (+1) tokens from a corpus split by work: Shakespeare
-    (`path` "") or every .txt under `path`. `eval_windows` caps validation windows."""
-
-    path: str = ""
-    edition: Literal["modern", "folio"] = "modern"
-    val_fraction: float = bounded(0.1, gt=0, lt=1)
-    length: int = bounded(128, gt=0)
-    batch_size: int = bounded(16, gt=0)
-    eval_batch_size: int = bounded(32, gt=0)
-    eval_windows: int = bounded(256, gt=0)
-
-
-@dataclasses.dataclass
-class StudentModelConfig:
-    """A student of the teacher saved at `teacher`: "factorized" by lowrank under
-    `Budget(params=params)` of its attention and MLP layers (`init` from the teacher's
-    weights; whitened and nkp read `calibration_windows` train windows), or "dense"
-    from scratch at the same non-embedding parameter fraction."""
-
-    teacher: str = "out/shakespeare_teacher/model.eqx"
-    kind: Literal["factorized", "dense"] = "factorized"
-    params: float = bounded(0.25, gt=0, le=1)
-    init: Literal["spectral", "whitened", "nkp", "random"] = "whitened"
-    calibration_windows: int = bounded(32, gt=0)
-
-
-@dataclasses.dataclass
-class StudentRunConfig(Config):
-    """A `Config` with a `distill` section (how the student learns from the teacher)."""
-
-    distill: st.DistillConfig = dataclasses.field(default_factory=st.DistillConfig)
 
 
 def _corpus(data: TextDataConfig):

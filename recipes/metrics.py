@@ -3,7 +3,9 @@
 Language models: `token_losses` -> `perplexity`, `bits_per_byte`. Classifiers:
 `kl_divergence` (dense || compressed), `top1_agreement`, `accuracy`. Encoders:
 `cosine_similarity` to the dense embeddings, `nearest_neighbour_agreement`. For all:
-`param_count`, and `wall_time` (FLOPs: `lowrank.summary(model, example=...).flops`).
+`param_count`, and `wall_time` (FLOPs: `lowrank.summary(model, example=...).flops`);
+to compare models' speed, `seconds_in_turns` times them in turns and
+`inference_seconds` times a task's jitted inference-mode `eval_fn`.
 The array metrics are jnp functions of whole evaluation sets (jittable; the shape
 checks are on static shapes) and return scalars; means are over every leading position.
 """
@@ -16,7 +18,8 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 import lowrank
 
-from ._report import seconds_in_turns
+from ._report import inference_seconds as inference_seconds
+from ._report import seconds_in_turns as seconds_in_turns
 
 
 def _same_shape(name_a: str, a, name_b: str, b) -> None:
@@ -208,7 +211,7 @@ def param_count(model: PyTree) -> int:
 def wall_time(fn, *args, repeats: int = 5) -> float:
     """Median wall time of `fn(*args)` in seconds, over `repeats` calls after one
     warm-up (compile) call, waiting for the result each time. To compare models, time
-    them in turns with `recipes._report.seconds_in_turns`.
+    them in turns with `seconds_in_turns`.
 
     Args:
         fn: the function, typically jitted.

@@ -65,3 +65,51 @@ def test_rooms_import_only_downwards_and_no_two_files_import_each_other():
         (a, b) for a, b in pairs if not (a == b.rpartition(".")[0] or b == a.rpartition(".")[0])
     ]
     assert not pairs, f"files importing each other: {pairs}"
+
+
+def _private_recipes_imports(source: str) -> list[str]:
+    """The private names of recipes that `source` imports: a module path with a `_x`
+    part (`recipes._x`, `recipes.models._x`) or a `_y` taken from a recipes module."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules = [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            modules = [(node.module or "", [a.name for a in node.names])]
+        else:
+            continue
+        for module, names in modules:
+            if module.split(".")[0] != "recipes":
+                continue
+            found += [module] if any(p.startswith("_") for p in module.split(".")) else []
+            found += [f"{module}.{n}" for n in names if n.startswith("_")]
+    return found
+
+
+def test_the_private_import_check_sees_both_forms():
+    source = (
+        "import recipes.run\nfrom recipes import models\nimport lowrank._plan\n"
+        "from recipes._report import seconds_in_turns\nimport recipes.models._resnet\n"
+        "def f():\n    from recipes.policy import _hidden\n"
+    )
+    assert _private_recipes_imports(source) == [
+        "recipes._report",
+        "recipes.models._resnet",
+        "recipes.policy._hidden",
+    ]
+
+
+PUBLIC_ONLY = sorted(
+    p
+    for p in [*(ROOT / "recipes" / "configs").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+    if "reference" not in p.relative_to(ROOT).parts
+)
+
+
+@pytest.mark.parametrize("path", PUBLIC_ONLY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_configs_and_benches_import_only_public_names_of_recipes(path):
+    private = _private_recipes_imports(path.read_text())
+    assert not private, (
+        f"{path.relative_to(ROOT)} imports private names of recipes: {private}; "
+        "import them from a public recipes module (re-export them there if needed)."
+    )

@@ -11,9 +11,9 @@ model.kind: factorized | dense (from scratch, same parameter fraction);
 model.init: spectral | whitened | nkp | random; distill.mode: ce | kd | salt | salt_ds.
 """
 
-from recipes._text_task import StudentModelConfig, StudentRunConfig, TextDataConfig
 from recipes.config import OptimConfig, TrainConfig
 from recipes.student import DistillConfig
+from recipes.text_config import StudentModelConfig, StudentRunConfig, TextDataConfig
 
 
 def config() -> StudentRunConfig:

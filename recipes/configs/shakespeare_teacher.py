@@ -9,8 +9,8 @@ shakespeare_student recipe) and prints validation bits per byte on unseen plays.
 Size knobs: model.d_model, model.n_layers, model.context / data.length, train.steps.
 """
 
-from recipes._text_task import TextDataConfig, TextModelConfig
 from recipes.config import Config, OptimConfig, TrainConfig
+from recipes.text_config import TextDataConfig, TextModelConfig
 
 
 def config() -> Config:

@@ -9,17 +9,15 @@ import pytest
 
 import lowrank
 from recipes._factorize_policy import (
-    POLICY_TARGETS,
     _rank_rule,
-    apply_policy,
     check_policy,
     check_rank,
-    normalized_activations,
     stable_rank,
     stable_ranks,
 )
 from recipes.config import ConfigError, FactorizeConfig, ImageModelConfig, load_config
 from recipes.models import efficientnet_b0, resnet18
+from recipes.policy import POLICY_TARGETS, apply_policy, module_at, normalized_activations
 
 
 def conv_paths(model):
@@ -46,6 +44,13 @@ def test_policies_select_the_published_layers():
     chosen = selected("efficientnet", effnet)
     assert len(chosen) == 15 + 16 + 1  # expand (not in block 0), project, head
     assert all(conv_paths(effnet)[p].groups == 1 and ".se." not in p for p in chosen)
+
+
+def test_module_at_reads_the_layer_at_every_dotted_path():
+    resnet, _ = resnet18(10, stem="cifar", width=8, key=jax.random.key(0))
+    paths = conv_paths(resnet)
+    assert all(module_at(resnet, p) is conv for p, conv in paths.items())
+    assert module_at(resnet, "layers.1.blocks.0") is resnet.layers[1].blocks[0]
 
 
 def config(policy, **factorize):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recipes import longcontext as lc
-from recipes.models._transformer import Transformer
+from recipes.models import Transformer
 
 
 def _run(program: str) -> str:

@@ -2,7 +2,8 @@ import time
 
 import jax.numpy as jnp
 
-from recipes._report import factorization_evals, format_report, seconds_in_turns, step_seconds
+from recipes._report import factorization_evals, format_report, step_seconds
+from recipes.metrics import seconds_in_turns
 from recipes.train import REPLACED
 
 HISTORY = [

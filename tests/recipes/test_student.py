@@ -10,17 +10,16 @@ import pytest
 
 import lowrank
 from recipes import student as st
-from recipes._text_task import (
+from recipes._text_task import build_text_lm, build_text_student
+from recipes.config import Config, ConfigError, OptimConfig, TrainConfig
+from recipes.distill import kd_loss, salt_ds_scores
+from recipes.models import Transformer
+from recipes.text_config import (
     StudentModelConfig,
     StudentRunConfig,
     TextDataConfig,
     TextModelConfig,
-    build_text_lm,
-    build_text_student,
 )
-from recipes.config import Config, ConfigError, OptimConfig, TrainConfig
-from recipes.distill import kd_loss, salt_ds_scores
-from recipes.models import Transformer
 from recipes.train import make_optimizer, train
 
 SMALL = dict(context=8, d_model=16, n_layers=1, n_heads=2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lowrank
-from recipes.models._transformer import Transformer
+from recipes.models import Transformer
 
 SMALL = dict(vocab_size=256, context=16, d_model=32, n_layers=2, n_heads=4)
 
