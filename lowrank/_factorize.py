@@ -26,7 +26,7 @@ from ._select import (
     weight_matrix,
 )
 from ._trace import Example, output_positions
-from ._whitened import input_whitening, whitened_spectrum
+from ._whitened import input_moments, whitened_spectrum
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -247,7 +247,7 @@ def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[st
         weight = weight if index is None else weight[index]
         centre = getattr(layer, "bias", None) is not None
         if last[0] is not inputs or last[1] != centre:
-            last[:] = [inputs, centre, input_whitening(inputs, centre=centre)]
+            last[:] = [inputs, centre, input_moments(inputs, centre=centre)[1:3]]
         found.setdefault(path, []).append(whitened_spectrum(weight, *last[2]))
 
     calibrate(

@@ -370,9 +370,7 @@ def test_layers_reading_one_input_share_rows_and_moments(monkeypatch):
     shared = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
     # per block: q/k/v (one input), out, fc1, fc2: 4 decompositions for 6 layers
     assert len(calls) == 2 * 4
-    unshared = lambda p, centre, f64: whitened.input_moments(
-        f64(p.inputs), f64(p.dense_inputs), centre=centre
-    )
+    unshared = lambda p, centre: whitened.input_moments(p.inputs, p.dense_inputs, centre=centre)
     monkeypatch.setattr(whitened, "_shared_moments", unshared)
     separate = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
     assert len(calls) == 2 * 4 + 2 * 6
