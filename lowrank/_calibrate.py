@@ -247,10 +247,11 @@ class _Pass:
         last = jax_core.last_used(jaxpr)
         segment, evaluated = [], []
         for eqn in jaxpr.eqns:
-            if self._in_segment(scope, eqn):
+            param_only = _param_only(scope, eqn)
+            if not param_only and self._in_segment(scope, eqn):
                 segment.append(eqn)
             else:
-                if not _param_only(scope, eqn):  # it reads data: evaluate the segment first
+                if not param_only:  # it reads data: evaluate the segment first
                     self._segment(scope, segment, last)
                     segment = []
                 self._eqn(scope, eqn)
@@ -262,9 +263,9 @@ class _Pass:
         _free(scope, evaluated, last)
 
     def _in_segment(self, scope: _Scope, eqn) -> bool:
-        """A data equation the pass need not look into: no watched weight among its
-        operands, no effects, and not computed from the model arrays alone."""
-        if eqn.effects or _param_only(scope, eqn):
+        """Whether a data equation (not computed from the model arrays alone) is one the
+        pass need not look into: no watched weight among its operands, no effects."""
+        if eqn.effects:
             return False
         return not any(not isinstance(v, jex_core.Literal) and v in scope.views for v in eqn.invars)
 

@@ -26,7 +26,7 @@ from ._select import (
     weight_matrix,
 )
 from ._trace import Example, output_positions
-from ._whitened import input_moments, whitened_spectrum
+from ._whitened import shared_input_moments, whitened_spectrum
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -239,16 +239,14 @@ def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[st
     """Each layer's spectrum in its input-whitened basis (`whitened_spectrum`) on the dense
     model's inputs, from one pass over the calibration data; stacks combine their slices."""
     found: dict[str, list[np.ndarray]] = {}
-    last: list = [None, None, None]  # rows, centre, whitening: shared by layers of one input
 
     def fit(path, index, inputs, dense_inputs):
         layer = layers[path]
         weight = np.asarray(weight_matrix(layer))
         weight = weight if index is None else weight[index]
         centre = getattr(layer, "bias", None) is not None
-        if last[0] is not inputs or last[1] != centre:
-            last[:] = [inputs, centre, input_moments(inputs, centre=centre)[1:3]]
-        found.setdefault(path, []).append(whitened_spectrum(weight, *last[2]))
+        _, basis, eig, *_ = shared_input_moments(inputs, centre=centre)  # one per input
+        found.setdefault(path, []).append(whitened_spectrum(weight, basis, eig))
 
     calibrate(
         model,

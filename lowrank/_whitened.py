@@ -199,7 +199,8 @@ class Whitened(Initializer):
         with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
             f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))
             weight, bias = f64(problem.weight), f64(problem.bias)
-            moments = [f64(a) for a in _shared_moments(problem, centre)]
+            shared = shared_input_moments(problem.inputs, problem.dense_inputs, centre=centre)
+            moments = [f64(a) for a in shared]
             u, v, new_bias = _whitened(
                 weight,
                 bias,
@@ -233,19 +234,19 @@ class Whitened(Initializer):
 _last_moments: list = [None, None, None, None]  # ref(inputs), ref(dense inputs), centre, moments
 
 
-def _shared_moments(problem: LayerProblem, centre: bool):
-    """`input_moments` of the problem's rows, reused when they are the previous layer's."""
+def shared_input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
+    """`input_moments`, reused when the rows are the previous call's (by identity)."""
     rows, dense, kept_centre, moments = _last_moments
     same = (
         rows is not None
-        and rows() is problem.inputs
-        and (dense() if dense is not None else None) is problem.dense_inputs
+        and rows() is inputs
+        and (dense() if dense is not None else None) is dense_inputs
         and kept_centre == centre
     )
     if not same:
-        moments = input_moments(problem.inputs, problem.dense_inputs, centre=centre)
-        dense_ref = None if problem.dense_inputs is None else weakref.ref(problem.dense_inputs)
-        _last_moments[:] = [weakref.ref(problem.inputs), dense_ref, centre, moments]
+        moments = input_moments(inputs, dense_inputs, centre=centre)
+        dense_ref = None if dense_inputs is None else weakref.ref(dense_inputs)
+        _last_moments[:] = [weakref.ref(inputs), dense_ref, centre, moments]
     return moments
 
 

@@ -370,8 +370,7 @@ def test_layers_reading_one_input_share_rows_and_moments(monkeypatch):
     shared = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
     # per block: q/k/v (one input), out, fc1, fc2: 4 decompositions for 6 layers
     assert len(calls) == 2 * 4
-    unshared = lambda p, centre: whitened.input_moments(p.inputs, p.dense_inputs, centre=centre)
-    monkeypatch.setattr(whitened, "_shared_moments", unshared)
+    monkeypatch.setattr(whitened, "shared_input_moments", whitened.input_moments)
     separate = lowrank.densify(lowrank.factorize(model, rank=3, init="whitened", calibration=xs))
     assert len(calls) == 2 * 4 + 2 * 6
     for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
