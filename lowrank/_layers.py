@@ -129,10 +129,10 @@ class LowRankLinear(eqx.Module):
                 f"LowRankLinear expects an unbatched input of shape ({self.in_features},), "
                 f"got {x.shape}; use jax.vmap over the batch"
             )
-        return kernels.factored_matmul(
+        return kernels.factored_linear(
             x,
-            self.v.T,
-            self.u.T,
+            self.v,
+            self.u,
             self.bias,
             activation=self.activation,
             impl=self.impl,

@@ -1,5 +1,7 @@
 """Float64 references and data for the kernel tests (independent of kernels/)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +54,34 @@ def assert_close(got, want, tol):
     assert got.shape == want.shape, (got.shape, want.shape)
     err, scale = np.abs(got - want).max(initial=0.0), np.abs(want).max(initial=0.0)
     assert err <= tol * max(scale, 1e-30), f"max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+_C, _A = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def np_act(name, z):
+    """(act(z), act'(z)) in float64 numpy, written out (independent of kernels/ and jax.nn)."""
+    if name is None:
+        return z, np.ones_like(z)
+    if name == "relu":
+        return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return z * s, s * (1.0 + z * (1.0 - s))
+    th = np.tanh(_C * (z + _A * z**3))  # gelu, tanh approximation
+    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th**2) * _C * (
+        1.0 + 3.0 * _A * z**2
+    )
+
+
+def np_reference(x, a, b, bias, inner, activation, g):
+    """act(σ(x @ a) @ b + bias) and its (dx, da, db, dbias) for cotangent g, by
+    hand-written float64 backprop (σ = `inner`)."""
+    x, a, b, g = (np.asarray(v, np.float64) for v in (x, a, b, g))
+    t = x @ a
+    h, dh_dt = np_act(inner, t)
+    z = h @ b + (0.0 if bias is None else np.asarray(bias, np.float64))
+    y, dy_dz = np_act(activation, z)
+    gz = g * dy_dz
+    dt = (gz @ b.T) * dh_dt
+    return y, (dt @ a.T, x.T @ dt, h.T @ gz, None if bias is None else gz.sum(0))

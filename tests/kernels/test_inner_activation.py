@@ -1,7 +1,5 @@
 """CoLA's inner activation act(σ(x @ a) @ b + bias): both impls vs a float64 numpy reference."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,36 +9,7 @@ import kernels
 from kernels import _backward, _forward
 
 from ._jaxpr import find_eqns
-from ._reference import assert_close, factors
-
-_C, _A = math.sqrt(2.0 / math.pi), 0.044715
-
-
-def _np_act(name, z):
-    """(act(z), act'(z)) in float64 numpy, written out (independent of kernels/ and jax.nn)."""
-    if name is None:
-        return z, np.ones_like(z)
-    if name == "relu":
-        return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
-    if name == "silu":
-        s = 1.0 / (1.0 + np.exp(-z))
-        return z * s, s * (1.0 + z * (1.0 - s))
-    th = np.tanh(_C * (z + _A * z**3))  # gelu, tanh approximation
-    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th**2) * _C * (
-        1.0 + 3.0 * _A * z**2
-    )
-
-
-def _np_reference(x, a, b, bias, inner, activation, g):
-    """y and (dx, da, db, dbias) by hand-written float64 backprop."""
-    x, a, b, g = (np.asarray(v, np.float64) for v in (x, a, b, g))
-    t = x @ a
-    h, dh_dt = _np_act(inner, t)
-    z = h @ b + (0.0 if bias is None else np.asarray(bias, np.float64))
-    y, dy_dz = _np_act(activation, z)
-    gz = g * dy_dz
-    dt = (gz @ b.T) * dh_dt
-    return y, (dt @ a.T, x.T @ dt, h.T @ gz, None if bias is None else gz.sum(0))
+from ._reference import assert_close, factors, np_reference
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -66,7 +35,7 @@ def test_forward_and_gradients_match_float64_numpy(impl, shape, inner, activatio
         return y, vjp(g)
 
     y, grads = run(x, a, b, c, g)
-    want_y, want_grads = _np_reference(x, a, b, c, inner, activation, g)
+    want_y, want_grads = np_reference(x, a, b, c, inner, activation, g)
     assert_close(y, want_y, 1e-5)
     for got, want in zip(grads, want_grads):
         assert (got is None) == (want is None)
@@ -91,7 +60,7 @@ def test_kernels_save_the_pre_activation_intermediate():
     assert_close(t, np.asarray(x, np.float64) @ np.asarray(a, np.float64), 1e-5)
     g = jnp.ones((37, 70), jnp.float32)
     gz, _ = _backward.fused_epilogue_grad(g, t, b, c, activation="silu", inner_activation="gelu")
-    _, (_, _, _, want_dbias) = _np_reference(x, a, b, c, "gelu", "silu", g)
+    _, (_, _, _, want_dbias) = np_reference(x, a, b, c, "gelu", "silu", g)
     assert_close(gz.sum(0), want_dbias, 1e-5)
 
 
