@@ -4,6 +4,7 @@ model = lowrank.factorize(model, rank=lowrank.Budget(params=0.3), init="spectral
 """
 
 from ._budget import Budget as Budget
+from ._conv import LowRankConv as LowRankConv
 from ._factorize import factorize as factorize
 from ._factorize import plan as plan
 from ._index import IndexEntry as IndexEntry
@@ -33,19 +34,12 @@ from ._initializers import (
 from ._initializers import (
     register_initializer as register_initializer,
 )
-from ._layers import (
-    LowRankConv as LowRankConv,
-)
-from ._layers import (
-    LowRankLinear as LowRankLinear,
-)
-from ._layers import (
-    with_kernels as with_kernels,
-)
+from ._layers import LowRankLinear as LowRankLinear
 from ._nkp import NKP as NKP
 from ._plan import LayerPlan as LayerPlan
 from ._plan import Plan as Plan
 from ._rewrite import densify as densify
+from ._rewrite import with_kernels as with_kernels
 from ._serialize import load as load
 from ._serialize import save as save
 from ._summary import Summary as Summary

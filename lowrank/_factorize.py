@@ -11,12 +11,11 @@ import numpy as np
 
 from ._calibrate import calibrate
 from ._fit import LayerFitter
+from ._fuse import fuse_epilogues
 from ._index import ModelIndex, resolve_activations, select
 from ._initializers import Initializer, resolve_initializer
-from ._layers import LowRankConv, LowRankLinear
 from ._plan import Plan
-from ._planner import make_plan
-from ._rank_rules import check_rank_fits
+from ._planner import check_plan_fits, make_plan
 from ._rewrite import lowrank_twin, stacked_twin
 from ._select import (
     check_is_model,
@@ -73,6 +72,7 @@ def factorize(
     sequential: bool = True,
     example: Example | None = None,
     activations: dict | None = None,
+    fuse_activations: bool = True,
     key: jax.Array | None = None,
     return_plan: bool = False,
 ):
@@ -101,6 +101,17 @@ def factorize(
         activations: {pattern: fn or None} saying what follows each layer, for the
             function-aware inits; detected for `eqx.nn.MLP`, otherwise unknown (NKP
             then assumes ReLU, with a warning naming the layers); None: no activation.
+        fuse_activations: move the activation after a factorized Linear into the
+            layer's epilogue (`LowRankLinear(activation=...)`, applied inside
+            `kernels.factored_matmul`) where the model's container can drop it: an
+            `eqx.nn.MLP`'s activation (when all its hidden layers are factorized) and
+            final activation, an `eqx.nn.Lambda` after the layer in an
+            `eqx.nn.Sequential`; these then hold the identity. `jax.nn.relu`, `gelu`
+            (tanh form, its default) and `silu` fuse. The same function either way
+            (the same ops on the XLA path), so on by default: the fused kernel then
+            runs wherever `impl="auto"` measured it faster. The plan lists the fused
+            layers; `densify` and `save`/`load` handle them. (`activations=` never
+            fuses: a module's own `__call__` would still apply the function.)
         key: PRNG key for random inits.
         return_plan: also return the plan, with each layer's measured weight/function
             error and fit time.
@@ -134,7 +145,7 @@ def factorize(
             else functools.partial(_data_spectra, model, index.layers, calibration),
         )
     else:
-        plan = _check_plan_fits(plan, index)
+        plan = check_plan_fits(plan, index)
         plan = dataclasses.replace(
             plan, layers=[dataclasses.replace(l, init=init_name) for l in plan.layers]
         )
@@ -159,10 +170,15 @@ def factorize(
         )
         replacements[path] = twin
     out = replace_layers(model, replacements)
+    out, fused = fuse_epilogues(out, set(done)) if fuse_activations else (out, {})
     if not return_plan:
         return out
     measured = {path: entry for path, (entry, _) in done.items()}
-    return out, dataclasses.replace(plan, layers=[measured.get(l.path, l) for l in plan.layers])
+    layers = [
+        dataclasses.replace(measured.get(l.path, l), epilogue=fused.get(l.path))
+        for l in plan.layers
+    ]
+    return out, dataclasses.replace(plan, layers=layers)
 
 
 def _calibrated(
@@ -259,34 +275,6 @@ def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[st
         first_calls=True,
     )
     return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
-
-
-def _check_plan_fits(plan: Plan, index: ModelIndex) -> Plan:
-    if not isinstance(plan, Plan):
-        raise TypeError(
-            f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}"
-        )
-    layers = index.layers
-    for lp in plan.layers:
-        layer = layers.get(lp.path)
-        if layer is None:
-            raise ValueError(
-                f"plan layer {lp.path} is not in this model; was the plan made for another model?"
-            )
-        if lp.rank is None:
-            continue
-        if isinstance(layer, (LowRankLinear, LowRankConv)):
-            raise ValueError(
-                f"plan layer {lp.path} is already a {type(layer).__name__}; "
-                "lowrank.densify(model) first to re-factorize it"
-            )
-        if tuple(layer.weight.shape) != tuple(lp.shape):
-            raise ValueError(
-                f"plan layer {lp.path} has shape {tuple(lp.shape)} but the model's weight is "
-                f"{tuple(layer.weight.shape)}; re-plan with lowrank.plan(model, ...)"
-            )
-        check_rank_fits(lp.path, layer, lp.rank)
-    return plan
 
 
 def _check_calibration(initializer, name: str, calibration) -> None:

@@ -42,6 +42,8 @@ class LayerPlan:
         stack_dims: how many leading axes of `shape` stack layers.
         assumes: what `function_error` assumes when not measured on data.
         fit_seconds: the initializer's time on this layer.
+        epilogue: the activation `factorize` fused into the layer ("relu", "gelu",
+            "silu"; `fuse_activations`), or None.
     """
 
     path: str
@@ -62,6 +64,7 @@ class LayerPlan:
     stack_dims: int = 0
     assumes: str | None = None  # what function_error assumes when not measured on data
     fit_seconds: float | None = None  # time the initializer took on this layer
+    epilogue: str | None = None  # the activation fused into the factorized layer
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -211,13 +214,20 @@ class Plan:
                 f"budget: {b['kind']} asked {b['asked']:.3f}, achieved {b['achieved']:.3f}"
             )
         lines.extend(f"note: {n}" for n in self.notes)
-        assumed: dict[str, list[str]] = {}
-        for l in self.layers:
-            if l.assumes:
-                assumed.setdefault(l.assumes, []).append(l.path)
-        for text, paths in assumed.items():
+        for text, paths in _paths_by(self.layers, "assumes").items():
             lines.append(f"* f-err assumes {text}, not measured: {listing(paths)}")
+        for name, paths in _paths_by(self.layers, "epilogue").items():
+            lines.append(f"fused epilogue {name} (the layer applies it): {listing(paths)}")
         return "\n".join(lines)
+
+
+def _paths_by(layers: list[LayerPlan], attribute: str) -> dict[str, list[str]]:
+    """{value: paths of the layers with it} for the layers whose `attribute` is set."""
+    found: dict[str, list[str]] = {}
+    for l in layers:
+        if getattr(l, attribute):
+            found.setdefault(getattr(l, attribute), []).append(l.path)
+    return found
 
 
 def _row(l: LayerPlan) -> list[str]:

@@ -7,12 +7,13 @@ import equinox as eqx
 import numpy as np
 
 from ._budget import Budget, budget_ranks
+from ._conv import LowRankConv
 from ._cost import fits, layer_costs
 from ._index import IndexEntry, ModelIndex
-from ._layers import LowRankConv
 from ._plan import LayerPlan, Plan
 from ._rank_rules import (
     check_dict_patterns,
+    check_rank_fits,
     check_weight,
     dict_rule,
     python_rule,
@@ -174,3 +175,33 @@ def _layer_plan(e: IndexEntry, init: str, positions: int | None) -> LayerPlan:
         factorizable=e.skipped is None,
         stack_dims=e.stack_dims,
     )
+
+
+def check_plan_fits(plan: Plan, index: ModelIndex) -> Plan:
+    """Raise unless `plan` (given to factorize) fits the indexed model: its layers exist,
+    are dense, have the planned shapes and can take the planned ranks."""
+    if not isinstance(plan, Plan):
+        raise TypeError(
+            f"plan must be a lowrank.Plan (see lowrank.plan), got {type(plan).__name__}"
+        )
+    layers = index.layers
+    for lp in plan.layers:
+        layer = layers.get(lp.path)
+        if layer is None:
+            raise ValueError(
+                f"plan layer {lp.path} is not in this model; was the plan made for another model?"
+            )
+        if lp.rank is None:
+            continue
+        if isinstance(layer, LOWRANK_TYPES):
+            raise ValueError(
+                f"plan layer {lp.path} is already a {type(layer).__name__}; "
+                "lowrank.densify(model) first to re-factorize it"
+            )
+        if tuple(layer.weight.shape) != tuple(lp.shape):
+            raise ValueError(
+                f"plan layer {lp.path} has shape {tuple(lp.shape)} but the model's weight is "
+                f"{tuple(layer.weight.shape)}; re-plan with lowrank.plan(model, ...)"
+            )
+        check_rank_fits(lp.path, layer, lp.rank)
+    return plan

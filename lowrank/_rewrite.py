@@ -1,4 +1,4 @@
-"""Rewrite: factorized twins of dense layers, and back (`densify`)."""
+"""Rewrite: factorized twins of dense layers and back (`densify`); kernel swaps."""
 
 from collections.abc import Sequence
 
@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._conv import LowRankConv
+from ._fuse import unfuse_epilogues
 from ._initializers import Factors
-from ._layers import LowRankConv, LowRankLinear
+from ._layers import LowRankLinear
 from ._select import check_is_model, replace_layers, stack_shape, walk_layers
 
 
@@ -20,9 +22,12 @@ def densify(model):
 
     Returns:
         The model with each `LowRankLinear` / `LowRankConv` replaced by the dense layer
-        of weight u @ v (stacked layers stay stacked).
+        of weight u @ v (stacked layers stay stacked); an activation `factorize` fused
+        into a layer (`fuse_activations`) goes back to its `eqx.nn.MLP` or
+        `eqx.nn.Lambda`, so the model computes the same function.
     """
     check_is_model(model, "densify")
+    model = unfuse_epilogues(model)
     for path, layer in walk_layers(model):
         if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
             raise ValueError(
@@ -106,3 +111,27 @@ def dense_twin(layer):
             lambda l: l.bias, dense, layer.bias.reshape(layer.stack_shape + dense.bias.shape)
         )
     return dense
+
+
+def with_kernels(model, *, impl: str | None = None, lowering: str | None = None):
+    """A copy of `model` whose factorized layers use another kernel `impl` / conv `lowering`.
+
+    Args:
+        model: a model with `LowRankLinear` / `LowRankConv` layers (never modified).
+        impl: the `kernels.factored_matmul` implementation of every LowRankLinear
+            ("auto", "pallas", "xla"); None keeps each layer's.
+        lowering: the 1×1 stage of every LowRankConv ("conv" or "einsum"); None keeps it.
+
+    Returns:
+        The model with those layers swapped; everything else shared.
+    """
+
+    def swap(layer):
+        if impl is not None and isinstance(layer, LowRankLinear):
+            return layer.with_impl(impl)
+        if lowering is not None and isinstance(layer, LowRankConv):
+            return layer.with_lowering(lowering)
+        return layer
+
+    is_lowrank = lambda x: isinstance(x, (LowRankLinear, LowRankConv))
+    return jax.tree_util.tree_map(swap, model, is_leaf=is_lowrank)

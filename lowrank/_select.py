@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._layers import LowRankConv, LowRankLinear
+from ._conv import LowRankConv
+from ._layers import LowRankLinear
 
 Pattern = str | Sequence[str]
 DENSE_TYPES = (eqx.nn.Linear, eqx.nn.Conv)

@@ -4,13 +4,13 @@
 (the leaves, as `eqx.tree_serialise_leaves` writes them) and `dir/model.plan.json`
 (the plan, with the size and SHA-256 of the weights file and the shape and dtype of
 every leaf); `load` takes either name too. The plan says which layers are factorized
-at which rank, so `load` rebuilds the factorized skeleton from a freshly constructed
-dense model and fills in the leaves. Both files are first written to temporary files
-next to the targets and then renamed over them, so a failed save leaves the previous
-one intact; the checksum makes `load` refuse a pair from two different saves (a save
-interrupted between the two renames), a truncated or edited weights file, and the
-manifest a dense model that does not fit. Kernel settings (`with_kernels`) are not
-saved: loaded layers use the defaults.
+at which rank and which carry a fused epilogue, so `load` rebuilds the factorized
+skeleton from a freshly constructed dense model and fills in the leaves. Both files
+are first written to temporary files next to the targets and then renamed over them,
+so a failed save leaves the previous one intact; the checksum makes `load` refuse a
+pair from two different saves (a save interrupted between the two renames), a
+truncated or edited weights file, and the manifest a dense model that does not fit.
+Kernel settings (`with_kernels`) are not saved: loaded layers use the defaults.
 """
 
 import contextlib
@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._conv import LowRankConv
 from ._factorize import factorize
 from ._initializers import Factors, Initializer, LayerProblem
-from ._layers import LowRankConv, LowRankLinear
+from ._layers import LowRankLinear
 from ._plan import Plan, plan_from_data
 from ._select import key_path_to_str, walk_layers
 
@@ -58,23 +59,19 @@ def save(path, model, plan: Plan) -> None:
         raise TypeError(
             "save needs the Plan the model was factorized with (factorize(..., return_plan=True))"
         )
-    in_model = {
-        p: layer.rank
-        for p, layer in walk_layers(model)
-        if isinstance(layer, (LowRankLinear, LowRankConv))
-    }
     for p, layer in walk_layers(model):
-        if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
+        if getattr(layer, "inner_activation", None):
             raise ValueError(
-                f"lowrank.save: layer {p} carries activation={layer.activation!r}, "
-                f"inner_activation={layer.inner_activation!r}, which the save format does not "
-                "record; save the model without them (LowRankLinear(u, v, bias))"
+                f"lowrank.save: layer {p} carries inner_activation={layer.inner_activation!r}, "
+                "which the save format does not record; save the model without it"
             )
-    in_plan = {l.path: l.rank for l in plan.factorized}
+    in_model = _lowrank_layers(model)
+    in_plan = {l.path: (l.rank, l.epilogue) for l in plan.factorized}
     if in_model != in_plan:
         raise ValueError(
             f"the plan does not describe this model: model has low-rank layers {in_model}, "
-            f"plan lists {in_plan}; pass the plan factorize(..., return_plan=True) returned"
+            f"plan lists {in_plan} (path: (rank, fused epilogue)); pass the plan "
+            "factorize(..., return_plan=True) returned"
         )
     if Path(path).is_dir():
         raise IsADirectoryError(
@@ -131,6 +128,15 @@ class _HashingWriter:
         return self._hash.hexdigest()
 
 
+def _lowrank_layers(model) -> dict[str, tuple[int, str | None]]:
+    """{path: (rank, fused epilogue activation or None)} of the model's low-rank layers."""
+    return {
+        p: (layer.rank, getattr(layer, "activation", None))
+        for p, layer in walk_layers(model)
+        if isinstance(layer, (LowRankLinear, LowRankConv))
+    }
+
+
 def _manifest(model) -> dict[str, str]:
     """{path: "dtype[shape]"} of every leaf `eqx.tree_serialise_leaves` writes, in order."""
     rows = {}
@@ -179,10 +185,14 @@ def load(path, dense_model):
     except ValueError as e:
         raise ValueError(f"{plan_file} holds a broken plan: {e}; {resave}") from None
     _check_weights_file(weights, plan_file, record["weights"])
+    fuse = any(l.epilogue for l in plan.layers)
     try:
         skeleton = (
-            factorize(dense_model, plan=plan, init=_Skeleton()) if plan.factorized else dense_model
+            factorize(dense_model, plan=plan, init=_Skeleton(), fuse_activations=fuse)
+            if plan.factorized
+            else dense_model
         )
+        _check_epilogues(skeleton, plan)
     except ValueError as e:
         raise ValueError(
             f"the plan in {plan_file} does not fit dense_model: {e}. Build dense_model with "
@@ -191,6 +201,17 @@ def load(path, dense_model):
     _check_manifest(record["leaves"], _manifest(skeleton), weights, plan_file)
     with open(weights, "rb") as f:
         return eqx.tree_deserialise_leaves(f, skeleton)
+
+
+def _check_epilogues(skeleton, plan: Plan) -> None:
+    """Raise unless the skeleton's fused epilogues are those the plan records."""
+    built = {p: act for p, (_, act) in _lowrank_layers(skeleton).items()}
+    saved = {l.path: l.epilogue for l in plan.factorized}
+    if built != saved:
+        raise ValueError(
+            f"the saved layers have the fused epilogues {saved}, but factorizing dense_model "
+            f"fuses {built} (are its activations those of the saved model?)"
+        )
 
 
 def _read_record(plan_file: Path) -> dict:

@@ -15,7 +15,8 @@ from ._trace import Example, output_positions
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One layer; a stacked one (`stack_dims` leading axes of `shape`) counts every slice."""
+    """One layer; a stacked one (`stack_dims` leading axes of `shape`) counts every slice;
+    `epilogue` is the activation a `LowRankLinear` applies itself (fused), or None."""
 
     path: str
     kind: str
@@ -24,6 +25,7 @@ class LayerSummary:
     params: int
     flops: int
     stack_dims: int = 0
+    epilogue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Summary:
     """What `lowrank.summary` returns: per-layer rows plus totals; prints as a table.
 
     Attributes:
-        layers: one `LayerSummary` (path, kind, shape, rank, params, flops) per layer.
+        layers: one `LayerSummary` (path, kind, shape, rank, params, flops, epilogue)
+            per layer; a fused epilogue prints in the type column (`LowRankLinear+relu`).
         total_params: every inexact array of the model, layers or not.
         flops_per_position: True when no example was given (FLOPs count each layer once).
     """
@@ -53,7 +56,7 @@ class Summary:
         rows = [
             [
                 l.path,
-                l.kind,
+                l.kind if l.epilogue is None else f"{l.kind}+{l.epilogue}",
                 shape_str(l.shape, l.stack_dims),
                 "dense" if l.rank is None else str(l.rank),
                 f"{l.params:,}",
@@ -103,7 +106,10 @@ def summary(model, *, example: Example | None = None) -> Summary:
         _, params, _, flops = layer_costs(
             e.shape, rank, bias=e.bias, positions=positions.get(e.path), stack_dims=e.stack_dims
         )
-        rows.append(LayerSummary(e.path, e.kind, e.shape, rank, params, flops, e.stack_dims))
+        epilogue = getattr(e.layer, "activation", None)
+        rows.append(
+            LayerSummary(e.path, e.kind, e.shape, rank, params, flops, e.stack_dims, epilogue)
+        )
     arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
     total = int(sum(np.prod(a.shape) for a in arrays))
     return Summary(rows, total, flops_per_position=example is None)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowrank._conv import pad_for_conv
 from lowrank._initializers import Factors
-from lowrank._layers import pad_for_conv
 from lowrank._select import is_layer, key_path_to_str, replace_layers, walk_layers, weight_matrix
 
 Example = Callable | jax.Array | np.ndarray

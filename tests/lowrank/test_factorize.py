@@ -460,7 +460,10 @@ def test_initializers_subclass_one_base_that_declares_calibration():
 
 def test_densify_and_save_refuse_layers_carrying_activations(tmp_path):
     low, plan = lowrank.factorize(
-        eqx.nn.MLP(6, 3, 8, 1, key=jax.random.key(0)), rank=2, return_plan=True
+        eqx.nn.MLP(6, 3, 8, 1, key=jax.random.key(0)),
+        rank=2,
+        return_plan=True,
+        fuse_activations=False,
     )
     first = low.layers[0]
     fused = eqx.tree_at(
