@@ -1,4 +1,4 @@
-"""The factorized twin of `eqx.nn.Linear`: W ~= u @ v, run by `kernels.factored_matmul`.
+"""The factorized twin of `eqx.nn.Linear`: W ~= u @ v, run by `kernels.factored_linear`.
 
 It takes exactly the inputs of the layer it replaces (unbatched, like Equinox), so it
 drops into any model; users `jax.vmap` over the batch as usual.
@@ -13,7 +13,7 @@ import kernels
 class LowRankLinear(eqx.Module):
     """y = act(u @ σ(v @ x) + bias), the rank-r replacement of an `eqx.nn.Linear`.
 
-    Runs through `kernels.factored_matmul`, which fuses both matmuls, the bias and the
+    Runs through `kernels.factored_linear` (`factored_matmul` for factors in this layout), which fuses both matmuls, the bias and the
     activations. `activation` (act, default None) is an epilogue: the layer then computes
     act(layer(x)) in one op, for a layer that an activation follows (`factorize` sets it
     where it can drop that activation from the model: `fuse_activations`). `inner_activation`
