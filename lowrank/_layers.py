@@ -13,8 +13,8 @@ import kernels
 class LowRankLinear(eqx.Module):
     """y = act(u @ σ(v @ x) + bias), the rank-r replacement of an `eqx.nn.Linear`.
 
-    Runs through `kernels.factored_linear` (`factored_matmul` for factors in this layout), which fuses both matmuls, the bias and the
-    activations. `activation` (act, default None) is an epilogue: the layer then computes
+    Runs through `kernels.factored_linear` (`factored_matmul` for factors in this
+    layout), which fuses both matmuls, the bias and the activations. `activation` (act, default None) is an epilogue: the layer then computes
     act(layer(x)) in one op, for a layer that an activation follows (`factorize` sets it
     where it can drop that activation from the model: `fuse_activations`). `inner_activation`
     (σ, default None) acts on the rank-r intermediate, CoLA's u·σ(v·x)
