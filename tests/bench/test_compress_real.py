@@ -1,8 +1,12 @@
-"""bench/compress_real.py's tables and target verdicts, on made-up rows (no models)."""
+"""bench/compress_real.py's tables, target verdicts, resume file and command line, on
+made-up rows (no models)."""
 
 import pytest
 
-from bench.compress_real import Task, _load_resume, _save_resume, section
+from bench._real_runs import _load_resume, _save_resume
+from bench._real_tables import section
+from bench._real_tasks import Task
+from bench.compress_real import _arguments
 
 
 def task(name, columns):
@@ -81,3 +85,74 @@ def test_resumed_rows_round_trip_and_are_said_to_come_from_two_processes(tmp_pat
     assert "Rows measured in 2 processes on the same data and code" in text
     with pytest.raises(SystemExit, match=r"holds rows of another model or other data.*delete it"):
         _load_resume(path, task("efficientnet_lite0", ["KL", "top-1 agreement"]))
+
+
+def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
+    def scores(kl, top1):
+        return row(KL=kl, **{"top-1 agreement": top1})
+
+    results = {
+        (1.0, "dense"): {**scores(0.0, 1.0), "seconds": None},
+        (0.8, "SVD-LLM (W)"): scores(0.2, 0.7),
+        (0.8, "ours: whitened"): scores(0.05, 0.8),
+        (0.8, "ours: whitened, weight ranks"): scores(0.01, 0.99),  # no peer: not the best peer
+        (0.8, "ours: whitened, uniform ranks"): scores(0.07, 0.75),
+        (0.8, "ours: nkp"): scores(0.06, 0.85),
+        (0.6, "SVD-LLM (W)"): scores(0.3, 0.6),
+        (0.6, "ours: whitened"): scores(0.1, 0.7),
+        (0.6, "ours: whitened, weight ranks"): scores(0.2, 0.6),
+        (0.6, "ours: whitened, uniform ranks"): scores(0.15, 0.65),
+        (0.6, "ours: nkp"): scores(0.12, 0.7),
+        (0.4, "ours: whitened"): scores(0.5, 0.5),
+        (0.4, "ours: whitened, uniform ranks"): scores(0.6, 0.4),
+    }
+    text = section(
+        task("mobilenet_v2", ["KL", "top-1 agreement"]), results, [0.8, 0.6, 0.4], 1.0, done=True
+    )
+    assert (
+        "- 0.8, rank allocator (KL): data ranks 0.05 (ours: whitened), weight ranks 0.01, "
+        "uniform ranks 0.07: **MISSED**" in text
+    )
+    assert "- 0.8, KL: our best 0.05 (ours: whitened), best peer 0.2 (SVD-LLM (W)): **met**" in text
+    assert (
+        "- 0.6, rank allocator (KL): data ranks 0.1 (ours: whitened), weight ranks 0.2, "
+        "uniform ranks 0.15: **met**" in text
+    )
+    assert "- 0.4, rank allocator (KL): not measured (yet)" in text
+    assert "| 0.6 | ours: whitened, uniform ranks | 0.8 | 10 | 0.15 | 0.65 | 1.0 |" in text
+    lines = text.splitlines()
+    order = [l.split(" | ")[1] for l in lines if l.startswith("| 0.6 |")]
+    assert order == [
+        "SVD-LLM (W)",
+        "ours: whitened",
+        "ours: whitened, weight ranks",
+        "ours: whitened, uniform ranks",
+        "ours: nkp",
+    ]
+
+
+def test_allocator_verdict_on_cosine_is_higher_is_better_and_absent_without_the_rows():
+    def scores(cosine):
+        return row(**{"cosine to dense": cosine, "NN agreement": cosine})
+
+    results = {
+        (1.0, "dense"): {**scores(1.0), "seconds": None},
+        (0.6, "SVD-LLM (W)"): scores(0.8),
+        (0.6, "ours: whitened"): scores(0.95),
+        (0.6, "ours: nkp"): scores(0.9),
+    }
+    minilm = task("minilm", ["cosine to dense", "NN agreement"])
+    assert "rank allocator" not in section(minilm, results, [0.6], 1.0, done=True)
+    results[(0.6, "ours: whitened, weight ranks")] = scores(0.94)
+    results[(0.6, "ours: whitened, uniform ranks")] = scores(0.96)
+    text = section(minilm, results, [0.6], 1.0, done=True)
+    assert (
+        "- 0.6, rank allocator (cosine to dense): data ranks 0.95 (ours: whitened), "
+        "weight ranks 0.94, uniform ranks 0.96: **behind**" in text
+    )
+
+
+def test_allocator_rows_are_on_unless_no_allocators_is_given():
+    assert _arguments([])[0].allocators
+    args, models, budgets, _ = _arguments(["--no-allocators", "--quick", "--models", "minilm"])
+    assert not args.allocators and models == ["minilm"] and budgets == [0.6]
