@@ -51,6 +51,7 @@ from ._compress_subject import Subject
 from ._compress_text import Encoder, LanguageModel
 from ._compress_vision import Classifier
 from ._factorize_policy import _rank_rule
+from ._train_history import write_atomic
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
 
@@ -77,13 +78,6 @@ class CompressResult(NamedTuple):
 
     train: TrainResult
     report: dict[str, Any]
-
-
-def _write(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file, then a rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _rank(config: CompressConfig, subject: Subject, target: str):
@@ -184,7 +178,7 @@ def _curve(subject: Subject, history: list[dict], before: dict, after: dict, ste
 
 
 def _save_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
-    _write(out_dir / "heal_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_atomic(out_dir / "heal_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     plot_history(history, out_dir / "heal.tmp.png")
     os.replace(out_dir / "heal.tmp.png", out_dir / "heal.png")
 
@@ -275,7 +269,7 @@ def compress(config: CompressConfig) -> CompressResult:
     rule, example = _rank(config, subject, target)
     seconds = {"load": time.perf_counter() - clock}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     flops = _Flops(subject)
     measured = {"dense": _measure(subject, subject.dense, flops)}
@@ -303,7 +297,7 @@ def compress(config: CompressConfig) -> CompressResult:
     lowrank.save(out_dir / "model.eqx", result.model, plan)
     report = _report(config, subject, target, plan, measured, seconds)
     report["generation"] = _generations(subject, models)
-    _write(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     log(format_table(report))
     log(f"outputs in {out_dir}/: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
     return CompressResult(result, report)
