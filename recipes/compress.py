@@ -52,7 +52,7 @@ from ._compress_report import generations, report_data
 from ._compress_subject import Subject
 from ._compress_text import Encoder, LanguageModel
 from ._compress_vision import Classifier
-from ._factorize_policy import _rank_rule
+from ._policy_ranks import _rank_rule
 from ._train_history import write_atomic
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
