@@ -31,7 +31,7 @@ from kernels import _dispatch, _forward
 
 from ._kernel_cases import ACTIVATION, dense, factored, inputs, with_vjp
 from ._kernel_cases import check as check
-from ._results import markdown_table, median_time, write_section
+from ._results import markdown_table, median_time, wall_times, write_section
 
 # device-kind substring -> (bf16 dense FLOP/s, f32 (TF32) FLOP/s, HBM bytes/s), datasheet.
 PEAKS = {
@@ -48,22 +48,12 @@ def peaks(dtype) -> tuple[float, float, str]:
     for name, (bf16, f32, bw) in PEAKS.items():
         if name in kind:
             return (bf16 if dtype == jnp.bfloat16 else f32), bw, f"datasheet {name}"
+    # the fastest of 10 runs: the closest a busy machine gets to its peak
     x = jnp.ones((1024, 1024), dtype)
-    flops = 2 * 1024**3 / _best_time(jax.jit(lambda x: x @ x), x)
+    flops = 2 * 1024**3 / min(wall_times(jax.jit(lambda x: x @ x), x, repeats=10, warmup=1))
     y = jnp.ones((16 * 2**20,), jnp.float32)  # 64 MiB, read once
-    bw = y.nbytes / _best_time(jax.jit(jnp.sum), y)
+    bw = y.nbytes / min(wall_times(jax.jit(jnp.sum), y, repeats=10, warmup=1))
     return flops, bw, "measured: best of 10, matmul 1024^3 and sum of 64 MiB"
-
-
-def _best_time(fn, *args, repeats=10):
-    """Fastest of `repeats` runs: the closest a busy machine gets to its peak."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def roofline(m, k, n, r, itemsize, *, dense, backward, peak_flops, peak_bw) -> float:
