@@ -237,11 +237,8 @@ class PairedEvaluation(abc.ABC):
         body = p["jaxpr"]
         n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
         ins = list(eqn.invars)
-        consts, carry, xs = (
-            ins[:n_consts],
-            ins[n_consts : n_consts + n_carry],
-            ins[n_consts + n_carry :],
-        )
+        consts, carry = ins[:n_consts], ins[n_consts : n_consts + n_carry]
+        xs = ins[n_consts + n_carry :]
         read_d = lambda v: scope.read(v, "dense")
         read_c = lambda v: scope.read(v, "current") if scope.differs(v) else None
         carry_d, carry_c = [read_d(v) for v in carry], [read_c(v) for v in carry]
@@ -283,12 +280,8 @@ class PairedEvaluation(abc.ABC):
         stacked_c = []
         for k in range(len(stacked_d)):
             col = [ys_c[i][k] for i in range(length)]
-            if all(c is None for c in col):
-                stacked_c.append(None)
-            else:
-                stacked_c.append(
-                    jnp.stack([c if c is not None else ys_d[i][k] for i, c in enumerate(col)])
-                )
+            filled = [ys_d[i][k] if c is None else c for i, c in enumerate(col)]
+            stacked_c.append(None if all(c is None for c in col) else jnp.stack(filled))
         self.write(scope, eqn.outvars, carry_d + stacked_d, carry_c + stacked_c)
 
     def set_leaf(self, leaf: int, key: int | None, value) -> None:
