@@ -30,8 +30,19 @@ def machine_line() -> str:
     )
 
 
-def median_time(fn, *args, repeats: int = 20, warmup: int = 2) -> float:
-    """Median wall time in seconds of fn(*args), blocking on the result."""
+def wall_times(fn, *args, repeats: int, warmup: int) -> list[float]:
+    """Wall times in seconds of `repeats` runs of fn(*args) after `warmup` untimed ones,
+    blocking on the result.
+
+    Args:
+        fn: the function (jitted: the warm-up runs compile it).
+        *args: its arguments.
+        repeats: timed runs.
+        warmup: untimed runs first.
+
+    Returns:
+        The times, in run order.
+    """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -39,7 +50,12 @@ def median_time(fn, *args, repeats: int = 20, warmup: int = 2) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, *args, repeats: int = 20, warmup: int = 2) -> float:
+    """Median wall time in seconds of fn(*args), blocking on the result."""
+    return statistics.median(wall_times(fn, *args, repeats=repeats, warmup=warmup))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

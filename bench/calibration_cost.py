@@ -127,6 +127,36 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     }
 
 
+def _job_row(model_name: str, init: str, tokens: str) -> list:
+    """One table row, measured in a fresh process (`--job`)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.calibration_cost",
+        "--job",
+        f"{model_name}:{init}",
+        "--tokens",
+        tokens,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return [model_name, init, "failed", "", "", "", "", "", ""]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = r["factorize_s"] / r["dense_s"]
+    return [
+        r["model"],
+        r["init"],
+        r["data"],
+        r["layers"],
+        r["dense_s"],
+        r["factorize_s"],
+        r["fit_s"],
+        ratio,
+        r["peak_rss_gb"],
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -141,35 +171,7 @@ def main():
     rows = []
     for model_name in args.models.split(","):
         for init in args.inits.split(","):
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.calibration_cost",
-                "--job",
-                f"{model_name}:{init}",
-                "--tokens",
-                args.tokens,
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                rows.append([model_name, init, "failed", "", "", "", "", "", ""])
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            ratio = r["factorize_s"] / r["dense_s"]
-            rows.append(
-                [
-                    r["model"],
-                    r["init"],
-                    r["data"],
-                    r["layers"],
-                    r["dense_s"],
-                    r["factorize_s"],
-                    r["fit_s"],
-                    ratio,
-                    r["peak_rss_gb"],
-                ]
-            )
+            rows.append(_job_row(model_name, init, args.tokens))
             print(rows[-1], flush=True)
     header = [
         "model",

@@ -91,7 +91,33 @@ def _n_params(model) -> int:
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
-def main():
+def _print_rows(rows, write_results: bool) -> None:
+    """The table of (name, steps, bits/byte, seconds) rows, printed (and written)."""
+    print(f"\n{'model':26s} {'steps':>6s} {'val bits/byte':>14s} {'seconds':>8s}")
+    for name, steps, bpb, secs in rows:
+        print(f"{name:26s} {steps:6d} {bpb:14.3f} {secs:8.1f}")
+    print("(uniform over 256 bytes = 8.000 bits/byte)")
+    if write_results:
+        table = markdown_table(
+            ["model", "steps", "val bits/byte", "seconds"],
+            [[n.strip(), st, round(b, 3), round(t, 1)] for n, st, b, t in rows],
+        )
+        write_section("distill_smoke", "Distillation smoke (Shakespeare, byte level)", table)
+
+
+def _probe(teacher, length: int) -> None:
+    """Print the teacher's latent-list accuracy and a sample continuation."""
+    tasks = make_list_tasks(32, seed=0, n_ops=3, n_distractors=2)
+    tasks = [t for t in tasks if len(t.prompt) + 8 <= length][:16]
+    acc = likelihood_accuracy(teacher, tasks)
+    print(f"latent list (teacher, {len(tasks)} tasks, 4 choices, chance 0.25): {acc:.2f}")
+    prompt = encode("ROMEO.\n")
+    sample = generate(teacher, jnp.asarray(prompt), 120, key=jr.key(1), temperature=0.8)
+    print("sample:", repr(decode(np.concatenate([prompt, np.asarray(sample)]))))
+
+
+def _args():
+    """The command line's options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="teacher steps")
     parser.add_argument("--student-steps", type=int, default=150)
@@ -102,7 +128,11 @@ def main():
     parser.add_argument(
         "--write-results", action="store_true", help="also write the table into bench/RESULTS.md"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = _args()
 
     start = time.perf_counter()
     corpus = load_corpus(val_fraction=0.1, seed=0)
@@ -153,24 +183,8 @@ def main():
         ("  + KD fine-tune", args.lowrank_steps, bits_per_byte(low, val), time.perf_counter() - t0)
     )
 
-    print(f"\n{'model':26s} {'steps':>6s} {'val bits/byte':>14s} {'seconds':>8s}")
-    for name, steps, bpb, secs in rows:
-        print(f"{name:26s} {steps:6d} {bpb:14.3f} {secs:8.1f}")
-    print("(uniform over 256 bytes = 8.000 bits/byte)")
-    if args.write_results:
-        table = markdown_table(
-            ["model", "steps", "val bits/byte", "seconds"],
-            [[n.strip(), st, round(b, 3), round(t, 1)] for n, st, b, t in rows],
-        )
-        write_section("distill_smoke", "Distillation smoke (Shakespeare, byte level)", table)
-
-    tasks = make_list_tasks(32, seed=0, n_ops=3, n_distractors=2)
-    tasks = [t for t in tasks if len(t.prompt) + 8 <= args.length][:16]
-    acc = likelihood_accuracy(teacher, tasks)
-    print(f"latent list (teacher, {len(tasks)} tasks, 4 choices, chance 0.25): {acc:.2f}")
-    prompt = encode("ROMEO.\n")
-    sample = generate(teacher, jnp.asarray(prompt), 120, key=jr.key(1), temperature=0.8)
-    print("sample:", repr(decode(np.concatenate([prompt, np.asarray(sample)]))))
+    _print_rows(rows, args.write_results)
+    _probe(teacher, args.length)
     print(f"total {time.perf_counter() - start:.0f} s on {jax.devices()[0].platform}")
 
 

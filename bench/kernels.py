@@ -26,12 +26,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import kernels
 from kernels import _dispatch, _forward
 
-from ._results import markdown_table, median_time, write_section
+from ._kernel_cases import ACTIVATION, dense, factored, inputs, with_vjp
+from ._kernel_cases import check as check
+from ._results import markdown_table, median_time, wall_times, write_section
 
 # device-kind substring -> (bf16 dense FLOP/s, f32 (TF32) FLOP/s, HBM bytes/s), datasheet.
 PEAKS = {
@@ -40,7 +40,6 @@ PEAKS = {
     "H200": (989e12, 494e12, 4.8e12),
     "A100": (312e12, 156e12, 2.0e12),
 }
-ACTIVATION = "gelu"
 
 
 def peaks(dtype) -> tuple[float, float, str]:
@@ -49,22 +48,12 @@ def peaks(dtype) -> tuple[float, float, str]:
     for name, (bf16, f32, bw) in PEAKS.items():
         if name in kind:
             return (bf16 if dtype == jnp.bfloat16 else f32), bw, f"datasheet {name}"
+    # the fastest of 10 runs: the closest a busy machine gets to its peak
     x = jnp.ones((1024, 1024), dtype)
-    flops = 2 * 1024**3 / _best_time(jax.jit(lambda x: x @ x), x)
+    flops = 2 * 1024**3 / min(wall_times(jax.jit(lambda x: x @ x), x, repeats=10, warmup=1))
     y = jnp.ones((16 * 2**20,), jnp.float32)  # 64 MiB, read once
-    bw = y.nbytes / _best_time(jax.jit(jnp.sum), y)
+    bw = y.nbytes / min(wall_times(jax.jit(jnp.sum), y, repeats=10, warmup=1))
     return flops, bw, "measured: best of 10, matmul 1024^3 and sum of 64 MiB"
-
-
-def _best_time(fn, *args, repeats=10):
-    """Fastest of `repeats` runs: the closest a busy machine gets to its peak."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def roofline(m, k, n, r, itemsize, *, dense, backward, peak_flops, peak_bw) -> float:
@@ -76,83 +65,6 @@ def roofline(m, k, n, r, itemsize, *, dense, backward, peak_flops, peak_bw) -> f
         flops *= 3
         nbytes += 2 * m * k + m * n + 2 * w + 2 * n  # read x, g, weights; write dx, dW, dbias
     return max(flops / peak_flops, itemsize * nbytes / peak_bw)
-
-
-def _inputs(m, k, n, r, dtype, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(ks[0], (m, k), dtype)
-    a = (jax.random.normal(ks[1], (k, r)) / np.sqrt(k)).astype(dtype)
-    b = (jax.random.normal(ks[2], (r, n)) / np.sqrt(r)).astype(dtype)
-    w = (jax.random.normal(ks[3], (k, n)) / np.sqrt(k)).astype(dtype)
-    bias = (jax.random.normal(ks[4], (n,)) / 2).astype(dtype)
-    g = jax.random.normal(ks[5], (m, n), dtype)
-    return x, a, b, w, bias, g
-
-
-def _with_vjp(f):
-    def run(*args):
-        *primals, g = args
-        y, vjp = jax.vjp(f, *primals)
-        return y, vjp(g)
-
-    return jax.jit(run)
-
-
-def _dense(x, w, bias):
-    return jax.nn.gelu(x @ w + bias)
-
-
-def _factored(impl):
-    return lambda x, a, b, bias: kernels.factored_matmul(x, a, b, bias, ACTIVATION, impl)
-
-
-# ---------------------------------------------------------------- correctness
-
-
-def _reference(x, a, b, bias, g):
-    """Forward and vjp in float64 on the CPU."""
-    cpu = jax.devices("cpu")[0]
-    with jax.enable_x64(True), jax.default_device(cpu):
-        args = [jnp.asarray(np.asarray(v, np.float64)) for v in (x, a, b, bias, g)]
-        f = lambda x, a, b, bias: jax.nn.gelu((x @ a) @ b + bias)
-        y, vjp = jax.vjp(f, *args[:4])
-        return [np.asarray(v) for v in (y, *vjp(args[4]))]
-
-
-def _rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
-
-
-def check(shapes, dtypes) -> tuple[str, bool]:
-    """Pallas and XLA vs a float64 reference: forward and every gradient."""
-    names = ["y", "dx", "da", "db", "dbias"]
-    rows, ok = [], True
-    for (m, k, r, n), dtype in itertools.product(shapes, dtypes):
-        x, a, b, _, bias, g = _inputs(m, k, n, r, dtype, seed=1)
-        want = _reference(x, a, b, bias, g)
-        outs = {}
-        for impl in ("xla", "pallas"):
-            y, grads = _with_vjp(_factored(impl))(x, a, b, bias, g)
-            outs[impl] = [y, *grads]
-        floor = 2e-2 if dtype == jnp.bfloat16 else 5e-3  # bf16 rounding; TF32 on GPU
-        for name, got_x, got_p, w in zip(names, outs["xla"], outs["pallas"], want):
-            e_x, e_p = _rel_err(got_x, w), _rel_err(got_p, w)
-            good = e_p <= max(2 * e_x, floor)
-            ok &= good
-            rows.append(
-                [
-                    f"{m}x{k}x{r}x{n}",
-                    jnp.dtype(dtype).name,
-                    name,
-                    e_x,
-                    e_p,
-                    "ok" if good else "FAIL",
-                ]
-            )
-    table = markdown_table(
-        ["M×K×r×N", "dtype", "output", "XLA rel. err", "Pallas rel. err", ""], rows
-    )
-    return table, ok
 
 
 # ---------------------------------------------------------------- timing
@@ -170,6 +82,7 @@ def _grid(quick):
 
 def time_grid(shapes, dtype, *, kernels_too, budget_s, repeats):
     peak_flops, peak_bw, source = peaks(dtype)
+    peak = {"peak_flops": peak_flops, "peak_bw": peak_bw}
     itemsize = jnp.dtype(dtype).itemsize
     start, rows, records = time.perf_counter(), [], []
     paths = ["dense", "xla"] + (["pallas", "auto"] if kernels_too else [])
@@ -178,37 +91,19 @@ def time_grid(shapes, dtype, *, kernels_too, budget_s, repeats):
         if time.perf_counter() - start > budget_s:
             rows.append([f"stopped: time budget of {budget_s} s spent"] + [""] * 9)
             break
-        x, a, b, w, bias, g = _inputs(m, kn, kn, r, dtype)
+        x, a, b, w, bias, g = inputs(m, kn, kn, r, dtype)
         for backward in (False, True):
             t = {}
             for path in paths:
                 if path == "auto" and auto_is_xla:
                     continue
-                f = _dense if path == "dense" else _factored(path)
+                f = dense if path == "dense" else factored(path)
                 args = (x, w, bias) if path == "dense" else (x, a, b, bias)
-                fn = _with_vjp(f) if backward else jax.jit(f)
+                fn = with_vjp(f) if backward else jax.jit(f)
                 t[path] = median_time(fn, *args, *((g,) if backward else ()), repeats=repeats)
-            bound = roofline(
-                m,
-                kn,
-                kn,
-                r,
-                itemsize,
-                dense=False,
-                backward=backward,
-                peak_flops=peak_flops,
-                peak_bw=peak_bw,
-            )
-            dense_bound = roofline(
-                m,
-                kn,
-                kn,
-                r,
-                itemsize,
-                dense=True,
-                backward=backward,
-                peak_flops=peak_flops,
-                peak_bw=peak_bw,
+            bound, dense_bound = (
+                roofline(m, kn, kn, r, itemsize, dense=d, backward=backward, **peak)
+                for d in (False, True)
             )
             fused = t.get("pallas")
             records.append((m, kn, r, backward, t))
@@ -252,9 +147,9 @@ def tile_sweep(dtype, repeats) -> str:
     """Forward medians of the fused kernel over a few tilings, for the memory-bound targets."""
     rows = []
     for m, kn, r in ((4096, 4096, 64), (16384, 4096, 64)):
-        x, a, b, _, bias, _ = _inputs(m, kn, kn, r, dtype)
+        x, a, b, _, bias, _ = inputs(m, kn, kn, r, dtype)
         default = _dispatch.tiles(m, kn, r)
-        xla = median_time(jax.jit(_factored("xla")), x, a, b, bias, repeats=repeats)
+        xla = median_time(jax.jit(factored("xla")), x, a, b, bias, repeats=repeats)
         for bm, split in itertools.product((32, 64), (1, 2, 4)):
             tiles = default._replace(bm=bm, split=split)
             fn = jax.jit(
@@ -286,8 +181,8 @@ def verify_auto(records, dtype, suggested, repeats) -> str:
     for m, kn, r, backward, t in records:
         if (jnp.dtype(dtype).name, *_dispatch.shape_class(m, kn, kn, r)) not in suggested:
             continue
-        x, a, b, _, bias, g = _inputs(m, kn, kn, r, dtype)
-        fn = _with_vjp(_factored("auto")) if backward else jax.jit(_factored("auto"))
+        x, a, b, _, bias, g = inputs(m, kn, kn, r, dtype)
+        fn = with_vjp(factored("auto")) if backward else jax.jit(factored("auto"))
         auto = median_time(fn, x, a, b, bias, *((g,) if backward else ()), repeats=repeats)
         rows.append(
             [

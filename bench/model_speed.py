@@ -12,10 +12,8 @@ inference, dense and factorized, before and after `recipes.models.fold_batchnorm
 """
 
 import argparse
-import multiprocessing
 import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 
 import equinox as eqx
 import jax
@@ -24,8 +22,9 @@ import jax.numpy as jnp
 import lowrank
 from bench._results import markdown_table, median_time, write_section
 from recipes import models
-from recipes.policy import POLICY_TARGETS, module_at
-from recipes.run import classification_eval
+
+from ._pair_timing import ONE_THREAD_FLAGS, time_pair
+from ._resnet18_speed import bench_resnet18_layers, resnet18_pair
 
 
 class ResNetish(eqx.Module):
@@ -52,24 +51,6 @@ class ResNetish(eqx.Module):
         return x.mean(axis=(1, 2))
 
 
-def _forward(model, x):
-    return jax.vmap(model)(x)
-
-
-_FORWARD = eqx.filter_jit(_forward)
-ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def _time_pair(dense, low, *args, repeats, forward=_FORWARD):
-    """Medians of `forward(model, *args)` for dense and low-rank, timed in alternating
-    rounds so drift hits both."""
-    dense_times, low_times = [], []
-    for _ in range(repeats // 5):
-        dense_times.append(median_time(forward, dense, *args, repeats=5, warmup=1))
-        low_times.append(median_time(forward, low, *args, repeats=5, warmup=1))
-    return statistics.median(dense_times), statistics.median(low_times)
-
-
 def _row(name: str, rank: int, t_dense: float, t: float, flop_ratio: float) -> list:
     """A table row: the model, the rank, both times in ms, the time and FLOP ratios, and
     how far the time ratio is off the FLOP ratio."""
@@ -94,7 +75,7 @@ def bench_mlp(repeats):
     rows = []
     for rank in (256, 128, 64, 32):
         low = lowrank.factorize(dense, rank=rank)
-        t_dense, t = _time_pair(dense, low, x, repeats=repeats)
+        t_dense, t = time_pair(dense, low, x, repeats=repeats)
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         rows.append(_row("MLP 4x(1024x1024), batch 512", rank, t_dense, t, flop_ratio))
     return rows
@@ -111,7 +92,7 @@ def bench_cnn(repeats):
         low = lowrank.factorize(dense, rank=rank, exclude=["stem"])
         flop_ratio = lowrank.summary(low, example=example).flops / f_dense
         for lowering in ("einsum", "conv"):
-            t_dense, t = _time_pair(
+            t_dense, t = time_pair(
                 dense, lowrank.with_kernels(low, lowering=lowering), x, repeats=repeats
             )
             name = f"ResNet-ish 6x conv3x3(64), 32x32, batch 32 [{lowering}]"
@@ -119,134 +100,10 @@ def bench_cnn(repeats):
     return rows
 
 
-def _resnet18_input_side(path: str, image: int = 32) -> int:
-    """Spatial size of the input that the conv at `path` sees in the CIFAR-stem ResNet-18:
-    stage s runs at image / 2**s; the first block's conv1 and shortcut of stages 1..3
-    still see the previous stage's resolution (they stride by 2)."""
-    _, stage, _, block, name, *_ = path.split(".")
-    stage, block = int(stage), int(block)
-    strided = stage > 0 and block == 0 and name in ("conv1", "downsample")
-    return image >> (stage - 1 if strided else stage)
-
-
-def _resnet18_pair():
-    """ResNet-18 (CIFAR stem, width 32), its BatchNorm state, the same model factorized
-    under the khodak policy at Budget(params=0.25), the plan, and a FLOPs example."""
-    dense, state = models.resnet18(10, stem="cifar", width=32, key=jax.random.key(0))
-    example = lambda m: eqx.nn.inference_mode(m)(jnp.zeros((3, 32, 32)), state)
-    low, plan = lowrank.factorize(
-        dense,
-        rank=lowrank.Budget(params=0.25),
-        target=POLICY_TARGETS["khodak"][1],
-        example=example,
-        return_plan=True,
-    )
-    return dense, state, low, plan, example
-
-
-def resnet18_whole_model(repeats: int, batch: int = 128) -> tuple[float, float, float]:
-    """(dense s, low-rank s, FLOP ratio) of the inference forward on `batch` images."""
-    dense, state, low, _, example = _resnet18_pair()
-    images = {
-        "image": jax.random.normal(jax.random.key(1), (batch, 3, 32, 32)),
-        "label": jnp.zeros(batch, jnp.int32),
-    }
-    forward = eqx.filter_jit(lambda m, s, b: classification_eval(eqx.nn.inference_mode(m), s, b))
-    t_dense, t = _time_pair(dense, low, state, images, repeats=repeats, forward=forward)
-    flop_ratio = (
-        lowrank.summary(low, example=example).flops / lowrank.summary(dense, example=example).flops
-    )
-    return t_dense, t, flop_ratio
-
-
-def _on_one_thread(fn, *args):
-    """fn(*args) in a fresh process whose XLA runs on a single CPU thread."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} {ONE_THREAD_FLAGS}".strip()
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result()
-    finally:
-        os.environ["XLA_FLAGS"] = flags
-
-
-def bench_resnet18_layers(repeats, batch=128):
-    """Each conv factorized by Budget(params=0.25) under the khodak policy, alone; then
-    the whole model, on all cores and on one thread."""
-    dense, _, _, plan, _ = _resnet18_pair()
-    rows, dense_total, low_total = [], 0.0, 0.0
-    for lp in plan.factorized:
-        conv = module_at(dense, lp.path)
-        side = _resnet18_input_side(lp.path)
-        x = jax.random.normal(jax.random.key(1), (batch, conv.in_channels, side, side))
-        low_conv = lowrank.factorize(conv, rank=lp.rank)
-        t_dense, t = _time_pair(conv, low_conv, x, repeats=repeats)
-        dense_total, low_total = dense_total + t_dense, low_total + t
-        flop_ratio = lp.flops_after / lp.flops_before
-        rows.append(
-            [
-                lp.path,
-                f"{conv.out_channels}x{conv.in_channels}x{'x'.join(map(str, conv.kernel_size))}",
-                f"{side}x{side}",
-                lp.rank,
-                f"{t_dense * 1e3:.2f}",
-                f"{t * 1e3:.2f}",
-                f"{t / t_dense:.3f}",
-                f"{flop_ratio:.3f}",
-                f"{t / t_dense / flop_ratio:.2f}",
-            ]
-        )
-    rows.append(
-        [
-            "all factorized convs",
-            "",
-            "",
-            "",
-            f"{dense_total * 1e3:.2f}",
-            f"{low_total * 1e3:.2f}",
-            f"{low_total / dense_total:.3f}",
-            "",
-            "",
-        ]
-    )
-    whole = resnet18_whole_model(repeats, batch)
-    rows.append(
-        [
-            "rest of the model (whole - factorized convs)",
-            "",
-            "",
-            "",
-            f"{(whole[0] - dense_total) * 1e3:.2f}",
-            "",
-            "",
-            "",
-            "",
-        ]
-    )
-    for label, (t_dense, t, flop_ratio) in [
-        (f"whole model, {os.cpu_count()} cores", whole),
-        ("whole model, 1 thread", _on_one_thread(resnet18_whole_model, repeats, batch)),
-    ]:
-        rows.append(
-            [
-                label,
-                "",
-                "32x32",
-                "",
-                f"{t_dense * 1e3:.2f}",
-                f"{t * 1e3:.2f}",
-                f"{t / t_dense:.3f}",
-                f"{flop_ratio:.3f}",
-                f"{t / t_dense / flop_ratio:.2f}",
-            ]
-        )
-    return rows
-
-
 def _fold_models(name):
     """(dense, state, factorized, image shape) at Budget(params=0.25)."""
     if name == "ResNet-18":
-        dense, state, low, _, _ = _resnet18_pair()
+        dense, state, low, _, _ = resnet18_pair()
         return dense, state, low, (3, 32, 32)
     dense, state = eqx.nn.make_with_state(models.MobileNetV2)(num_classes=10, key=jax.random.key(0))
     return dense, state, lowrank.factorize(dense, rank=lowrank.Budget(params=0.25)), (3, 64, 64)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import lowrank
 
-from ._factorize_policy import _rank_rule
+from ._policy_ranks import _rank_rule
 from .config import ConfigError, OptimConfig, bounded
 
 LANGUAGE_MODELS = ("smollm2",)

@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from jaxtyping import Int
 
+from .text import sample_windows
+
 Batch = dict[str, np.ndarray]
 """A batch: "ids" (B, length + 1) token windows, optionally "alpha" or "mask" (B,)."""
 
@@ -12,7 +14,7 @@ Batch = dict[str, np.ndarray]
 def random_windows(
     data: np.ndarray, rng: np.random.Generator, batch_size: int, length: int
 ) -> Int[np.ndarray, "batch length_plus_1"]:
-    """`batch_size` windows of `length + 1` tokens at uniform start positions.
+    """`text.sample_windows` drawn with a NumPy generator, arguments positional.
 
     Args:
         data: the token stream.
@@ -23,13 +25,7 @@ def random_windows(
     Returns:
         (batch_size, length + 1) int32 windows.
     """
-    if data.shape[0] < length + 1:
-        raise ValueError(
-            f"the text has {data.shape[0]} tokens, fewer than length + 1 = {length + 1}; "
-            "use a shorter length or more text"
-        )
-    starts = rng.integers(0, data.shape[0] - length, size=batch_size)
-    return np.asarray(data)[starts[:, None] + np.arange(length + 1)].astype(np.int32)
+    return sample_windows(data, key=rng, batch_size=batch_size, length=length)
 
 
 def train_batches(

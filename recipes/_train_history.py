@@ -1,9 +1,22 @@
-"""The trainer's history on disk: metrics.jsonl and the PNG of its curves."""
+"""Run outputs on disk: atomic text files, metrics.jsonl and the PNG of its curves."""
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file, then a rename).
+
+    Args:
+        path: the file.
+        text: its new contents.
+    """
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:

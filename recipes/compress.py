@@ -47,10 +47,13 @@ from ._compress_config import (
     pretrained_config,
     uses_calibration,
 )
+from ._compress_report import format_table as format_table
+from ._compress_report import generations, report_data
 from ._compress_subject import Subject
 from ._compress_text import Encoder, LanguageModel
 from ._compress_vision import Classifier
-from ._factorize_policy import _rank_rule
+from ._policy_ranks import _rank_rule
+from ._train_history import write_atomic
 from .config import ConfigError, TrainConfig
 from .train import TrainResult, make_optimizer, plot_history, train
 
@@ -77,13 +80,6 @@ class CompressResult(NamedTuple):
 
     train: TrainResult
     report: dict[str, Any]
-
-
-def _write(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file, then a rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _rank(config: CompressConfig, subject: Subject, target: str):
@@ -184,76 +180,9 @@ def _curve(subject: Subject, history: list[dict], before: dict, after: dict, ste
 
 
 def _save_curve(history: list[dict[str, Any]], out_dir: Path) -> None:
-    _write(out_dir / "heal_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_atomic(out_dir / "heal_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     plot_history(history, out_dir / "heal.tmp.png")
     os.replace(out_dir / "heal.tmp.png", out_dir / "heal.png")
-
-
-_ROWS = {
-    "params": ("parameters", "{:,}"),
-    "flops": ("FLOPs (Linear/Conv, one example)", "{:,}"),
-    "forward_ms": ("forward pass on one eval batch (ms)", "{:.1f}"),
-    "perplexity": ("perplexity", "{:.3f}"),
-    "bits_per_byte": ("bits per byte", "{:.4f}"),
-    "kl_to_dense": ("KL(dense || model) (nats)", "{:.4f}"),
-    "top1_agreement": ("top-1 agreement with dense", "{:.3f}"),
-    "cosine_to_dense": ("cosine similarity to dense", "{:.4f}"),
-    "nn_agreement": ("nearest-neighbour agreement", "{:.3f}"),
-}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report's models side by side: one row per metric, one column per model
-    (dense, compressed, and healed when there was healing).
-
-    Args:
-        report: what `compress` returns (and writes to report.json).
-
-    Returns:
-        The table as text.
-    """
-    columns = [c for c in ("dense", "compressed", "healed") if c in report["models"]]
-    rows = [["", *columns]]
-    for key, (label, fmt) in _ROWS.items():
-        values = [report["models"][c].get(key) for c in columns]
-        if any(v is not None for v in values):
-            rows.append([label, *("-" if v is None else fmt.format(v) for v in values)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    seconds = report["seconds"]
-    lines.append(", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    for name, text in report.get("generation", {}).items():
-        lines.append(f"{name}: {text!r}")
-    return "\n".join(lines)
-
-
-def _generations(subject: Subject, models: dict[str, PyTree]) -> dict[str, str]:
-    """Greedy continuations of the prompt by each model ({} for non-LMs)."""
-    out = {name: subject.generate(model) for name, model in models.items()}
-    out = {name: text for name, text in out.items() if text is not None}
-    return {"prompt": subject.config.generate.prompt, **out} if out else {}
-
-
-def _report(config, subject: Subject, target: str, plan, measured, seconds) -> dict[str, Any]:
-    """What report.json holds (all but the generations)."""
-    f, totals = config.factorize, plan.totals()
-    return {
-        "model": config.model.name,
-        "rank": str(f.rank),
-        "init": f.init,
-        "target": target,
-        "budget": plan.budget,
-        "factorized_layers": len(plan.factorized),
-        "target_params_before": totals["params_before"],
-        "target_params_after": totals["params_after"],
-        "data": {k: list(v) for k, v in subject.sources.items()},
-        "models": measured,
-        "seconds": seconds,
-    }
 
 
 def compress(config: CompressConfig) -> CompressResult:
@@ -275,7 +204,7 @@ def compress(config: CompressConfig) -> CompressResult:
     rule, example = _rank(config, subject, target)
     seconds = {"load": time.perf_counter() - clock}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     flops = _Flops(subject)
     measured = {"dense": _measure(subject, subject.dense, flops)}
@@ -301,9 +230,9 @@ def compress(config: CompressConfig) -> CompressResult:
     for name, t in zip(models, subject.forward_seconds(list(models.values()))):
         measured[name]["forward_ms"] = t * 1e3
     lowrank.save(out_dir / "model.eqx", result.model, plan)
-    report = _report(config, subject, target, plan, measured, seconds)
-    report["generation"] = _generations(subject, models)
-    _write(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    report = report_data(config, subject, target, plan, measured, seconds)
+    report["generation"] = generations(subject, models)
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     log(format_table(report))
     log(f"outputs in {out_dir}/: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
     return CompressResult(result, report)

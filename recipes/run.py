@@ -15,7 +15,6 @@ tasks their scores (and the model, model.eqx). The command ends by listing them.
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from ._image_task import classification_loss as classification_loss
 from ._image_task import image_classification
 from ._report import factorization_report, format_report
 from ._task import Task as Task
+from ._train_history import write_atomic
 from .config import Config, ConfigError, load_config
 from .train import (
     Batch,
@@ -87,13 +87,6 @@ def out_dir(config: Config) -> Path:
         The output folder.
     """
     return Path(config.train.out_dir or Path("out") / config.name)
-
-
-def _write(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file, then a rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _take(batches: Iterator[Batch], n: int) -> Batch:
@@ -201,7 +194,9 @@ def run(config: Config) -> RunResult:
     folder = out_dir(config)
     if is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        write_atomic(
+            folder / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+        )
     result = train(
         model,
         task.state,
@@ -218,7 +213,7 @@ def run(config: Config) -> RunResult:
     if not is_main or (f.policy == "none" and task.finish is None):
         return RunResult(result, None)
     report = _report(config, task, result, folder, example, log)
-    _write(folder / "report.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(folder / "report.json", json.dumps(report, indent=1) + "\n")
     return RunResult(result, report)
 
 

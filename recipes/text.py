@@ -12,7 +12,6 @@ import dataclasses
 import importlib.util
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -178,20 +177,27 @@ def _check_length(data, length: int) -> None:
         raise ValueError(f"length must be >= 1, got {length}")
     if data.shape[0] < length + 1:
         raise ValueError(
-            f"data has {data.shape[0]} tokens, fewer than length + 1 = {length + 1}; "
+            f"the text has {data.shape[0]} tokens, fewer than length + 1 = {length + 1}; "
             "use a shorter `length` or more text"
         )
 
 
 def sample_windows(
-    data: UInt8[Array, " n"], *, key: PRNGKeyArray, batch_size: int, length: int
-) -> Int[Array, "batch length_plus_1"]:
+    data: UInt8[Array, " n"] | np.ndarray,
+    *,
+    key: PRNGKeyArray | np.random.Generator,
+    batch_size: int,
+    length: int,
+) -> Int[Array, "batch length_plus_1"] | Int[np.ndarray, "batch length_plus_1"]:
     """`batch_size` random windows of `length + 1` tokens (inputs `w[:, :-1]`,
-    targets `w[:, 1:]`), start positions uniform over the stream. Jittable.
+    targets `w[:, 1:]`), start positions uniform over the stream.
+
+    With a JAX key the windows are a JAX array and the call is jittable; with a NumPy
+    generator they are a NumPy array drawn on the host.
 
     Args:
-        data: the byte stream.
-        key: the sampling key (keyword-only).
+        data: the token stream.
+        key: the sampling key, or a NumPy generator (keyword-only).
         batch_size: how many windows.
         length: the input length.
 
@@ -199,9 +205,12 @@ def sample_windows(
         (batch_size, length + 1) int32 windows.
     """
     _check_length(data, length)
-    starts = jr.randint(key, (batch_size,), 0, data.shape[0] - length)
-    take = jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (length + 1,)))
-    return take(starts).astype(jnp.int32)
+    high = data.shape[0] - length
+    if isinstance(key, np.random.Generator):
+        xp, starts = np, key.integers(0, high, size=batch_size)
+    else:
+        xp, starts = jnp, jr.randint(key, (batch_size,), 0, high)
+    return xp.asarray(data)[starts[:, None] + xp.arange(length + 1)].astype(xp.int32)
 
 
 def eval_windows(

@@ -15,12 +15,11 @@ every log and before every checkpoint, so no diverged state is saved). Multi-hos
 batch.
 """
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PyTree
 from tqdm.auto import tqdm
 
 from ._optimizer import make_optimizer as make_optimizer
@@ -43,82 +42,15 @@ from ._train_step import (
     trainable_params,
     unit_schedule,
 )
+from ._train_types import REPLACED as REPLACED
+from ._train_types import Batch as Batch
+from ._train_types import EvalFn as EvalFn
+from ._train_types import Hook as Hook
+from ._train_types import LossFn as LossFn
+from ._train_types import TrainingDiverged as TrainingDiverged
+from ._train_types import TrainResult as TrainResult
+from ._train_types import TrainState as TrainState
 from .config import ConfigError, TrainConfig
-
-Batch = dict[str, Any]
-LossFn = Callable[
-    [PyTree, PyTree, Batch, PRNGKeyArray], tuple[Array, tuple[PyTree, dict[str, Array]]]
-]
-EvalFn = Callable[[PyTree, PyTree, Batch], dict[str, Array]]
-
-
-REPLACED = "model replaced"
-"""The `event` of the eval record made right after a hook replaced the model."""
-
-
-class TrainState(NamedTuple):
-    """What the trainer carries from step to step.
-
-    Attributes:
-        step: updates done so far.
-        model: the current model.
-        state: its non-trained state (BatchNorm statistics, a teacher...).
-        opt_state: the optimizer state; None asks the trainer for a fresh one.
-    """
-
-    step: int
-    model: PyTree
-    state: PyTree
-    opt_state: optax.OptState | None
-
-
-class Hook(Protocol):
-    """Called before every step with the current `TrainState`; returns it, possibly
-    with another model. Return `opt_state=None` to get a freshly initialized one.
-    When the model is replaced and evaluation is on, the trainer evaluates the model
-    before (unless this step was just evaluated) and after, the latter recorded with
-    `"event": REPLACED`.
-
-    A hook that changes the model's structure must also survive resumption: define
-    `checkpoint() -> dict` (JSON, saved with every checkpoint) and
-    `restore(ts, saved) -> TrainState`, which gets the freshly built state at the
-    checkpoint's step and returns it with that step's structure (values are then
-    loaded from the checkpoint).
-    """
-
-    def __call__(self, ts: TrainState) -> TrainState:
-        """Args:
-            ts: the state before this step.
-
-        Returns:
-            The state to continue from (the same, or with another model).
-        """
-        ...
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What `train` returns.
-
-    Attributes:
-        model: the trained model.
-        state: its final state.
-        history: the metrics records (those of metrics.jsonl): train records every
-            `log_every` steps, eval records every `eval_every` steps.
-        resumed_from: the step the run resumed from (None for a fresh start;
-            `config.steps` when a rerun found the run finished and had nothing left
-            to do).
-    """
-
-    model: PyTree
-    state: PyTree
-    history: list[dict[str, Any]]
-    resumed_from: int | None = None
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; the message says at which step and
-    what to change."""
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch size") -> None:

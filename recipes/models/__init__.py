@@ -1,7 +1,7 @@
 """Vision (and later text) models for the recipes, as unbatched Equinox modules."""
 
-from ._bert import (
-    Bert,
+from ._bert import Bert
+from ._bert_layers import (
     BertAttention,
     BertEmbeddings,
     BertIntermediate,
@@ -13,7 +13,8 @@ from ._efficientnet_lite import EFFICIENTNET_LITE0_STAGES, EfficientNetLite
 from ._fold import FoldedBatchNorm, fold_batchnorm
 from ._generate import generate_greedy
 from ._layers import BATCH_AXIS, StochasticDepth
-from ._llama import KVCache, Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP
+from ._llama import Llama
+from ._llama_layers import KVCache, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP
 from ._mobilenet_v2 import MOBILENET_V2_STAGES, InvertedResidual, MobileNetV2
 from ._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from ._transformer import BYTE_VOCAB, Transformer, TransformerBlock, TransformerMLP

@@ -7,7 +7,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ._llama import KVCache, Llama
+from ._llama import Llama
+from ._llama_layers import KVCache
 
 _CACHE_ROUNDING = 64  # cache sizes are rounded up so that nearby lengths share a compile
 

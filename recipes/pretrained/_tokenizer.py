@@ -42,6 +42,43 @@ _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 
 
+def _merge_pairs(merges: Sequence[str], path: str) -> list[tuple[str, str]]:
+    """The BPE merges "a b" as pairs; raises on an entry that is not two tokens."""
+    pairs = [tuple(merge.split(" ")) for merge in merges]
+    bad = [merge for merge, pair in zip(merges, pairs) if len(pair) != 2]
+    if bad:
+        raise ValueError(
+            f"{path}: tokenizer.ggml.merges has entries that are not two tokens "
+            f"separated by one space, e.g. {bad[0]!r}; the file's vocabulary is not GPT-2 "
+            "byte-level BPE. Pass tokenizer_json= instead"
+        )
+    return pairs
+
+
+def _add_bos_eos(tokenizer: Tokenizer, metadata, tokens: Sequence[str], path: str) -> None:
+    """Give `tokenizer` its post-processor: BOS / EOS added where the GGUF metadata asks
+    for it, else the byte-level one."""
+    template, specials = ["$A"], []
+    for key in ("bos", "eos"):
+        if not metadata(f"tokenizer.ggml.add_{key}_token", False):
+            continue
+        token_id = metadata(f"tokenizer.ggml.{key}_token_id", None)
+        if token_id is None:
+            raise ValueError(
+                f"{path}: tokenizer.ggml.add_{key}_token is set but "
+                f"tokenizer.ggml.{key}_token_id is missing; pass tokenizer_json= instead"
+            )
+        token = tokens[int(token_id)]
+        template = [token, *template] if key == "bos" else [*template, token]
+        specials.append((token, int(token_id)))
+    if specials:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=" ".join(template), special_tokens=specials
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+
+
 def tokenizer_from_gguf_metadata(metadata: Callable[[str, object], object], path: str) -> Tokenizer:
     """The byte-level BPE tokenizer that a GGUF file's `tokenizer.ggml.*` keys describe.
 
@@ -74,14 +111,7 @@ def tokenizer_from_gguf_metadata(metadata: Callable[[str, object], object], path
             f"{path}: tokenizer.ggml.tokens/merges missing from the metadata; pass "
             "tokenizer_json= the model's tokenizer.json instead"
         )
-    pairs = [tuple(merge.split(" ")) for merge in merges]
-    bad = [merge for merge, pair in zip(merges, pairs) if len(pair) != 2]
-    if bad:
-        raise ValueError(
-            f"{path}: tokenizer.ggml.merges has entries that are not two tokens "
-            f"separated by one space, e.g. {bad[0]!r}; the file's vocabulary is not GPT-2 "
-            "byte-level BPE. Pass tokenizer_json= instead"
-        )
+    pairs = _merge_pairs(merges, path)
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
@@ -101,25 +131,7 @@ def tokenizer_from_gguf_metadata(metadata: Callable[[str, object], object], path
             if token_type == _USER_DEFINED
         ]
     )
-    template, specials = ["$A"], []
-    for key in ("bos", "eos"):
-        if not metadata(f"tokenizer.ggml.add_{key}_token", False):
-            continue
-        token_id = metadata(f"tokenizer.ggml.{key}_token_id", None)
-        if token_id is None:
-            raise ValueError(
-                f"{path}: tokenizer.ggml.add_{key}_token is set but "
-                f"tokenizer.ggml.{key}_token_id is missing; pass tokenizer_json= instead"
-            )
-        token = tokens[int(token_id)]
-        template = [token, *template] if key == "bos" else [*template, token]
-        specials.append((token, int(token_id)))
-    if specials:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=" ".join(template), special_tokens=specials
-        )
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    _add_bos_eos(tokenizer, metadata, tokens, path)
     return tokenizer
 
 

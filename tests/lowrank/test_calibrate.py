@@ -380,14 +380,14 @@ def test_layers_reading_one_input_share_rows_and_moments(monkeypatch):
 def test_identical_blocks_share_compiled_segments():
     """The data between watched weights is compiled once per distinct program: six
     blocks compile no more segments than three (first, middle and last block)."""
-    import lowrank._calibrate as calibrate
+    import lowrank._paired_eval as paired
 
     counts = []
     for n in (3, 6):
-        calibrate._SEGMENTS.clear()
+        paired._SEGMENTS.clear()
         model = Blocks(n, key=KEY)
         lowrank.factorize(model, rank=3, init="whitened", calibration=_anisotropic(4, (6, 16)))
-        counts.append(len(calibrate._SEGMENTS))
+        counts.append(len(paired._SEGMENTS))
     assert counts[0] > 0 and counts[1] == counts[0]
 
 

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 import lowrank
-from recipes._factorize_policy import (
-    _rank_rule,
-    check_policy,
-    check_rank,
-    stable_rank,
-    stable_ranks,
-)
+from recipes._factorize_policy import check_policy, check_rank, stable_rank, stable_ranks
+from recipes._policy_ranks import _rank_rule
 from recipes.config import ConfigError, FactorizeConfig, ImageModelConfig, load_config
 from recipes.models import efficientnet_b0, resnet18
 from recipes.policy import POLICY_TARGETS, apply_policy, module_at, normalized_activations
