@@ -157,21 +157,26 @@ def smollm2_task(sizes: Sizes) -> Task:
 # ---------------------------------------------------------------- CNNs on photo crops
 
 
+_CNNS = {  # name: (loader and normalization in recipes.pretrained, title)
+    "mobilenet_v2": (
+        "mobilenet_v2",
+        "MOBILENET_V2_NORMALIZATION",
+        "MobileNetV2 (torchvision ImageNet)",
+    ),
+    "efficientnet_lite0": (
+        "efficientnet_lite0",
+        "EFFICIENTNET_LITE0_NORMALIZATION",
+        "EfficientNet-Lite0 (ImageNet)",
+    ),
+}
+
+
 def cnn_task(name: str, sizes: Sizes) -> Task:
     from recipes import pretrained
 
-    if name == "mobilenet_v2":
-        model, state = pretrained.mobilenet_v2(blocks_per_stage=sizes.blocks_per_stage)
-        normalization, title = (
-            pretrained.MOBILENET_V2_NORMALIZATION,
-            "MobileNetV2 (torchvision ImageNet)",
-        )
-    else:
-        model, state = pretrained.efficientnet_lite0(blocks_per_stage=sizes.blocks_per_stage)
-        normalization, title = (
-            pretrained.EFFICIENTNET_LITE0_NORMALIZATION,
-            "EfficientNet-Lite0 (ImageNet)",
-        )
+    loader, normalization, title = _CNNS[name]
+    model, state = getattr(pretrained, loader)(blocks_per_stage=sizes.blocks_per_stage)
+    normalization = getattr(pretrained, normalization)
     split = photo_split(seed=0)
     crops = functools.partial(photo_crops, normalization=normalization, size=sizes.image_size)
     calibration = jnp.asarray(crops(split.calibration, sizes.calibration_crops, seed=0))
