@@ -55,12 +55,14 @@ def _worded(task: Task, ok: bool) -> str:
 
 
 def _peer_verdicts(task: Task, results: dict, ratio: float) -> list[str]:
-    """Issue 12's targets at one budget: our best init against the peers."""
+    """Issue 12's targets at one budget: our best setting (any init or allocator row)
+    against the peers."""
     ours = [f"ours: {i}" for i in OURS]
     others = set(ours) | {label for label, _ in ALLOCATORS}
     peer_labels = sorted({l for (b, l) in results if b == ratio} - others)
     if not all((ratio, l) in results for l in ours) or (ratio, "SVD-LLM (W)") not in results:
         return [f"- {ratio:g}: not measured (yet)"]
+    ours += [label for label, _ in ALLOCATORS if (ratio, label) in results]
     if task.name == "smollm2":
         dense = results[(1.0, "dense")]["perplexity"]
         svdllm = results[(ratio, "SVD-LLM (W)")]["perplexity"] - dense

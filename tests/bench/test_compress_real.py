@@ -95,7 +95,7 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
         (1.0, "dense"): {**scores(0.0, 1.0), "seconds": None},
         (0.8, "SVD-LLM (W)"): scores(0.2, 0.7),
         (0.8, "ours: whitened"): scores(0.05, 0.8),
-        (0.8, "ours: whitened, weight ranks"): scores(0.01, 0.99),  # no peer: not the best peer
+        (0.8, "ours: whitened, weight ranks"): scores(0.01, 0.99),  # ours: may be our best
         (0.8, "ours: whitened, uniform ranks"): scores(0.07, 0.75),
         (0.8, "ours: nkp"): scores(0.06, 0.85),
         (0.6, "SVD-LLM (W)"): scores(0.3, 0.6),
@@ -113,7 +113,11 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
         "- 0.8, rank allocator (KL): data ranks 0.05 (ours: whitened), weight ranks 0.01, "
         "uniform ranks 0.07: **MISSED**" in text
     )
-    assert "- 0.8, KL: our best 0.05 (ours: whitened), best peer 0.2 (SVD-LLM (W)): **met**" in text
+    assert (
+        "- 0.8, KL: our best 0.01 (ours: whitened, weight ranks), best peer 0.2 (SVD-LLM (W)): "
+        "**met**" in text
+    )
+    assert "best peer 0.2 (SVD-LLM (W))" in text  # an allocator row is never a peer
     assert (
         "- 0.6, rank allocator (KL): data ranks 0.1 (ours: whitened), weight ranks 0.2, "
         "uniform ranks 0.15: **met**" in text
