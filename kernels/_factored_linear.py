@@ -54,14 +54,14 @@ def factored_linear(
         return factored_matmul(
             x, v.T, u.T, bias, activation, impl, inner_activation=inner_activation
         )
-    if inner_activation not in _activations.NAMES:
-        raise ValueError(
-            f"inner_activation must be one of {_activations.NAMES}, got {inner_activation!r}"
-        )
     # factored_matmul's checks and dtype promotion, traced abstractly: no transposed
     # operands reach the program.
     checked = jax.eval_shape(
-        lambda x, v, u, bias: _checked(x, v.T, u.T, bias, activation, impl), x, v, u, bias
+        lambda x, v, u, bias: _checked(x, v.T, u.T, bias, activation, impl, inner_activation),
+        x,
+        v,
+        u,
+        bias,
     )
     dtype = checked[0].dtype
     bias = None if bias is None else jnp.asarray(bias, dtype)

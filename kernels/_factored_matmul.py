@@ -60,11 +60,7 @@ def factored_matmul(
     Returns:
         act((x @ a) @ b + bias), shape (..., N), in the promoted dtype.
     """
-    x, a, b, bias = _checked(x, a, b, bias, activation, impl)
-    if inner_activation not in _activations.NAMES:
-        raise ValueError(
-            f"inner_activation must be one of {_activations.NAMES}, got {inner_activation!r}"
-        )
+    x, a, b, bias = _checked(x, a, b, bias, activation, impl, inner_activation)
     k, n = a.shape[0], b.shape[1]
     rows = x.reshape(math.prod(x.shape[:-1]), k)
     if impl == "xla" or (impl == "auto" and not _dispatch.auto_may_use_pallas()):
@@ -83,12 +79,16 @@ def factored_matmul(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _checked(x, a, b, bias, activation, impl):
+def _checked(x, a, b, bias, activation, impl, inner_activation):
     """The inputs as arrays of one floating dtype, or a ValueError naming the culprit."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if activation not in _activations.NAMES:
         raise ValueError(f"activation must be one of {_activations.NAMES}, got {activation!r}")
+    if inner_activation not in _activations.NAMES:
+        raise ValueError(
+            f"inner_activation must be one of {_activations.NAMES}, got {inner_activation!r}"
+        )
     x, a, b = jnp.asarray(x), jnp.asarray(a), jnp.asarray(b)
     bias = None if bias is None else jnp.asarray(bias)
     if x.ndim < 1:
