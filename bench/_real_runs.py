@@ -18,6 +18,7 @@ from recipes import metrics
 OURS = ("whitened", "nkp")
 # (label, Budget(by=...)): ours: whitened with another rank allocator, same init and data.
 ALLOCATORS = (
+    ("ours: whitened, output ranks", "output"),
     ("ours: whitened, weight ranks", "weights"),
     ("ours: whitened, uniform ranks", "uniform"),
 )

@@ -1,5 +1,5 @@
 """Global budgets: `Budget(params=...)` / `Budget(flops=...)`, and the allocator that
-spends one across layers, from weight spectra, from calibration data, or uniformly."""
+spends one across layers: from weight spectra, from calibration data, or uniformly."""
 
 import heapq
 from collections.abc import Callable
@@ -10,25 +10,35 @@ import numpy as np
 from ._cost import fits
 from ._rank_rules import python_number
 
-BUDGET_SPECTRA = ("auto", "data", "weights", "uniform")
+BUDGET_SPECTRA = ("auto", "data", "output", "weights", "uniform")
 
 
 @dataclass(frozen=True)
 class Budget:
     """A global budget: keep `params` (or `flops`) as this fraction of the selected layers'.
 
-    Ranks are allocated across layers from their spectra, maximizing the product of
-    the fractions of squared singular values the layers retain (see `allocate_budget`).
+    Ranks are allocated across layers to minimize the sum of the layers' errors at
+    their ranks (see `allocate_budget`); `by` says which errors.
 
     Args:
         params: the fraction in (0, 1] of the selected layers' parameters to keep.
         flops: the fraction of their FLOPs to keep instead (give exactly one of the two).
-        by: which spectra: "weights" (of the weight matrices), "data" (of W·S, S the
-            square root of the layer's input second moment on the calibration data: in
-            that basis dropping a component costs its squared singular value of output
-            error; needs `calibration=`), "auto" (data when calibration is given, else
-            weights), or "uniform" (no allocation: every layer keeps the same fraction,
-            as SVD-LLM does).
+        by: "weights": -log of the fraction of the weight matrix's squared singular
+            values kept, i.e. maximize the product of what every layer keeps; "data":
+            the same of W·S, S the square root of the layer's input second moment on
+            the calibration data (in that basis dropping a component costs its squared
+            singular value of the layer's output error); "output": the estimated
+            squared change, truncating that layer alone in the W·S basis, of what the
+            calibration returns (a Gauss-Newton estimate from random probes of the
+            calibration output, one backward pass each; comparable across layers, so
+            a layer whose output error the model damps downstream gets fewer ranks);
+            "auto": "data" when calibration is given, else "weights"; "uniform": no
+            allocation, every layer keeps the same fraction, as SVD-LLM does. "data"
+            and "output" need `calibration=`.
+
+    Example:
+        >>> lowrank.factorize(model, rank=Budget(params=0.6, by="output"),
+        ...                   init="whitened", calibration=batch)
     """
 
     params: float | None = None
@@ -72,29 +82,49 @@ def budget_ranks(
     budget: Budget,
     layers: list,
     weight_spectra: dict[str, np.ndarray],
-    data_spectra: Callable[[list[str]], dict[str, np.ndarray]] | None,
+    data_errors: Callable[[str, list[str]], dict[str, np.ndarray]] | None,
 ) -> tuple[dict[str, int], dict, list[str]]:
     """The ranks a budget gives the factorizable `layers` (LayerPlans), the plan's budget
-    record and its notes; chooses the spectra `budget.by` asks for.
+    record and its notes; chooses the error curves `budget.by` asks for.
 
-    `data_spectra(paths)`, present when calibration data is, returns each layer's
-    spectrum in its input-whitened basis.
+    `data_errors(by, paths)`, present when calibration data is, returns each layer's
+    error curve (see `allocate_budget`) from the data: by "data", -log of the retained
+    fraction of its spectrum in its input-whitened basis; by "output", the estimated
+    squared change of the calibration output (`output_error_curves`).
     """
     record = {"kind": budget.kind, "asked": budget.fraction}
     if budget.by == "uniform":
         note = "uniform ranks: every layer keeps the same fraction (Budget(by='uniform'))"
         return uniform_ranks(budget, layers), record, [note]
-    from_data = budget.by == "data" or (budget.by == "auto" and data_spectra is not None)
-    if not from_data:
-        return allocate_budget(budget, layers, weight_spectra), record, []
-    if data_spectra is None:
+    by = "data" if budget.by == "auto" and data_errors is not None else budget.by
+    if by in ("auto", "weights"):
+        errors = {path: log_retention_errors(s) for path, s in weight_spectra.items()}
+        return allocate_budget(budget, layers, errors), record, []
+    if data_errors is None:
         raise ValueError(
-            "Budget(by='data') allocates ranks from calibration data: pass calibration= "
+            f"Budget(by={by!r}) allocates ranks from calibration data: pass calibration= "
             "to factorize, or use Budget(by='weights')"
         )
-    spectra = data_spectra([lp.path for lp in layers if lp.skipped is None])
-    note = "ranks allocated from calibration data (spectra of W·S, S whitening the inputs)"
-    return allocate_budget(budget, layers, spectra), record, [note]
+    errors = data_errors(by, [lp.path for lp in layers if lp.skipped is None])
+    return allocate_budget(budget, layers, errors), record, [_BY_NOTES[by]]
+
+
+_BY_NOTES = {
+    "data": "ranks allocated from calibration data (spectra of W·S, S whitening the inputs)",
+    "output": (
+        "ranks allocated from calibration data by each truncation's estimated effect on "
+        "the calibration output (Gauss-Newton, random output probes)"
+    ),
+}
+
+
+def log_retention_errors(spectrum: np.ndarray) -> np.ndarray:
+    """-log of the fraction of squared singular values that rank r = 1, 2, ... keeps:
+    the error curve whose sum over layers is minus the log of the product of what every
+    layer keeps, which compounds like the errors of stacked layers do."""
+    s2 = np.asarray(spectrum, np.float64) ** 2
+    kept = np.cumsum(s2) / max(float(s2.sum()), 1e-30)
+    return -np.log(np.clip(kept, 1e-30, 1.0))
 
 
 def uniform_ranks(budget: Budget, layers) -> dict[str, int]:
@@ -135,15 +165,17 @@ class _Costs:
         return lp.params_before if self.kind == "params" else lp.flops_before
 
 
-def allocate_budget(budget: Budget, layers, spectra) -> dict[str, int]:
-    """Spend a params/FLOPs budget across layers by their spectra; raise if it cannot be met.
+def allocate_budget(budget: Budget, layers, errors) -> dict[str, int]:
+    """Spend a params/FLOPs budget across layers to minimize the sum of their errors;
+    raise if it cannot be met.
 
-    Maximizes the sum over layers of log(retained fraction of squared singular values),
-    i.e. the product of what every layer keeps, which compounds like the errors of
-    stacked layers do. The objective is concave in each rank, so greedy is optimal:
-    each next direction goes to the layer with the largest log-gain per unit cost.
-    Near full retention log-gain equals the relative error removed; near rank 1 it
-    grows without bound, so no layer is starved because its spectrum is flat.
+    `errors[path][r - 1]` is the layer's error at rank r (r = 1 .. min(m, n); the full
+    rank, kept as the dense layer, costs no error). Every layer starts at rank 1; the
+    rest of the budget goes, step by step, to the layer whose next step on the lower
+    convex hull of its (cost, error) curve removes the most error per unit cost, which
+    is optimal when the curves are convex (the -log retention of a spectrum is) and
+    their convex relaxation's optimum otherwise. Past break-even the dense layer is
+    the layer's last point: cheaper than the ranks that no longer fit.
     """
     kind, cost = budget.kind, _Costs(budget.kind)
     total_before = sum(cost.as_is(lp) for lp in layers)
@@ -162,41 +194,56 @@ def allocate_budget(budget: Budget, layers, spectra) -> dict[str, int]:
             "or exclude layers that cannot be factorized"
         )
     ranks = {lp.path: min(lp.matrix_shape) for lp in tiny}
-    return ranks | _greedy(active, spectra, cost, spent, allowed)
+    options = {lp.path: _options(lp, errors[lp.path], cost) for lp in active}
+    return ranks | _greedy(options, spent, allowed)
 
 
-def _greedy(active, spectra, cost: _Costs, spent: float, allowed: float) -> dict[str, int]:
-    """From rank 1 everywhere (`spent` so far), give each next direction to the layer with
-    the largest log-retention gain per unit cost while the budget `allowed` affords it."""
-    retained = {}
-    for lp in active:
-        s2 = spectra[lp.path] ** 2
-        retained[lp.path] = np.maximum(np.cumsum(s2) / max(float(s2.sum()), 1e-30), 1e-30)
+def _options(lp, error: np.ndarray, cost: _Costs) -> list[tuple[float, float, int]]:
+    """(cost, error, rank) of every rank that fits, then of the dense layer."""
+    m, n = lp.matrix_shape
+    error = np.asarray(error, np.float64)
+    fitting = [r for r in range(1, min(m, n)) if fits(m, n, r)]
+    points = [(r * cost.unit(lp), float(error[r - 1]), r) for r in fitting]
+    return points + [(cost.dense(lp), 0.0, min(m, n))]
 
-    def push(heap, lp, r):  # offer direction r+1 of this layer
-        keep = retained[lp.path]
-        if r < len(keep):
-            gain = np.log(keep[r] / keep[r - 1])
-            heapq.heappush(heap, (-gain / cost.unit(lp), lp.path))
 
-    ranks = {lp.path: 1 for lp in active}
-    lookup = {lp.path: lp for lp in active}
-    heap = []
-    for lp in active:
-        push(heap, lp, 1)
+def _hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The lower convex hull of points sorted by cost, from the first (rank 1) on."""
+    hull = []
+    for p in points:
+        while len(hull) >= 2 and _gain(hull[-2], p) >= _gain(hull[-2], hull[-1]):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _gain(a, b) -> float:
+    """Error removed per unit cost from point a to point b."""
+    return (a[1] - b[1]) / max(b[0] - a[0], 1e-30)
+
+
+def _greedy(options: dict, spent: float, allowed: float) -> dict[str, int]:
+    """From each layer's first option (`spent` so far), take the next step on the lower
+    convex hull of its options with the largest gain while the budget `allowed` affords
+    it. When a step is unaffordable, the options past what is left drop out for good
+    (what is left only shrinks) and the hull is rebuilt over the rest."""
+    hulls = {path: _hull(points) for path, points in options.items()}
+    at = {path: hull[0] for path, hull in hulls.items()}
+    heap = [(-_gain(h[0], h[1]), path) for path, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
     while heap:
         _, path = heapq.heappop(heap)
-        lp, r = lookup[path], ranks[path]
-        if not fits(*lp.matrix_shape, r + 1):
-            # Past break-even the exact dense layer is cheaper than rank r+1.
-            extra = cost.dense(lp) - r * cost.unit(lp)
-            if spent + extra <= allowed:
-                ranks[path] = min(lp.matrix_shape)
-                spent += extra
+        hull = hulls[path]
+        here = hull.index(at[path])
+        step = hull[here + 1][0] - hull[here][0]
+        if spent + step > allowed:
+            rest = [p for p in options[path] if at[path][0] < p[0] <= at[path][0] + allowed - spent]
+            hull = hulls[path] = _hull([at[path], *rest])
+            if len(hull) > 1:
+                heapq.heappush(heap, (-_gain(hull[0], hull[1]), path))
             continue
-        if spent + cost.unit(lp) > allowed:
-            continue
-        ranks[path] = r + 1
-        spent += cost.unit(lp)
-        push(heap, lp, r + 1)
-    return ranks
+        spent += step
+        at[path] = hull[here + 1]
+        if here + 2 < len(hull):
+            heapq.heappush(heap, (-_gain(hull[here + 1], hull[here + 2]), path))
+    return {path: point[2] for path, point in at.items()}

@@ -7,9 +7,9 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._calibrate import calibrate
+from ._data_errors import data_errors
 from ._fit import LayerFitter
 from ._fuse import fuse_epilogues
 from ._index import ModelIndex, resolve_activations, select
@@ -22,10 +22,8 @@ from ._select import (
     is_layer,
     replace_layers,
     stack_shape,
-    weight_matrix,
 )
 from ._trace import Example, output_positions
-from ._whitened import shared_input_moments, whitened_spectrum
 
 MAX_CALIBRATION_ROWS = 16384
 
@@ -132,6 +130,7 @@ def factorize(
     if plan is None and rank is None:
         raise ValueError("factorize needs rank= (e.g. rank=16 or Budget(params=0.3)) or plan=")
     index = select(model, target=target, exclude=exclude, where=where, fn_name="factorize")
+    key = jax.random.key(0) if key is None else key
     if plan is None:
         plan = make_plan(
             index,
@@ -140,9 +139,16 @@ def factorize(
             init=init_name,
             positions=_positions(model, index, example),
             fn_name="factorize",
-            data_spectra=None
+            data_errors=None
             if calibration is None
-            else functools.partial(_data_spectra, model, index.layers, calibration),
+            else functools.partial(
+                data_errors,
+                model,
+                index.layers,
+                calibration,
+                MAX_CALIBRATION_ROWS,
+                key=jax.random.fold_in(key, 1),
+            ),
         )
     else:
         plan = check_plan_fits(plan, index)
@@ -155,7 +161,6 @@ def factorize(
         _warn_nothing_to_factorize(plan)
         return (model, plan) if return_plan else model
     plan = _note_assumed_activations(plan, initializer, init_name, todo, activations)
-    key = jax.random.key(0) if key is None else key
     fitter = LayerFitter(index.layers, todo, initializer, init_name, activations, key)
     replacements = {}
     if calibration is not None:
@@ -249,32 +254,6 @@ def _note_assumed_activations(plan: Plan, initializer, name: str, todo, activati
     )
     warnings.warn(text, UserWarning, stacklevel=3)
     return dataclasses.replace(plan, notes=[*plan.notes, text])
-
-
-def _data_spectra(model, layers: dict, calibration, paths: list[str]) -> dict[str, np.ndarray]:
-    """Each layer's spectrum in its input-whitened basis (`whitened_spectrum`) on the dense
-    model's inputs, from one pass over the calibration data; stacks combine their slices."""
-    found: dict[str, list[np.ndarray]] = {}
-
-    def fit(path, index, inputs, dense_inputs):
-        layer = layers[path]
-        weight = np.asarray(weight_matrix(layer))
-        weight = weight if index is None else weight[index]
-        centre = getattr(layer, "bias", None) is not None
-        _, basis, eig, *_ = shared_input_moments(inputs, centre=centre)  # one per input
-        found.setdefault(path, []).append(whitened_spectrum(weight, basis, eig))
-
-    calibrate(
-        model,
-        {p: layers[p] for p in paths},
-        fit,
-        calibration,
-        sequential=False,
-        correct={},
-        max_rows=MAX_CALIBRATION_ROWS,
-        first_calls=True,
-    )
-    return {path: np.sqrt(sum(s**2 for s in parts)) for path, parts in found.items()}
 
 
 def _check_calibration(initializer, name: str, calibration) -> None:

@@ -32,14 +32,14 @@ def make_plan(
     init: str = "spectral",
     positions: Mapping[str, int] | None = None,
     fn_name: str = "plan",
-    data_spectra: Callable[[list[str]], dict[str, np.ndarray]] | None = None,
+    data_errors: Callable[[str, list[str]], dict[str, np.ndarray]] | None = None,
 ) -> Plan:
     """Decide the ranks of the indexed layers; see `lowrank.plan`.
 
     `explicit`: the user named the layers (target=), so an int rank above a layer's
-    full rank raises instead of keeping it dense. `data_spectra(paths)`, given
-    calibration data, returns each layer's spectrum in its input-whitened basis for
-    a data-aware Budget.
+    full rank raises instead of keeping it dense. `data_errors(by, paths)`, given
+    calibration data, returns each layer's error curve from the data for a data-aware
+    Budget (`budget_ranks`).
     """
     rank = _checked_rule(rank, fn_name)
     if not index:
@@ -60,7 +60,7 @@ def make_plan(
             spectra[e.path] = spectrum(e.layer)
     budget, notes = None, []
     if isinstance(rank, Budget):
-        ranks, budget, notes = budget_ranks(rank, layers, spectra, data_spectra)
+        ranks, budget, notes = budget_ranks(rank, layers, spectra, data_errors)
     else:
         ranks = _rule_ranks(rank, layers, spectra, explicit or isinstance(rank, Mapping))
     for lp in layers:

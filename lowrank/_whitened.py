@@ -31,7 +31,6 @@ from ._initializers import (
     Initializer,
     LayerProblem,
     register_initializer,
-    singular_values,
 )
 from ._problem_checks import check_problem, relative_error
 
@@ -78,12 +77,6 @@ def input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
     dense_mean = dense.mean(0) if centre else np.zeros(x.shape[1])
     dense = dense - dense_mean if centre else dense
     return mean, basis, eig, dense_mean, dense.T @ x / len(x)
-
-
-def whitened_spectrum(weight, basis: np.ndarray, eig: np.ndarray) -> np.ndarray:
-    """Singular values of W·S, S = E·Λ^½ from `input_moments`: in that basis dropping
-    a component costs its squared singular value of output error on the inputs."""
-    return singular_values((np.asarray(weight, np.float64) @ basis) * np.sqrt(eig))
 
 
 def whitened_truncation(

@@ -95,11 +95,13 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
         (1.0, "dense"): {**scores(0.0, 1.0), "seconds": None},
         (0.8, "SVD-LLM (W)"): scores(0.2, 0.7),
         (0.8, "ours: whitened"): scores(0.05, 0.8),
+        (0.8, "ours: whitened, output ranks"): scores(0.03, 0.9),
         (0.8, "ours: whitened, weight ranks"): scores(0.01, 0.99),  # ours: may be our best
         (0.8, "ours: whitened, uniform ranks"): scores(0.07, 0.75),
         (0.8, "ours: nkp"): scores(0.06, 0.85),
         (0.6, "SVD-LLM (W)"): scores(0.3, 0.6),
         (0.6, "ours: whitened"): scores(0.1, 0.7),
+        (0.6, "ours: whitened, output ranks"): scores(0.25, 0.5),
         (0.6, "ours: whitened, weight ranks"): scores(0.2, 0.6),
         (0.6, "ours: whitened, uniform ranks"): scores(0.15, 0.65),
         (0.6, "ours: nkp"): scores(0.12, 0.7),
@@ -110,7 +112,7 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
         task("mobilenet_v2", ["KL", "top-1 agreement"]), results, [0.8, 0.6, 0.4], 1.0, done=True
     )
     assert (
-        "- 0.8, rank allocator (KL): data ranks 0.05 (ours: whitened), weight ranks 0.01, "
+        "- 0.8, rank allocator (KL): data ranks 0.05, output ranks 0.03, weight ranks 0.01, "
         "uniform ranks 0.07: **MISSED**" in text
     )
     assert (
@@ -119,7 +121,7 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
     )
     assert "best peer 0.2 (SVD-LLM (W))" in text  # an allocator row is never a peer
     assert (
-        "- 0.6, rank allocator (KL): data ranks 0.1 (ours: whitened), weight ranks 0.2, "
+        "- 0.6, rank allocator (KL): data ranks 0.1, output ranks 0.25, weight ranks 0.2, "
         "uniform ranks 0.15: **met**" in text
     )
     assert "- 0.4, rank allocator (KL): not measured (yet)" in text
@@ -129,6 +131,7 @@ def test_allocator_verdict_asks_data_ranks_to_beat_weight_and_uniform_ranks():
     assert order == [
         "SVD-LLM (W)",
         "ours: whitened",
+        "ours: whitened, output ranks",
         "ours: whitened, weight ranks",
         "ours: whitened, uniform ranks",
         "ours: nkp",
@@ -150,9 +153,12 @@ def test_allocator_verdict_on_cosine_is_higher_is_better_and_absent_without_the_
     results[(0.6, "ours: whitened, weight ranks")] = scores(0.94)
     results[(0.6, "ours: whitened, uniform ranks")] = scores(0.96)
     text = section(minilm, results, [0.6], 1.0, done=True)
+    assert "- 0.6, rank allocator (cosine to dense): not measured (yet)" in text
+    results[(0.6, "ours: whitened, output ranks")] = scores(0.97)
+    text = section(minilm, results, [0.6], 1.0, done=True)
     assert (
-        "- 0.6, rank allocator (cosine to dense): data ranks 0.95 (ours: whitened), "
-        "weight ranks 0.94, uniform ranks 0.96: **behind**" in text
+        "- 0.6, rank allocator (cosine to dense): data ranks 0.95, output ranks 0.97, "
+        "weight ranks 0.94, uniform ranks 0.96: **ahead**" in text
     )
 
 
