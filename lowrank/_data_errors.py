@@ -48,7 +48,7 @@ def data_errors(
         {path: errors}, errors[r - 1] the layer's error at rank r (a stack: summed over
         its slices).
     """
-    svds = _whitened_svds(model, layers, calibration, max_rows, paths)
+    svds = _whitened_svds(model, layers, calibration, max_rows, paths, vectors=by == "output")
     if by == "data":
         found: dict[str, list[np.ndarray]] = {}
         for (path, _), (_, s, _, _) in svds.items():
@@ -59,11 +59,14 @@ def data_errors(
     return output_error_curves(model, calibration, svds, probes=probes, key=key)
 
 
-def _whitened_svds(model, layers: dict, calibration, max_rows: int, paths: list[str]) -> dict:
+def _whitened_svds(
+    model, layers: dict, calibration, max_rows: int, paths: list[str], *, vectors: bool
+) -> dict:
     """{(path, slice or None): (U, s, P, mean)} with U·diag(s)·Vᵀ the SVD of W·S on the
     dense model's inputs (S = E·Λ^½, Λ the Ledoit-Wolf shrunk eigenvalues of the
     inputs' second moment), P = S⁻ᵀ·V = E·Λ^-½·V, and the inputs' mean for a layer
-    with a bias (None without one), from one pass."""
+    with a bias (None without one), from one pass; without `vectors`, s alone (U, P
+    and mean None)."""
     found = {}
 
     def fit(path, index, inputs, dense_inputs):
@@ -73,6 +76,10 @@ def _whitened_svds(model, layers: dict, calibration, max_rows: int, paths: list[
         centre = getattr(layer, "bias", None) is not None
         mean, basis, eig, *_ = shared_input_moments(inputs, centre=centre)
         root = np.sqrt(shrunk_eigenvalues(inputs, mean, eig))
+        if not vectors:
+            s = np.linalg.svd((weight @ basis) * root, compute_uv=False)
+            found[(path, index)] = (None, s, None, None)
+            return
         u, s, vt = np.linalg.svd((weight @ basis) * root, full_matrices=False)
         found[(path, index)] = (u, s, (basis / root) @ vt.T, mean if centre else None)
 
