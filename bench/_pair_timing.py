@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 
 from bench._results import median_time
+from bench._xla_options import OPTIONS
 
 
 def batched_forward(model, x):
@@ -18,7 +19,7 @@ def batched_forward(model, x):
 
 
 FORWARD = eqx.filter_jit(batched_forward)
-ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ONE_THREAD_FLAGS = OPTIONS["one_thread"]
 
 
 def time_pair(dense, low, *args, repeats, forward=FORWARD):

@@ -22,18 +22,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 from bench._results import markdown_table, write_section
+from bench._xla_options import OPTIONS, how_to_set, option_names, run_child
 
-OPTIONS = {
-    "default": "",
-    "xnnpack": "--xla_cpu_use_xnnpack=true",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "one_thread": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-}
 BUDGETS = (0.8, 0.6)
 PREFILL = (8, 256)
 NEW_TOKENS = 128
@@ -106,31 +100,9 @@ def _child(rounds: int, layers: int | None) -> dict:
 
 
 def _run_option(name: str, rounds: int, layers: int | None) -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + OPTIONS[name]).strip()
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.llm_speed",
-            "--child",
-            "--rounds",
-            str(rounds),
-            *([] if layers is None else ["--layers", str(layers)]),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return {
-            "error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][
-                :200
-            ]
-        }
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    layer_args = [] if layers is None else ["--layers", str(layers)]
+    argv = ["-m", "bench.llm_speed", "--child", "--rounds", str(rounds), *layer_args]
+    return run_child(OPTIONS[name], argv)
 
 
 def _rows(name: str, res: dict) -> list[list]:
@@ -184,7 +156,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--options", type=option_names, default=",".join(OPTIONS))
     parser.add_argument(
         "--layers", type=int, default=None, help="first N blocks only (a smoke run)"
     )
@@ -197,7 +169,7 @@ def main():
     platform = "cpu"  # the parent never starts a backend (a GPU child needs its memory)
 
     rows, notes = [], []
-    for name in args.options.split(","):
+    for name in args.options:
         print(
             f"[llm_speed] options {name}: {OPTIONS[name] or '(none)'}", file=sys.stderr, flush=True
         )
@@ -209,7 +181,7 @@ def main():
             platform = res["platform"]
             load = ", ".join(f"{x:.1f}" for x in res["load"])
             notes.append(
-                f"- `{name}`: XLA_FLAGS=`{OPTIONS[name]}`; load average at the end {load}; "
+                f"- `{name}`: {how_to_set(name)}; load average at the end {load}; "
                 f"compile s (dense prefill/decode) {res['compile_s']['dense/prefill']:.0f}/"
                 f"{res['compile_s']['dense/decode']:.0f}"
             )
