@@ -74,23 +74,24 @@ class CompressFactorizeConfig:
     calibration data. `target`: a regex of layer paths, "" for the model's default (the
     block linears of smollm2 / minilm; the pointwise convs and the classifier of the
     CNNs). `sequential`: fit the layers in running order on the factorized model's own
-    inputs (see `lowrank.factorize`). `budget_by`: which spectra a budget allocates
-    ranks from (`lowrank.Budget(by=...)`: "auto" is the calibration data's when the init
-    reads it, else the weights'; "uniform" keeps the same fraction of every layer).
+    inputs (see `lowrank.factorize`). `budget_by`: what a budget allocates ranks from
+    (`lowrank.Budget(by=...)`: "auto" is the calibration data's when the init reads it,
+    else the weights'; "output" each truncation's estimated effect on the calibration
+    output; "uniform" keeps the same fraction of every layer).
 
     Attributes:
         rank: the rank rule, as above.
         init: the initializer's registered name.
         target: the layer-path regex ("": the model's default).
         sequential: fit layers on the factorized model's own inputs.
-        budget_by: "auto", "data", "weights" or "uniform".
+        budget_by: "auto", "data", "output", "weights" or "uniform".
     """
 
     rank: int | float | str = "params:0.8"
     init: str = "whitened"
     target: str = ""
     sequential: bool = True
-    budget_by: Literal["auto", "data", "weights", "uniform"] = "auto"
+    budget_by: Literal["auto", "data", "output", "weights", "uniform"] = "auto"
 
 
 @dataclasses.dataclass
