@@ -10,6 +10,8 @@ import pytest
 import lowrank
 from lowrank._data_errors import data_errors, shrunk_eigenvalues
 
+from ._models import ScannedTransformer
+
 KEY = jax.random.key(0)
 
 
@@ -134,3 +136,26 @@ def test_output_budget_needs_float_outputs():
             init="whitened",
             calibration=lambda m: jnp.argmax(jax.vmap(m)(xs), -1),
         )
+
+
+def test_output_budget_on_scan_stacked_layers_sums_the_slices():
+    """Stacked (L, out, in) weights run by a scan: one curve per layer, the sum of its
+    slices' curves, each slice's gradient read from its own row of the stack."""
+    model = ScannedTransformer(key=KEY)
+    xs = jax.random.normal(jax.random.key(1), (6, 4, 8))
+    index = lowrank.select(model)
+    paths = [e.path for e in index.entries]
+    curves = data_errors(model, index.layers, xs, 10_000, "output", paths, key=KEY, probes=4)
+    assert set(curves) == set(paths)
+    for entry in index.entries:
+        assert curves[entry.path].shape == (min(entry.shape[-2:]),)
+        assert np.all(np.isfinite(curves[entry.path])) and curves[entry.path][-1] == 0.0
+        assert curves[entry.path][0] > 0.0
+    _, plan = lowrank.factorize(
+        model,
+        rank=lowrank.Budget(params=0.6, by="output"),
+        init="whitened",
+        calibration=xs,
+        return_plan=True,
+    )
+    assert plan.factorized and 0.5 < plan.budget["achieved"] <= 0.6
