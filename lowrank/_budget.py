@@ -10,7 +10,7 @@ import numpy as np
 from ._cost import fits
 from ._rank_rules import python_number
 
-BUDGET_SPECTRA = ("auto", "data", "output", "weights", "uniform")
+BUDGET_BY = ("auto", "data", "output", "weights", "uniform")
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class Budget:
     by: str = "auto"
 
     def __post_init__(self):
-        if self.by not in BUDGET_SPECTRA:
-            raise ValueError(f"Budget(by={self.by!r}): choose one of {BUDGET_SPECTRA}")
+        if self.by not in BUDGET_BY:
+            raise ValueError(f"Budget(by={self.by!r}): choose one of {BUDGET_BY}")
         for kind in ("params", "flops"):
             object.__setattr__(self, kind, python_number(getattr(self, kind)))
         given = [
@@ -228,22 +228,23 @@ def _greedy(options: dict, spent: float, allowed: float) -> dict[str, int]:
     it. When a step is unaffordable, the options past what is left drop out for good
     (what is left only shrinks) and the hull is rebuilt over the rest."""
     hulls = {path: _hull(points) for path, points in options.items()}
-    at = {path: hull[0] for path, hull in hulls.items()}
+    at = dict.fromkeys(hulls, 0)  # each layer's position on its hull
     heap = [(-_gain(h[0], h[1]), path) for path, h in hulls.items() if len(h) > 1]
     heapq.heapify(heap)
     while heap:
         _, path = heapq.heappop(heap)
-        hull = hulls[path]
-        here = hull.index(at[path])
+        hull, here = hulls[path], at[path]
         step = hull[here + 1][0] - hull[here][0]
         if spent + step > allowed:
-            rest = [p for p in options[path] if at[path][0] < p[0] <= at[path][0] + allowed - spent]
-            hull = hulls[path] = _hull([at[path], *rest])
+            now = hull[here]
+            rest = [p for p in options[path] if now[0] < p[0] <= now[0] + allowed - spent]
+            hull = hulls[path] = _hull([now, *rest])
+            at[path] = 0
             if len(hull) > 1:
                 heapq.heappush(heap, (-_gain(hull[0], hull[1]), path))
             continue
         spent += step
-        at[path] = hull[here + 1]
+        at[path] = here + 1
         if here + 2 < len(hull):
             heapq.heappush(heap, (-_gain(hull[here + 1], hull[here + 2]), path))
-    return {path: point[2] for path, point in at.items()}
+    return {path: hulls[path][i][2] for path, i in at.items()}

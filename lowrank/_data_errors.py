@@ -148,7 +148,11 @@ def output_error_curves(
     wanted = sorted(
         {position.get(attribute_path(path, name)) for path, _ in svds for name in names} - {None}
     )
-    grads_at = {leaf: k for k, leaf in enumerate(wanted)}
+    slot = {leaf: k for k, leaf in enumerate(wanted)}  # leaf index -> position in `wanted`
+    grad_of = {  # each layer's (weight, bias or None) position among the gradients
+        path: tuple(slot.get(position.get(attribute_path(path, name))) for name in names)
+        for path, _ in svds
+    }
     effects = {slice_: np.zeros((probes, len(svd[1]))) for slice_, svd in svds.items()}
     probe_keys = jax.random.split(key, probes)
     for piece, (run, args) in enumerate(_pieces(calibration)):
@@ -164,9 +168,10 @@ def output_error_curves(
         for k, probe_key in enumerate(probe_keys):
             (grads,) = pullback(_probe(y, jax.random.fold_in(probe_key, piece)))
             for (path, index), (u, s, p, mean) in svds.items():
-                g = _matrix(grads[grads_at[position[attribute_path(path, "weight")]]], index, u, p)
+                weight_at, bias_at = grad_of[path]
+                g = _matrix(grads[weight_at], index, u, p)
                 if mean is not None:
-                    g_bias = np.asarray(grads[grads_at[position[attribute_path(path, "bias")]]])
+                    g_bias = np.asarray(grads[bias_at])
                     g = g - np.outer(g_bias if index is None else g_bias[index], mean)
                 effects[(path, index)][k] += s * np.einsum("ai,ai->i", u, g @ p)
     curves: dict[str, np.ndarray] = {}
@@ -179,14 +184,12 @@ def output_error_curves(
 
 def _pieces(calibration) -> list[tuple]:
     """(run, args) per piece of the calibration: `PROBE_CHUNK`-sample chunks of a batch,
-    or a callable whole."""
-    if callable(calibration) and not isinstance(calibration, (jax.Array, np.ndarray)):
-        return [runner(calibration, batched=True, argument="calibration")]
-    n = len(calibration)
-    return [
-        runner(calibration[i : i + PROBE_CHUNK], batched=True, argument="calibration")
-        for i in range(0, n, PROBE_CHUNK)
-    ]
+    or a callable whole (`runner` tells them apart and checks them)."""
+    run, args = runner(calibration, batched=True, argument="calibration")
+    if not args:
+        return [(run, args)]
+    (batch,) = args
+    return [(run, (batch[i : i + PROBE_CHUNK],)) for i in range(0, len(batch), PROBE_CHUNK)]
 
 
 def _matrix(grad, index, u, p) -> np.ndarray:
