@@ -4,6 +4,7 @@ and scored, with a resume file that keeps the rows of an interrupted run."""
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -126,11 +127,13 @@ def run_task(
     *,
     resume: str | None = None,
     allocators: bool = True,
+    only: re.Pattern | None = None,
 ) -> dict:
     """Dense, then every method at every budget (NKP rows last: the slowest), calling
     `report(results)` after each row. Returns {(budget, label): row}. With `resume` (a
     JSON file), rows already there are kept and every new row is added to it; with
-    `allocators`, also ours: whitened with weight-spectrum and uniform ranks."""
+    `allocators`, also ours: whitened with the other rank allocators; with `only`, just
+    the rows whose label it matches (the ASVD search only if its row is among them)."""
     selected = lowrank.plan(task.model, rank=1, target=task.target).totals()["params_before"]
     start = time.perf_counter()
     dense = task.evaluate(task.model)
@@ -145,13 +148,18 @@ def run_task(
     if earlier:
         say(f"{task.name}: resuming {len(results) - 1} rows from {resume}")
     report(results)
-    need_search = searched and any((b, SEARCHED_LABEL) not in results for b in budgets)
+    wanted = (lambda label: True) if only is None else (lambda label: bool(only.search(label)))
+    need_search = (
+        searched
+        and wanted(SEARCHED_LABEL)
+        and any((b, SEARCHED_LABEL) not in results for b in budgets)
+    )
     search = asvd_search(task) if need_search else ({} if searched else None)
     todo = [
         (ratio, label, thunk)
         for ratio in budgets
         for label, thunk in methods(task, ratio, search, allocators)
-        if (ratio, label) not in results
+        if (ratio, label) not in results and wanted(label)
     ]
     todo.sort(key=lambda t: t[1] == "ours: nkp")  # stable: budgets and methods in order otherwise
     for ratio, label, thunk in todo:

@@ -40,6 +40,7 @@ methods, the rows, --resume), bench/_real_tables.py (the table and the verdicts)
 
 import argparse
 import os
+import re
 
 from bench._real_runs import run_task, say
 from bench._real_tables import section
@@ -73,6 +74,12 @@ def _arguments(argv):
         default=True,
         help="also ours: whitened with weight-spectrum and uniform ranks (default on)",
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="REGEX",
+        help="measure only the rows whose label matches REGEX (rows from --resume are kept)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
     parser.add_argument(
         "--out", default=None, help=f"results file (default {RESULTS}; --quick: none)"
@@ -97,6 +104,11 @@ def _arguments(argv):
         parser.error(bad)
     if not budgets or not all(0 < b < 1 for b in budgets):
         parser.error(bad)
+    if args.only is not None:
+        try:
+            args.only = re.compile(args.only)
+        except re.error as e:
+            parser.error(f"--only: not a regular expression ({e}): {args.only!r}")
     searched = {m for m in args.asvd_search.split(",") if m}
     if searched - set(MODELS):
         parser.error(
@@ -129,7 +141,13 @@ def main(argv=None) -> None:
             os.makedirs(args.resume, exist_ok=True)
             resume = os.path.join(args.resume, f"{name}{'-quick' if args.quick else ''}.json")
         results = run_task(
-            task, budgets, name in searched, report, resume=resume, allocators=args.allocators
+            task,
+            budgets,
+            name in searched,
+            report,
+            resume=resume,
+            allocators=args.allocators,
+            only=args.only,
         )
         report(results, done=True)
         if out:
