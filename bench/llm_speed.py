@@ -4,7 +4,11 @@
 
 The block linears (q/k/v/o, gate/up/down of all 30 blocks; the tied embedding head is
 not a Linear) are factorized by `lowrank.factorize(init="spectral")` at
-`Budget(params=0.8)` and `0.6`: speed does not depend on the init. Timed, under jit:
+`Budget(params=0.8)` and `0.6`: speed does not depend on the init. Each model runs in
+two layouts: as loaded (`separate`: seven projections per block) and `Llama.fused()`
+(`fused`: q/k/v and gate/up each one `lowrank.SharedInputLinear`, whose stacked first
+factors read the input in one matmul); each layout's ratios are against the dense model
+in the same layout. Timed, under jit:
 - prefill: `model.prefill` of a batch of 8 x 256 tokens into an empty KV cache (vmap),
   keeping the last position's next token and the cache (what `generate_greedy` does);
 - decode: batch 1, 128 greedy `decode_step`s with the KV cache from one start token (an
@@ -29,6 +33,7 @@ from bench._results import markdown_table, write_section
 from bench._xla_options import OPTIONS, how_to_set, option_names, run_child
 
 BUDGETS = (0.8, 0.6)
+LAYOUTS = ("separate", "fused")
 PREFILL = (8, 256)
 NEW_TOKENS = 128
 
@@ -43,11 +48,14 @@ def _child(rounds: int, layers: int | None) -> dict:
     from recipes.pretrained import smollm2
 
     dense, _ = smollm2(layers)
-    models = {"dense": dense}
+    separate = {"dense": dense}
     for budget in BUDGETS:
-        models[f"params={budget}"] = lowrank.factorize(
+        separate[f"params={budget}"] = lowrank.factorize(
             dense, rank=lowrank.Budget(params=budget), init="spectral"
         )
+    models = {(LAYOUTS[0], n): m for n, m in separate.items()}
+    models |= {(LAYOUTS[1], n): m.fused() for n, m in separate.items()}
+    models = {f"{layout}/{name}": m for (layout, name), m in models.items()}
 
     batch, seq = PREFILL
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, dense.config.vocab_size, jnp.int32)
@@ -107,36 +115,45 @@ def _run_option(name: str, rounds: int, layers: int | None) -> dict:
 
 def _rows(name: str, res: dict) -> list[list]:
     med = {k: statistics.median(v) for k, v in res["times"].items()}
-    batch, seq = PREFILL
     rows = []
-    for model in ["dense", *[f"params={b}" for b in BUDGETS]]:
-        prefill = med[f"{model}/prefill"]
-        decode = med[f"{model}/decode"]
-        p_ratio = res["params"][model] / res["params"]["dense"]
-        f_ratio = res["flops"][f"{model}/prefill"] / res["flops"]["dense/prefill"]
-        t_pre = prefill / med["dense/prefill"]
-        t_dec = decode / med["dense/decode"]
-        rows.append(
-            [
-                name,
-                model,
-                batch * seq / prefill,
-                NEW_TOKENS / decode,
-                p_ratio,
-                f_ratio,
-                t_pre,
-                t_pre / f_ratio,
-                t_dec,
-                t_dec / p_ratio,
-                "" if model == "dense" else ("yes" if t_pre <= 1.15 * f_ratio else "MISS"),
-                "" if model == "dense" else ("yes" if t_dec <= 1.1 * p_ratio else "MISS"),
-            ]
-        )
+    for layout in LAYOUTS:
+        base = f"{layout}/dense"
+        for model in ["dense", *[f"params={b}" for b in BUDGETS]]:
+            rows.append(_row(name, layout, model, med, res, base))
     return rows
+
+
+def _row(name, layout, model, med, res, base) -> list:
+    """One table row: `model` in `layout`, its ratios against `base` (the dense model in
+    the same layout)."""
+    batch, seq = PREFILL
+    key = f"{layout}/{model}"
+    prefill = med[f"{key}/prefill"]
+    decode = med[f"{key}/decode"]
+    p_ratio = res["params"][key] / res["params"][base]
+    f_ratio = res["flops"][f"{key}/prefill"] / res["flops"][f"{base}/prefill"]
+    t_pre = prefill / med[f"{base}/prefill"]
+    t_dec = decode / med[f"{base}/decode"]
+    return [
+        name,
+        layout,
+        model,
+        batch * seq / prefill,
+        NEW_TOKENS / decode,
+        p_ratio,
+        f_ratio,
+        t_pre,
+        t_pre / f_ratio,
+        t_dec,
+        t_dec / p_ratio,
+        "" if model == "dense" else ("yes" if t_pre <= 1.15 * f_ratio else "MISS"),
+        "" if model == "dense" else ("yes" if t_dec <= 1.1 * p_ratio else "MISS"),
+    ]
 
 
 HEADER = [
     "XLA options",
+    "layout",
     "model",
     "prefill tok/s",
     "decode tok/s",
@@ -182,8 +199,8 @@ def main():
             load = ", ".join(f"{x:.1f}" for x in res["load"])
             notes.append(
                 f"- `{name}`: {how_to_set(name)}; load average at the end {load}; "
-                f"compile s (dense prefill/decode) {res['compile_s']['dense/prefill']:.0f}/"
-                f"{res['compile_s']['dense/decode']:.0f}"
+                f"compile s (dense prefill/decode) {res['compile_s']['separate/dense/prefill']:.0f}/"
+                f"{res['compile_s']['separate/dense/decode']:.0f}"
             )
         _report(args, platform, rows, notes)  # after each option set
 

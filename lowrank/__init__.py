@@ -42,6 +42,7 @@ from ._rewrite import densify as densify
 from ._rewrite import with_kernels as with_kernels
 from ._serialize import load as load
 from ._serialize import save as save
+from ._shared_input import SharedInputLinear as SharedInputLinear
 from ._summary import Summary as Summary
 from ._summary import summary as summary
 from ._whitened import Whitened as Whitened

@@ -17,7 +17,7 @@ import jax
 from ._layers import LowRankLinear
 from ._select import ROOT, key_path_to_str
 
-_EPILOGUES = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
+EPILOGUES = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
 
 
 def applied_by_layer(x):
@@ -28,7 +28,7 @@ def applied_by_layer(x):
 
 def epilogue_name(fn) -> str | None:
     """The kernel activation name of `fn` ("relu", "gelu", "silu"), or None if unsupported."""
-    return next((name for name, known in _EPILOGUES.items() if fn is known), None)
+    return next((name for name, known in EPILOGUES.items() if fn is known), None)
 
 
 def fuse_epilogues(model, paths) -> tuple[object, dict[str, str]]:
@@ -89,7 +89,7 @@ def unfuse_epilogues(model):
                 )
             for i in indices:
                 layers[i] = _with_epilogue(layers[i], None)
-            acts[field] = _EPILOGUES[names.pop()]
+            acts[field] = EPILOGUES[names.pop()]
         return _rebuilt_mlp(node, layers, acts)
 
     def sequential(node: eqx.nn.Sequential, path: str):
@@ -99,7 +99,7 @@ def unfuse_epilogues(model):
             name = getattr(layers[i - 1], "activation", None)
             if fused and isinstance(layers[i - 1], LowRankLinear) and name:
                 layers[i - 1] = _with_epilogue(layers[i - 1], None)
-                layers[i] = eqx.nn.Lambda(_EPILOGUES[name])
+                layers[i] = eqx.nn.Lambda(EPILOGUES[name])
         return eqx.tree_at(lambda s: s.layers, node, tuple(layers))
 
     return _map_containers(model, mlp, sequential)

@@ -64,6 +64,22 @@ class Llama(eqx.Module):
             )
         )
 
+    def fused(self) -> "Llama":
+        """This model for inference with each block's q/k/v and gate/up run as one
+        `lowrank.SharedInputLinear` apiece: the input is read by one matmul over the
+        stacked first factors (or weights, for layers left dense). Same function up to
+        float rounding; factorize before fusing (the fused projections have no q_proj
+        ... up_proj paths to select).
+
+        Returns:
+            A new model; this one is unchanged.
+        """
+        blocks = [
+            eqx.tree_at(lambda b: (b.attn, b.mlp), block, (block.attn.fused(), block.mlp.fused()))
+            for block in self.blocks
+        ]
+        return eqx.tree_at(lambda m: m.blocks, self, blocks)
+
     def _check_ids(self, ids) -> None:
         if ids.ndim != 1:
             raise ValueError(

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+import lowrank
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -114,9 +116,19 @@ def _linear_seq(linear, x):
     return jax.vmap(linear)(x)
 
 
+def _fused(layers) -> lowrank.SharedInputLinear:
+    missing = [i for i, layer in enumerate(layers) if layer is None]
+    if missing:
+        raise ValueError("these projections are fused already; fuse a model once")
+    return lowrank.SharedInputLinear(layers)
+
+
 class LlamaAttention(eqx.Module):
     """Grouped-query causal self-attention with rotary queries and keys; query head
     `h` reads key/value head `h // (num_heads / num_kv_heads)`.
+
+    `qkv` is None until `fused` stacks q/k/v (dense or factorized) into one
+    `lowrank.SharedInputLinear` for inference; q_proj, k_proj and v_proj are then None.
 
     Args:
         config: the architecture (widths, heads, rotary base, q/k/v biases).
@@ -124,10 +136,11 @@ class LlamaAttention(eqx.Module):
         key: initializes the projections.
     """
 
-    q_proj: eqx.nn.Linear
-    k_proj: eqx.nn.Linear
-    v_proj: eqx.nn.Linear
+    q_proj: eqx.nn.Linear | None
+    k_proj: eqx.nn.Linear | None
+    v_proj: eqx.nn.Linear | None
     o_proj: eqx.nn.Linear
+    qkv: lowrank.SharedInputLinear | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -141,10 +154,23 @@ class LlamaAttention(eqx.Module):
         self.k_proj = eqx.nn.Linear(d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kk)
         self.v_proj = eqx.nn.Linear(d, config.num_kv_heads * hd, use_bias=bias, dtype=dtype, key=kv)
         self.o_proj = eqx.nn.Linear(config.num_heads * hd, d, use_bias=False, dtype=dtype, key=ko)
+        self.qkv = None
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd
         self.rope_theta = config.rope_theta
+
+    def fused(self) -> "LlamaAttention":
+        """This attention with q/k/v run as one `lowrank.SharedInputLinear` (one matmul
+        over their stacked first factors), the same function up to float rounding."""
+        qkv = _fused((self.q_proj, self.k_proj, self.v_proj))
+        fields = lambda a: (a.q_proj, a.k_proj, a.v_proj, a.qkv)
+        return eqx.tree_at(fields, self, (None, None, None, qkv), is_leaf=lambda x: x is None)
+
+    def _projections(self, x):
+        if self.qkv is not None:
+            return jax.vmap(self.qkv)(x)
+        return tuple(_linear_seq(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def __call__(
         self,
@@ -166,9 +192,10 @@ class LlamaAttention(eqx.Module):
         """
         seq = x.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        q = _linear_seq(self.q_proj, x).reshape(seq, self.num_heads, self.head_dim)
-        k = _linear_seq(self.k_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
-        v = _linear_seq(self.v_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
+        q, k, v = self._projections(x)
+        q = q.reshape(seq, self.num_heads, self.head_dim)
+        k = k.reshape(seq, self.num_kv_heads, self.head_dim)
+        v = v.reshape(seq, self.num_kv_heads, self.head_dim)
         q = _rotary(q, positions, self.rope_theta)
         k = _rotary(k, positions, self.rope_theta)
         if cache is None:
@@ -197,15 +224,19 @@ class LlamaAttention(eqx.Module):
 class LlamaMLP(eqx.Module):
     """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)).
 
+    `gate_up` is None until `fused` stacks gate/up into one `lowrank.SharedInputLinear`
+    for inference; gate_proj and up_proj are then None.
+
     Args:
         config: the architecture (hidden and intermediate widths).
         dtype: parameter dtype.
         key: initializes the projections.
     """
 
-    gate_proj: eqx.nn.Linear
-    up_proj: eqx.nn.Linear
+    gate_proj: eqx.nn.Linear | None
+    up_proj: eqx.nn.Linear | None
     down_proj: eqx.nn.Linear
+    gate_up: lowrank.SharedInputLinear | None
 
     def __init__(self, config: LlamaConfig, *, dtype, key: PRNGKeyArray):
         kg, ku, kd = jr.split(key, 3)
@@ -213,6 +244,14 @@ class LlamaMLP(eqx.Module):
         self.gate_proj = eqx.nn.Linear(d, h, use_bias=False, dtype=dtype, key=kg)
         self.up_proj = eqx.nn.Linear(d, h, use_bias=False, dtype=dtype, key=ku)
         self.down_proj = eqx.nn.Linear(h, d, use_bias=False, dtype=dtype, key=kd)
+        self.gate_up = None
+
+    def fused(self) -> "LlamaMLP":
+        """This MLP with gate/up run as one `lowrank.SharedInputLinear`, the same function
+        up to float rounding."""
+        gate_up = _fused((self.gate_proj, self.up_proj))
+        fields = lambda m: (m.gate_proj, m.up_proj, m.gate_up)
+        return eqx.tree_at(fields, self, (None, None, gate_up), is_leaf=lambda x: x is None)
 
     def __call__(self, x: Float[Array, "T d"]) -> Float[Array, "T d"]:
         """Args:
@@ -221,7 +260,11 @@ class LlamaMLP(eqx.Module):
         Returns:
             (T, hidden_size) output.
         """
-        hidden = jax.nn.silu(_linear_seq(self.gate_proj, x)) * _linear_seq(self.up_proj, x)
+        if self.gate_up is not None:
+            gate, up = jax.vmap(self.gate_up)(x)
+        else:
+            gate, up = _linear_seq(self.gate_proj, x), _linear_seq(self.up_proj, x)
+        hidden = jax.nn.silu(gate) * up
         return _linear_seq(self.down_proj, hidden)
 
 

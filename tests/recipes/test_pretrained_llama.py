@@ -17,6 +17,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+import lowrank
 from recipes.models import Llama, LlamaConfig, generate_greedy
 from recipes.pretrained import _smollm2, llama_from_gguf, llama_from_hf, smollm2
 from recipes.pretrained._gguf import unpermute_rotary_rows
@@ -583,6 +584,27 @@ def test_kv_cache_decode_matches_full_forward(tiny_llama, tiny_ref):
         logits, cache = _decode_step(model, ids[t], cache)
         assert _rel(logits, full[t]) < 1e-5, t
     assert int(cache.length) == len(ids)
+
+
+def test_fused_projections_match_transformers_and_the_factorized_model(tiny_ref):
+    model, _ = llama_from_hf(TINY_QWEN2)  # q/k/v biases: the fused layer adds them
+    ids = jnp.asarray(tiny_ref["ids"])
+    fused = model.fused()
+    assert fused.blocks[0].attn.q_proj is None and model.blocks[0].attn.q_proj is not None
+    assert _rel(_forward(fused, ids), tiny_ref["tiny_qwen2_logits"]) < 1e-5
+    # q and gate factorized, k/v and up dense: one stack mixes factors and weights
+    target = r"blocks\.\d+\.(attn\.q_proj|mlp\.gate_proj)"
+    small = lowrank.factorize(model, rank=4, init="spectral", target=target)
+    expected = np.asarray(_forward(small, ids), np.float64)
+    fused = small.fused()
+    assert _rel(_forward(fused, ids), expected) < 1e-5
+    cache = fused.init_cache(16)
+    logits, cache = _prefill(fused, ids[:-1], cache)
+    assert _rel(logits, expected[:-1]) < 1e-5
+    logits, cache = _decode_step(fused, ids[-1], cache)
+    assert _rel(logits, expected[-1]) < 1e-5
+    with pytest.raises(ValueError, match="fused already"):
+        fused.fused()
 
 
 def test_kv_cache_overflow_and_mismatch_errors(tiny_llama):
