@@ -19,5 +19,5 @@ PY=${PY:-.venv/bin/python}
 status=0
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 "$PY" -m pytest tests/kernels -q -p no:cacheprovider || status=1
 timeout 180 "$PY" -m bench.kernels --budget 120 || status=1
-timeout 200 "$PY" -m bench.llm_speed --rounds 2 --options default || status=1
+timeout 150 "$PY" -m bench.llm_speed --rounds 2 --options default || status=1
 exit $status
