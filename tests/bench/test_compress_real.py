@@ -1,6 +1,9 @@
 """bench/compress_real.py's tables, target verdicts, resume file and command line, on
 made-up rows (no models)."""
 
+import dataclasses
+import re
+
 import pytest
 
 from bench._real_runs import _load_resume, _save_resume
@@ -166,3 +169,31 @@ def test_allocator_rows_are_on_unless_no_allocators_is_given():
     assert _arguments([])[0].allocators
     args, models, budgets, _ = _arguments(["--no-allocators", "--quick", "--models", "minilm"])
     assert not args.allocators and models == ["minilm"] and budgets == [0.6]
+
+
+def test_only_measures_the_matching_rows_and_keeps_resumed_ones(tmp_path):
+    import equinox as eqx
+    import jax
+
+    from bench._real_runs import run_task
+
+    mlp = task("mlp", ["score"])
+    mlp = dataclasses.replace(
+        mlp,
+        model=eqx.nn.MLP(6, 6, 8, 1, key=jax.random.key(0)),
+        target=".*",
+        calibration=jax.random.normal(jax.random.key(1), (32, 6)),
+        evaluate=lambda m: {"score": 1.0},
+    )
+    path = str(tmp_path / "mlp.json")
+    _save_resume(path, mlp, {(0.6, "ASVD"): row(score=0.5)})
+    results = run_task(
+        mlp, [0.6], True, lambda results: None, resume=path, only=re.compile("^plain")
+    )
+    assert sorted(results) == [
+        (0.6, "ASVD"),
+        (0.6, "plain SVD"),
+        (1.0, "dense"),
+    ]
+    with pytest.raises(SystemExit):
+        _arguments(["--only", "(unclosed"])
