@@ -265,10 +265,10 @@ def check(config: CompressConfig) -> None:
             f"factorize.budget_by={f.budget_by!r} applies to budgets (factorize.rank="
             f"params:x or flops:x), not factorize.rank={f.rank!r}; unset it."
         )
-    if f.budget_by == "data" and not uses_calibration(f.init):
+    if f.budget_by in ("data", "output") and not uses_calibration(f.init):
         raise ConfigError(
-            f"factorize.budget_by='data' needs calibration data, which init {f.init!r} "
-            "does not read; choose init whitened or nkp, or budget_by weights."
+            f"factorize.budget_by={f.budget_by!r} needs calibration data, which init "
+            f"{f.init!r} does not read; choose init whitened or nkp, or budget_by weights."
         )
     if h.steps:
         if config.model.name not in CLASSIFIERS and h.batch_size > d.calibration:

@@ -4,6 +4,7 @@ config errors (which come before any model is loaded)."""
 import json
 import math
 import re
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,10 @@ def test_minilm_through_the_cli_reports_cosine_and_neighbours(tmp_path, capsys):
             ["factorize.budget_by=data", "factorize.init=spectral"],
             r"budget_by='data' needs calibration data, which init 'spectral' does not read",
         ),
+        (
+            ["factorize.budget_by=output", "factorize.init=spectral"],
+            r"budget_by='output' needs calibration data, which init 'spectral' does not read",
+        ),
         (["factorize.rnak=0.5"], r"unknown config key 'factorize.rnak'.*'factorize.rank'"),
     ],
 )
@@ -285,3 +290,11 @@ def test_format_table_shows_every_model_and_dashes_for_missing_values():
     assert lines[2].split() == ["parameters", "10", "8"]
     assert lines[4].split() == ["bits", "per", "byte", "-", "1.2500"]
     assert "load 1.0 s, factorize 2.0 s" in lines and "dense: 'there'" in lines
+
+
+def test_budget_by_choices_are_lowranks():
+    from lowrank._budget import BUDGET_BY
+    from recipes._compress_config import CompressFactorizeConfig
+
+    hints = typing.get_type_hints(CompressFactorizeConfig)
+    assert typing.get_args(hints["budget_by"]) == BUDGET_BY
