@@ -66,7 +66,13 @@ def _free(scope: Scope, eqns: list, last: dict) -> None:
 
 def _compiled(ins: list, outs: list, eqns: list) -> Callable:
     """The jitted function of the equations `eqns` from `ins` to `outs`."""
-    closed = jax_core.ClosedJaxpr(jax_core.Jaxpr((), ins, outs, eqns), ())
+    names = tuple(f"in{i}" for i in range(len(ins)))
+    info = jex_core.DebugInfo(
+        "lowrank segment", None, names, tuple(f"out{i}" for i in range(len(outs)))
+    )
+    effects = jax_core.join_effects(*(eqn.effects for eqn in eqns))
+    jaxpr = jax_core.Jaxpr((), ins, outs, eqns, effects, debug_info=info)
+    closed = jax_core.ClosedJaxpr(jaxpr, ())
     key = str(closed)  # variables are renamed canonically: equal text, equal program
     if key not in _SEGMENTS:
         if len(_SEGMENTS) >= _MAX_SEGMENTS:
