@@ -62,11 +62,12 @@ def methods(task: Task, ratio: float, search: dict | None, allocators: bool = Tr
         key=jax.random.key(0),
     )
     budget = functools.partial(lowrank.Budget, params=ratio)
-    rows.append(("ours: whitened", lambda: ours(rank=budget(), init="whitened")))
+    # by="data" named (Budget's default is "weights"): these rows keep their meaning.
+    rows.append(("ours: whitened", lambda: ours(rank=budget(by="data"), init="whitened")))
     if allocators:
         for label, by in ALLOCATORS:
             rows.append((label, functools.partial(ours, rank=budget(by=by), init="whitened")))
-    rows.append(("ours: nkp", lambda: ours(rank=budget(), init="nkp")))
+    rows.append(("ours: nkp", lambda: ours(rank=budget(by="data"), init="nkp")))
     return rows
 
 

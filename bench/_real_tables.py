@@ -90,8 +90,8 @@ def _peer_verdicts(task: Task, results: dict, ratio: float) -> list[str]:
 
 
 def _allocator_verdict(task: Task, results: dict, ratio: float) -> list[str]:
-    """Issue 13's target at one budget: whitened with data-aware ranks (by="data", the
-    default, or by="output") beats it with weight and uniform ranks on the main metric.
+    """Issue 13's target at one budget: whitened with data-aware ranks (by="data" or
+    by="output") beats it with weight and uniform ranks on the main metric.
     Nothing when no allocator row was asked for."""
     data_aware = ["ours: whitened", *(l for l, by in ALLOCATORS if by == "output")]
     baselines = [l for l, by in ALLOCATORS if by in ("weights", "uniform")]
@@ -153,7 +153,7 @@ def section(task: Task, results: dict, budgets, load: float, *, done: bool) -> s
     )
     method = (
         "Peers use the papers' uniform ranks and the dense model's inputs; ours use "
-        "Budget(params=...) (ranks allocated from the calibration data) and sequential "
+        "Budget(params=..., by='data') (ranks allocated from the calibration data) and sequential "
         "calibration. Every method fits each layer on the same rows: at most "
         f"{lowrank._factorize.MAX_CALIBRATION_ROWS:,} per layer, drawn from all the "
         "calibration tokens / conv positions. 'factorize s' is the wall time "

@@ -75,9 +75,10 @@ class CompressFactorizeConfig:
     block linears of smollm2 / minilm; the pointwise convs and the classifier of the
     CNNs). `sequential`: fit the layers in running order on the factorized model's own
     inputs (see `lowrank.factorize`). `budget_by`: what a budget allocates ranks from
-    (`lowrank.Budget(by=...)`: "auto" is the calibration data's when the init reads it,
-    else the weights'; "output" each truncation's estimated effect on the calibration
-    output; "uniform" keeps the same fraction of every layer).
+    (`lowrank.Budget(by=...)`: "auto" and "weights" the weight spectra; "data" the
+    input-whitened spectra on the calibration data; "output" each truncation's
+    estimated effect on the calibration output; "uniform" keeps the same fraction of
+    every layer).
 
     Attributes:
         rank: the rank rule, as above.

@@ -244,8 +244,8 @@ class TwoBranches(eqx.Module):
 
 def test_data_aware_budget_follows_the_inputs_and_runs_the_data_twice():
     """Layer a's inputs span 2 directions, b's all 16: with the same weight spectra, the
-    data-aware allocation gives a almost nothing and b the rest; weight spectra split
-    evenly. One pass for the allocation, one for the fit."""
+    data-aware allocation gives a almost nothing and b the rest; weight spectra (the
+    default) split evenly. One pass for the allocation, one for the fit."""
     model = TwoBranches(key=KEY)
     rng = np.random.default_rng(0)
     low_dim = rng.normal(size=(256, 2)) @ rng.normal(size=(2, 16))
@@ -256,16 +256,26 @@ def test_data_aware_budget_follows_the_inputs_and_runs_the_data_twice():
         jax.debug.callback(lambda: runs.append(1))
         return jax.vmap(m)(xs)
 
-    budget = lowrank.Budget(params=0.4)
+    budget = lowrank.Budget(params=0.4, by="data")
     _, plan = lowrank.factorize(
         model, rank=budget, init="whitened", calibration=calibrate, return_plan=True
     )
     assert len(runs) == 2
     assert plan["a"].rank <= 2 < plan["b"].rank
-    assert any("calibration data" in n for n in plan.notes)
+    assert any("allocated from calibration data" in n for n in plan.notes)
     assert all(l.fit_seconds is not None and l.fit_seconds >= 0 for l in plan.factorized)
-    by_weights = lowrank.plan(model, rank=lowrank.Budget(params=0.4, by="weights"))
-    assert abs(by_weights["a"].rank - by_weights["b"].rank) <= 1
+    # the default allocates from the weight spectra, calibration or not: one data pass
+    runs.clear()
+    _, default = lowrank.factorize(
+        model,
+        rank=lowrank.Budget(params=0.4),
+        init="whitened",
+        calibration=calibrate,
+        return_plan=True,
+    )
+    assert len(runs) == 1
+    assert any("weight spectra, not the calibration data" in n for n in default.notes)
+    assert abs(default["a"].rank - default["b"].rank) <= 1
 
 
 def test_uniform_budget_keeps_the_same_fraction_per_layer():

@@ -45,7 +45,7 @@ def test_smollm2_slice_compresses_heals_generates_and_saves(tmp_path, capsys):
         "data.seq_len=16",
         "data.batch_size=2",
         "factorize.rank=params:0.8",
-        "factorize.budget_by=weights",  # the data-aware budget is exercised by minilm's test
+        "factorize.budget_by=weights",  # the data-aware budget: minilm's test
         "generate.max_new_tokens=4",
     )
     result = compress(config)
@@ -145,6 +145,7 @@ def test_minilm_through_the_cli_reports_cosine_and_neighbours(tmp_path, capsys):
             "data.evaluation=4",
             "data.seq_len=16",
             "data.batch_size=4",
+            "factorize.budget_by=data",
         ]
     )
     printed = capsys.readouterr().out
