@@ -93,8 +93,11 @@ def _rank(config: CompressConfig, subject: Subject, target: str):
         rule = dataclasses.replace(rule, by=f.budget_by)
     flops = isinstance(rule, lowrank.Budget) and rule.kind == "flops"
     example = subject.example() if flops else None
+    # the check plans without data: a data-aware budget is checked as a weights one
+    data_aware = isinstance(rule, lowrank.Budget) and rule.by in ("data", "output")
+    check = dataclasses.replace(rule, by="weights") if data_aware else rule
     try:
-        lowrank.plan(subject.dense, rank=rule, target=target, example=example)
+        lowrank.plan(subject.dense, rank=check, target=target, example=example)
     except (ValueError, TypeError) as e:
         keys = f"factorize.rank={f.rank!r}, factorize.target={target!r}"
         raise ConfigError(f"{keys} on {config.model.name}: {e}") from e
