@@ -127,8 +127,9 @@ def _runs_note(results: dict) -> list[str]:
         return []
     return [
         (
-            f"Rows measured in {len(runs)} processes on the same data and code (started "
-            f"{', '.join(runs)}; the later ones resumed an interrupted run with --resume)."
+            f"Rows measured in {len(runs)} processes on the same data (started "
+            f"{', '.join(runs)}; the later ones resumed an earlier run with --resume, "
+            "maybe at a later commit: the notes below say which rows changed code)."
         )
     ]
 

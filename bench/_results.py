@@ -8,6 +8,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ def machine_line() -> str:
         f"Machine: {platform.machine()} {platform.processor() or ''} "
         f"({len(devices)} x {devices[0].platform}:{kind}), jax {jax.__version__}; "
         f"date {datetime.date.today().isoformat()}; "
-        f"command `python -m bench.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`".rstrip()
+        f"command `python -m bench.{Path(sys.argv[0]).stem} {shlex.join(sys.argv[1:])}`".rstrip()
     )
 
 

@@ -85,7 +85,7 @@ def test_resumed_rows_round_trip_and_are_said_to_come_from_two_processes(tmp_pat
     _save_resume(path, cnn, results)
     assert _load_resume(path, cnn) == results
     text = section(cnn, results, [0.6], 1.0, done=True)
-    assert "Rows measured in 2 processes on the same data and code" in text
+    assert "Rows measured in 2 processes on the same data (started" in text
     with pytest.raises(SystemExit, match=r"holds rows of another model or other data.*delete it"):
         _load_resume(path, task("efficientnet_lite0", ["KL", "top-1 agreement"]))
 
