@@ -12,6 +12,7 @@ from ._fuse import unfuse_epilogues
 from ._initializers import Factors
 from ._layers import LowRankLinear
 from ._select import check_is_model, replace_layers, stack_shape, walk_layers
+from ._shared_input import SharedInputLinear
 
 
 def densify(model):
@@ -24,10 +25,15 @@ def densify(model):
         The model with each `LowRankLinear` / `LowRankConv` replaced by the dense layer
         of weight u @ v (stacked layers stay stacked); an activation `factorize` fused
         into a layer (`fuse_activations`) goes back to its `eqx.nn.MLP` or
-        `eqx.nn.Lambda`, so the model computes the same function.
+        `eqx.nn.Lambda`, so the model computes the same function. A
+        `SharedInputLinear` stays one, its factorized members merged.
     """
     check_is_model(model, "densify")
     model = unfuse_epilogues(model)
+    shared = lambda x: isinstance(x, SharedInputLinear)
+    model = jax.tree.map(
+        lambda x: SharedInputLinear(densify(x.members)) if shared(x) else x, model, is_leaf=shared
+    )
     for path, layer in walk_layers(model):
         if getattr(layer, "activation", None) or getattr(layer, "inner_activation", None):
             raise ValueError(

@@ -74,3 +74,18 @@ def test_bad_members_are_named():
         lowrank.SharedInputLinear([stacked, low])
     with pytest.raises(ValueError, match="unbatched input of shape \\(6,\\)"):
         lowrank.SharedInputLinear([dense, low])(jnp.ones((2, 6)))
+
+
+def test_densify_merges_the_factorized_members():
+    dense, _, _ = _members(jax.random.key(4))
+    k1, k2 = jax.random.split(jax.random.key(5))
+    low = lowrank.LowRankLinear(jax.random.normal(k1, (4, 3)), jax.random.normal(k2, (3, 6)))
+    fused = lowrank.SharedInputLinear([dense, low])
+    merged = lowrank.densify(fused)
+    assert isinstance(merged, lowrank.SharedInputLinear)
+    assert all(type(m) is eqx.nn.Linear for m in merged.members)
+    x = np.asarray(jax.random.normal(jax.random.key(6), (6,)), np.float64)
+    for layer, out in zip((dense, low), merged(jnp.asarray(x, jnp.float32))):
+        np.testing.assert_allclose(np.asarray(out), _reference(layer, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="carries activation='silu'"):
+        lowrank.densify(lowrank.SharedInputLinear(_members(jax.random.key(7))))
