@@ -208,7 +208,10 @@ def main():
 def _report(args, platform, rows, notes):
     body = (
         f"SmolLM2-135M-Instruct (float32{'' if args.layers is None else f', first {args.layers} blocks only'}), "
-        f"block linears factorized with init='spectral' at Budget(params=b). Prefill: batch {PREFILL[0]} x "
+        f"block linears factorized with init='spectral' at Budget(params=b), each timed as loaded "
+        "('separate' layout) and after `Llama.fused()` ('fused': q/k/v and gate/up one "
+        "SharedInputLinear each; ratios against the dense model in the same layout). Prefill: batch "
+        f"{PREFILL[0]} x "
         f"{PREFILL[1]} tokens. Decode: batch 1, {NEW_TOKENS} greedy steps with the KV cache from one start "
         f"token, as one lax.scan. Median of {args.rounds} alternating rounds; param ratio over all arrays "
         "(the tied embedding included), FLOP ratio from XLA's cost analysis of the compiled prefill. "
