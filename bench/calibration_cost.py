@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._results import markdown_table, write_section
+from lowrank._budget import BUDGET_BY
 
 MODELS = ("digits_cnn", "resnet18", "mobilenet_v2", "smollm2")
 INITS = ("whitened", "nkp")
@@ -57,7 +58,7 @@ def _resnet18(_):
     model, state = resnet18(10, stem="cifar", key=jax.random.key(0))
     images = _digit_images(256, 32)
     run = lambda m: jax.vmap(lambda x: m(x, state, inference=True)[0])(images)
-    return model, run, r"layer\d\..*conv\d", "256 digits at 32x32 (random init)"
+    return model, run, r"layers\.\d+\.blocks\.\d+\.conv\d", "256 digits at 32x32 (random init)"
 
 
 def _digits_cnn(_):
@@ -94,7 +95,7 @@ def _digit_images(n: int, size: int):
     return jnp.asarray(np.moveaxis(x, -1, 1))
 
 
-def measure(model_name: str, init: str, tokens: str) -> dict:
+def measure(model_name: str, init: str, tokens: str, by: str) -> dict:
     """One job: dense forward time, then the factorization's time and peak memory."""
     import lowrank
 
@@ -107,7 +108,7 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     start = time.perf_counter()
     _, plan = lowrank.factorize(
         model,
-        rank=lowrank.Budget(params=0.8),
+        rank=lowrank.Budget(params=0.8, by=by),
         init=init,
         calibration=run,
         target=target,
@@ -118,6 +119,7 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     return {
         "model": model_name,
         "init": init,
+        "budget": str(lowrank.Budget(params=0.8, by=by)),
         "data": data,
         "layers": len(plan.factorized),
         "dense_s": dense_seconds,
@@ -127,7 +129,7 @@ def measure(model_name: str, init: str, tokens: str) -> dict:
     }
 
 
-def _job_row(model_name: str, init: str, tokens: str) -> list:
+def _job_row(model_name: str, init: str, tokens: str, by: str) -> list:
     """One table row, measured in a fresh process (`--job`)."""
     cmd = [
         sys.executable,
@@ -137,16 +139,19 @@ def _job_row(model_name: str, init: str, tokens: str) -> list:
         f"{model_name}:{init}",
         "--tokens",
         tokens,
+        "--by",
+        by,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
-        return [model_name, init, "failed", "", "", "", "", "", ""]
+        return [model_name, init, f"Budget(by={by!r})", "failed", "", "", "", "", "", ""]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = r["factorize_s"] / r["dense_s"]
     return [
         r["model"],
         r["init"],
+        r["budget"],
         r["data"],
         r["layers"],
         r["dense_s"],
@@ -162,20 +167,27 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--inits", default=",".join(INITS))
     parser.add_argument("--tokens", default="128x256", help="SmolLM2 calibration windows x length")
+    parser.add_argument(
+        "--by",
+        default="auto",
+        choices=BUDGET_BY,
+        help="Budget(params=0.8, by=...): 'uniform' factorizes every selected layer",
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         model_name, init = args.job.split(":")
-        print(json.dumps(measure(model_name, init, args.tokens)))
+        print(json.dumps(measure(model_name, init, args.tokens, args.by)))
         return
     rows = []
     for model_name in args.models.split(","):
         for init in args.inits.split(","):
-            rows.append(_job_row(model_name, init, args.tokens))
+            rows.append(_job_row(model_name, init, args.tokens, args.by))
             print(rows[-1], flush=True)
     header = [
         "model",
         "init",
+        "budget",
         "calibration data",
         "layers",
         "dense fwd s",
@@ -185,7 +197,8 @@ def main():
         "peak RSS GB",
     ]
     body = (
-        "Sequential calibrated factorize at Budget(params=0.8) of the selected layers, one "
+        "Sequential calibrated factorize at Budget(params=0.8) of the selected layers ('layers': "
+        "how many it factorized), one "
         "pass over the data; each row its own process. Targets (issue 13, SmolLM2): "
         "factorize <= 4x one dense forward pass, peak RSS <= 6 GB.\n\n"
         + markdown_table(header, rows)
