@@ -26,7 +26,8 @@ class SharedInputLinear(eqx.Module):
     A `LowRankLinear` member contributes its v (rank rows) to `first` and keeps its u; an
     `eqx.nn.Linear` member contributes its whole weight (out rows) and needs no second
     factor. Each member's bias, inner activation (CoLA) and epilogue apply as in the
-    layer itself, so `layer(x)[i]` equals `members[i](x)` up to float rounding.
+    layer itself, so `layer(x)[i]` equals `members[i](x)` up to float rounding. It runs
+    as XLA matmuls (the members' `impl` is kept only for `members`).
 
     Args:
         layers: the layers, all with the same `in_features` and no stack axes.
