@@ -35,7 +35,8 @@ class Budget:
             "uniform": no allocation, every layer keeps the same fraction, as SVD-LLM
             does; "auto" (the default): "weights". "data" and "output" need
             `calibration=`. On the real models of bench/compress_real.py "weights"
-            beat "data" on all three (SmolLM2-135M, MobileNetV2, all-MiniLM-L6-v2);
+            beat "data" on all four (SmolLM2-135M, MobileNetV2, EfficientNet-Lite0,
+            all-MiniLM-L6-v2);
             "output" was best on MiniLM, "uniform" on SmolLM2 (see the README).
 
     Example:
