@@ -36,8 +36,8 @@ class Budget:
             does; "auto" (the default): "weights". "data" and "output" need
             `calibration=`. On the real models of bench/compress_real.py "weights"
             beat "data" on all four (SmolLM2-135M, MobileNetV2, EfficientNet-Lite0,
-            all-MiniLM-L6-v2);
-            "output" was best on MiniLM, "uniform" on SmolLM2 (see the README).
+            all-MiniLM-L6-v2); "output" was best on MiniLM, "uniform" on SmolLM2
+            (see the README).
 
     Example:
         >>> lowrank.factorize(model, rank=Budget(params=0.6, by="output"),
