@@ -214,7 +214,7 @@ class _Run:
                     self.record(
                         {"step": ts.step, "split": "train", **means, "examples_per_s": rate}
                     )
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", ex_per_s=f"{rate:.3g}")
                     window, examples, tick = [], 0, time.perf_counter()
                 if self.spec.eval_fn is not None and self.due(config.eval_every, ts.step):
                     self.record({"step": ts.step, "split": "eval", **self.evaluate(ts)})
