@@ -53,9 +53,8 @@ def _child(rounds: int, layers: int | None) -> dict:
         separate[f"params={budget}"] = lowrank.factorize(
             dense, rank=lowrank.Budget(params=budget), init="spectral"
         )
-    models = {(LAYOUTS[0], n): m for n, m in separate.items()}
-    models |= {(LAYOUTS[1], n): m.fused() for n, m in separate.items()}
-    models = {f"{layout}/{name}": m for (layout, name), m in models.items()}
+    models = {f"{LAYOUTS[0]}/{n}": m for n, m in separate.items()}
+    models |= {f"{LAYOUTS[1]}/{n}": m.fused() for n, m in separate.items()}
 
     batch, seq = PREFILL
     ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, dense.config.vocab_size, jnp.int32)

@@ -4,6 +4,7 @@ spends one across layers: from weight spectra, from calibration data, or uniform
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class Budget:
     params: float | None = None
     flops: float | None = None
     by: str = "auto"
+    DATA_AWARE: ClassVar[tuple[str, ...]] = ("data", "output")  # the `by`s that read data
 
     def __post_init__(self):
         if self.by not in BUDGET_BY:

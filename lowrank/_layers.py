@@ -5,6 +5,7 @@ drops into any model; users `jax.vmap` over the batch as usual.
 """
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import kernels
@@ -142,3 +143,13 @@ def check_unstacked(layer) -> None:
             f"this {type(layer).__name__} is stacked (stack shape {layer.stack_shape}): call "
             "one slice at a time, e.g. jax.lax.scan over the stack or eqx.filter_vmap"
         )
+
+
+def linear_holding(weight, bias) -> eqx.nn.Linear:
+    """An `eqx.nn.Linear` whose weight (*stack, out, in) and bias (*stack, out) or None
+    are the given arrays (its own initialization is overwritten at once)."""
+    out, inp = weight.shape[-2:]
+    layer = eqx.nn.Linear(inp, out, bias is not None, dtype=weight.dtype, key=jax.random.key(0))
+    return eqx.tree_at(
+        lambda l: (l.weight, l.bias), layer, (weight, bias), is_leaf=lambda x: x is None
+    )

@@ -10,7 +10,7 @@ import numpy as np
 from ._conv import LowRankConv
 from ._fuse import unfuse_epilogues
 from ._initializers import Factors
-from ._layers import LowRankLinear
+from ._layers import LowRankLinear, linear_holding
 from ._select import check_is_model, replace_layers, stack_shape, walk_layers
 from ._shared_input import SharedInputLinear
 
@@ -93,24 +93,23 @@ _CONV_TYPES = {1: eqx.nn.Conv1d, 2: eqx.nn.Conv2d, 3: eqx.nn.Conv3d}
 
 def dense_twin(layer):
     """The plain eqx layer computing what a factorized layer does (weight u @ v)."""
+    if isinstance(layer, LowRankLinear):
+        return linear_holding(layer.weight, layer.bias)
     key = jax.random.key(0)  # the fresh layer's own init is overwritten at once
     dtype = layer.u.dtype
     use_bias = layer.bias is not None
-    if isinstance(layer, LowRankLinear):
-        dense = eqx.nn.Linear(layer.in_features, layer.out_features, use_bias, dtype=dtype, key=key)
-    else:
-        dense = _CONV_TYPES[layer.num_spatial_dims](
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            use_bias=use_bias,
-            padding_mode=layer.padding_mode,
-            dtype=dtype,
-            key=key,
-        )
+    dense = _CONV_TYPES[layer.num_spatial_dims](
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        use_bias=use_bias,
+        padding_mode=layer.padding_mode,
+        dtype=dtype,
+        key=key,
+    )
     dense = eqx.tree_at(lambda l: l.weight, dense, layer.weight)
     if use_bias:
         dense = eqx.tree_at(

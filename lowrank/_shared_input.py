@@ -11,12 +11,11 @@ copied into the stack, and `members` gives them back.
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._fuse import EPILOGUES
-from ._layers import LowRankLinear
+from ._layers import LowRankLinear, linear_holding
 
 
 class SharedInputLinear(eqx.Module):
@@ -102,7 +101,7 @@ class SharedInputLinear(eqx.Module):
             block = self.first[start : start + size]
             start += size
             if u is None:
-                layers.append(_linear(block, bias))
+                layers.append(linear_holding(block, bias))
             else:
                 layers.append(
                     LowRankLinear(u, block, bias, impl=impl, activation=act, inner_activation=inner)
@@ -143,15 +142,3 @@ class SharedInputLinear(eqx.Module):
 def _act(name: str | None):
     """The jax.nn function of a kernel activation name (None: the identity)."""
     return (lambda z: z) if name is None else EPILOGUES[name]
-
-
-def _linear(weight, bias) -> eqx.nn.Linear:
-    """An `eqx.nn.Linear` holding `weight` and `bias` (None: no bias)."""
-    out, inp = weight.shape
-    layer = eqx.nn.Linear(
-        inp, out, use_bias=bias is not None, dtype=weight.dtype, key=jax.random.key(0)
-    )
-    layer = eqx.tree_at(lambda m: m.weight, layer, weight)
-    if bias is not None:
-        layer = eqx.tree_at(lambda m: m.bias, layer, bias)
-    return layer

@@ -266,7 +266,7 @@ def check(config: CompressConfig) -> None:
             f"factorize.budget_by={f.budget_by!r} applies to budgets (factorize.rank="
             f"params:x or flops:x), not factorize.rank={f.rank!r}; unset it."
         )
-    if f.budget_by in ("data", "output") and not uses_calibration(f.init):
+    if f.budget_by in lowrank.Budget.DATA_AWARE and not uses_calibration(f.init):
         raise ConfigError(
             f"factorize.budget_by={f.budget_by!r} needs calibration data, which init "
             f"{f.init!r} does not read; choose init whitened or nkp, or budget_by weights."

@@ -94,7 +94,7 @@ def _rank(config: CompressConfig, subject: Subject, target: str):
     flops = isinstance(rule, lowrank.Budget) and rule.kind == "flops"
     example = subject.example() if flops else None
     # the check plans without data: a data-aware budget is checked as a weights one
-    data_aware = isinstance(rule, lowrank.Budget) and rule.by in ("data", "output")
+    data_aware = isinstance(rule, lowrank.Budget) and rule.by in lowrank.Budget.DATA_AWARE
     check = dataclasses.replace(rule, by="weights") if data_aware else rule
     try:
         lowrank.plan(subject.dense, rank=check, target=target, example=example)

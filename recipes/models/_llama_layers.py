@@ -117,8 +117,7 @@ def _linear_seq(linear, x):
 
 
 def _fused(layers) -> lowrank.SharedInputLinear:
-    missing = [i for i, layer in enumerate(layers) if layer is None]
-    if missing:
+    if any(layer is None for layer in layers):
         raise ValueError("these projections are fused already; fuse a model once")
     return lowrank.SharedInputLinear(layers)
 
