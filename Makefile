@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml Makefile | $(VENV)
 demo: $(STAMP)
 	$(PY) -m recipes.run digits_demo
 
+# One pytest worker per core, at most 4 (pytest-xdist): most tests are compile-bound and
+# single-threaded, and each worker holds a few GB at most.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --maxprocesses 4 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
