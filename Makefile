@@ -23,10 +23,8 @@ $(STAMP): pyproject.toml Makefile | $(VENV)
 demo: $(STAMP)
 	$(PY) -m recipes.run digits_demo
 
-# One pytest worker per core, at most 4 (pytest-xdist): most tests are compile-bound and
-# single-threaded, and each worker holds a few GB at most.
 test: $(STAMP)
-	$(PY) -m pytest -n auto --maxprocesses 4 tests
+	$(PY) -m pytest tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
