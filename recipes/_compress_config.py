@@ -172,7 +172,13 @@ class CompressConfig:
 
 
 def pretrained_config(
-    model: str, *, batch_size: int, rank: str = "params:0.8", max_new_tokens: int = 0, **data
+    model: str,
+    *,
+    batch_size: int,
+    rank: str = "params:0.8",
+    budget_by: str = "auto",
+    max_new_tokens: int = 0,
+    **data,
 ) -> CompressConfig:
     """The shipped `compress_<model>` recipe body: the whole pretrained `model`, the
     whitened init at `rank`, no healing (its batch is `batch_size` when turned on).
@@ -181,6 +187,7 @@ def pretrained_config(
         model: the `PretrainedModelConfig.name`.
         batch_size: the calibration, evaluation and healing batch size.
         rank: the `CompressFactorizeConfig.rank` budget.
+        budget_by: what the budget allocates ranks from (`CompressFactorizeConfig.budget_by`).
         max_new_tokens: greedy generation after compressing (language models).
         **data: the other `CompressDataConfig` fields (calibration, evaluation, ...).
 
@@ -191,7 +198,7 @@ def pretrained_config(
         name=f"compress_{model}",
         model=PretrainedModelConfig(name=model),
         data=CompressDataConfig(batch_size=batch_size, **data),
-        factorize=CompressFactorizeConfig(rank=rank, init="whitened"),
+        factorize=CompressFactorizeConfig(rank=rank, init="whitened", budget_by=budget_by),
         heal=HealConfig(steps=0, batch_size=batch_size, alpha=1.0, temperature=1.0, log_every=10),
         generate=GenerateConfig(max_new_tokens=max_new_tokens),
     )
