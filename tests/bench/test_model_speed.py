@@ -35,6 +35,7 @@ def test_option_names_are_checked():
 
 def test_quick_run_writes_a_row_set_per_option_and_reports_a_rejected_one(tmp_path, monkeypatch):
     monkeypatch.setitem(OPTIONS, "bogus", BOGUS)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # children add theirs to the caller's
     path = tmp_path / "RESULTS.md"
     model_speed.main(
         ["--quick", "--only", "models", "--options", "one_thread,bogus", "--results", str(path)]
