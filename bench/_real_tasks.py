@@ -100,13 +100,6 @@ def smollm2_task(sizes: Sizes) -> Task:
     inputs, targets = jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])
     n_bytes = text_bytes(tokenizer, windows[:, 1:])
 
-    def residual_stream(m, ids):  # the blocks only: the head's logits are not needed
-        x = jax.vmap(m.embed)(ids)
-        positions = jnp.arange(ids.shape[0])
-        for block in m.blocks:
-            x, _ = block(x, positions)
-        return x
-
     @eqx.filter_jit
     def losses(m, ids, tgt):
         return metrics.token_losses(jax.vmap(m)(ids), tgt)
@@ -134,7 +127,7 @@ def smollm2_task(sizes: Sizes) -> Task:
         title=f"SmolLM2-135M-Instruct on BBC News{layers}",
         model=model,
         target=r"blocks\.\d+\.(attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
-        calibration=lambda m: jax.vmap(functools.partial(residual_stream, m))(calibration_ids),
+        calibration=lambda m: jax.vmap(m.last_hidden_state)(calibration_ids),  # no head logits
         activations={
             r".*\.mlp\.gate_proj": jax.nn.silu,
             r".*\.(attn\.(q|k|v|o)_proj|mlp\.(up|down)_proj)": None,

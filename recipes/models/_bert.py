@@ -135,6 +135,28 @@ class Bert(eqx.Module):
         Returns:
             `(num_layers + 1, T, hidden_size)` hidden states.
         """
+        return jnp.stack(self._streams(ids, mask, token_type_ids, keep_all=True))
+
+    def last_hidden_state(
+        self,
+        ids: Int[Array, " T"],
+        mask: Bool[Array, " T"] | None = None,
+        token_type_ids: Int[Array, " T"] | None = None,
+    ) -> Float[Array, "T d"]:
+        """`hidden_states(...)[-1]` without holding the earlier layers' states (an eager
+        calibration pass would keep every one of them alive until the stack).
+
+        Args:
+            ids: token ids `(T,)`.
+            mask: True/1 on real tokens; None means no padding.
+            token_type_ids: segment ids; None means one segment.
+
+        Returns:
+            `(T, hidden_size)` hidden states after the last layer.
+        """
+        return self._streams(ids, mask, token_type_ids, keep_all=False)[-1]
+
+    def _streams(self, ids, mask, token_type_ids, *, keep_all: bool) -> list:
         self._check(ids, mask, token_type_ids)
         mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         if token_type_ids is None:
@@ -143,8 +165,8 @@ class Bert(eqx.Module):
         states = [x]
         for layer in self.layers:
             x = layer(x, mask)
-            states.append(x)
-        return jnp.stack(states)
+            states = [*states, x] if keep_all else [x]
+        return states
 
     def pool(
         self, h: Float[Array, "T d"], mask: Bool[Array, " T"] | None = None
@@ -181,4 +203,4 @@ class Bert(eqx.Module):
         Returns:
             The (hidden_size,) embedding (unit length when `normalize`).
         """
-        return self.pool(self.hidden_states(ids, mask, token_type_ids)[-1], mask)
+        return self.pool(self.last_hidden_state(ids, mask, token_type_ids), mask)

@@ -99,14 +99,29 @@ class Llama(eqx.Module):
         Returns:
             (num_layers + 1, T, hidden_size) residual streams.
         """
+        return jnp.stack(self._residual_streams(ids, keep_all=True))
+
+    def last_hidden_state(self, ids: Int[Array, " T"]) -> Float[Array, "T d"]:
+        """`hidden_states(ids)[-1]` without holding the earlier streams (an eager
+        calibration pass would keep every one of them alive until the stack).
+
+        Args:
+            ids: one sequence of integer token ids.
+
+        Returns:
+            (T, hidden_size) residual stream after the last block.
+        """
+        return self._residual_streams(ids, keep_all=False)[-1]
+
+    def _residual_streams(self, ids, *, keep_all: bool) -> list:
         self._check_ids(ids)
         x = jax.vmap(self.embed)(ids)
         positions = jnp.arange(ids.shape[0])
         states = [x]
         for block in self.blocks:
             x, _ = block(x, positions)
-            states.append(x)
-        return jnp.stack(states)
+            states = [*states, x] if keep_all else [x]
+        return states
 
     def unembed(self, h: Float[Array, "T d"]) -> Float[Array, "T vocab"]:
         """Final RMSNorm then the head (tied to the embedding or `lm_head`).
@@ -129,7 +144,7 @@ class Llama(eqx.Module):
         Returns:
             (T, vocab) next-token logits.
         """
-        return self.unembed(self.hidden_states(ids)[-1])
+        return self.unembed(self.last_hidden_state(ids))
 
     def init_cache(self, max_len: int, *, dtype=None) -> KVCache:
         """An empty KV cache for up to `max_len` positions.

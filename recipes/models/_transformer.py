@@ -257,6 +257,24 @@ class Transformer(eqx.Module):
         Returns:
             (n_layers + 1, T, d_model) residual streams.
         """
+        return jnp.stack(self._residual_streams(ids, key, keep_all=True))
+
+    def last_hidden_state(
+        self, ids: Int[Array, " T"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "T d_model"]:
+        """`hidden_states(ids)[-1]` without holding the earlier streams (an eager
+        calibration pass would keep every one of them alive until the stack).
+
+        Args:
+            ids: one sequence of T <= context token ids.
+            key: dropout randomness.
+
+        Returns:
+            (T, d_model) residual stream after the last block.
+        """
+        return self._residual_streams(ids, key, keep_all=False)[-1]
+
+    def _residual_streams(self, ids, key, *, keep_all: bool) -> list:
         self._check_ids(ids)
         k_emb, *k_blocks = _split_or_none(key, 1 + self.n_layers)
         x = jax.vmap(self.token_embed)(ids)
@@ -266,8 +284,8 @@ class Transformer(eqx.Module):
         states = [x]
         for block, k in zip(self.blocks, k_blocks):
             x = block(x, key=k)
-            states.append(x)
-        return jnp.stack(states)
+            states = [*states, x] if keep_all else [x]
+        return states
 
     def unembed(self, h: Float[Array, "T d_model"]) -> Float[Array, "T vocab"]:
         """Final LayerNorm then the (tied or untied) head: residual stream -> logits.
@@ -293,4 +311,4 @@ class Transformer(eqx.Module):
         Returns:
             (T, vocab) next-token logits.
         """
-        return self.unembed(self.hidden_states(ids, key=key)[-1])
+        return self.unembed(self.last_hidden_state(ids, key=key))

@@ -169,6 +169,17 @@ def test_tiny_llama_folder_matches_transformers(tiny_llama, tiny_ref):
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
+def test_hidden_states_stack_every_block_and_end_where_the_head_reads(tiny_llama, tiny_ref):
+    model, _ = tiny_llama
+    ids = jnp.asarray(tiny_ref["ids"])
+    states, last = eqx.filter_jit(lambda m, i: (m.hidden_states(i), m.last_hidden_state(i)))(
+        model, ids
+    )
+    assert states.shape == (len(model.blocks) + 1, len(ids), model.config.hidden_size)
+    assert _rel(last, states[-1]) < 1e-6
+    assert _rel(model.unembed(last), tiny_ref["tiny_llama_logits"]) < 1e-5
+
+
 def test_tiny_qwen2_folder_matches_transformers(tiny_ref):
     model, tokenizer = llama_from_hf(TINY_QWEN2)  # q/k/v biases, tied, one kv head
     assert tokenizer is None
