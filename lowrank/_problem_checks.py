@@ -1,6 +1,5 @@
 """Input checks shared by the data- and function-aware initializers (NKP, whitened)."""
 
-import jax.numpy as jnp
 import numpy as np
 
 from ._initializers import LayerProblem
@@ -45,7 +44,7 @@ def check_problem(problem: LayerProblem, init: str) -> None:
             f"dense-model inputs for {path} contain NaN/inf; clean the calibration data",
         ),
     ):
-        if array is not None and not bool(jnp.all(jnp.isfinite(array))):
+        if array is not None and not np.isfinite(np.asarray(array)).all():
             raise ValueError(f"{what} before init={init!r}")
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowrank import _whitened as whitened_module
 from lowrank._initializers import LayerProblem, Spectral
 from lowrank._whitened import Whitened, reduced_rank_regression, whitening
 
@@ -50,6 +51,20 @@ def test_matches_cholesky_reference(with_bias):
     y = x64 @ np.asarray(w, np.float64).T + bias64
     approx_y = x64 @ np.asarray(out.u @ out.v, np.float64).T + new_bias
     assert out.function_error == pytest.approx(np.sum((y - approx_y) ** 2) / np.sum(y**2), rel=1e-3)
+
+
+def test_function_error_on_many_rows_is_estimated_from_an_even_subsample(monkeypatch):
+    monkeypatch.setattr(whitened_module, "ERROR_ROWS", 256)
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    x = inputs(rng, 4000, 8)
+    out = Whitened()(LayerProblem("fc", w, None, 3, None, x), key=None)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    y, approx_y = x64 @ w64.T, x64 @ np.asarray(out.u @ out.v, np.float64).T
+    full = np.sum((y - approx_y) ** 2) / np.sum(y**2)
+    every_16th = np.sum((y - approx_y)[::16] ** 2) / np.sum(y[::16] ** 2)  # 250 rows
+    assert out.function_error == pytest.approx(every_16th, rel=1e-3)
+    assert out.function_error == pytest.approx(full, rel=0.15)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
