@@ -78,7 +78,8 @@ def calibrate(
 
     The pass stops once every watched layer has been handled (sequential, or
     `first_calls`: only each layer's first call counts), so what follows the last one,
-    such as an LM head's logits, is never computed. Raises if a layer was never
+    such as an LM head's logits, is never computed, and no value that only the rest
+    reads (e.g. every block's output, stacked) is kept. Raises if a layer was never
     reached, naming it.
     """
     (closed, leaves), data = trace_for(model, calibration, batched=True, argument="calibration")
@@ -137,7 +138,7 @@ class _Pass(PairedEvaluation):
     def __init__(
         self, watches: dict[int, Watch], fit: Fit, sequential, max_rows, leaves, *, stop_early
     ):
-        super().__init__(watches, leaves)
+        super().__init__(watches, leaves, until_last_read=stop_early)
         self.stop_early = stop_early
         self.watches = watches
         self.fit = fit

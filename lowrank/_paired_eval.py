@@ -56,12 +56,41 @@ def _param_only(scope: Scope, eqn) -> bool:
 
 
 def _free(scope: Scope, eqns: list, last: dict) -> None:
-    """Drop the values that no equation after `eqns` reads."""
+    """Drop the values that no equation after `eqns` reads (and those nothing reads)."""
     for eqn in eqns:
         for v in eqn.invars:
             if not isinstance(v, jex_core.Literal) and last.get(v) is eqn:
                 scope.dense.pop(v, None)
                 scope.current.pop(v, None)
+        for v in eqn.outvars:
+            if v not in last:
+                scope.dense.pop(v, None)
+                scope.current.pop(v, None)
+
+
+def _last_uses(eqns: list, outvars: list) -> dict:
+    """{var: the last of `eqns` that reads it (None: an output in `outvars`)}."""
+    last = {v: None for v in outvars if not isinstance(v, jex_core.Literal)}
+    for eqn in reversed(eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jex_core.Literal) and v not in last:
+                last[v] = eqn
+    return last
+
+
+def _last_read_of(jaxpr, inputs: Collection[int]) -> int:
+    """Index of the last equation of `jaxpr` that reads one of its `inputs` (positions in
+    `jaxpr.invars`) or a layout-only view of one (-1 if none does)."""
+    viewed = {jaxpr.invars[k] for k in inputs}
+    found = -1
+    for i, eqn in enumerate(jaxpr.eqns):
+        reads = [not isinstance(v, jex_core.Literal) and v in viewed for v in eqn.invars]
+        if any(reads):
+            found = i
+            marks = [View(0, None) if r else None for r in reads]
+            if len(eqn.outvars) == 1 and view_after(eqn, marks) is not None:
+                viewed.add(eqn.outvars[0])
+    return found
 
 
 def _compiled(ins: list, outs: list, eqns: list) -> Callable:
@@ -91,10 +120,13 @@ def bind(eqn, values):
 class PairedEvaluation(abc.ABC):
     """A pass over a model's jaxpr with dense and current values (see the module)."""
 
-    def __init__(self, watched: Collection[int], leaves):
+    def __init__(self, watched: Collection[int], leaves, *, until_last_read: bool = False):
         self.watched = watched  # leaf indices whose uses `on_weight_use` acts on
         self.leaves = list(leaves)  # current value of each model array
         self.scopes: list[Scope] = []
+        # End the pass at the last top-level equation that reads a watched array: nothing
+        # after it is computed, nor any value kept for it (`run` then returns no outputs).
+        self.until_last_read = until_last_read
 
     @abc.abstractmethod
     def on_weight_use(self, scope: Scope, eqn, view: View, use) -> None:
@@ -122,7 +154,11 @@ class PairedEvaluation(abc.ABC):
             for v, lv in (leaf_vars or {}).items():
                 scope.leaf_vars[v] = lv
                 scope.depends[v] = frozenset([lv[0]])
-            self._run_eqns(scope, jaxpr)
+            if top and self.until_last_read:
+                end = _last_read_of(jaxpr, [k for k in self.watched if k < len(jaxpr.invars)])
+                self._run_eqns(scope, jaxpr.eqns[: end + 1], [])
+                return [], []
+            self._run_eqns(scope, jaxpr.eqns, jaxpr.outvars)
             outs = jaxpr.outvars
             return [scope.read(v, "dense") for v in outs], [
                 scope.read(v, "current") if scope.differs(v) else None for v in outs
@@ -130,14 +166,15 @@ class PairedEvaluation(abc.ABC):
         finally:
             self.scopes.pop()
 
-    def _run_eqns(self, scope: Scope, jaxpr) -> None:
-        """Evaluate the equations in order. Runs of data equations that involve no watched
-        weight are compiled and run as one segment (cached by structure, so the identical
-        blocks of a deep model share one compilation); the equations that act on the model
-        arrays alone are evaluated as they come, since no data equation feeds them."""
-        last = jax_core.last_used(jaxpr)
+    def _run_eqns(self, scope: Scope, eqns: list, outvars: list) -> None:
+        """Evaluate `eqns` in order, keeping what they or `outvars` still need. Runs of
+        data equations that involve no watched weight are compiled and run as one
+        segment (cached by structure, so the identical blocks of a deep model share one
+        compilation); the equations that act on the model arrays alone are evaluated as
+        they come, since no data equation feeds them."""
+        last = _last_uses(eqns, outvars)
         segment, evaluated = [], []
-        for eqn in jaxpr.eqns:
+        for eqn in eqns:
             param_only = _param_only(scope, eqn)
             if not param_only and self._in_segment(scope, eqn):
                 segment.append(eqn)

@@ -351,6 +351,41 @@ def test_the_pass_stops_after_the_last_watched_layer():
     assert HEAD_RUNS == [1]  # every call of a layer counts there: the pass runs to the end
 
 
+class StackedStates(eqx.Module):
+    """Residual layers whose `__call__` stacks every state and returns the last (as
+    `hidden_states(x)[-1]` would)."""
+
+    layers: list
+
+    def __init__(self, n, *, key):
+        self.layers = [eqx.nn.Linear(16, 16, key=k) for k in jax.random.split(key, n)]
+
+    def __call__(self, x):
+        states = [x]
+        for layer in self.layers:
+            states.append(states[-1] + jax.nn.relu(layer(states[-1])))
+        return jnp.stack(states)[-1]
+
+
+def test_values_read_only_after_the_last_watched_layer_are_not_kept(monkeypatch):
+    """The stacked states are read only by the stack, after the last layer: the pass,
+    which ends there, keeps none of them, however deep the model."""
+    import lowrank._calibrate as calibrate
+
+    xs = _anisotropic(64, (16,))
+    held = []
+    on_use = calibrate._Pass.on_weight_use
+
+    def counting(self, scope, *args):
+        top = self.scopes[0]
+        held.append(sum(np.shape(x) == (64, 16) for x in top.dense.values()))
+        return on_use(self, scope, *args)
+
+    monkeypatch.setattr(calibrate._Pass, "on_weight_use", counting)
+    lowrank.factorize(StackedStates(8, key=KEY), rank=4, init="whitened", calibration=xs)
+    assert len(held) == 8 and max(held) <= 2, held  # the state and its copy for the layer
+
+
 class Blocks(eqx.Module):
     """Transformer blocks applied in turn (a Python list: each block its own weights)."""
 
