@@ -155,7 +155,7 @@ class PairedEvaluation(abc.ABC):
                 scope.leaf_vars[v] = lv
                 scope.depends[v] = frozenset([lv[0]])
             if top and self.until_last_read:
-                end = _last_read_of(jaxpr, [k for k in self.watched if k < len(jaxpr.invars)])
+                end = _last_read_of(jaxpr, self.watched)  # leaves come first
                 self._run_eqns(scope, jaxpr.eqns[: end + 1], [])
                 return [], []
             self._run_eqns(scope, jaxpr.eqns, jaxpr.outvars)

@@ -165,7 +165,7 @@ class Encoder(Subject):
     def heal_loss(self, model, state, batch, key):
         teacher, _ = state
         ids, mask = batch["ids"], batch["attention_mask"]
-        last = lambda m: jax.vmap(lambda i, k: m.last_hidden_state(i, k))(ids, mask)
+        last = lambda m: jax.vmap(m.last_hidden_state)(ids, mask)
         loss = cosine_distance_loss(last(model), last(teacher), mask=mask)
         return loss, (state, {})
 
