@@ -34,8 +34,10 @@ from ._paired_eval import PairedEvaluation, Scope, bind
 from ._select import attribute_path, stack_shape
 from ._trace import View, leaf_paths, trace_for
 
-# fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors
-Fit = Callable[[str, int | None, np.ndarray, np.ndarray | None], Factors]
+# fit(path, slice index or None, inputs (N, fan_in), dense inputs or None) -> Factors;
+# rows are a device array (a matmul's inputs) or host numpy (conv patches)
+Rows = jax.Array | np.ndarray
+Fit = Callable[[str, int | None, Rows, Rows | None], Factors]
 
 
 @dataclass
@@ -201,11 +203,12 @@ class _Pass(PairedEvaluation):
             self.fit(path, key, rows, None)
         self.pending = {}
 
-    def _rows(self, eqn, view: View, use, x) -> np.ndarray:
+    def _rows(self, eqn, view: View, use, x) -> Rows:
         """The layer's input rows from data `x` (`layer_rows`) at sampled positions. The
         sample depends on the row count only, and the rows of the last matmul input (dense
         and current) are kept, so layers that read the same input (q/k/v, gate/up) get
-        one array: their initializer can share its statistics."""
+        one array: their initializer can share its statistics. The rows are computed
+        before they are handed on, so that a layer's fit time is its own."""
         pick = sample(row_count(eqn, use), self.max_rows, seed=0)
         if eqn.primitive.name != "dot_general":
             return layer_rows(eqn, view, use, x, pick)
@@ -213,7 +216,7 @@ class _Pass(PairedEvaluation):
         for kept_layout, _, rows in self.last_rows:
             if kept_layout == layout:
                 return rows
-        rows = layer_rows(eqn, view, use, x, pick)
+        rows = jax.block_until_ready(layer_rows(eqn, view, use, x, pick))
         self.last_rows = [*self.last_rows[-1:], (layout, x, rows)]  # x kept: its id stays
         return rows
 

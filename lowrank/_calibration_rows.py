@@ -4,7 +4,9 @@ the output positions (conv patches are gathered on the host for the sampled ones
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from ._trace import View
 
@@ -21,10 +23,11 @@ def row_count(eqn, use) -> int:
     return math.prod(out) // out[use.out_axis]
 
 
-def layer_rows(eqn, view: View, use, x, pick: np.ndarray) -> np.ndarray:
-    """Rows `pick` of the data operand of a weight use, as (rows, fan_in) in the order of
-    the weight's `reshape(out, -1)`: input vectors for a matmul, image patches for a
-    convolution (in the order of the output positions)."""
+def layer_rows(eqn, view: View, use, x, pick: np.ndarray) -> Float[Array, "rows fan_in"]:
+    """Rows `pick` of the data operand of a weight use, as float32 (rows, fan_in) in the
+    order of the weight's `reshape(out, -1)`: input vectors for a matmul, gathered where
+    `x` lives (a matmul's inputs stay a device array, which the host reads without a copy
+    on CPU), or image patches for a convolution (gathered on the host)."""
     if eqn.primitive.name == "conv_general_dilated":
         return _patches(eqn, np.asarray(x, np.float32), pick)
     if view.perm is None:
@@ -35,9 +38,9 @@ def layer_rows(eqn, view: View, use, x, pick: np.ndarray) -> np.ndarray:
     pairs = sorted(zip((view.perm[a] for a in contract[w]), contract[d]))
     data_axes = [a for _, a in pairs]
     rest = [a for a in range(np.ndim(x)) if a not in data_axes]
-    x = np.asarray(x, np.float32).transpose(rest + data_axes)
-    fan_in = math.prod(x.shape[len(rest) :])
-    return x.reshape(-1, fan_in)[pick]
+    x = jnp.asarray(x, jnp.float32).transpose(rest + data_axes)
+    rows = x.reshape(-1, math.prod(x.shape[len(rest) :]))
+    return rows if len(pick) == len(rows) else rows[pick]
 
 
 def _patches(eqn, x: np.ndarray, pick: np.ndarray) -> np.ndarray:

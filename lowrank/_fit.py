@@ -77,10 +77,11 @@ class LayerFitter:
         return factors
 
     def _device(self, rows):
-        """`rows` as a jax array; the same array for the same rows as the previous layer's
-        (layers that read one input), so that the initializer can share its statistics."""
-        if rows is None:
-            return None
+        """`rows` as a jax array (device arrays as they are; host rows converted once, the
+        same array for the same rows as the previous layer's, for layers that read one
+        input), so that the initializer can share its statistics."""
+        if rows is None or isinstance(rows, jax.Array):
+            return rows
         for host, device in self.converted:
             if host is rows:
                 return device

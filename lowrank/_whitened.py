@@ -16,12 +16,10 @@ whitened truncation of the least-squares map), with b' absorbing the mean shift:
 corrects, layer by layer, the error that earlier factorizations let through.
 """
 
-import functools
 import math
 import weakref
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -83,10 +81,14 @@ def input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
 def whitened_truncation(
     weight: Float[Array, "m n"], basis: Float[Array, "n n"], eig: Float[Array, " n"], rank: int
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
-    """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides."""
-    root = jnp.sqrt(eig)
-    U, s, Vt = jnp.linalg.svd((weight @ basis) * root, full_matrices=False)
-    half = jnp.sqrt(s[:rank])
+    """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides.
+
+    Runs in the arrays' own namespace: numpy on the host (float64, no compilation for
+    each rank), or jax.numpy (inside a jitted fit)."""
+    xp = weight.__array_namespace__()
+    root = xp.sqrt(eig)
+    U, s, Vt = xp.linalg.svd((weight @ basis) * root, full_matrices=False)
+    half = xp.sqrt(s[:rank])
     return U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
 
 
@@ -123,16 +125,17 @@ def regression_truncation(
     prior: Float[Array, "m n"],
     ridge: float,
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
-    """`reduced_rank_regression` from the cross moment E[t xᵀ] of its `rows` rows."""
-    delta = ridge * jnp.mean(eig) * basis.shape[0] / rows
+    """`reduced_rank_regression` from the cross moment E[t xᵀ] of its `rows` rows (in
+    the arrays' namespace, as `whitened_truncation`)."""
+    delta = ridge * eig.__array_namespace__().mean(eig) * basis.shape[0] / rows
     metric = eig + delta
     fit = (((cross + delta * prior) @ basis) / metric) @ basis.T
     return whitened_truncation(fit, basis, metric, rank)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "rows", "ridge"))
 def _whitened(weight, bias, moments, *, rank, rows, ridge):
-    """u, v, b' (b' = None without a bias) from the layer's `input_moments`."""
+    """u, v, b' (b' = None without a bias) from the layer's `input_moments`, all float64
+    numpy on the host."""
     mean, basis, eig, dense_mean, cross = moments
     if cross is None:  # the inputs are the dense ones
         u, v = whitened_truncation(weight, basis, eig, rank)
@@ -193,20 +196,15 @@ class Whitened(Initializer):
             )
         dtype = jnp.promote_types(problem.weight.dtype, jnp.float32)
         centre = problem.bias is not None
-        with jax.enable_x64(True):  # eigen-decompositions of ill-conditioned moments
-            f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float64))
-            weight, bias = f64(problem.weight), f64(problem.bias)
-            shared = shared_input_moments(problem.inputs, problem.dense_inputs, centre=centre)
-            moments = [f64(a) for a in shared]
-            u, v, new_bias = _whitened(
-                weight,
-                bias,
-                moments,
-                rank=problem.rank,
-                rows=problem.inputs.shape[0],
-                ridge=self.ridge,
-            )
-            u, v, new_bias = (None if a is None else np.asarray(a) for a in (u, v, new_bias))
+        f64 = lambda a: None if a is None else np.asarray(a, np.float64)
+        u, v, new_bias = _whitened(
+            f64(problem.weight),
+            f64(problem.bias),
+            shared_input_moments(problem.inputs, problem.dense_inputs, centre=centre),
+            rank=problem.rank,
+            rows=problem.inputs.shape[0],
+            ridge=self.ridge,
+        )
         cast = lambda a: None if a is None else jnp.asarray(a, dtype)
         u, v, new_bias = cast(u), cast(v), cast(new_bias)
         num, den = calibration_error(
