@@ -17,11 +17,12 @@ from bench._real_tasks import Task
 from recipes import metrics
 
 OURS = ("whitened", "nkp")
-# (label, Budget(by=...)): ours: whitened with another rank allocator, same init and data.
+# (label, init, Budget(by=...)): one of ours with another rank allocator, same data.
 ALLOCATORS = (
-    ("ours: whitened, output ranks", "output"),
-    ("ours: whitened, weight ranks", "weights"),
-    ("ours: whitened, uniform ranks", "uniform"),
+    ("ours: whitened, output ranks", "whitened", "output"),
+    ("ours: whitened, weight ranks", "whitened", "weights"),
+    ("ours: whitened, uniform ranks", "whitened", "uniform"),
+    ("ours: nkp, uniform ranks", "nkp", "uniform"),
 )
 SEARCHED_LABEL = "ASVD + sensitivity ranks"
 
@@ -63,11 +64,14 @@ def methods(task: Task, ratio: float, search: dict | None, allocators: bool = Tr
     )
     budget = functools.partial(lowrank.Budget, params=ratio)
     # by="data" named (Budget's default is "weights"): these rows keep their meaning.
-    rows.append(("ours: whitened", lambda: ours(rank=budget(by="data"), init="whitened")))
-    if allocators:
-        for label, by in ALLOCATORS:
-            rows.append((label, functools.partial(ours, rank=budget(by=by), init="whitened")))
-    rows.append(("ours: nkp", lambda: ours(rank=budget(by="data"), init="nkp")))
+    for init in OURS:
+        rows.append((f"ours: {init}", functools.partial(ours, rank=budget(by="data"), init=init)))
+        if allocators:
+            rows += [
+                (label, functools.partial(ours, rank=budget(by=by), init=init))
+                for label, of, by in ALLOCATORS
+                if of == init
+            ]
     return rows
 
 

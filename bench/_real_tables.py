@@ -14,9 +14,11 @@ LABELS = (
     "SVD-LLM (W)",
     "ASVD",
     SEARCHED_LABEL,
-    "ours: whitened",
-    *(label for label, _ in ALLOCATORS),
-    "ours: nkp",
+    *(
+        label
+        for init in OURS
+        for label in [f"ours: {init}", *(l for l, of, _ in ALLOCATORS if of == init)]
+    ),
 )
 
 
@@ -58,11 +60,11 @@ def _peer_verdicts(task: Task, results: dict, ratio: float) -> list[str]:
     """Issue 12's targets at one budget: our best setting (any init or allocator row)
     against the peers."""
     ours = [f"ours: {i}" for i in OURS]
-    others = set(ours) | {label for label, _ in ALLOCATORS}
+    others = set(ours) | {label for label, *_ in ALLOCATORS}
     peer_labels = sorted({l for (b, l) in results if b == ratio} - others)
     if not all((ratio, l) in results for l in ours) or (ratio, "SVD-LLM (W)") not in results:
         return [f"- {ratio:g}: not measured (yet)"]
-    ours += [label for label, _ in ALLOCATORS if (ratio, label) in results]
+    ours += [label for label, *_ in ALLOCATORS if (ratio, label) in results]
     if task.name == "smollm2":
         dense = results[(1.0, "dense")]["perplexity"]
         svdllm = results[(ratio, "SVD-LLM (W)")]["perplexity"] - dense
@@ -94,8 +96,9 @@ def _allocator_verdict(task: Task, results: dict, ratio: float) -> list[str]:
     by="output") beats it with weight and uniform ranks on the main metric.
     Nothing when no allocator row was asked for; a data-aware row not measured (by="output"
     can be out of memory) is named, and the verdict is over the ones that were."""
-    data_aware = ["ours: whitened", *(l for l, by in ALLOCATORS if by == "output")]
-    baselines = [l for l, by in ALLOCATORS if by in ("weights", "uniform")]
+    whitened = [(l, by) for l, init, by in ALLOCATORS if init == "whitened"]
+    data_aware = ["ours: whitened", *(l for l, by in whitened if by == "output")]
+    baselines = [l for l, by in whitened if by in ("weights", "uniform")]
     if not any((ratio, l) in results for l in data_aware[1:] + baselines):
         return []
     column = task.columns[0]
@@ -141,7 +144,7 @@ def _runs_note(results: dict) -> list[str]:
 
 
 def _allocators_note(results: dict) -> list[str]:
-    allocator_labels = {label for label, _ in ALLOCATORS}
+    allocator_labels = {label for label, *_ in ALLOCATORS}
     if not any(label in allocator_labels for _, label in results):
         return []
     return [
@@ -149,7 +152,8 @@ def _allocators_note(results: dict) -> list[str]:
         "and calibration as 'ours: whitened' (whose ranks come from Budget(params=...), "
         "by='data': the whitened spectra), its ranks from by='output' (each truncation's "
         "Gauss-Newton effect on the calibration output, 16 probes) / by='weights' (the "
-        "weight spectra) / by='uniform' (every layer the same fraction, as the peers' ranks)."
+        "weight spectra) / by='uniform' (every layer the same fraction, as the peers' "
+        "ranks); 'ours: nkp, uniform ranks': 'ours: nkp' with by='uniform'."
     ]
 
 

@@ -15,7 +15,8 @@ Per model and parameter budget (the fraction of the selected layers' parameters 
   the default sequential calibration, the activation after each layer given; and
   (unless `--no-allocators`) whitened with the same calibration but other rank
   allocators: `Budget(params=ratio, by="weights")` (weight spectra) and `by="uniform"`
-  (issue 13's comparison of allocators). The NKP rows run last: the slowest.
+  (issue 13's comparison of allocators), and nkp with `by="uniform"`. The NKP rows run
+  last: the slowest.
 Models, data (calibration and evaluation always from disjoint articles / photographs):
 - smollm2: SmolLM2-135M-Instruct, the 7 block linears of its 30 blocks (q/k/v/o/gate/
   up/down). Calibration: 128 windows of 256 tokens from the BBC categories business,
@@ -72,7 +73,7 @@ def _arguments(argv):
         "--allocators",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also ours: whitened with weight-spectrum and uniform ranks (default on)",
+        help="also ours: whitened with weight-spectrum and uniform ranks, nkp with uniform ranks (default on)",
     )
     parser.add_argument(
         "--only",
