@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from bench._results import machine_line, markdown_table, write_section
+from bench._results import markdown_table, write_section
 
 SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
 BLOCKS = 30
@@ -111,7 +111,6 @@ def main():
             print(rows[-1], flush=True)
     header = ["cores", "chain", "ms / step", "param ratio", "time ratio", "time / param"]
     body = (
-        f"{machine_line()}\n\n"
         f"{BLOCKS} blocks x 7 SmolLM2 projections as batch-1 matvecs, {STEPS} steps in one "
         f"`lax.scan`, dense W @ x against factored u @ (v @ x) at uniform ranks; medians of "
         f"{args.rounds} alternating rounds, each core count in its own pinned process.\n\n"
