@@ -27,6 +27,12 @@ ALLOCATORS = (
 SEARCHED_LABEL = "ASVD + sensitivity ranks"
 
 
+def our_settings(init: str) -> list[tuple[str, str]]:
+    """(label, Budget(by=...)) of init's rows, in table order: by="data" ranks first, then
+    its `ALLOCATORS`."""
+    return [(f"ours: {init}", "data"), *((l, by) for l, of, by in ALLOCATORS if of == init)]
+
+
 def say(*parts) -> None:
     print(time.strftime("%H:%M:%S"), *parts, flush=True)
 
@@ -65,13 +71,11 @@ def methods(task: Task, ratio: float, search: dict | None, allocators: bool = Tr
     budget = functools.partial(lowrank.Budget, params=ratio)
     # by="data" named (Budget's default is "weights"): these rows keep their meaning.
     for init in OURS:
-        rows.append((f"ours: {init}", functools.partial(ours, rank=budget(by="data"), init=init)))
-        if allocators:
-            rows += [
-                (label, functools.partial(ours, rank=budget(by=by), init=init))
-                for label, of, by in ALLOCATORS
-                if of == init
-            ]
+        settings = our_settings(init) if allocators else our_settings(init)[:1]
+        rows += [
+            (label, functools.partial(ours, rank=budget(by=by), init=init))
+            for label, by in settings
+        ]
     return rows
 
 

@@ -4,7 +4,7 @@ rows measured so far and the targets' verdicts."""
 import os
 
 import lowrank
-from bench._real_runs import ALLOCATORS, OURS, SEARCHED_LABEL
+from bench._real_runs import ALLOCATORS, OURS, SEARCHED_LABEL, our_settings
 from bench._real_tasks import Task
 from bench._results import markdown_table
 
@@ -14,11 +14,7 @@ LABELS = (
     "SVD-LLM (W)",
     "ASVD",
     SEARCHED_LABEL,
-    *(
-        label
-        for init in OURS
-        for label in [f"ours: {init}", *(l for l, of, _ in ALLOCATORS if of == init)]
-    ),
+    *(label for init in OURS for label, _ in our_settings(init)),
 )
 
 
