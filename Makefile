@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile | $(VENV)
 demo: $(STAMP)
 	$(PY) -m recipes.run digits_demo
 
+# One worker per core, each test file in one worker (its fixtures and compilations shared).
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

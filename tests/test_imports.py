@@ -43,10 +43,20 @@ def _imports(name: str, path: Path) -> set[str]:
 MODULES = _modules()
 
 
+@pytest.fixture
+def unloaded_rooms():
+    """The rooms' modules unloaded for one test, and the loaded ones back after it: other
+    tests in the process hold them (monkeypatching a fresh copy would miss them)."""
+    loaded = lambda: [m for m in sys.modules if m.split(".")[0] in ROOMS]
+    saved = {m: sys.modules.pop(m) for m in loaded()}
+    yield
+    for m in loaded():
+        del sys.modules[m]
+    sys.modules.update(saved)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_every_module_imports_on_its_own(name):
-    for loaded in [m for m in sys.modules if m.split(".")[0] in ROOMS]:
-        del sys.modules[loaded]
+def test_every_module_imports_on_its_own(name, unloaded_rooms):
     importlib.import_module(name)
 
 
