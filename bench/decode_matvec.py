@@ -7,6 +7,9 @@ projections (q/k/v/o 576 -> 576/192/192/576, gate/up 576 -> 1536, down 1536 -> 5
 a dense matvec W @ x or a factored one u @ (v @ x) at rank r = int(ratio · m·n / (m + n))
 (the peers' uniform ranks, so the factors hold `ratio` of the parameters), with a
 residual, SiLU gate and normalization between them; 128 steps as one jitted `lax.scan`.
+A third chain per ratio stores each layer's factors as two halves of the rank (u₁ v₁ x +
+u₂ v₂ x, the rank rounded down to even): two independent matvec pairs that XLA:CPU
+could run on two cores at once.
 Random float32 weights (the speed does not depend on their values). Each core count runs
 in a subprocess of its own, pinned with `os.sched_setaffinity` before JAX starts (what
 `taskset -c 0` does), the models timed in alternating rounds there; medians over rounds,
@@ -14,7 +17,9 @@ ratios against the dense chain of the same process.
 """
 
 import argparse
+import functools
 import json
+import operator
 import os
 import statistics
 import subprocess
@@ -29,6 +34,12 @@ STEPS = 128
 RATIOS = (0.8, 0.6)
 
 
+def rank(ratio: float, m: int, n: int, halves: int = 1) -> int:
+    """The uniform rank that keeps `ratio` of an m x n layer, a multiple of `halves`."""
+    r = int(ratio * m * n / (m + n))
+    return r - r % halves
+
+
 def _child(rounds: int) -> dict:
     """Time the dense and factored chains in this process; a JSON-able dict."""
     import jax
@@ -36,7 +47,8 @@ def _child(rounds: int) -> dict:
 
     key = jax.random.key(0)
 
-    def weights(ratio):
+    def weights(ratio, halves=1):
+        """Dense matrices (ratio None), or per layer a tuple of `halves` (u, v) pairs."""
         blocks = []
         for i in range(BLOCKS):
             layer = []
@@ -45,15 +57,18 @@ def _child(rounds: int) -> dict:
                 if ratio is None:
                     layer.append(jax.random.normal(k, (m, n)) * 0.02)
                 else:
-                    r = int(ratio * m * n / (m + n))
+                    r = rank(ratio, m, n, halves)
                     u = jax.random.normal(k, (m, r)) * 0.02
                     v = jax.random.normal(jax.random.fold_in(k, 1), (r, n)) * 0.02
-                    layer.append((u, v))
+                    pairs = zip(jnp.split(u, halves, axis=1), jnp.split(v, halves, axis=0))
+                    layer.append(tuple(pairs))
             blocks.append(layer)
         return blocks
 
     def linear(w, x):
-        return w[0] @ (w[1] @ x) if isinstance(w, tuple) else w @ x
+        if isinstance(w, tuple):
+            return functools.reduce(operator.add, (u @ (v @ x) for u, v in w))
+        return w @ x
 
     def step(blocks, x):
         for q, k, v, o, gate, up, down in blocks:
@@ -67,7 +82,9 @@ def _child(rounds: int) -> dict:
     def decode(blocks, x):
         return jax.lax.scan(lambda c, _: (step(blocks, c), None), x, None, length=STEPS)[0]
 
-    models = {"dense": weights(None)} | {f"params={r}": weights(r) for r in RATIOS}
+    models = {"dense": weights(None)}
+    for r in RATIOS:
+        models |= {f"params={r}": weights(r), f"params={r}, 2 halves": weights(r, 2)}
     x = jnp.ones(SHAPES[0][1])
     for blocks in models.values():
         decode(blocks, x).block_until_ready()
@@ -112,7 +129,8 @@ def main():
     header = ["cores", "chain", "ms / step", "param ratio", "time ratio", "time / param"]
     body = (
         f"{BLOCKS} blocks x 7 SmolLM2 projections as batch-1 matvecs, {STEPS} steps in one "
-        f"`lax.scan`, dense W @ x against factored u @ (v @ x) at uniform ranks; medians of "
+        f"`lax.scan`, dense W @ x against factored u @ (v @ x) at uniform ranks ('2 halves': "
+        f"u1 @ (v1 @ x) + u2 @ (v2 @ x), the rank split in two); medians of "
         f"{args.rounds} alternating rounds, each core count in its own pinned process.\n\n"
         + markdown_table(header, rows)
     )
