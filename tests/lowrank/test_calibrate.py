@@ -323,7 +323,9 @@ def test_calibration_is_sharded_over_local_devices_with_the_same_result(tmp_path
         code = _SHARDED_RUN.format(devices=devices, out=out)
         subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
         results[devices] = np.load(out)
-    np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-5)
+    # float32 tolerance: the whitened fit's moments are float32 products of the rows
+    scale = np.abs(results[1]).max()
+    np.testing.assert_allclose(results[4], results[1], rtol=1e-4, atol=1e-4 * scale)
 
 
 class HeavyHead(eqx.Module):
