@@ -15,7 +15,7 @@ from ._budget import log_retention_errors
 from ._calibrate import calibrate
 from ._select import attribute_path, weight_matrix
 from ._trace import leaf_paths, runner
-from ._whitened import shared_input_moments
+from ._whitened import floored_eigh, shared_input_moments
 
 OUTPUT_PROBES = 16
 PROBE_CHUNK = 64
@@ -74,7 +74,8 @@ def _whitened_svds(
         weight = np.asarray(weight_matrix(layer), np.float64)
         weight = weight if index is None else weight[index]
         centre = getattr(layer, "bias", None) is not None
-        mean, basis, eig, *_ = shared_input_moments(inputs, centre=centre)
+        mean, gram, *_ = shared_input_moments(inputs, centre=centre)
+        basis, eig = floored_eigh(gram)
         root = np.sqrt(shrunk_eigenvalues(inputs, mean, eig))
         if not vectors:
             s = np.linalg.svd((weight @ basis) * root, compute_uv=False)
@@ -107,7 +108,7 @@ def shrunk_eigenvalues(inputs, mean: np.ndarray, eig: np.ndarray) -> np.ndarray:
     Args:
         inputs: the (N, n) rows.
         mean: their mean (zeros when not centred).
-        eig: C's eigenvalues (as `input_moments` floors them).
+        eig: C's eigenvalues (as `floored_eigh` floors them).
 
     Returns:
         The shrunk eigenvalues, in `eig`'s order.

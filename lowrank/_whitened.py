@@ -1,11 +1,14 @@
 """Whitened SVD (SVD-LLM): the rank-r W' minimizing ‖(W - W')x‖² over calibration inputs.
 
 With S any square root of the input second moment (S Sᵀ = XᵀX/N), ‖(W - W')X‖ =
-‖(W - W')S‖·√N, so the optimum is [W S]_r S⁻¹. SVD-LLM takes S from a Cholesky factor;
-we take S = E·Λ^½ from the eigen-decomposition, which gives the same W' whenever XᵀX
-is non-singular and, with eigenvalues floored at 1e-6·λ_max, a stable answer when it is
-singular (fewer samples than dimensions, constant features): unseen directions are then
-weighted like a tiny ridge instead of dividing by zero. When the layer has a bias, the
+‖(W - W')S‖·√N, so the optimum is [W S]_r S⁻¹. As SVD-LLM, the fit takes S from a
+Cholesky factor; where XᵀX is close to singular (fewer samples than dimensions, constant
+features) it takes S = E·Λ^½ from the eigen-decomposition with eigenvalues floored at
+1e-6·λ_max instead, a stable answer: unseen directions are then weighted like a tiny
+ridge instead of dividing by zero. Both give the same W' whenever XᵀX is non-singular.
+Calibrated NKP, which reuses its basis over many regressions, always takes the eigen
+form (`whitening`).
+When the layer has a bias, the
 bias absorbs the mean input, so we whiten the centred covariance and correct
 b' = b + (W - W')·mean(x).
 
@@ -60,22 +63,27 @@ def whitening(
 
 def input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
     """What the whitened fit needs of its rows, shared by the layers that read the same
-    input (q/k/v, gate/up): (mean, E, λ, dense mean, cross) with E·diag(λ)·Eᵀ the
-    inputs' (centred if `centre`) second moment, λ floored as in `whitening`, and, when
-    the dense model's inputs differ (`dense_inputs` not None), their mean and the cross
-    moment E[(x - x̄)(x̃ - x̃̄)ᵀ] (else None, None). Float64 numpy on the host, the
-    moments accumulated from float32 products of `MOMENT_CHUNK` rows (`_moment`)."""
+    input (q/k/v, gate/up): (mean, C, dense mean, cross) with C the inputs' (centred if
+    `centre`) second moment and, when the dense model's inputs differ (`dense_inputs`
+    not None), their mean and the cross moment E[(x - x̄)(x̃ - x̃̄)ᵀ] (else None, None).
+    Float64 numpy on the host, accumulated from float32 products of `MOMENT_CHUNK` rows
+    (`_moment`)."""
     x = np.asarray(inputs)
     mean = x.mean(0, dtype=np.float64) if centre else None
-    eig, basis = np.linalg.eigh(_moment(x, mean, x, mean))
-    top = eig.max(initial=0.0)
-    eig = np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+    gram = _moment(x, mean, x, mean)
     as_mean = lambda m: np.zeros(x.shape[1]) if m is None else m  # None: not centred
     if dense_inputs is None:
-        return as_mean(mean), basis, eig, None, None
+        return as_mean(mean), gram, None, None
     dense = np.asarray(dense_inputs)
     dense_mean = dense.mean(0, dtype=np.float64) if centre else None
-    return as_mean(mean), basis, eig, as_mean(dense_mean), _moment(dense, dense_mean, x, mean)
+    return as_mean(mean), gram, as_mean(dense_mean), _moment(dense, dense_mean, x, mean)
+
+
+def floored_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(E, λ) with E·diag(λ)·Eᵀ = `gram`, λ floored as in `whitening` (numpy)."""
+    eig, basis = np.linalg.eigh(gram)
+    top = eig.max(initial=0.0)
+    return basis, np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
 
 
 def _moment(a, a_mean, b, b_mean) -> np.ndarray:
@@ -99,14 +107,10 @@ def _moment(a, a_mean, b, b_mean) -> np.ndarray:
 def whitened_truncation(
     weight: Float[Array, "m n"], basis: Float[Array, "n n"], eig: Float[Array, " n"], rank: int
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
-    """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides.
-
-    Runs in the arrays' own namespace: numpy on the host (float64, no compilation for
-    each rank), or jax.numpy (inside a jitted fit)."""
-    xp = weight.__array_namespace__()
-    root = xp.sqrt(eig)
-    U, s, Vt = xp.linalg.svd((weight @ basis) * root, full_matrices=False)
-    half = xp.sqrt(s[:rank])
+    """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides."""
+    root = jnp.sqrt(eig)
+    U, s, Vt = jnp.linalg.svd((weight @ basis) * root, full_matrices=False)
+    half = jnp.sqrt(s[:rank])
     return U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
 
 
@@ -130,22 +134,9 @@ def reduced_rank_regression(
     squares fit does: with fewer rows than inputs, plain least squares fits them exactly
     and generalizes poorly.
     """
-    cross = targets.T @ centred / centred.shape[0]
-    return regression_truncation(cross, basis, eig, centred.shape[0], rank, prior, ridge)
-
-
-def regression_truncation(
-    cross: Float[Array, "m n"],
-    basis: Float[Array, "n n"],
-    eig: Float[Array, " n"],
-    rows: int,
-    rank: int,
-    prior: Float[Array, "m n"],
-    ridge: float,
-) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
-    """`reduced_rank_regression` from the cross moment E[t xᵀ] of its `rows` rows (in
-    the arrays' namespace, as `whitened_truncation`)."""
-    delta = ridge * eig.__array_namespace__().mean(eig) * basis.shape[0] / rows
+    rows = centred.shape[0]
+    cross = targets.T @ centred / rows
+    delta = ridge * jnp.mean(eig) * basis.shape[0] / rows
     metric = eig + delta
     fit = (((cross + delta * prior) @ basis) / metric) @ basis.T
     return whitened_truncation(fit, basis, metric, rank)
@@ -153,13 +144,44 @@ def regression_truncation(
 
 def _whitened(weight, bias, moments, *, rank, rows, ridge):
     """u, v, b' (b' = None without a bias) from the layer's `input_moments`, all float64
-    numpy on the host."""
-    mean, basis, eig, dense_mean, cross = moments
+    numpy on the host, in the basis of a square root S of the metric (`_square_root`): on
+    the dense inputs [W S]_r S⁻¹; in the regression onto the dense outputs the truncation
+    of (W·cross + δW)·(C + δI)⁻¹ in the metric C + δI (`reduced_rank_regression`), whose
+    product with S is (W·cross + δW)·S⁻ᵀ."""
+    mean, gram, dense_mean, cross = moments
     if cross is None:  # the inputs are the dense ones
-        u, v = whitened_truncation(weight, basis, eig, rank)
+        root, inverse = _square_root(gram, 0.0)
+        u, v = _root_truncation(weight @ root, inverse, rank)
         return u, v, None if bias is None else bias + (weight - u @ v) @ mean
-    u, v = regression_truncation(weight @ cross, basis, eig, rows, rank, weight, ridge)
+    delta = ridge * np.trace(gram) / rows  # ridge · mean(λ) · n / rows
+    root, inverse = _square_root(gram, delta)
+    u, v = _root_truncation((weight @ cross + delta * weight) @ inverse.T, inverse, rank)
     return u, v, None if bias is None else bias + weight @ dense_mean - u @ (v @ mean)
+
+
+def _square_root(gram: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S⁻¹) with S Sᵀ = C + δI: the Cholesky factor (a sixth of an eigen-
+    decomposition's time at n = 1536), or, where C is too close to singular for it (a
+    pivot below 1e-6 · max diag C, so an eigenvalue is too), E·(λ + δ)^½ with λ floored
+    as `whitening` floors it. The two give the same fit wherever the floor is inactive."""
+    metric = gram + delta * np.eye(len(gram))
+    try:
+        root = np.linalg.cholesky(metric)
+        if np.min(np.diag(root)) ** 2 >= _EIGEN_FLOOR * np.max(np.diag(gram)):
+            return root, np.linalg.inv(root)
+    except np.linalg.LinAlgError:
+        pass
+    basis, eig = floored_eigh(gram)
+    root = np.sqrt(eig + delta)
+    return basis * root, (basis / root).T
+
+
+def _root_truncation(product, inverse, rank):
+    """u, v with u @ v = [M S]_r S⁻¹ from `product` = M S and `inverse` = S⁻¹, √singular
+    values split to both sides."""
+    U, s, Vt = np.linalg.svd(product, full_matrices=False)
+    half = np.sqrt(s[:rank])
+    return U[:, :rank] * half, (half[:, None] * Vt[:rank]) @ inverse
 
 
 def calibration_error(activation, weight, bias, u, v, new_bias, inputs, dense_inputs=None):
