@@ -15,10 +15,11 @@ from ._budget import log_retention_errors
 from ._calibrate import calibrate
 from ._select import attribute_path, weight_matrix
 from ._trace import leaf_paths, runner
-from ._whitened import floored_eigh, shared_input_moments
+from ._whitened import floored_eigh, reuse_last, shared_input_moments
 
 OUTPUT_PROBES = 16
 PROBE_CHUNK = 64
+_shared_eigh = reuse_last(floored_eigh)  # q/k/v: one decomposition of their input
 
 
 def data_errors(
@@ -75,7 +76,7 @@ def _whitened_svds(
         weight = weight if index is None else weight[index]
         centre = getattr(layer, "bias", None) is not None
         mean, gram, *_ = shared_input_moments(inputs, centre=centre)
-        basis, eig = floored_eigh(gram)
+        basis, eig = _shared_eigh(gram)
         root = np.sqrt(shrunk_eigenvalues(inputs, mean, eig))
         if not vectors:
             s = np.linalg.svd((weight @ basis) * root, compute_uv=False)

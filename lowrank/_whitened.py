@@ -7,10 +7,8 @@ features) it takes S = E·Λ^½ from the eigen-decomposition with eigenvalues fl
 1e-6·λ_max instead, a stable answer: unseen directions are then weighted like a tiny
 ridge instead of dividing by zero. Both give the same W' whenever XᵀX is non-singular.
 Calibrated NKP, which reuses its basis over many regressions, always takes the eigen
-form (`whitening`).
-When the layer has a bias, the
-bias absorbs the mean input, so we whiten the centred covariance and correct
-b' = b + (W - W')·mean(x).
+form (`whitening`). When the layer has a bias, the bias absorbs the mean input, so we
+whiten the centred covariance and correct b' = b + (W - W')·mean(x).
 
 Sequential calibration (`problem.dense_inputs`): earlier layers are already factorized,
 so this layer sees inputs x̃ while the dense layer saw x on the same rows. The target is
@@ -19,6 +17,7 @@ whitened truncation of the least-squares map), with b' absorbing the mean shift:
 corrects, layer by layer, the error that earlier factorizations let through.
 """
 
+import functools
 import math
 import weakref
 
@@ -55,10 +54,8 @@ def whitening(
     """
     mean = jnp.mean(inputs, axis=0) if centre else jnp.zeros(inputs.shape[1], inputs.dtype)
     x = inputs - mean
-    eig, basis = jnp.linalg.eigh(x.T @ x / x.shape[0])
-    top = jnp.max(eig)
-    floor = jnp.where(top > 0, _EIGEN_FLOOR * top, 1.0)
-    return mean, basis, jnp.maximum(eig, floor)
+    basis, eig = floored_eigh(x.T @ x / x.shape[0])
+    return mean, basis, eig
 
 
 def input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
@@ -79,11 +76,29 @@ def input_moments(inputs, dense_inputs=None, *, centre: bool) -> tuple:
     return as_mean(mean), gram, as_mean(dense_mean), _moment(dense, dense_mean, x, mean)
 
 
-def floored_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(E, λ) with E·diag(λ)·Eᵀ = `gram`, λ floored as in `whitening` (numpy)."""
-    eig, basis = np.linalg.eigh(gram)
-    top = eig.max(initial=0.0)
-    return basis, np.maximum(eig, _EIGEN_FLOOR * top if top > 0 else 1.0)
+def floored_eigh(gram: Float[Array, "n n"]) -> tuple[Float[Array, "n n"], Float[Array, " n"]]:
+    """(E, λ) with E·diag(λ)·Eᵀ = `gram`, λ floored at 1e-6·max(λ) (or 1 when `gram` is
+    zero), so λ > 0 always; in the array's own namespace (numpy on the host, or
+    jax.numpy inside a jitted fit)."""
+    xp = gram.__array_namespace__()
+    eig, basis = xp.linalg.eigh(gram)
+    top = xp.max(eig)
+    return basis, xp.maximum(eig, xp.where(top > 0, _EIGEN_FLOOR * top, 1.0))
+
+
+def reuse_last(fn):
+    """`fn(gram, *args)`, reusing its last result when called again on the same array (by
+    identity) with equal other arguments: the layers that read one input (q/k/v,
+    gate/up) share one `shared_input_moments`, so one decomposition serves them all."""
+    last = []
+
+    @functools.wraps(fn)
+    def reused(gram, *args):
+        if not last or last[0] is not gram or last[1] != args:
+            last[:] = [gram, args, fn(gram, *args)]
+        return last[2]
+
+    return reused
 
 
 def _moment(a, a_mean, b, b_mean) -> np.ndarray:
@@ -109,9 +124,7 @@ def whitened_truncation(
 ) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
     """u, v with u @ v = [W S]_r S⁻¹ for S = E·Λ^½, √singular values split to both sides."""
     root = jnp.sqrt(eig)
-    U, s, Vt = jnp.linalg.svd((weight @ basis) * root, full_matrices=False)
-    half = jnp.sqrt(s[:rank])
-    return U[:, :rank] * half, ((half[:, None] * Vt[:rank]) / root) @ basis.T
+    return _root_truncation((weight @ basis) * root, (basis / root).T, rank)
 
 
 def reduced_rank_regression(
@@ -159,6 +172,7 @@ def _whitened(weight, bias, moments, *, rank, rows, ridge):
     return u, v, None if bias is None else bias + weight @ dense_mean - u @ (v @ mean)
 
 
+@reuse_last
 def _square_root(gram: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """(S, S⁻¹) with S Sᵀ = C + δI: the Cholesky factor (a sixth of an eigen-
     decomposition's time at n = 1536), or, where C is too close to singular for it (a
@@ -178,9 +192,10 @@ def _square_root(gram: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray
 
 def _root_truncation(product, inverse, rank):
     """u, v with u @ v = [M S]_r S⁻¹ from `product` = M S and `inverse` = S⁻¹, √singular
-    values split to both sides."""
-    U, s, Vt = np.linalg.svd(product, full_matrices=False)
-    half = np.sqrt(s[:rank])
+    values split to both sides (in the arrays' namespace, as `floored_eigh`)."""
+    xp = product.__array_namespace__()
+    U, s, Vt = xp.linalg.svd(product, full_matrices=False)
+    half = xp.sqrt(s[:rank])
     return U[:, :rank] * half, (half[:, None] * Vt[:rank]) @ inverse
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lowrank import _whitened as whitened_module
 from lowrank._initializers import LayerProblem, Spectral
-from lowrank._whitened import Whitened, reduced_rank_regression, whitening
+from lowrank._whitened import Whitened, reduced_rank_regression, reuse_last, whitening
 
 
 def cholesky_reference(w, x, rank, centre):
@@ -186,3 +186,16 @@ def test_non_finite_inputs_raise():
     x = jnp.ones((4, 2)).at[1, 1].set(jnp.inf)
     with pytest.raises(ValueError, match="calibration inputs for enc.fc1 contain NaN/inf"):
         Whitened()(LayerProblem("enc.fc1", jnp.ones((3, 2)), None, 1, None, x), key=None)
+
+
+def test_reuse_last_decomposes_a_shared_input_once():
+    """q/k/v hand the fit one moment array: the decomposition runs once for it, again for
+    another array (even an equal one) or other arguments."""
+    calls = []
+    square = reuse_last(lambda gram, delta: calls.append(delta) or gram * delta)
+    gram = np.eye(3)
+    for _ in range(3):
+        np.testing.assert_array_equal(square(gram, 2.0), 2 * np.eye(3))
+    square(gram, 3.0)
+    square(np.eye(3), 3.0)
+    assert calls == [2.0, 3.0, 3.0]
