@@ -103,7 +103,10 @@ class HealConfig:
     (labels: the dense model's top-1), and `cosine_distance_loss` on the last hidden
     states for the encoder. The optimizer is the config's `optim` section. The curve
     logs train losses every `log_every` steps and evaluates every `eval_every` steps
-    (0: at the start and the end only).
+    (0: at the start and the end only). For the classifiers, `mixup` > 0 heals on
+    mixtures λ·a + (1 - λ)·b of two crops, λ ~ Beta(mixup, mixup), which teacher and
+    student both see: the "function matching" of Beyer et al. 2022 (arXiv:2106.05237),
+    distillation on inputs beyond the few calibration photographs.
 
     Attributes:
         steps: healing steps (0: none).
@@ -112,6 +115,7 @@ class HealConfig:
         temperature: softmax temperature of the distillation term.
         log_every: steps between logged train losses.
         eval_every: steps between evaluations (0: at the start and the end only).
+        mixup: Beta parameter of the crop mixtures (0: none; classifiers only).
     """
 
     steps: int = 0
@@ -120,6 +124,7 @@ class HealConfig:
     temperature: float = bounded(1.0, gt=0)
     log_every: int = 10
     eval_every: int = 0
+    mixup: float = bounded(0.0, ge=0)
 
 
 @dataclasses.dataclass
@@ -290,6 +295,8 @@ def check(config: CompressConfig) -> None:
                 f"optim.warmup_steps={config.optim.warmup_steps} exceeds heal.steps="
                 f"{h.steps}; shorten the warm-up."
             )
+    if h.mixup and config.model.name not in CLASSIFIERS:
+        _not_for("heal.mixup", h.mixup, 0.0, config.model.name, CLASSIFIERS)
     if config.generate.max_new_tokens and config.model.name not in LANGUAGE_MODELS:
         name, tokens = config.model.name, config.generate.max_new_tokens
         _not_for("generate.max_new_tokens", tokens, 0, name, LANGUAGE_MODELS)

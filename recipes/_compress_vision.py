@@ -68,10 +68,21 @@ class Classifier(Subject):
     def heal_batches(self, step):
         names, size, seed = self.split.calibration, self.heal.batch_size, self.config.data.seed
         while True:
-            shift = step * size % len(names)
-            rotated = names[shift:] + names[:shift]
-            yield {"image": self._crops(rotated, size, seed=seed + 1 + step)}
+            yield {"image": self._heal_crops(names, size, seed, step)}
             step += 1
+
+    def _heal_crops(self, names, size: int, seed: int, step: int) -> np.ndarray:
+        """Step `step`'s crops, taken in turn from the calibration photographs from a
+        shifting start; with `heal.mixup`, each mixed with a crop of another of them."""
+        shift = step * size % len(names)
+        crops = self._crops(names[shift:] + names[:shift], size, seed=seed + 1 + step)
+        if not self.heal.mixup:
+            return crops
+        rng = np.random.default_rng([seed, step])
+        other = (shift + int(rng.integers(1, max(len(names), 2)))) % len(names)
+        partners = self._crops(names[other:] + names[:other], size, seed=int(rng.integers(2**31)))
+        weight = rng.beta(self.heal.mixup, self.heal.mixup, size)[:, None, None, None]
+        return (weight * crops + (1 - weight) * partners).astype(np.float32)
 
     def _logits(self, model, state, batch):
         teacher, bn = state

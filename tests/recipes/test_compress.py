@@ -1,6 +1,7 @@
 """The compress recipes end to end on small slices of the pretrained models, and their
 config errors (which come before any model is loaded)."""
 
+import dataclasses
 import json
 import math
 import re
@@ -133,6 +134,46 @@ def test_cnn_slice_compresses_heals_and_saves(tmp_path, capsys, name, load, norm
     assert models["healed"]["top1_agreement"] == pytest.approx(agree)
 
 
+def test_classifier_heal_crops_mix_two_photographs_with_beta_weights():
+    """With heal.mixup, each healing crop is w·a + (1 - w)·b, w ~ Beta(mixup, mixup), a the
+    unmixed crop and b a crop of another photograph. Crops are stubbed as one-hot
+    vectors of their photograph, so a mixture shows both photographs and its weight."""
+    from recipes._compress_vision import Classifier
+
+    names = tuple(f"photo{i}" for i in range(7))
+    subject = Classifier.__new__(Classifier)  # no model: only the batches are under test
+    subject.config = load_config("compress_mobilenet_v2", [])
+    subject.split = dataclasses.replace(data.photo_split(seed=0), calibration=names)
+
+    def crops(names_, count, seed):
+        photo = [int(names_[i % len(names_)][-1]) for i in range(count)]
+        return np.eye(len(names), dtype=np.float32)[photo][:, :, None, None]
+
+    subject._crops = crops
+    subject.heal = dataclasses.replace(subject.config.heal, batch_size=5, mixup=0.0)
+    stream = subject.heal_batches(3)
+    unmixed = [next(stream)["image"][:, :, 0, 0] for _ in range(40)]
+    subject.heal = dataclasses.replace(subject.heal, mixup=2.0)
+    stream = subject.heal_batches(3)
+    weights = []
+    for a in unmixed:
+        x = next(stream)["image"][:, :, 0, 0]
+        assert x.dtype == np.float32
+        own = a.argmax(1)
+        w = x[np.arange(5), own]
+        rest = x.copy()
+        rest[np.arange(5), own] = 0
+        partner = rest.argmax(1)
+        assert np.all(partner != own)
+        np.testing.assert_allclose(rest[np.arange(5), partner], 1 - w, atol=1e-6)
+        np.testing.assert_allclose(rest.sum(1), 1 - w, atol=1e-6)  # exactly two photographs
+        weights.append(w)
+    weights = np.concatenate(weights)
+    # Beta(2, 2): inside (0, 1), mean 1/2, standard deviation 1/sqrt(20) = 0.224
+    assert np.all((weights > 0) & (weights < 1))
+    assert abs(weights.mean() - 0.5) < 0.06 and 0.17 < weights.std() < 0.28
+
+
 def test_minilm_through_the_cli_reports_cosine_and_neighbours(tmp_path, capsys):
     main(
         [
@@ -194,6 +235,12 @@ def test_minilm_through_the_cli_reports_cosine_and_neighbours(tmp_path, capsys):
             r"heal.batch_size=200 exceeds data.calibration=128.*raise data.calibration",
         ),
         (["heal.steps=5", "optim.warmup_steps=6"], r"optim.warmup_steps=6 exceeds heal.steps=5"),
+        (["heal.mixup=-1"], r"heal.mixup=-1.0 must be >= 0"),
+        (
+            ["heal.mixup=1"],
+            r"heal.mixup=1.0 does not apply to model.name='smollm2', only to "
+            r"mobilenet_v2 / efficientnet_lite0",
+        ),
         (
             ["factorize.budget_by=uniform", "factorize.rank=0.5"],
             r"factorize.budget_by='uniform' applies to budgets .* not factorize.rank=0.5",
