@@ -69,11 +69,17 @@ def methods(task: Task, ratio: float, search: dict | None, allocators: bool = Tr
         key=jax.random.key(0),
     )
     budget = functools.partial(lowrank.Budget, params=ratio)
+    probed = {} if task.calibration_batch is None else {"calibration": task.calibration_batch}
     # by="data" named (Budget's default is "weights"): these rows keep their meaning.
     for init in OURS:
         settings = our_settings(init) if allocators else our_settings(init)[:1]
         rows += [
-            (label, functools.partial(ours, rank=budget(by=by), init=init))
+            (
+                label,
+                functools.partial(
+                    ours, rank=budget(by=by), init=init, **(probed if by == "output" else {})
+                ),
+            )
             for label, by in settings
         ]
     return rows

@@ -80,6 +80,9 @@ class Task:
     search_candidates: tuple[float, ...]
     columns: list[str]  # metric names, in table order
     notes: list[str] = field(default_factory=list)
+    # The calibration as a batch of model inputs, where the model takes one, for
+    # Budget(by="output"): its probes differentiate a batch in chunks, a callable whole.
+    calibration_batch: jax.Array | None = None
 
 
 def _chunks(n: int, size: int):
@@ -128,6 +131,7 @@ def smollm2_task(sizes: Sizes) -> Task:
         model=model,
         target=r"blocks\.\d+\.(attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
         calibration=lambda m: jax.vmap(m.last_hidden_state)(calibration_ids),  # no head logits
+        calibration_batch=calibration_ids,  # vmap(m)(ids): the output probes' logits
         activations={
             r".*\.mlp\.gate_proj": jax.nn.silu,
             r".*\.(attn\.(q|k|v|o)_proj|mlp\.(up|down)_proj)": None,

@@ -6,6 +6,8 @@ Both read the dense model's inputs to every layer from one calibration pass; "ou
 then adds one backward pass per probe.
 """
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,12 +15,13 @@ import numpy as np
 
 from ._budget import log_retention_errors
 from ._calibrate import calibrate
-from ._select import attribute_path, weight_matrix
-from ._trace import leaf_paths, runner
+from ._select import attribute_path, stack_shape, weight_matrix
+from ._trace import leaf_paths, output_positions, runner
 from ._whitened import floored_eigh, reuse_last, shared_input_moments
 
 OUTPUT_PROBES = 16
-PROBE_CHUNK = 64
+PROBE_CHUNK = 64  # samples per backward pass of the output probes, at most
+PROBE_BYTES = 2**30  # the measured layers' inputs and outputs one such pass keeps, at most
 _shared_eigh = reuse_last(floored_eigh)  # q/k/v: one decomposition of their input
 
 
@@ -57,7 +60,8 @@ def data_errors(
         return {
             p: log_retention_errors(np.sqrt(sum(s**2 for s in parts))) for p, parts in found.items()
         }
-    return output_error_curves(model, calibration, svds, probes=probes, key=key)
+    measured = {p: layers[p] for p in paths}
+    return output_error_curves(model, measured, calibration, svds, probes=probes, key=key)
 
 
 def _whitened_svds(
@@ -127,7 +131,7 @@ def shrunk_eigenvalues(inputs, mean: np.ndarray, eig: np.ndarray) -> np.ndarray:
 
 
 def output_error_curves(
-    model, calibration, svds: dict, *, probes: int = OUTPUT_PROBES, key
+    model, layers: dict, calibration, svds: dict, *, probes: int = OUTPUT_PROBES, key
 ) -> dict[str, np.ndarray]:
     """For every layer and rank r, the squared change of the calibration output y = f(W)
     when that layer alone is truncated to rank r in its W·S basis, to first order:
@@ -139,9 +143,11 @@ def output_error_curves(
     is truncated on centred inputs (its bias takes the mean), so G - g_b x̄ᵀ replaces G.
     The curves average `probes` probes (relative noise about √(2 / probes)).
 
-    A batch of inputs is differentiated `PROBE_CHUNK` samples at a time (the effects
-    add over chunks), so memory is one chunk's backward pass; a callable fn(model) is
-    differentiated whole (wrap its chunks in `jax.checkpoint` to bound its memory).
+    A batch of inputs is differentiated a chunk of samples at a time (the effects add
+    over chunks; `probe_chunk` sizes the chunks), so memory is one chunk's backward pass.
+    A callable fn(model) is differentiated whole, so its memory grows with its data
+    (chunking inside it would not help: the calibration pass fits each layer on its
+    first call's inputs); pass a batch of inputs where that does not fit.
     """
     params, static = eqx.partition(model, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -157,7 +163,7 @@ def output_error_curves(
     }
     effects = {slice_: np.zeros((probes, len(svd[1]))) for slice_, svd in svds.items()}
     probe_keys = jax.random.split(key, probes)
-    for piece, (run, args) in enumerate(_pieces(calibration)):
+    for piece, (run, args) in enumerate(_pieces(model, layers, calibration)):
 
         def output(chosen, run=run, args=args):
             new = list(leaves)
@@ -184,14 +190,36 @@ def output_error_curves(
     return curves
 
 
-def _pieces(calibration) -> list[tuple]:
-    """(run, args) per piece of the calibration: `PROBE_CHUNK`-sample chunks of a batch,
+def _pieces(model, layers: dict, calibration) -> list[tuple]:
+    """(run, args) per piece of the calibration: `probe_chunk`-sample chunks of a batch,
     or a callable whole (`runner` tells them apart and checks them)."""
     run, args = runner(calibration, batched=True, argument="calibration")
     if not args:
         return [(run, args)]
     (batch,) = args
-    return [(run, (batch[i : i + PROBE_CHUNK],)) for i in range(0, len(batch), PROBE_CHUNK)]
+    size = probe_chunk(model, layers, batch)
+    return [(run, (batch[i : i + size],)) for i in range(0, len(batch), size)]
+
+
+def probe_chunk(model, layers: dict, batch) -> int:
+    """Samples per backward pass of the output probes: at most `PROBE_CHUNK`, and few
+    enough that the inputs and outputs of the measured `layers` on one chunk, which the
+    backward pass keeps (as float32), take at most `PROBE_BYTES`; at least one.
+
+    Args:
+        model: the dense model.
+        layers: the measured layers by path.
+        batch: the calibration batch (leading axis: samples).
+
+    Returns:
+        The chunk size.
+    """
+    positions = output_positions(model, layers, batch[0])  # per sample, per slice
+    values = sum(
+        n * math.prod(stack_shape(layers[path])) * sum(weight_matrix(layers[path]).shape[-2:])
+        for path, n in positions.items()
+    )
+    return int(np.clip(PROBE_BYTES // max(4 * values, 1), 1, PROBE_CHUNK))
 
 
 def _matrix(grad, index, u, p) -> np.ndarray:

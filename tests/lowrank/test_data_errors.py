@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import lowrank
-from lowrank._data_errors import data_errors, shrunk_eigenvalues
+from lowrank import _data_errors
+from lowrank._data_errors import data_errors, probe_chunk, shrunk_eigenvalues
 
 from ._models import ScannedTransformer
 
@@ -90,6 +91,19 @@ def test_output_errors_match_the_first_order_change_of_the_output():
         assert got[name][-1] == 0.0  # full rank: no error
         # 512 probes: each point's relative noise is about sqrt(2 / 512) = 6%
         np.testing.assert_allclose(got[name][:-1], want[name][:-1], rtol=0.3)
+
+
+def test_probe_chunks_bound_what_a_backward_pass_keeps(monkeypatch):
+    """Per sample of 6 tokens, the measured layers' inputs and outputs are 6 x (8 + 16)
+    (embed) + 6 x 3 slices x (16 + 64) (the stacked fc1) + 6 x (16 + 5) (head) = 1,710
+    float32 values, 6,840 bytes."""
+    model = ScannedTransformer(d_in=8, d=16, depth=3, d_out=5, key=KEY)
+    layers = {p: lowrank.select(model).layers[p] for p in ("embed", "blocks.mlp.fc1", "head")}
+    batch = jnp.zeros((200, 6, 8))
+    assert probe_chunk(model, layers, batch) == _data_errors.PROBE_CHUNK  # 1 GiB: the cap
+    for budget, chunk in ((7 * 6840, 7), (7 * 6840 + 6839, 7), (8 * 6840, 8), (100, 1)):
+        monkeypatch.setattr(_data_errors, "PROBE_BYTES", budget)
+        assert probe_chunk(model, layers, batch) == chunk
 
 
 @pytest.mark.parametrize("rows", [8, 4000])
