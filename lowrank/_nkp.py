@@ -25,6 +25,8 @@ dense model's inputs x while the fit runs on the inputs x̃ the factorized model
 Two guards keep the fit from memorizing few calibration rows (a Linear after a flatten
 sees one row per image, often fewer than its inputs): each regression is pulled towards
 the dense weight by a ridge, and the number of alternations is chosen on held-out rows.
+A layer known to feed no nonlinearity (activation `identity`) has the whitened fit's
+objective, so it gets that fit (`Whitened`) and no alternations.
 """
 
 import dataclasses
@@ -48,8 +50,10 @@ from ._initializers import (
 from ._nkp_calibrated import calibrated_nkp, held_out_rows
 from ._nkp_gaussian import affordable_iterations, gaussian_nkp
 from ._problem_checks import check_problem, relative_error
+from ._select import identity
 from ._whitened import (
     DEFAULT_RIDGE,
+    Whitened,
     check_ridge,
 )
 
@@ -105,6 +109,8 @@ class NKP(Initializer):
         del key
         check_problem(problem, "nkp")
         activation = self.activation or problem.activation or jax.nn.relu
+        if problem.inputs is not None and activation is identity:  # a linear fit
+            return Whitened(ridge=self.ridge)(problem, key=None)
         assumed = []
         if problem.inputs is None:
             assumed.append(f"inputs x ~ N(0, {self.input_scale:g}²·I)")

@@ -64,9 +64,10 @@ def held_out_rows(num_rows: int) -> np.ndarray | None:
 def calibrated_nkp(weight, bias, fit, held, stop, *, rank, activation, fit_bias, iterations, ridge):
     """Alternations fitted on the `fit` rows, (inputs, dense inputs or None: the same).
 
-    Returns the iterate that is best on the fit rows among the start and the first `stop`
-    alternations (u, v, b', its loss, the target's energy), and the loss of the start and
-    of each alternation on the `held` rows (zeros when `held` is None).
+    Makes `stop` (at most `iterations`) alternations and returns the iterate that is best
+    on the fit rows among the start and them (u, v, b', its loss, the target's energy),
+    and the loss of the start and of each alternation on the `held` rows (zeros when
+    `held` is None, and past `stop`).
     """
     inputs, dense_inputs = fit
     dense_pre = (inputs if dense_inputs is None else dense_inputs) @ weight.T + bias
@@ -105,12 +106,13 @@ def calibrated_nkp(weight, bias, fit, held, stop, *, rank, activation, fit_bias,
         z = target_preactivations(activation, y, dense_pre, current, _RELAXATION)
         u, v, new_bias = regression(z)
         candidate = (u, v, new_bias, loss(u, v, new_bias))
-        better = jnp.logical_and(i < stop, improves(candidate[3], best[3]))
+        better = improves(candidate[3], best[3])
         best = jax.tree.map(lambda a, b: jnp.where(better, a, b), candidate, best)
         return u, v, new_bias, best, held_losses.at[i + 1].set(held_loss(u, v, new_bias))
 
     best = (u, v, new_bias, loss(u, v, new_bias))
     held_losses = jnp.zeros(iterations + 1, weight.dtype).at[0].set(held_loss(u, v, new_bias))
-    state = jax.lax.fori_loop(0, iterations, alternate, (u, v, new_bias, best, held_losses))
+    steps = jnp.minimum(stop, iterations)  # a traced trip count: the loop ends at `stop`
+    state = jax.lax.fori_loop(0, steps, alternate, (u, v, new_bias, best, held_losses))
     u, v, new_bias, value = state[3]
     return u, v, new_bias, value, jnp.sum(y**2), state[4]

@@ -24,6 +24,7 @@ from lowrank._gaussian_expectations import (
 )
 from lowrank._initializers import LayerProblem, Spectral, available_initializers
 from lowrank._nkp import NKP, held_out_rows
+from lowrank._nkp_calibrated import calibrated_nkp
 from lowrank._whitened import Whitened
 
 
@@ -292,6 +293,30 @@ def test_calibrated_identity_equals_whitened(sequential):
 
 
 @pytest.mark.parametrize("sequential", [False, True])
+def test_layer_known_linear_gets_the_whitened_fit_without_alternations(sequential, monkeypatch):
+    """activation `identity` (what the index records for a layer feeding no
+    nonlinearity): NKP's objective is the whitened fit's, so it returns that fit and
+    runs no nonlinear solve."""
+    from lowrank import _nkp
+    from lowrank._select import identity as known_linear
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError("calibrated NKP ran on a linear layer")
+
+    monkeypatch.setattr(_nkp, "calibrated_nkp", unexpected)
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=12), jnp.float32)
+    x = correlated_inputs(rng, 300, 8)
+    seen, dense = (drifted(rng, x), x) if sequential else (x, None)
+    problem = LayerProblem("fc", w, b, 3, known_linear, seen, dense)
+    out, ref = NKP()(problem, key=None), Whitened()(problem, key=None)
+    for a, c in zip((out.u, out.v, out.bias), (ref.u, ref.v, ref.bias)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert out.function_error == ref.function_error
+
+
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("samples", [400, 5])  # 5 < 8 dims: singular second moment
 def test_calibrated_relu_beats_whitened(samples, sequential):
     rng = np.random.default_rng(6)
@@ -324,6 +349,26 @@ def test_calibrated_fit_on_few_rows_generalizes_no_worse_than_whitened(seed):
     nkp_fresh = empirical_objective(jax.nn.relu, w, b, out.u, out.v, out.bias, fresh)
     ref_fresh = empirical_objective(jax.nn.relu, w, b, ref.u, ref.v, ref.bias, fresh)
     assert nkp_fresh <= ref_fresh * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("stop", [0, 2])
+def test_calibrated_alternations_end_at_stop(stop):
+    """The final fit makes `stop` alternations, not all `iterations` with the later ones
+    discarded: its result is the one with `iterations` = `stop`, and the held-out
+    losses past `stop` are not computed."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(correlated_inputs(rng, 200, 8), jnp.float64)
+        held = (jnp.asarray(correlated_inputs(rng, 50, 8), jnp.float64), None)
+        w = jnp.asarray(rng.normal(size=(6, 8)), jnp.float64)
+        b = jnp.asarray(rng.normal(size=6), jnp.float64)
+        kw = dict(rank=2, activation=jax.nn.relu, fit_bias=True, ridge=1e-3)
+        short = calibrated_nkp(w, b, (x, None), held, jnp.int32(stop), iterations=stop, **kw)
+        long = calibrated_nkp(w, b, (x, None), held, jnp.int32(stop), iterations=6, **kw)
+        for a, c in zip(short[:5], long[:5]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(long[5][: stop + 1], short[5], rtol=1e-12)
+        assert np.all(np.asarray(long[5][stop + 1 :]) == 0) and np.all(long[5][: stop + 1] > 0)
 
 
 def test_held_out_rows_are_a_fifth_in_contiguous_chunks():
