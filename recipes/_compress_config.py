@@ -116,6 +116,8 @@ class HealConfig:
         log_every: steps between logged train losses.
         eval_every: steps between evaluations (0: at the start and the end only).
         mixup: Beta parameter of the crop mixtures (0: none; classifiers only).
+        train: "all" parameters, or the "factors" of the factorized layers only (the
+            rest stays at its pretrained values).
     """
 
     steps: int = 0
@@ -125,6 +127,7 @@ class HealConfig:
     log_every: int = 10
     eval_every: int = 0
     mixup: float = bounded(0.0, ge=0)
+    train: Literal["all", "factors"] = "all"
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import optax
 from jaxtyping import PyTree
 from tqdm.auto import tqdm
 
@@ -152,6 +153,15 @@ def _heal(subject: Subject, config: CompressConfig, model: PyTree) -> TrainResul
     the curve's end points come from the before/after measurements instead."""
     h = config.heal
     optimizer, schedule = make_optimizer(config.optim, h.steps)
+    if h.train == "factors":
+        if "train" not in jax.tree.leaves(_factors_trained(model)):
+            raise ConfigError(
+                "heal.train='factors', but no layer was factorized: nothing would heal; "
+                "use heal.train=all or a budget that factorizes layers."
+            )
+        optimizer = optax.multi_transform(
+            {"train": optimizer, "keep": optax.set_to_zero()}, _factors_trained
+        )
     settings = TrainConfig(
         steps=h.steps,
         log_every=h.log_every,
@@ -171,6 +181,14 @@ def _heal(subject: Subject, config: CompressConfig, model: PyTree) -> TrainResul
         config=settings,
         **(evaluate if h.eval_every else {}),
     )
+
+
+def _factors_trained(params: PyTree) -> PyTree:
+    """`heal.train="factors"`'s labels: "train" for the arrays of the factorized layers,
+    "keep" for every other array."""
+    factorized = lambda node: isinstance(node, (lowrank.LowRankLinear, lowrank.LowRankConv))
+    label = lambda node: jax.tree.map(lambda _: "train", node) if factorized(node) else "keep"
+    return jax.tree.map(label, params, is_leaf=factorized)
 
 
 def _curve(subject: Subject, history: list[dict], before: dict, after: dict, steps: int):

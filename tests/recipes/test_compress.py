@@ -7,6 +7,7 @@ import math
 import re
 import typing
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,21 +88,32 @@ def _crop_logits(model, state, images):
     return np.asarray(jax.vmap(run, axis_name=BATCH_AXIS)(jnp.asarray(images)))
 
 
+def _unfactorized_arrays(model) -> dict[str, np.ndarray]:
+    """The model's arrays outside its factorized layers, by path."""
+    factorized = lambda node: isinstance(node, (lowrank.LowRankLinear, lowrank.LowRankConv))
+    leaves = jax.tree_util.tree_leaves_with_path(
+        eqx.filter(model, eqx.is_array), is_leaf=factorized
+    )
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves if not factorized(v)}
+
+
 @pytest.mark.parametrize(
-    "name,load,normalization",
+    "name,load,normalization,train",
     [
-        ("mobilenet_v2", pretrained.mobilenet_v2, pretrained.MOBILENET_V2_NORMALIZATION),
+        ("mobilenet_v2", pretrained.mobilenet_v2, pretrained.MOBILENET_V2_NORMALIZATION, "all"),
         (
             "efficientnet_lite0",
             pretrained.efficientnet_lite0,
             pretrained.EFFICIENTNET_LITE0_NORMALIZATION,
+            "factors",
         ),
     ],
 )
-def test_cnn_slice_compresses_heals_and_saves(tmp_path, capsys, name, load, normalization):
+def test_cnn_slice_compresses_heals_and_saves(tmp_path, capsys, name, load, normalization, train):
     config = _config(
         f"compress_{name}",
         tmp_path,
+        f"heal.train={train}",
         "model.blocks_per_stage=1",
         "data.calibration=4",
         "data.evaluation=4",
@@ -132,6 +144,11 @@ def test_cnn_slice_compresses_heals_and_saves(tmp_path, capsys, name, load, norm
     np.testing.assert_allclose(models["healed"]["kl_to_dense"], kl, rtol=1e-3, atol=1e-6)
     agree = (p.argmax(-1) == q.argmax(-1)).mean()
     assert models["healed"]["top1_agreement"] == pytest.approx(agree)
+
+    # heal.train="factors" keeps every other array at its pretrained value; "all" does not
+    kept, pretrained_arrays = _unfactorized_arrays(loaded), _unfactorized_arrays(dense)
+    same = [np.array_equal(a, pretrained_arrays[k]) for k, a in kept.items()]
+    assert all(same) if train == "factors" else not all(same)
 
 
 def test_classifier_heal_crops_mix_two_photographs_with_beta_weights():
