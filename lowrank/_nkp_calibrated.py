@@ -89,30 +89,37 @@ def calibrated_nkp(weight, bias, fit, held, stop, *, rank, activation, fit_bias,
     else:
         u, v, new_bias = regression(dense_pre)
 
-    def loss_on(x, target):
-        return lambda u, v, b: jnp.sum((target - activation((x @ v.T) @ u.T + b)) ** 2)
+    def pre_activation(x, u, v, b):
+        return (x @ v.T) @ u.T + b
 
-    loss = loss_on(inputs, y)
+    def loss_at(z):
+        """The loss on the fit rows of the pre-activations z."""
+        return jnp.sum((y - activation(z)) ** 2)
+
     if held is None:
         held_loss = lambda u, v, b: jnp.zeros((), weight.dtype)
     else:
         held_x, held_dense = held
         held_y = activation((held_x if held_dense is None else held_dense) @ weight.T + bias)
-        held_loss = loss_on(held_x, held_y)
+        held_loss = lambda u, v, b: jnp.sum(
+            (held_y - activation(pre_activation(held_x, u, v, b))) ** 2
+        )
 
     def alternate(i, state):
-        u, v, new_bias, best, held_losses = state
-        current = (inputs @ v.T) @ u.T + new_bias
+        current, best, held_losses = state  # current: the last iterate's pre-activations
         z = target_preactivations(activation, y, dense_pre, current, _RELAXATION)
         u, v, new_bias = regression(z)
-        candidate = (u, v, new_bias, loss(u, v, new_bias))
+        current = pre_activation(inputs, u, v, new_bias)
+        candidate = (u, v, new_bias, loss_at(current))
         better = improves(candidate[3], best[3])
         best = jax.tree.map(lambda a, b: jnp.where(better, a, b), candidate, best)
-        return u, v, new_bias, best, held_losses.at[i + 1].set(held_loss(u, v, new_bias))
+        return current, best, held_losses.at[i + 1].set(held_loss(u, v, new_bias))
 
-    best = (u, v, new_bias, loss(u, v, new_bias))
+    current = pre_activation(inputs, u, v, new_bias)
+    best = (u, v, new_bias, loss_at(current))
     held_losses = jnp.zeros(iterations + 1, weight.dtype).at[0].set(held_loss(u, v, new_bias))
     steps = jnp.minimum(stop, iterations)  # a traced trip count: the loop ends at `stop`
-    state = jax.lax.fori_loop(0, steps, alternate, (u, v, new_bias, best, held_losses))
-    u, v, new_bias, value = state[3]
-    return u, v, new_bias, value, jnp.sum(y**2), state[4]
+    _, (u, v, new_bias, value), held_losses = jax.lax.fori_loop(
+        0, steps, alternate, (current, best, held_losses)
+    )
+    return u, v, new_bias, value, jnp.sum(y**2), held_losses
