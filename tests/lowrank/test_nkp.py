@@ -278,14 +278,19 @@ def drifted(rng, x):
     return (x @ mix + 0.1 * rng.normal(size=x.shape)).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_calibrated_identity_equals_whitened(sequential):
+def _linear_layer_problem(sequential: bool, activation) -> LayerProblem:
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
     b = jnp.asarray(rng.normal(size=12), jnp.float32)
     x = correlated_inputs(rng, 300, 8)
     seen, dense = (drifted(rng, x), x) if sequential else (x, None)
-    problem = LayerProblem("fc", w, b, 3, None, seen, dense)
+    return LayerProblem("fc", w, b, 3, activation, seen, dense)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_identity_equals_whitened(sequential):
+    """A user's identity activation: the alternations run and end at the whitened fit."""
+    problem = _linear_layer_problem(sequential, None)
     out = NKP(activation=identity)(problem, key=None)
     ref = Whitened()(problem, key=None)
     np.testing.assert_allclose(np.asarray(out.u @ out.v), np.asarray(ref.u @ ref.v), atol=1e-4)
@@ -304,12 +309,7 @@ def test_layer_known_linear_gets_the_whitened_fit_without_alternations(sequentia
         raise AssertionError("calibrated NKP ran on a linear layer")
 
     monkeypatch.setattr(_nkp, "calibrated_nkp", unexpected)
-    rng = np.random.default_rng(5)
-    w = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=12), jnp.float32)
-    x = correlated_inputs(rng, 300, 8)
-    seen, dense = (drifted(rng, x), x) if sequential else (x, None)
-    problem = LayerProblem("fc", w, b, 3, known_linear, seen, dense)
+    problem = _linear_layer_problem(sequential, known_linear)
     out, ref = NKP()(problem, key=None), Whitened()(problem, key=None)
     for a, c in zip((out.u, out.v, out.bias), (ref.u, ref.v, ref.bias)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
